@@ -1,0 +1,207 @@
+//! `dspark bench`: prefill and decode speed and KV memory of each backend configuration at each
+//! depth, measured in one process with the configurations interleaved, like llama-bench.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+
+use super::backend::{peak_rss_bytes, reset_peak_rss, BackendSpec, Runner};
+use super::{default_threads, info, model_path, text};
+use crate::llama::argmax;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// GGUF model (default: models/SmolLM2-135M-Instruct.Q4_1.gguf).
+    #[arg(short = 'm', long)]
+    pub model: Option<PathBuf>,
+    /// Comma-separated configurations: stock:f16, stock:q8_0, stock:q4_0, dspark:<format>.
+    #[arg(long, default_value = "stock:f16,stock:q8_0,stock:q4_0")]
+    pub backends: String,
+    /// Comma-separated prompt depths in tokens.
+    #[arg(long, value_delimiter = ',', default_value = "512,4096")]
+    pub depths: Vec<usize>,
+    /// Single-token decode steps timed after each prompt.
+    #[arg(long, default_value_t = 32)]
+    pub decode: usize,
+    /// Threads for llama.cpp and DSpark (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Repetitions; the table shows the median.
+    #[arg(long, default_value_t = 1)]
+    pub reps: usize,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Text for the prompts (default: the license texts in /usr/share/common-licenses).
+    #[arg(short = 'f', long)]
+    pub file: Option<PathBuf>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct BenchResult {
+    pub backend: String,
+    pub depth: usize,
+    pub prefill_tps: f64,
+    pub decode_tps: f64,
+    pub kv_bytes: u64,
+    pub kv_bits_per_elem: f64,
+    pub peak_rss_bytes: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+pub struct BenchReport {
+    pub model: String,
+    pub threads: usize,
+    pub llama_cpp: String,
+    pub cpu_features: Vec<String>,
+    pub results: Vec<BenchResult>,
+}
+
+/// One measurement of one configuration at one depth.
+struct Sample {
+    prefill_tps: f64,
+    decode_tps: f64,
+    kv_bytes: u64,
+    peak_rss: u64,
+}
+
+fn measure(runner: &Runner, spec: &BackendSpec, prompt: &[i32], decode: usize, threads: usize) -> Result<Sample> {
+    let mut ctx = runner.context(spec, prompt.len() + decode, threads)?;
+    // Warm-up outside the timings: the first decode allocates compute buffers.
+    ctx.decode(&prompt[..prompt.len().min(8)], 0, 0, false)?;
+    ctx.clear();
+    reset_peak_rss();
+
+    let t = Instant::now();
+    ctx.decode(prompt, 0, 0, false)?;
+    let prefill_s = t.elapsed().as_secs_f64();
+
+    let mut tok = argmax(ctx.logits(-1));
+    let t = Instant::now();
+    for i in 0..decode {
+        ctx.decode(&[tok], prompt.len() + i, 0, false)?;
+        tok = argmax(ctx.logits(-1));
+    }
+    let decode_s = t.elapsed().as_secs_f64();
+    Ok(Sample {
+        prefill_tps: prompt.len() as f64 / prefill_s,
+        decode_tps: if decode > 0 { decode as f64 / decode_s } else { 0.0 },
+        kv_bytes: runner.kv_bytes(spec, &ctx) as u64,
+        peak_rss: peak_rss_bytes(),
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+pub fn run_bench(args: &BenchArgs) -> Result<BenchReport> {
+    let specs = BackendSpec::parse_list(&args.backends)?;
+    if specs.is_empty() || args.depths.is_empty() || args.reps == 0 {
+        bail!("bench needs at least one backend, one depth and one repetition");
+    }
+    if args.depths.iter().any(|&d| d == 0) {
+        bail!("depths must be positive");
+    }
+    let path = model_path(args.model.clone());
+    let runner = Runner::new(path.clone());
+    for s in &specs {
+        runner.check(s)?;
+    }
+    let threads = args.threads.unwrap_or_else(default_threads);
+    let text = text::load_text(args.file.as_deref())?;
+
+    // samples[depth index][spec index] = one Sample per rep
+    let mut samples: Vec<Vec<Vec<Sample>>> = (0..args.depths.len()).map(|_| (0..specs.len()).map(|_| vec![]).collect()).collect();
+    let total = args.reps * args.depths.len() * specs.len();
+    let mut done = 0;
+    for rep in 0..args.reps {
+        for (di, &depth) in args.depths.iter().enumerate() {
+            let prompt = text::prompt_tokens(runner.model(&specs[0])?, &text, depth)?;
+            for (si, spec) in specs.iter().enumerate() {
+                done += 1;
+                eprint!("[{done}/{total}] {spec} depth {depth} rep {}/{} ... ", rep + 1, args.reps);
+                let s = measure(&runner, spec, &prompt, args.decode, threads)?;
+                eprintln!("prefill {:.1} t/s, decode {:.1} t/s", s.prefill_tps, s.decode_tps);
+                samples[di][si].push(s);
+            }
+        }
+    }
+
+    let mut results = Vec::new();
+    for (di, &depth) in args.depths.iter().enumerate() {
+        for (si, spec) in specs.iter().enumerate() {
+            let ss = &samples[di][si];
+            results.push(BenchResult {
+                backend: spec.to_string(),
+                depth,
+                prefill_tps: median(ss.iter().map(|s| s.prefill_tps).collect()),
+                decode_tps: median(ss.iter().map(|s| s.decode_tps).collect()),
+                kv_bytes: ss.iter().map(|s| s.kv_bytes).max().unwrap_or(0),
+                kv_bits_per_elem: runner.kv_bits_per_elem(spec),
+                peak_rss_bytes: ss.iter().map(|s| s.peak_rss).max().unwrap_or(0),
+            });
+        }
+    }
+    Ok(BenchReport {
+        model: path.display().to_string(),
+        threads,
+        llama_cpp: info::llama_cpp_version(),
+        cpu_features: info::cpu_features().into_iter().map(String::from).collect(),
+        results,
+    })
+}
+
+/// The markdown table, with ratios against stock:f16 at the same depth when it was measured.
+pub fn table(r: &BenchReport) -> String {
+    let mut s = String::from(
+        "| backend | depth | prefill t/s | decode t/s | KV MiB | bits/elem | peak RSS MiB | prefill vs f16 | decode vs f16 | KV vs f16 |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    for x in &r.results {
+        let base = r.results.iter().find(|b| b.depth == x.depth && b.backend == "stock:f16");
+        let ratio = |a: f64, b: f64| if b > 0.0 { format!("{:.2}x", a / b) } else { "-".into() };
+        let (rp, rd, rk) = match base {
+            Some(b) => (
+                ratio(x.prefill_tps, b.prefill_tps),
+                ratio(x.decode_tps, b.decode_tps),
+                if b.kv_bytes > 0 { format!("{:.0}%", 100.0 * x.kv_bytes as f64 / b.kv_bytes as f64) } else { "-".into() },
+            ),
+            None => ("-".into(), "-".into(), "-".into()),
+        };
+        s += &format!(
+            "| {} | {} | {:.1} | {:.1} | {:.2} | {:.2} | {:.0} | {} | {} | {} |\n",
+            x.backend,
+            x.depth,
+            x.prefill_tps,
+            x.decode_tps,
+            mib(x.kv_bytes),
+            x.kv_bits_per_elem,
+            mib(x.peak_rss_bytes),
+            rp,
+            rd,
+            rk
+        );
+    }
+    s
+}
+
+pub fn bench(args: BenchArgs) -> Result<()> {
+    let report = run_bench(&args)?;
+    println!("model: {}, threads: {}\nllama.cpp: {}\n", report.model, report.threads, report.llama_cpp);
+    print!("{}", table(&report));
+    if let Some(p) = &args.json {
+        std::fs::write(p, serde_json::to_string_pretty(&report)?)?;
+        eprintln!("wrote {}", p.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,69 @@
+//! The `dspark` command line: run, bench, eval, info.
+
+pub mod backend;
+pub mod bench;
+pub mod info;
+pub mod run;
+pub mod text;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// The model every command uses when `-m` is not given (fetched by `scripts/setup.sh`).
+pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "dspark",
+    version,
+    about = "DSpark: a compressed, paged KV cache for llama.cpp, and side-by-side comparisons with stock llama.cpp",
+    long_about = "DSpark stores llama.cpp's KV cache compressed and runs attention on the compressed pages.\n\
+This tool runs a GGUF model with DSpark or with stock llama.cpp and compares them side by side.\n\n\
+Backend configurations are named stock:<kv type> (llama.cpp's CPU backend with KV type f16, q8_0 or q4_0,\n\
+flash attention on) and dspark:<format> (DSpark's compressed KV, e.g. dspark:k4v4).\n\n\
+The default model is models/SmolLM2-135M-Instruct.Q4_1.gguf; `bash scripts/setup.sh` fetches it."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Generate text from a prompt with one backend configuration.
+    Run(run::RunArgs),
+    /// Measure prefill and decode speed and KV memory, stock and DSpark side by side.
+    Bench(bench::BenchArgs),
+    /// Show versions, registered ggml devices and CPU features.
+    Info,
+}
+
+/// Resolves the model path: the given one, else $DSPARK_MODEL, else the default model
+/// relative to the current folder or to the source tree.
+pub fn model_path(arg: Option<PathBuf>) -> PathBuf {
+    if let Some(p) = arg {
+        return p;
+    }
+    if let Some(p) = std::env::var_os("DSPARK_MODEL") {
+        return PathBuf::from(p);
+    }
+    let local = PathBuf::from(DEFAULT_MODEL);
+    if local.exists() {
+        return local;
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_MODEL)
+}
+
+/// All cores unless told otherwise.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+pub fn main_with(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run(a) => run::run(a),
+        Command::Bench(a) => bench::bench(a),
+        Command::Info => info::info(),
+    }
+}

@@ -1,0 +1,9 @@
+//! DSpark: a compressed, paged KV cache and attention backend for llama.cpp.
+//!
+//! - `codec`: K/V row formats (rotation + low-bit quantization).
+//! - `attn`: flash attention over compressed rows.
+//! - `llama`: a small safe wrapper over llama.cpp's C API.
+//! - `cli`: the `dspark` command line.
+
+pub mod cli;
+pub mod llama;

@@ -1,0 +1,472 @@
+//! A small safe wrapper over the llama.cpp C API that `llama-cpp-sys-2` binds.
+//!
+//! It holds just what DSpark's CLI and tests need: load a model, tokenize, create a context
+//! with a chosen KV type, decode batches and read logits. Every raw pointer stays in this file.
+
+use std::ffi::{CStr, CString};
+use std::path::Path;
+use std::ptr::NonNull;
+use std::sync::{Once, OnceLock};
+
+use anyhow::{bail, Context as _, Result};
+use llama_cpp_sys_2 as sys;
+
+/// The exact llama-cpp-sys-2 release DSpark is built against (see Cargo.toml).
+pub const LLAMA_CPP_SYS_VERSION: &str = "0.1.161";
+
+static INIT: Once = Once::new();
+static VERBOSE: OnceLock<bool> = OnceLock::new();
+
+/// Initialises llama.cpp once. Its log goes to stderr only when `DSPARK_VERBOSE` is set,
+/// apart from warnings and errors, which are always shown.
+pub fn init() {
+    INIT.call_once(|| {
+        let _ = VERBOSE.set(std::env::var_os("DSPARK_VERBOSE").is_some());
+        // SAFETY: plain initialisation calls with no arguments but a static callback.
+        unsafe {
+            sys::llama_log_set(Some(log_callback), std::ptr::null_mut());
+            sys::llama_backend_init();
+        }
+    });
+}
+
+unsafe extern "C" fn log_callback(
+    level: sys::ggml_log_level,
+    text: *const std::os::raw::c_char,
+    _user: *mut std::os::raw::c_void,
+) {
+    let loud = level == sys::GGML_LOG_LEVEL_WARN || level == sys::GGML_LOG_LEVEL_ERROR;
+    if (loud || *VERBOSE.get().unwrap_or(&false)) && !text.is_null() {
+        // SAFETY: llama.cpp passes a NUL-terminated string that lives for this call.
+        eprint!("{}", CStr::from_ptr(text).to_string_lossy());
+    }
+}
+
+/// ggml's version string and commit, e.g. "0.26.0 (abc1234)".
+pub fn ggml_version() -> String {
+    init();
+    // SAFETY: both return pointers to static NUL-terminated strings.
+    unsafe {
+        format!(
+            "{} ({})",
+            CStr::from_ptr(sys::ggml_version()).to_string_lossy(),
+            CStr::from_ptr(sys::ggml_commit()).to_string_lossy()
+        )
+    }
+}
+
+/// llama.cpp's own feature line ("CPU : SSE3 = 1 | AVX2 = 1 | ...").
+pub fn system_info() -> String {
+    init();
+    // SAFETY: returns a pointer to a static NUL-terminated buffer.
+    unsafe { CStr::from_ptr(sys::llama_print_system_info()).to_string_lossy().trim().to_string() }
+}
+
+/// Whether the linked ggml CPU backend was compiled with AVX-512 (GGML_NATIVE on this CPU).
+pub fn ggml_has_avx512() -> bool {
+    system_info().contains("AVX512 = 1")
+}
+
+/// One registered ggml device: (name, description).
+pub fn devices() -> Vec<(String, String)> {
+    init();
+    // SAFETY: indices below ggml_backend_dev_count() are valid; names are static strings.
+    unsafe {
+        (0..sys::ggml_backend_dev_count())
+            .map(|i| {
+                let d = sys::ggml_backend_dev_get(i);
+                (
+                    CStr::from_ptr(sys::ggml_backend_dev_name(d)).to_string_lossy().into_owned(),
+                    CStr::from_ptr(sys::ggml_backend_dev_description(d)).to_string_lossy().into_owned(),
+                )
+            })
+            .collect()
+    }
+}
+
+/// A KV cache element type that stock llama.cpp supports on the CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvType {
+    F16,
+    Q8_0,
+    Q4_0,
+}
+
+impl KvType {
+    pub const ALL: [KvType; 3] = [KvType::F16, KvType::Q8_0, KvType::Q4_0];
+
+    pub fn parse(s: &str) -> Option<KvType> {
+        Self::ALL.into_iter().find(|t| t.name() == s)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KvType::F16 => "f16",
+            KvType::Q8_0 => "q8_0",
+            KvType::Q4_0 => "q4_0",
+        }
+    }
+
+    fn ggml(self) -> sys::ggml_type {
+        match self {
+            KvType::F16 => sys::GGML_TYPE_F16,
+            KvType::Q8_0 => sys::GGML_TYPE_Q8_0,
+            KvType::Q4_0 => sys::GGML_TYPE_Q4_0,
+        }
+    }
+
+    /// Stored bits per element, block scales included (f16 = 16, q8_0 = 8.5, q4_0 = 4.5).
+    pub fn bits_per_elem(self) -> f64 {
+        // SAFETY: pure functions of the type id.
+        unsafe { 8.0 * sys::ggml_type_size(self.ggml()) as f64 / sys::ggml_blck_size(self.ggml()) as f64 }
+    }
+
+    /// Bytes of one row of `n` elements.
+    pub fn row_bytes(self, n: usize) -> usize {
+        // SAFETY: pure function; n is a multiple of the block size for every head size we accept.
+        unsafe { sys::ggml_row_size(self.ggml(), n as i64) }
+    }
+}
+
+/// A loaded GGUF model.
+pub struct Model {
+    ptr: NonNull<sys::llama_model>,
+}
+
+// SAFETY: a llama_model is immutable after loading and llama.cpp shares it across contexts
+// and threads.
+unsafe impl Send for Model {}
+unsafe impl Sync for Model {}
+
+/// Which devices a model's layers go to.
+pub enum Placement {
+    /// Stock llama.cpp on the CPU backend only.
+    Cpu,
+    /// All layers offloaded to these devices (weights stay on the CPU when the device
+    /// declines them), e.g. DSPARK0.
+    Offload(Vec<sys::ggml_backend_dev_t>),
+}
+
+impl Model {
+    pub fn load(path: &Path, placement: Placement) -> Result<Model> {
+        init();
+        check_model_file(path)?;
+        let cpath = CString::new(path.to_string_lossy().as_bytes()).context("model path contains NUL")?;
+        // The device list must stay alive during loading and be NULL-terminated.
+        let mut devs: Vec<sys::ggml_backend_dev_t> = match &placement {
+            Placement::Cpu => vec![],
+            Placement::Offload(d) => d.clone(),
+        };
+        devs.push(std::ptr::null_mut());
+        // SAFETY: default params are plain data; devs outlives the call; cpath is NUL-terminated.
+        let ptr = unsafe {
+            let mut p = sys::llama_model_default_params();
+            p.devices = devs.as_mut_ptr();
+            p.n_gpu_layers = match placement {
+                Placement::Cpu => 0,
+                Placement::Offload(_) => -1,
+            };
+            sys::llama_model_load_from_file(cpath.as_ptr(), p)
+        };
+        let ptr = NonNull::new(ptr)
+            .with_context(|| format!("llama.cpp could not load {} (not a valid GGUF model?)", path.display()))?;
+        Ok(Model { ptr })
+    }
+
+    pub(crate) fn raw(&self) -> *mut sys::llama_model {
+        self.ptr.as_ptr()
+    }
+
+    fn vocab(&self) -> *const sys::llama_vocab {
+        // SAFETY: the model is valid while self lives.
+        unsafe { sys::llama_model_get_vocab(self.raw()) }
+    }
+
+    pub fn n_layer(&self) -> usize {
+        // SAFETY: valid model pointer.
+        unsafe { sys::llama_model_n_layer(self.raw()) as usize }
+    }
+    pub fn n_head(&self) -> usize {
+        // SAFETY: valid model pointer.
+        unsafe { sys::llama_model_n_head(self.raw()) as usize }
+    }
+    pub fn n_head_kv(&self) -> usize {
+        // SAFETY: valid model pointer.
+        unsafe { sys::llama_model_n_head_kv(self.raw()) as usize }
+    }
+    pub fn n_embd(&self) -> usize {
+        // SAFETY: valid model pointer.
+        unsafe { sys::llama_model_n_embd(self.raw()) as usize }
+    }
+    pub fn n_vocab(&self) -> usize {
+        // SAFETY: valid vocab pointer.
+        unsafe { sys::llama_vocab_n_tokens(self.vocab()) as usize }
+    }
+
+    /// Head size of K and V (n_embd / n_head for the models we run).
+    pub fn head_dim(&self) -> usize {
+        self.meta("attention.key_length").and_then(|s| s.parse().ok()).unwrap_or(self.n_embd() / self.n_head())
+    }
+
+    /// A metadata value under the model's architecture prefix, e.g. "attention.key_length".
+    pub fn meta(&self, key: &str) -> Option<String> {
+        let arch = self.meta_raw("general.architecture")?;
+        self.meta_raw(&format!("{arch}.{key}"))
+    }
+
+    fn meta_raw(&self, key: &str) -> Option<String> {
+        let ckey = CString::new(key).ok()?;
+        let mut buf = vec![0u8; 256];
+        // SAFETY: buf is writable for its length; llama.cpp NUL-terminates within it.
+        let n = unsafe { sys::llama_model_meta_val_str(self.raw(), ckey.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            return None;
+        }
+        buf.truncate((n as usize).min(buf.len() - 1));
+        String::from_utf8(buf).ok()
+    }
+
+    /// A one-line description, e.g. "llama 135M Q4_1".
+    pub fn desc(&self) -> String {
+        let mut buf = vec![0u8; 256];
+        // SAFETY: as in meta_raw.
+        let n = unsafe { sys::llama_model_desc(self.raw(), buf.as_mut_ptr().cast(), buf.len()) };
+        buf.truncate(n.clamp(0, 255) as usize);
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+
+    /// Tokenizes `text`, adding BOS when the model wants it.
+    pub fn tokenize(&self, text: &str, add_special: bool) -> Result<Vec<i32>> {
+        let len = i32::try_from(text.len()).context("text too long to tokenize")?;
+        let mut toks = vec![0i32; text.len() + 8];
+        // SAFETY: text is valid for len bytes; toks has room for toks.len() tokens.
+        let mut n = unsafe {
+            sys::llama_tokenize(self.vocab(), text.as_ptr().cast(), len, toks.as_mut_ptr(), toks.len() as i32, add_special, false)
+        };
+        if n < 0 {
+            toks.resize((-n) as usize, 0);
+            // SAFETY: as above, with the size llama.cpp asked for.
+            n = unsafe {
+                sys::llama_tokenize(self.vocab(), text.as_ptr().cast(), len, toks.as_mut_ptr(), toks.len() as i32, add_special, false)
+            };
+            if n < 0 {
+                bail!("tokenization failed");
+            }
+        }
+        toks.truncate(n as usize);
+        Ok(toks)
+    }
+
+    /// The text of one token (raw bytes; may be a partial UTF-8 sequence).
+    pub fn token_bytes(&self, tok: i32) -> Vec<u8> {
+        let mut buf = vec![0u8; 64];
+        loop {
+            // SAFETY: buf is writable for its length.
+            let n = unsafe { sys::llama_token_to_piece(self.vocab(), tok, buf.as_mut_ptr().cast(), buf.len() as i32, 0, false) };
+            if n >= 0 {
+                buf.truncate(n as usize);
+                return buf;
+            }
+            buf.resize((-n) as usize, 0);
+        }
+    }
+
+    pub fn is_eog(&self, tok: i32) -> bool {
+        // SAFETY: valid vocab pointer.
+        unsafe { sys::llama_vocab_is_eog(self.vocab(), tok) }
+    }
+
+    /// Bytes that stock llama.cpp allocates for a KV cache of `n_cells` cells of this type:
+    /// every layer holds K and V rows of n_head_kv * head_dim elements for all cells.
+    pub fn stock_kv_bytes(&self, kv: KvType, n_cells: usize) -> usize {
+        self.n_layer() * n_cells * 2 * kv.row_bytes(self.n_head_kv() * self.head_dim())
+    }
+}
+
+impl Drop for Model {
+    fn drop(&mut self) {
+        // SAFETY: we own the model; contexts borrow it and are dropped first.
+        unsafe { sys::llama_model_free(self.raw()) }
+    }
+}
+
+/// Rejects a path that is missing or is not a GGUF file before llama.cpp sees it.
+fn check_model_file(path: &Path) -> Result<()> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).with_context(|| {
+        format!("cannot open model {}: run `bash scripts/setup.sh` to fetch the default model, or pass -m", path.display())
+    })?;
+    let mut magic = [0u8; 4];
+    if f.read_exact(&mut magic).is_err() || &magic != b"GGUF" {
+        bail!("{} is not a GGUF model file (bad magic)", path.display());
+    }
+    Ok(())
+}
+
+/// How to build a llama.cpp context.
+#[derive(Clone, Debug)]
+pub struct CtxParams {
+    pub n_ctx: u32,
+    pub n_batch: u32,
+    pub n_threads: i32,
+    pub kv: KvType,
+    pub n_seq_max: u32,
+}
+
+impl CtxParams {
+    pub fn new(n_ctx: u32, n_threads: usize, kv: KvType) -> CtxParams {
+        CtxParams { n_ctx, n_batch: 512, n_threads: n_threads as i32, kv, n_seq_max: 1 }
+    }
+}
+
+/// A llama.cpp context: the KV cache and the compute state for one model.
+pub struct Context<'m> {
+    ptr: NonNull<sys::llama_context>,
+    pub model: &'m Model,
+    batch: sys::llama_batch,
+    batch_cap: usize,
+}
+
+impl<'m> Context<'m> {
+    pub fn new(model: &'m Model, p: &CtxParams) -> Result<Context<'m>> {
+        // SAFETY: default params are plain data; the model outlives the context ('m).
+        let ptr = unsafe {
+            let mut c = sys::llama_context_default_params();
+            c.n_ctx = p.n_ctx;
+            c.n_batch = p.n_batch;
+            c.n_ubatch = p.n_batch;
+            c.n_seq_max = p.n_seq_max;
+            c.n_threads = p.n_threads;
+            c.n_threads_batch = p.n_threads;
+            c.type_k = p.kv.ggml();
+            c.type_v = p.kv.ggml();
+            // Quantized V needs flash attention, and DSpark always runs with it on.
+            c.flash_attn_type = sys::LLAMA_FLASH_ATTN_TYPE_ENABLED;
+            c.offload_kqv = true;
+            c.no_perf = true;
+            sys::llama_init_from_model(model.raw(), c)
+        };
+        let ptr = NonNull::new(ptr).context("llama.cpp could not create a context (out of memory or bad parameters?)")?;
+        let batch_cap = p.n_batch as usize;
+        // SAFETY: allocates a batch of batch_cap tokens with one seq id each.
+        let batch = unsafe { sys::llama_batch_init(batch_cap as i32, 0, 1) };
+        Ok(Context { ptr, model, batch, batch_cap })
+    }
+
+    pub(crate) fn raw(&self) -> *mut sys::llama_context {
+        self.ptr.as_ptr()
+    }
+
+    /// Cells in the KV cache (llama.cpp pads n_ctx).
+    pub fn n_ctx(&self) -> usize {
+        // SAFETY: valid context.
+        unsafe { sys::llama_n_ctx(self.raw()) as usize }
+    }
+
+    /// Drops all KV cache contents.
+    pub fn clear(&mut self) {
+        // SAFETY: valid context and its memory handle.
+        unsafe { sys::llama_memory_clear(sys::llama_get_memory(self.raw()), true) }
+    }
+
+    /// Removes positions [p0, p1) of `seq` (p1 < 0: to the end).
+    pub fn seq_rm(&mut self, seq: i32, p0: i32, p1: i32) -> bool {
+        // SAFETY: valid context and its memory handle.
+        unsafe { sys::llama_memory_seq_rm(sys::llama_get_memory(self.raw()), seq, p0, p1) }
+    }
+
+    /// Copies positions [p0, p1) of `src` into `dst`.
+    pub fn seq_cp(&mut self, src: i32, dst: i32, p0: i32, p1: i32) {
+        // SAFETY: valid context and its memory handle.
+        unsafe { sys::llama_memory_seq_cp(sys::llama_get_memory(self.raw()), src, dst, p0, p1) }
+    }
+
+    /// Decodes `tokens` at positions start_pos.. of sequence `seq`, in batches of at most
+    /// n_batch. Logits are kept for the last token, or for every token when `all_logits`
+    /// (then only one batch may be given).
+    pub fn decode(&mut self, tokens: &[i32], start_pos: usize, seq: i32, all_logits: bool) -> Result<()> {
+        if all_logits && tokens.len() > self.batch_cap {
+            bail!("all_logits needs tokens.len() <= n_batch");
+        }
+        for (ci, chunk) in tokens.chunks(self.batch_cap).enumerate() {
+            let last_chunk = (ci + 1) * self.batch_cap >= tokens.len();
+            self.fill_batch(chunk, start_pos + ci * self.batch_cap, seq, |i| all_logits || (last_chunk && i + 1 == chunk.len()));
+            // SAFETY: the batch holds chunk.len() <= batch_cap valid entries.
+            let rc = unsafe { sys::llama_decode(self.raw(), self.batch) };
+            if rc != 0 {
+                bail!("llama_decode failed with code {rc} (KV cache full?)");
+            }
+        }
+        Ok(())
+    }
+
+    fn fill_batch(&mut self, toks: &[i32], pos0: usize, seq: i32, want_logits: impl Fn(usize) -> bool) {
+        let b = &mut self.batch;
+        b.n_tokens = toks.len() as i32;
+        for (i, &t) in toks.iter().enumerate() {
+            // SAFETY: i < toks.len() <= batch_cap, the capacity llama_batch_init allocated;
+            // seq_id[i] points at an array of one seq id.
+            unsafe {
+                *b.token.add(i) = t;
+                *b.pos.add(i) = (pos0 + i) as i32;
+                *b.n_seq_id.add(i) = 1;
+                **b.seq_id.add(i) = seq;
+                *b.logits.add(i) = want_logits(i) as i8;
+            }
+        }
+    }
+
+    /// Logits of the i-th token of the last batch (-1: the last one with logits).
+    pub fn logits(&self, i: i32) -> &[f32] {
+        let n = self.model.n_vocab();
+        // SAFETY: llama.cpp returns n_vocab floats that stay valid until the next decode,
+        // which needs &mut self.
+        unsafe {
+            let p = sys::llama_get_logits_ith(self.raw(), i);
+            assert!(!p.is_null(), "no logits for token {i}");
+            std::slice::from_raw_parts(p, n)
+        }
+    }
+
+    /// Serialised state (KV cache included).
+    pub fn state_save(&mut self) -> Vec<u8> {
+        // SAFETY: the buffer has the size llama.cpp asked for.
+        unsafe {
+            let n = sys::llama_state_get_size(self.raw());
+            let mut buf = vec![0u8; n];
+            let w = sys::llama_state_get_data(self.raw(), buf.as_mut_ptr(), n);
+            buf.truncate(w);
+            buf
+        }
+    }
+
+    pub fn state_load(&mut self, data: &[u8]) -> Result<()> {
+        // SAFETY: data is valid for its length.
+        let r = unsafe { sys::llama_state_set_data(self.raw(), data.as_ptr(), data.len()) };
+        if r == 0 {
+            bail!("llama_state_set_data rejected the state");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Context<'_> {
+    fn drop(&mut self) {
+        // SAFETY: we own the batch and the context.
+        unsafe {
+            sys::llama_batch_free(self.batch);
+            sys::llama_free(self.raw());
+        }
+    }
+}
+
+/// Index of the largest logit.
+pub fn argmax(logits: &[f32]) -> i32 {
+    let mut best = 0;
+    for (i, &x) in logits.iter().enumerate() {
+        if x > logits[best] {
+            best = i;
+        }
+    }
+    best as i32
+}
