@@ -1,1 +1,57 @@
-fn main(){}
+//! Generates Rust layouts of ggml's backend interface (`ggml-backend-impl.h`) from the exact
+//! llama.cpp tree that llama-cpp-sys-2 builds, so a version bump that changes the interface
+//! changes our bindings (and fails to compile where we use a changed field) instead of
+//! crashing users. `ffi/abi_check.c` pins the interface version we were written for.
+
+use std::path::{Path, PathBuf};
+
+/// The GGML_BACKEND_API_VERSION that src/ggml was written and tested against.
+const EXPECTED_BACKEND_API_VERSION: u32 = 3;
+
+fn main() {
+    let src = llama_cpp_source();
+    let impl_h = src.join("ggml/src/ggml-backend-impl.h");
+    println!("cargo:rerun-if-changed={}", impl_h.display());
+    println!("cargo:rerun-if-changed=ffi/abi_check.c");
+    println!("cargo:rerun-if-changed=build.rs");
+    let inc = src.join("ggml/include");
+
+    cc::Build::new()
+        .file("ffi/abi_check.c")
+        .include(&inc)
+        .include(src.join("ggml/src"))
+        .define("DSPARK_EXPECTED_BACKEND_API_VERSION", EXPECTED_BACKEND_API_VERSION.to_string().as_str())
+        .compile("dspark_abi_check");
+
+    let bindings = bindgen::Builder::default()
+        .header(impl_h.to_string_lossy())
+        .clang_arg(format!("-I{}", inc.display()))
+        // Only the backend interface; every other ggml type comes from llama-cpp-sys-2.
+        .allowlist_type("ggml_backend_(buffer_type|buffer|device|reg)(_i)?")
+        .allowlist_type("ggml_backend(_i)?")
+        .allowlist_type("ggml_backend_graph_optimize_params")
+        .allowlist_function("ggml_backend_buffer_init")
+        .allowlist_var("GGML_BACKEND_API_VERSION")
+        .allowlist_recursively(false)
+        .raw_line("#[allow(unused_imports)] use llama_cpp_sys_2::*;")
+        .layout_tests(true)
+        .generate()
+        .expect("bindgen could not read ggml-backend-impl.h");
+    let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("ggml_backend_impl.rs");
+    bindings.write_to_file(&out).expect("cannot write bindings");
+}
+
+/// The llama.cpp source folder that llama-cpp-sys-2 built. Its build script exports the
+/// folder of ggml's CMake package (DEP_LLAMA_GGML_CMAKE_DIR = <its OUT_DIR>/lib/cmake); the
+/// CMake cache beside it names the source folder.
+fn llama_cpp_source() -> PathBuf {
+    let cmake_dir = std::env::var("DEP_LLAMA_GGML_CMAKE_DIR")
+        .expect("llama-cpp-sys-2 did not export DEP_LLAMA_GGML_CMAKE_DIR; is its version =0.1.161?");
+    let out_dir = Path::new(&cmake_dir).ancestors().nth(2).expect("unexpected DEP_LLAMA_GGML_CMAKE_DIR").to_path_buf();
+    let cache = std::fs::read_to_string(out_dir.join("build/CMakeCache.txt")).expect("cannot read llama.cpp's CMakeCache.txt");
+    let home = cache
+        .lines()
+        .find_map(|l| l.strip_prefix("CMAKE_HOME_DIRECTORY:INTERNAL="))
+        .expect("CMAKE_HOME_DIRECTORY missing from llama.cpp's CMakeCache.txt");
+    PathBuf::from(home.trim())
+}
