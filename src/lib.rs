@@ -5,5 +5,7 @@
 //! - `llama`: a small safe wrapper over llama.cpp's C API.
 //! - `cli`: the `dspark` command line.
 
+pub mod attn;
 pub mod cli;
+pub mod codec;
 pub mod llama;

@@ -1,0 +1,1 @@
+//! Flash attention over compressed K/V rows.

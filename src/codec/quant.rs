@@ -1,0 +1,238 @@
+//! The group quantizer and the bit packing of one rotated row.
+//!
+//! Row layout (`G = head_dim / 32` groups of 32 values, `b` bits per value):
+//!
+//! | bytes | content |
+//! |---|---|
+//! | 0..2 | row scale `S`, bf16 little-endian, `S >= 0` |
+//! | 2..2+G | one signed 8-bit group multiplier `c_g` per group |
+//! | 2+G.. | `G` code blocks of `4·b` bytes |
+//!
+//! Value `i` of group `g` decodes to `S · c_g · (code_i − 2^(b−1))`; every product is exact in
+//! f32 (8 + 7 + 8 significant bits), so any decoder gives the same bits.
+//!
+//! Code block packing (32 codes per group), chosen so that a SIMD decoder needs only shifts
+//! and masks with constant counts:
+//! - 8 bits: byte `k` is code `k`.
+//! - 4 bits: byte `k` holds code `k` (low nibble) and code `k + 16` (high nibble).
+//! - 2 bits: byte `k` holds code `8s + k` in bits `2s..2s+2`, for `s` in 0..4.
+//! - 3 bits: the low two bits as in the 2-bit layout (8 bytes), then 4 bytes where bit `k` of
+//!   byte `s` is bit 2 of code `8s + k`.
+
+/// Values per group.
+pub const GROUP: usize = 32;
+
+/// Bytes of the row header before the group multipliers (the bf16 row scale).
+pub const HEADER: usize = 2;
+
+/// Bytes one group of codes takes at `bits` bits per value.
+#[must_use]
+pub const fn group_code_bytes(bits: u32) -> usize {
+    4 * bits as usize
+}
+
+/// Total bytes of a row of `dim` values at `bits` bits per value.
+#[must_use]
+pub const fn row_bytes(bits: u32, dim: usize) -> usize {
+    let groups = dim / GROUP;
+    HEADER + groups + groups * group_code_bytes(bits)
+}
+
+/// Scale factors tried (relative to the absmax step) by the per-group MSE search. A step a
+/// little below absmax/2^(b-1) clips the rare extreme value but quantizes the bulk finer.
+const SEARCH: [f32; 9] = [1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.82, 0.78, 1.03];
+
+#[inline]
+fn bf16_bits_round_up(x: f32) -> u16 {
+    // x is finite and >= 0: rounding the bit pattern up rounds the magnitude up.
+    let bits = x.to_bits();
+    let hi = bits >> 16;
+    let hi = if bits & 0xFFFF != 0 { hi + 1 } else { hi };
+    u16::try_from(hi).unwrap_or(0x7F7F)
+}
+
+/// The row scale stored in the first two bytes of a row.
+#[inline(always)]
+#[must_use]
+pub fn row_scale(data: &[u8]) -> f32 {
+    f32::from_bits(u32::from(u16::from_le_bytes([data[0], data[1]])) << 16)
+}
+
+/// Quantizes one value with a given step; the result is a code in `0..2·off`.
+#[inline(always)]
+fn quantize(v: f32, inv_step: f32, off: i32) -> i32 {
+    // `as` saturates, so huge ratios cannot wrap.
+    #[allow(clippy::cast_possible_truncation)]
+    let q = (v * inv_step).round() as i32 + off;
+    q.clamp(0, 2 * off - 1)
+}
+
+#[allow(clippy::cast_precision_loss)]
+fn group_error(v: &[f32], step: f32, off: i32) -> f32 {
+    if step == 0.0 {
+        return v.iter().map(|x| x * x).sum();
+    }
+    let inv = 1.0 / step;
+    v.iter()
+        .map(|&x| {
+            let e = x - (quantize(x, inv, off) - off) as f32 * step;
+            e * e
+        })
+        .sum()
+}
+
+/// Picks the signed 8-bit multiplier for one group. `ideal` is the absmax step (negative when
+/// the extreme value is positive, so that the extreme lands on the lowest code).
+#[allow(clippy::cast_possible_truncation)]
+fn pick_multiplier(v: &[f32], ideal: f32, row_scale: f32, off: i32, search: bool) -> i8 {
+    let c0 = (ideal / row_scale).round().clamp(-127.0, 127.0);
+    if !search || c0 == 0.0 {
+        return c0 as i8;
+    }
+    let mut best = (f32::INFINITY, c0);
+    for f in SEARCH {
+        let c = (c0 * f).round().clamp(-127.0, 127.0);
+        if c == 0.0 {
+            continue;
+        }
+        let err = group_error(v, row_scale * c, off);
+        if err < best.0 {
+            best = (err, c);
+        }
+    }
+    best.1 as i8
+}
+
+/// Signed value of largest magnitude (ggml's q4_0 convention), 0 for an all-zero group.
+fn signed_extreme(v: &[f32]) -> f32 {
+    v.iter()
+        .fold(0.0f32, |m, &x| if x.abs() > m.abs() { x } else { m })
+}
+
+/// Encodes one rotated, finite row. `search` turns the per-group MSE scale search on.
+pub fn encode_rotated(bits: u32, y: &[f32], out: &mut [u8], search: bool) {
+    let groups = y.len() / GROUP;
+    let off = 1i32 << (bits - 1);
+    #[allow(clippy::cast_precision_loss)]
+    let offf = off as f32;
+    let mut ideal = [0.0f32; crate::codec::rotate::MAX_HEAD_DIM / GROUP];
+    for (g, v) in y.chunks_exact(GROUP).enumerate() {
+        ideal[g] = -signed_extreme(v) / offf;
+    }
+    let max_step = ideal[..groups].iter().fold(0.0f32, |m, d| m.max(d.abs()));
+    let s_bits = bf16_bits_round_up(max_step / 127.0);
+    out[..2].copy_from_slice(&s_bits.to_le_bytes());
+    let s = row_scale(out);
+    let (mults, codes) = out[HEADER..].split_at_mut(groups);
+    let gb = group_code_bytes(bits);
+    for (g, v) in y.chunks_exact(GROUP).enumerate() {
+        let c = if s > 0.0 && s.is_finite() {
+            pick_multiplier(v, ideal[g], s, off, search)
+        } else {
+            0
+        };
+        mults[g] = c.to_le_bytes()[0];
+        let step = s * f32::from(c);
+        let inv = if step == 0.0 { 0.0 } else { 1.0 / step };
+        let mut q = [0u8; GROUP];
+        for (qi, &x) in q.iter_mut().zip(v) {
+            *qi = u8::try_from(quantize(x, inv, off)).unwrap_or(0);
+        }
+        pack(bits, &q, &mut codes[g * gb..(g + 1) * gb]);
+    }
+}
+
+fn pack(bits: u32, q: &[u8; GROUP], out: &mut [u8]) {
+    out.fill(0);
+    match bits {
+        8 => out.copy_from_slice(q),
+        4 => {
+            for k in 0..16 {
+                out[k] = q[k] | (q[k + 16] << 4);
+            }
+        }
+        2 => pack2(q, out),
+        3 => {
+            pack2(q, &mut out[..8]);
+            for (i, &c) in q.iter().enumerate() {
+                out[8 + i / 8] |= ((c >> 2) & 1) << (i % 8);
+            }
+        }
+        _ => unreachable!("bits checked by Quant"),
+    }
+}
+
+fn pack2(q: &[u8; GROUP], out: &mut [u8]) {
+    for (i, &c) in q.iter().enumerate() {
+        out[i % 8] |= (c & 3) << (2 * (i / 8));
+    }
+}
+
+/// Decodes one row into the rotated space. Generic over the bit width so that each width
+/// compiles to its own straight-line loops (the attention kernels instantiate it per ISA).
+#[inline(always)]
+pub fn decode_rotated_body<const BITS: u32>(data: &[u8], out: &mut [f32]) {
+    let groups = out.len() / GROUP;
+    let s = row_scale(data);
+    let (mults, codes) = data[HEADER..].split_at(groups);
+    let gb = group_code_bytes(BITS);
+    for ((o, &m), c) in out
+        .chunks_exact_mut(GROUP)
+        .zip(mults)
+        .zip(codes.chunks_exact(gb))
+    {
+        let step = s * f32::from(i8::from_le_bytes([m]));
+        let o: &mut [f32; GROUP] = o.try_into().expect("group of 32");
+        match BITS {
+            8 => unpack8(c, step, o),
+            4 => unpack4(c, step, o),
+            3 => unpack3(c, step, o),
+            _ => unpack2(c, step, o),
+        }
+    }
+}
+
+#[inline(always)]
+fn level(code: u8, off: i32, step: f32) -> f32 {
+    #[allow(clippy::cast_precision_loss)]
+    let l = (i32::from(code) - off) as f32;
+    l * step
+}
+
+#[inline(always)]
+fn unpack8(c: &[u8], step: f32, o: &mut [f32; GROUP]) {
+    let c: &[u8; 32] = c.try_into().expect("32 bytes");
+    for k in 0..32 {
+        o[k] = level(c[k], 128, step);
+    }
+}
+
+#[inline(always)]
+fn unpack4(c: &[u8], step: f32, o: &mut [f32; GROUP]) {
+    let c: &[u8; 16] = c.try_into().expect("16 bytes");
+    for k in 0..16 {
+        o[k] = level(c[k] & 15, 8, step);
+        o[k + 16] = level(c[k] >> 4, 8, step);
+    }
+}
+
+#[inline(always)]
+fn unpack2(c: &[u8], step: f32, o: &mut [f32; GROUP]) {
+    let c: &[u8; 8] = c.try_into().expect("8 bytes");
+    for s in 0..4 {
+        for k in 0..8 {
+            o[8 * s + k] = level((c[k] >> (2 * s)) & 3, 2, step);
+        }
+    }
+}
+
+#[inline(always)]
+fn unpack3(c: &[u8], step: f32, o: &mut [f32; GROUP]) {
+    let c: &[u8; 12] = c.try_into().expect("12 bytes");
+    for s in 0..4 {
+        for k in 0..8 {
+            let code = ((c[k] >> (2 * s)) & 3) | (((c[8 + s] >> k) & 1) << 2);
+            o[8 * s + k] = level(code, 4, step);
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! Randomized Walsh-Hadamard rotation of a head row.
+//!
+//! `rotate(x) = H_n · (s ⊙ x) / √n` applied block by block, where `s` is a fixed pseudo-random
+//! ±1 sign vector (seeded, so stored rows stay readable forever) and `n` is the largest power of
+//! two that divides the row length (the whole row for 64/128/256; blocks of 32 for 96, 64 for
+//! 192, ...). The transform is orthonormal, so `dot(rotate(q), rotate(k)) == dot(q, k)` up to
+//! rounding, and `unrotate` is its exact inverse: `s ⊙ (H_n · y) / √n`.
+
+/// Largest head row the rotation (and so the codec) accepts.
+pub const MAX_HEAD_DIM: usize = 4096;
+
+/// Seed of the sign sequence. Changing it makes every stored row unreadable.
+const SIGN_SEED: u64 = 0x5D5B_A4C0_DE5E_ED01;
+
+/// One sign bit per position (bit set = negate), generated at compile time with splitmix64.
+const SIGN_BITS: [u64; MAX_HEAD_DIM / 64] = sign_bits();
+
+const fn splitmix64(state: u64) -> u64 {
+    let mut z = state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+const fn sign_bits() -> [u64; MAX_HEAD_DIM / 64] {
+    let mut out = [0u64; MAX_HEAD_DIM / 64];
+    let mut i = 0;
+    while i < out.len() {
+        out[i] = splitmix64(SIGN_SEED.wrapping_add((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+        i += 1;
+    }
+    out
+}
+
+#[inline]
+fn negated(i: usize) -> bool {
+    (SIGN_BITS[i / 64] >> (i % 64)) & 1 == 1
+}
+
+/// The Hadamard block size used for rows of length `n`: the largest power of two dividing `n`.
+#[must_use]
+pub fn block_len(n: usize) -> usize {
+    1 << n.trailing_zeros()
+}
+
+fn check_len(n: usize) {
+    assert!(
+        n % 32 == 0 && n > 0 && n <= MAX_HEAD_DIM,
+        "dspark::codec::rotate: row length {n} is not a multiple of 32 in 32..={MAX_HEAD_DIM}"
+    );
+}
+
+fn apply_signs(x: &mut [f32]) {
+    for (i, v) in x.iter_mut().enumerate() {
+        if negated(i) {
+            *v = -*v;
+        }
+    }
+}
+
+/// Unnormalized in-place fast Walsh-Hadamard transform of one power-of-two block.
+fn fwht(x: &mut [f32]) {
+    let n = x.len();
+    let mut h = 1;
+    while h < n {
+        for block in x.chunks_exact_mut(2 * h) {
+            let (lo, hi) = block.split_at_mut(h);
+            for (a, b) in lo.iter_mut().zip(hi.iter_mut()) {
+                let (u, v) = (*a, *b);
+                *a = u + v;
+                *b = u - v;
+            }
+        }
+        h *= 2;
+    }
+}
+
+fn hadamard_blocks(x: &mut [f32]) {
+    let n = block_len(x.len());
+    #[allow(clippy::cast_precision_loss)]
+    let norm = 1.0 / (n as f32).sqrt();
+    for block in x.chunks_exact_mut(n) {
+        fwht(block);
+        for v in block.iter_mut() {
+            *v *= norm;
+        }
+    }
+}
+
+/// Rotates one head row in place into the codec's space.
+///
+/// # Panics
+/// If `x.len()` is not a multiple of 32 in `32..=MAX_HEAD_DIM`.
+pub fn rotate(x: &mut [f32]) {
+    check_len(x.len());
+    apply_signs(x);
+    hadamard_blocks(x);
+}
+
+/// Inverse of [`rotate`]: brings a row from the codec's space back to the model's space.
+///
+/// # Panics
+/// If `x.len()` is not a multiple of 32 in `32..=MAX_HEAD_DIM`.
+pub fn unrotate(x: &mut [f32]) {
+    check_len(x.len());
+    hadamard_blocks(x);
+    apply_signs(x);
+}
