@@ -2,6 +2,8 @@
 //!
 //! - `codec`: K/V row formats (rotation + low-bit quantization).
 //! - `attn`: flash attention over compressed rows.
+//! - `kv`: the paged compressed KV store.
+//! - `ggml`: the DSPARK0 ggml device that puts them into llama.cpp.
 //! - `llama`: a small safe wrapper over llama.cpp's C API.
 //! - `cli`: the `dspark` command line.
 
@@ -9,3 +11,5 @@ pub mod attn;
 pub mod cli;
 pub mod codec;
 pub mod llama;
+pub mod ggml;
+pub mod kv;

@@ -6,6 +6,7 @@ use std::sync::OnceLock;
 
 use anyhow::{anyhow, bail, Result};
 
+use crate::ggml;
 use crate::llama::{Context, CtxParams, KvType, Model, Placement};
 
 /// One backend configuration to run or compare.
@@ -48,30 +49,49 @@ impl fmt::Display for BackendSpec {
 pub struct Runner {
     path: PathBuf,
     stock: OnceLock<Model>,
+    dspark: OnceLock<Model>,
+}
+
+/// The DSpark configuration for a `dspark:<format>` name.
+pub fn dspark_config(name: &str) -> Result<ggml::Config> {
+    ggml::Config::default().with_format_name(name).map_err(|e| {
+        anyhow!("backend `dspark:{name}`: {e}; formats: f16 (no compression), {}", format_names().join(", "))
+    })
+}
+
+/// The DSpark formats this build offers, most accurate first.
+pub fn format_names() -> Vec<String> {
+    crate::codec::Format::ALL_PRESETS.iter().map(|f| f.name()).collect()
 }
 
 impl Runner {
     pub fn new(path: PathBuf) -> Runner {
-        Runner { path, stock: OnceLock::new() }
+        Runner { path, stock: OnceLock::new(), dspark: OnceLock::new() }
     }
 
     /// Refuses configurations this build cannot run, before any work starts.
     pub fn check(&self, spec: &BackendSpec) -> Result<()> {
         match spec {
             BackendSpec::Stock(_) => Ok(()),
-            BackendSpec::Dspark(_) => bail!(
-                "backend `{spec}`: the DSPARK0 device is not available in this build yet; use stock:f16, stock:q8_0 or stock:q4_0"
-            ),
+            BackendSpec::Dspark(name) => dspark_config(name).map(|_| ()),
         }
     }
 
+    /// The model for `spec`: loaded on the CPU backend for stock configurations, with all
+    /// layers offloaded to DSPARK0 (which keeps only the KV cache and attention) for DSpark.
     pub fn model(&self, spec: &BackendSpec) -> Result<&Model> {
-        self.check(spec)?;
-        if let Some(m) = self.stock.get() {
+        let (cell, placement) = match spec {
+            BackendSpec::Stock(_) => (&self.stock, None),
+            BackendSpec::Dspark(name) => (&self.dspark, Some(dspark_config(name)?)),
+        };
+        if let Some(m) = cell.get() {
             return Ok(m);
         }
-        let m = Model::load(&self.path, Placement::Cpu)?;
-        Ok(self.stock.get_or_init(|| m))
+        let m = match placement {
+            None => Model::load(&self.path, Placement::Cpu)?,
+            Some(cfg) => Model::load(&self.path, Placement::Offload(vec![ggml::register(cfg)]))?,
+        };
+        Ok(cell.get_or_init(|| m))
     }
 
     /// A fresh context of `n_ctx` cells for `spec`.
@@ -79,24 +99,30 @@ impl Runner {
         let model = self.model(spec)?;
         let kv = match spec {
             BackendSpec::Stock(t) => *t,
-            BackendSpec::Dspark(_) => KvType::F16,
+            BackendSpec::Dspark(name) => {
+                // The format applies to the KV caches allocated from now on.
+                ggml::set_config(dspark_config(name)?);
+                KvType::F16
+            }
         };
         Context::new(model, &CtxParams::new(n_ctx as u32, threads, kv))
     }
 
-    /// Memory held for the KV cache right now.
+    /// Memory held for the KV cache right now (for DSpark: its pages, which belong to the
+    /// one live DSpark context).
     pub fn kv_bytes(&self, spec: &BackendSpec, ctx: &Context) -> usize {
         match spec {
             BackendSpec::Stock(t) => ctx.model.stock_kv_bytes(*t, ctx.n_ctx()),
-            BackendSpec::Dspark(_) => 0,
+            BackendSpec::Dspark(_) => ggml::Stats::now().kv_bytes as usize,
         }
     }
 
-    /// Bits per stored K/V element, metadata included.
+    /// Bits per stored K/V element, metadata included: the type's figure for stock, measured
+    /// from the pages of the cells in use for DSpark.
     pub fn kv_bits_per_elem(&self, spec: &BackendSpec) -> f64 {
         match spec {
             BackendSpec::Stock(t) => t.bits_per_elem(),
-            BackendSpec::Dspark(_) => f64::NAN,
+            BackendSpec::Dspark(_) => ggml::Stats::now().bits_per_elem(),
         }
     }
 }

@@ -16,8 +16,9 @@ pub struct BenchArgs {
     /// GGUF model (default: models/SmolLM2-135M-Instruct.Q4_1.gguf).
     #[arg(short = 'm', long)]
     pub model: Option<PathBuf>,
-    /// Comma-separated configurations: stock:f16, stock:q8_0, stock:q4_0, dspark:<format>.
-    #[arg(long, default_value = "stock:f16,stock:q8_0,stock:q4_0")]
+    /// Comma-separated configurations: stock:f16, stock:q8_0, stock:q4_0, dspark:<format>
+    /// (formats: f16, k8v8, k8v4, k4v4, k4v3, k4v2, any k{8,4,3,2}v{8,4,3,2}).
+    #[arg(long, default_value = "stock:f16,stock:q4_0,dspark:k4v4")]
     pub backends: String,
     /// Comma-separated prompt depths in tokens.
     #[arg(long, value_delimiter = ',', default_value = "512,4096")]
@@ -64,6 +65,7 @@ struct Sample {
     prefill_tps: f64,
     decode_tps: f64,
     kv_bytes: u64,
+    kv_bits: f64,
     peak_rss: u64,
 }
 
@@ -89,6 +91,7 @@ fn measure(runner: &Runner, spec: &BackendSpec, prompt: &[i32], decode: usize, t
         prefill_tps: prompt.len() as f64 / prefill_s,
         decode_tps: if decode > 0 { decode as f64 / decode_s } else { 0.0 },
         kv_bytes: runner.kv_bytes(spec, &ctx) as u64,
+        kv_bits: runner.kv_bits_per_elem(spec),
         peak_rss: peak_rss_bytes(),
     })
 }
@@ -146,7 +149,7 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchReport> {
                 prefill_tps: median(ss.iter().map(|s| s.prefill_tps).collect()),
                 decode_tps: median(ss.iter().map(|s| s.decode_tps).collect()),
                 kv_bytes: ss.iter().map(|s| s.kv_bytes).max().unwrap_or(0),
-                kv_bits_per_elem: runner.kv_bits_per_elem(spec),
+                kv_bits_per_elem: ss.last().map_or(f64::NAN, |s| s.kv_bits),
                 peak_rss_bytes: ss.iter().map(|s| s.peak_rss).max().unwrap_or(0),
             });
         }

@@ -1,0 +1,251 @@
+//! The paged, compressed KV store.
+//!
+//! One [`KvStore`] holds one KV tensor of llama.cpp (`cache_k_l<il>` or `cache_v_l<il>`):
+//! `n_stream` streams of `cells` cells, each cell one row of `n_head` head rows of `head_dim`
+//! values. Memory is allocated a page (`PAGE` cells) at a time, only when a cell of the page is
+//! written, so a context of 32k cells with 1k tokens in use costs about 1k cells.
+//!
+//! A page is f16 or compressed. The first page of each stream stays f16 (it holds the
+//! attention sinks, the first tokens that every query attends to), and so do the pages that
+//! hold the most recent `window` cells; a page is compressed as a whole when it leaves that
+//! window. Rows written into a page that is already compressed are encoded directly.
+//! Within a page, rows are grouped by head (`[head][slot]`), so that attention reads each
+//! head's rows as one contiguous run.
+
+use half::f16;
+
+use crate::attn::{Rows, Segment};
+use crate::codec::{Quant, RowCodec};
+
+/// Cells per page.
+pub const PAGE: usize = 64;
+
+/// How a store keeps its rows.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StoreConfig {
+    /// Code width of compressed pages; `None` keeps every row in f16.
+    pub quant: Option<Quant>,
+    /// Most recent cells kept in f16 (rounded up to whole pages).
+    pub window: usize,
+}
+
+enum Page {
+    Empty,
+    F16(Box<[f16]>),
+    Packed(Box<[u8]>),
+}
+
+/// One KV tensor, paged and compressed. See the module documentation.
+pub struct KvStore {
+    codec: Option<RowCodec>,
+    window: usize,
+    n_head: usize,
+    head_dim: usize,
+    cells: usize,
+    pages: Vec<Page>,
+    /// Per stream: one past the highest cell ever written since the last clear.
+    high_water: Vec<usize>,
+    zeros: Box<[f16]>,
+}
+
+impl KvStore {
+    /// A store for `n_stream` streams of `cells` cells of `n_head` × `head_dim` values.
+    ///
+    /// # Errors
+    /// If the codec cannot encode rows of `head_dim` values.
+    pub fn new(cfg: StoreConfig, n_head: usize, head_dim: usize, cells: usize, n_stream: usize) -> Result<KvStore, String> {
+        let codec = cfg.quant.map(|q| RowCodec::new(q, head_dim)).transpose()?;
+        let pages_per_stream = cells.div_ceil(PAGE);
+        Ok(KvStore {
+            codec,
+            window: cfg.window,
+            n_head,
+            head_dim,
+            cells,
+            pages: (0..pages_per_stream * n_stream).map(|_| Page::Empty).collect(),
+            high_water: vec![0; n_stream],
+            zeros: vec![f16::ZERO; PAGE * head_dim].into_boxed_slice(),
+        })
+    }
+
+    /// Values per cell (all heads).
+    pub fn row_len(&self) -> usize {
+        self.n_head * self.head_dim
+    }
+
+    pub fn n_head(&self) -> usize {
+        self.n_head
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+
+    /// Cells per stream.
+    pub fn cells(&self) -> usize {
+        self.cells
+    }
+
+    /// Total cells (all streams).
+    pub fn total_cells(&self) -> usize {
+        self.cells * self.high_water.len()
+    }
+
+    fn pages_per_stream(&self) -> usize {
+        self.cells.div_ceil(PAGE)
+    }
+
+    /// Page index and slot of a global cell (stream * cells + cell).
+    fn locate(&self, gcell: usize) -> (usize, usize) {
+        let (stream, cell) = (gcell / self.cells, gcell % self.cells);
+        (stream * self.pages_per_stream() + cell / PAGE, cell % PAGE)
+    }
+
+    /// Whether the page holding a global cell has been allocated (the cell may hold data).
+    pub fn is_written(&self, gcell: usize) -> bool {
+        !matches!(self.pages[self.locate(gcell).0], Page::Empty)
+    }
+
+    /// Drops every page: all cells read as zero again.
+    pub fn clear(&mut self) {
+        self.pages.iter_mut().for_each(|p| *p = Page::Empty);
+        self.high_water.iter_mut().for_each(|h| *h = 0);
+    }
+
+    /// Writes one cell (`row.len() == row_len()`, head after head).
+    pub fn write_row(&mut self, gcell: usize, row: &[f32]) {
+        assert_eq!(row.len(), self.row_len());
+        let (pi, slot) = self.locate(gcell);
+        let (d, nh) = (self.head_dim, self.n_head);
+        if matches!(self.pages[pi], Page::Empty) {
+            self.pages[pi] = Page::F16(vec![f16::ZERO; nh * PAGE * d].into_boxed_slice());
+        }
+        match &mut self.pages[pi] {
+            Page::F16(data) => {
+                for (h, src) in row.chunks_exact(d).enumerate() {
+                    let dst = &mut data[(h * PAGE + slot) * d..][..d];
+                    dst.iter_mut().zip(src).for_each(|(o, &x)| *o = f16::from_f32(x));
+                }
+            }
+            Page::Packed(data) => {
+                let codec = self.codec.expect("packed page without codec");
+                let rb = codec.row_bytes();
+                for (h, src) in row.chunks_exact(d).enumerate() {
+                    codec.encode(src, &mut data[(h * PAGE + slot) * rb..][..rb]);
+                }
+            }
+            Page::Empty => unreachable!(),
+        }
+        let stream = gcell / self.cells;
+        self.high_water[stream] = self.high_water[stream].max(gcell % self.cells + 1);
+    }
+
+    /// Reads one cell into `out` (`out.len() == row_len()`).
+    pub fn read_row(&self, gcell: usize, out: &mut [f32]) {
+        assert_eq!(out.len(), self.row_len());
+        let (pi, slot) = self.locate(gcell);
+        let d = self.head_dim;
+        match &self.pages[pi] {
+            Page::Empty => out.fill(0.0),
+            Page::F16(data) => {
+                for (h, dst) in out.chunks_exact_mut(d).enumerate() {
+                    let src = &data[(h * PAGE + slot) * d..][..d];
+                    dst.iter_mut().zip(src).for_each(|(o, x)| *o = x.to_f32());
+                }
+            }
+            Page::Packed(data) => {
+                let codec = self.codec.expect("packed page without codec");
+                let rb = codec.row_bytes();
+                for (h, dst) in out.chunks_exact_mut(d).enumerate() {
+                    codec.decode(&data[(h * PAGE + slot) * rb..][..rb], dst);
+                }
+            }
+        }
+    }
+
+    /// Compresses the f16 pages that have left the recent window (never a stream's first
+    /// page). Call after a batch of writes.
+    pub fn compact(&mut self) {
+        let Some(codec) = self.codec else { return };
+        let pps = self.pages_per_stream();
+        let (d, nh, rb) = (self.head_dim, self.n_head, codec.row_bytes());
+        let mut rowf = vec![0.0f32; d];
+        for (stream, &hw) in self.high_water.iter().enumerate() {
+            // Pages whose last cell is below hw - window are out of the window.
+            let end_page = hw.saturating_sub(self.window) / PAGE;
+            for p in 1..end_page.min(pps) {
+                let page = &mut self.pages[stream * pps + p];
+                let Page::F16(data) = page else { continue };
+                let mut packed = vec![0u8; nh * PAGE * rb].into_boxed_slice();
+                for (src, dst) in data.chunks_exact(d).zip(packed.chunks_exact_mut(rb)) {
+                    rowf.iter_mut().zip(src).for_each(|(o, x)| *o = x.to_f32());
+                    codec.encode(&rowf, dst);
+                }
+                *page = Page::Packed(packed);
+            }
+        }
+    }
+
+    /// Bytes held by pages.
+    pub fn bytes(&self) -> usize {
+        let rb = self.codec.map_or(0, |c| c.row_bytes());
+        self.pages
+            .iter()
+            .map(|p| match p {
+                Page::Empty => 0,
+                Page::F16(_) => self.n_head * PAGE * self.head_dim * 2,
+                Page::Packed(_) => self.n_head * PAGE * rb,
+            })
+            .sum()
+    }
+
+    /// Pages allocated (f16, compressed).
+    pub fn page_counts(&self) -> (usize, usize) {
+        let f = self.pages.iter().filter(|p| matches!(p, Page::F16(_))).count();
+        let c = self.pages.iter().filter(|p| matches!(p, Page::Packed(_))).count();
+        (f, c)
+    }
+
+    /// Cells that hold data: the sum over streams of the high-water marks.
+    pub fn cells_in_use(&self) -> usize {
+        self.high_water.iter().sum()
+    }
+
+    /// The rows of one head for cells [first, first + n) of a stream, as runs of uniform
+    /// encoding. Cells never written read as zero.
+    fn head_rows(&self, stream: usize, first: usize, n: usize, head: usize) -> Vec<(usize, usize, Rows<'_>)> {
+        let mut out = Vec::new();
+        let d = self.head_dim;
+        let mut c = first;
+        while c < first + n {
+            let slot = c % PAGE;
+            let len = (PAGE - slot).min(first + n - c);
+            let pi = stream * self.pages_per_stream() + c / PAGE;
+            let rows = match &self.pages[pi] {
+                Page::Empty => Rows::F16(&self.zeros[..len * d]),
+                Page::F16(data) => Rows::F16(&data[(head * PAGE + slot) * d..][..len * d]),
+                Page::Packed(data) => {
+                    let codec = self.codec.as_ref().expect("packed page without codec");
+                    let rb = codec.row_bytes();
+                    Rows::Packed { codec, data: &data[(head * PAGE + slot) * rb..][..len * rb] }
+                }
+            };
+            out.push((c, len, rows));
+            c += len;
+        }
+        out
+    }
+}
+
+/// The attention segments of one KV head over cells [first, first + n) of a stream, K and V
+/// side by side. `first_cell` of each segment counts from `first` (the mask's column).
+pub fn segments<'a>(k: &'a KvStore, v: &'a KvStore, stream: usize, first: usize, n: usize, head: usize) -> Vec<Segment<'a>> {
+    // K and V pages share cell boundaries (both are PAGE-aligned), so the runs line up.
+    let ks = k.head_rows(stream, first, n, head);
+    let vs = v.head_rows(stream, first, n, head);
+    debug_assert_eq!(ks.len(), vs.len());
+    ks.into_iter()
+        .zip(vs)
+        .map(|((c, len, kr), (_, _, vr))| Segment { first_cell: c - first, n: len, k: kr, v: vr })
+        .collect()
+}

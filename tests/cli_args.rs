@@ -1,0 +1,73 @@
+//! Argument parsing and the JSON shape of `dspark bench`.
+
+use clap::Parser;
+use dspark::cli::backend::BackendSpec;
+use dspark::cli::bench::{table, BenchReport, BenchResult};
+use dspark::cli::{Cli, Command};
+use dspark::llama::KvType;
+
+#[test]
+fn backend_specs_parse() {
+    assert_eq!(BackendSpec::parse("stock:f16").unwrap(), BackendSpec::Stock(KvType::F16));
+    assert_eq!(BackendSpec::parse("stock:q4_0").unwrap(), BackendSpec::Stock(KvType::Q4_0));
+    assert_eq!(BackendSpec::parse("dspark:k4v4").unwrap(), BackendSpec::Dspark("k4v4".into()));
+    let list = BackendSpec::parse_list("stock:f16, stock:q8_0,dspark:k8v8").unwrap();
+    assert_eq!(list.len(), 3);
+    assert_eq!(list[1].to_string(), "stock:q8_0");
+    for bad in ["f16", "stock:q5_1", "gpu:f16", "stock"] {
+        let err = BackendSpec::parse(bad).unwrap_err().to_string();
+        assert!(err.contains(bad), "error for {bad:?} should name it: {err}");
+    }
+}
+
+#[test]
+fn bench_flags_parse() {
+    let cli = Cli::try_parse_from([
+        "dspark", "bench", "--backends", "stock:f16,stock:q4_0", "--depths", "512,4096", "--decode", "8", "--threads", "2",
+        "--reps", "3", "--json", "out.json",
+    ])
+    .unwrap();
+    let Command::Bench(b) = cli.command else { panic!("not bench") };
+    assert_eq!(b.depths, vec![512, 4096]);
+    assert_eq!((b.decode, b.threads, b.reps), (8, Some(2), 3));
+    assert_eq!(b.json.unwrap().to_str(), Some("out.json"));
+
+    let cli = Cli::try_parse_from(["dspark", "bench"]).unwrap();
+    let Command::Bench(b) = cli.command else { panic!("not bench") };
+    assert!(!b.depths.is_empty() && b.decode == 32 && b.reps == 1 && b.threads.is_none());
+
+    assert!(Cli::try_parse_from(["dspark", "bench", "--depths", "abc"]).is_err());
+    assert!(Cli::try_parse_from(["dspark", "bench", "--bogus"]).is_err());
+}
+
+#[test]
+fn run_flags_parse() {
+    let cli = Cli::try_parse_from(["dspark", "run", "-p", "Hello", "-n", "5", "--backend", "stock:q8_0", "--seed", "7"]).unwrap();
+    let Command::Run(r) = cli.command else { panic!("not run") };
+    assert_eq!((r.prompt.as_str(), r.n, r.backend.as_str(), r.seed), ("Hello", 5, "stock:q8_0", Some(7)));
+}
+
+#[test]
+fn bench_json_shape() {
+    let report = BenchReport {
+        model: "m.gguf".into(),
+        threads: 2,
+        llama_cpp: "x".into(),
+        cpu_features: vec!["avx2".into()],
+        results: vec![
+            BenchResult { backend: "stock:f16".into(), depth: 512, prefill_tps: 100.0, decode_tps: 50.0, kv_bytes: 1000, kv_bits_per_elem: 16.0, peak_rss_bytes: 5 },
+            BenchResult { backend: "stock:q4_0".into(), depth: 512, prefill_tps: 50.0, decode_tps: 60.0, kv_bytes: 300, kv_bits_per_elem: 4.5, peak_rss_bytes: 5 },
+        ],
+    };
+    let v: serde_json::Value = serde_json::from_str(&serde_json::to_string(&report).unwrap()).unwrap();
+    for key in ["model", "threads", "llama_cpp", "cpu_features", "results"] {
+        assert!(v.get(key).is_some(), "missing {key}");
+    }
+    let r0 = &v["results"][0];
+    for key in ["backend", "depth", "prefill_tps", "decode_tps", "kv_bytes", "kv_bits_per_elem", "peak_rss_bytes"] {
+        assert!(r0.get(key).is_some(), "missing results[].{key}");
+    }
+    // The table shows ratios against stock:f16 at the same depth.
+    let t = table(&report);
+    assert!(t.contains("| stock:q4_0 | 512 |") && t.contains("0.50x") && t.contains("1.20x") && t.contains("30%"), "{t}");
+}
