@@ -1,1 +1,254 @@
-//! Flash attention over compressed K/V rows.
+//! Flash attention over K/V rows that are partly f16 and partly compressed by [`crate::codec`].
+//!
+//! Semantics are those of ggml's `GGML_OP_FLASH_ATTN_EXT` on the CPU (ggml-cpu/ops.cpp,
+//! `ggml_compute_forward_flash_attn_ext_f16_one_chunk`), for one sequence:
+//! - score `s = dot(q, k) · scale`; with `softcap != 0`: `s = softcap · tanh(dot · scale / softcap)`;
+//! - then `s += slope_h · mask[i, c]`, where `slope_h` is ggml's ALiBi slope (1 when
+//!   `max_bias == 0`), and a mask value of −∞ drops the cell (its K and V are never read as
+//!   numbers);
+//! - `out = Σ e^{s−M} v / (Σ e^{s−M} + e^{sink_h−M})`: the per-head sink enters only the
+//!   denominator; a row with every cell dropped (and no sink) gives 0.
+//!
+//! Differences from ggml, all deliberate: q is never rounded to f16, accumulation is f32
+//! everywhere (ggml keeps an f16 accumulator for f16 V), and non-finite K/V values in f16
+//! rows are read as 0, the same rule the codec applies when it encodes
+//! (see [`crate::codec`]), so a NaN in one row never spreads to other rows or other queries.
+//!
+//! [`flash_attn_reference`] is the scalar oracle (decompress, then attend in f64).
+//! [`flash_attn`] is the fast path: q is rotated once per head for packed K, packed rows are
+//! decoded tile by tile into L1 and consumed at once (no row is materialised in memory), V
+//! is accumulated in the rotated space for packed V and un-rotated once per output row,
+//! every K/V tile is used by all query heads of its KV head (GQA) and by a tile of queries
+//! (prefill), and long sequences are split across threads with a log-sum-exp merge. Kernels
+//! are chosen at run time: AVX-512, AVX2+FMA, or portable (`DSPARK_FORCE_ISA` pins one).
+
+mod fast;
+mod isa;
+mod kernels;
+mod pool;
+mod reference;
+
+use crate::codec::RowCodec;
+use half::f16;
+
+pub use isa::{active_isa, available_isas};
+
+/// K or V rows of one segment, for one KV head.
+#[derive(Clone, Copy, Debug)]
+pub enum Rows<'a> {
+    /// `n × head_dim` f16 values in the model's (unrotated) space.
+    F16(&'a [f16]),
+    /// `n × row_bytes` bytes written by `codec.encode`.
+    Packed {
+        /// The codec that wrote the rows.
+        codec: &'a RowCodec,
+        /// The encoded rows, back to back.
+        data: &'a [u8],
+    },
+}
+
+impl Rows<'_> {
+    /// Number of rows held, given the head dimension.
+    #[must_use]
+    pub fn len(&self, head_dim: usize) -> usize {
+        match self {
+            Rows::F16(v) => v.len() / head_dim.max(1),
+            Rows::Packed { codec, data } => data.len() / codec.row_bytes(),
+        }
+    }
+
+    /// Whether there are no rows.
+    #[must_use]
+    pub fn is_empty(&self, head_dim: usize) -> bool {
+        self.len(head_dim) == 0
+    }
+}
+
+/// A run of `n` consecutive cells (`first_cell..first_cell + n`) of one KV head.
+#[derive(Clone, Copy, Debug)]
+pub struct Segment<'a> {
+    /// Cell index of the first row; it selects the mask column.
+    pub first_cell: usize,
+    /// Number of rows.
+    pub n: usize,
+    /// Keys.
+    pub k: Rows<'a>,
+    /// Values.
+    pub v: Rows<'a>,
+}
+
+/// The scalar parameters of `GGML_OP_FLASH_ATTN_EXT`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FaParams {
+    /// Multiplies `dot(q, k)`.
+    pub scale: f32,
+    /// ALiBi maximum bias; 0 disables ALiBi.
+    pub max_bias: f32,
+    /// Logit soft-capping; 0 disables it.
+    pub softcap: f32,
+}
+
+/// An f16 mask shared by all heads: query `i`, cell `c` reads `data[i * stride + c]`.
+#[derive(Clone, Copy, Debug)]
+pub struct Mask<'a> {
+    /// Mask values (0 keeps, −∞ drops, anything else is added to the score after `slope·`).
+    pub data: &'a [f16],
+    /// Distance between the rows of two consecutive queries (ggml's `ne0`, the KV length).
+    pub stride: usize,
+}
+
+/// ggml's ALiBi slope for head `h` of `n_head` (ops.cpp: `m0^(h+1)` or `m1^(2(h−n2)+1)`).
+#[must_use]
+pub fn alibi_slope(max_bias: f32, h: usize, n_head: usize) -> f32 {
+    if max_bias <= 0.0 {
+        return 1.0;
+    }
+    let n2 = 1u32 << (usize::BITS - 1 - n_head.leading_zeros());
+    #[allow(clippy::cast_precision_loss)]
+    let n2f = n2 as f32;
+    let m0 = 2f32.powf(-max_bias / n2f);
+    let m1 = 2f32.powf(-(max_bias / 2.0) / n2f);
+    let h = u32::try_from(h).expect("head index fits u32");
+    #[allow(clippy::cast_possible_wrap)]
+    if h < n2 {
+        m0.powi((h + 1) as i32)
+    } else {
+        m1.powi((2 * (h - n2) + 1) as i32)
+    }
+}
+
+/// Everything [`flash_attn`] reads, checked once.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Problem<'a, 'b> {
+    pub q: &'b [f32],
+    pub n_q: usize,
+    pub n_head: usize,
+    pub d: usize,
+    pub kv: &'b [Vec<Segment<'a>>],
+    pub mask: Option<Mask<'b>>,
+    pub sinks: Option<&'b [f32]>,
+    pub p: FaParams,
+}
+
+impl Problem<'_, '_> {
+    /// Query heads per KV head.
+    pub fn group(&self) -> usize {
+        self.n_head / self.kv.len()
+    }
+
+    /// Panics with a precise message if the inputs do not fit together.
+    fn validate(&self, out_len: usize) {
+        let (d, kv) = (self.d, self.kv);
+        assert!(d > 0 && d % 32 == 0, "flash_attn: head_dim {d} must be a positive multiple of 32");
+        assert!(!kv.is_empty(), "flash_attn: no KV heads");
+        assert!(
+            self.n_head % kv.len() == 0,
+            "flash_attn: n_head {} is not a multiple of n_kv_head {}",
+            self.n_head,
+            kv.len()
+        );
+        let rows = self.n_q * self.n_head * d;
+        assert_eq!(self.q.len(), rows, "flash_attn: q length");
+        assert_eq!(out_len, rows, "flash_attn: out length");
+        if let Some(s) = self.sinks {
+            assert_eq!(s.len(), self.n_head, "flash_attn: sinks length");
+        }
+        let mut max_cell = 0;
+        for seg in kv.iter().flatten() {
+            for (what, r) in [("k", seg.k), ("v", seg.v)] {
+                match r {
+                    Rows::F16(v) => assert_eq!(v.len(), seg.n * d, "flash_attn: f16 {what} length"),
+                    Rows::Packed { codec, data } => {
+                        assert_eq!(codec.head_dim(), d, "flash_attn: codec head_dim");
+                        assert_eq!(data.len(), seg.n * codec.row_bytes(), "flash_attn: packed {what} length");
+                    }
+                }
+            }
+            max_cell = max_cell.max(seg.first_cell + seg.n);
+        }
+        if let Some(m) = self.mask {
+            if self.n_q > 0 && max_cell > 0 {
+                assert!(m.stride >= max_cell, "flash_attn: mask stride {} < cells {max_cell}", m.stride);
+                assert!(
+                    m.data.len() >= (self.n_q - 1) * m.stride + max_cell,
+                    "flash_attn: mask too short"
+                );
+            }
+        }
+    }
+}
+
+/// Fast flash attention (see the module docs for the semantics).
+///
+/// `q` and `out` are `[n_q][n_head][head_dim]`; `kv[kh]` lists the segments of KV head `kh`,
+/// and query head `h` reads KV head `h / (n_head / kv.len())`. `n_threads` threads at most are
+/// used (from a persistent pool per thread count; 1 runs on the caller's thread).
+///
+/// # Panics
+/// If the lengths do not match the shapes, `head_dim` is not a multiple of 32, or `n_head`
+/// is not a multiple of `kv.len()`.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attn(
+    q: &[f32],
+    n_q: usize,
+    n_head: usize,
+    head_dim: usize,
+    kv: &[Vec<Segment>],
+    mask: Option<Mask>,
+    sinks: Option<&[f32]>,
+    p: &FaParams,
+    n_threads: usize,
+    out: &mut [f32],
+) {
+    let prob = Problem { q, n_q, n_head, d: head_dim, kv, mask, sinks, p: *p };
+    prob.validate(out.len());
+    fast::run(&prob, isa::kernels(), n_threads.max(1), out);
+}
+
+/// [`flash_attn`] on a named kernel set (see [`available_isas`]), for tests and benches.
+///
+/// # Panics
+/// As [`flash_attn`], or if this CPU cannot run `isa`.
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attn_isa(
+    isa: &str,
+    q: &[f32],
+    n_q: usize,
+    n_head: usize,
+    head_dim: usize,
+    kv: &[Vec<Segment>],
+    mask: Option<Mask>,
+    sinks: Option<&[f32]>,
+    p: &FaParams,
+    n_threads: usize,
+    out: &mut [f32],
+) {
+    let kernels = isa::by_name(isa).unwrap_or_else(|| panic!("flash_attn_isa: {isa} not available"));
+    let prob = Problem { q, n_q, n_head, d: head_dim, kv, mask, sinks, p: *p };
+    prob.validate(out.len());
+    fast::run(&prob, &kernels, n_threads.max(1), out);
+}
+
+/// The scalar oracle: decompresses every row, then attends with f64 accumulation.
+/// Same signature and semantics as [`flash_attn`]; `n_threads` is ignored.
+///
+/// # Panics
+/// As [`flash_attn`].
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attn_reference(
+    q: &[f32],
+    n_q: usize,
+    n_head: usize,
+    head_dim: usize,
+    kv: &[Vec<Segment>],
+    mask: Option<Mask>,
+    sinks: Option<&[f32]>,
+    p: &FaParams,
+    _n_threads: usize,
+    out: &mut [f32],
+) {
+    let prob = Problem { q, n_q, n_head, d: head_dim, kv, mask, sinks, p: *p };
+    prob.validate(out.len());
+    reference::run(&prob, out);
+}

@@ -1,0 +1,348 @@
+//! The fast path: work split, per-tile pipeline (generic over the instruction set), merge.
+//!
+//! Work item = one KV head × a tile of queries × a range of rows. For each tile of up to
+//! [`TILE`] rows it decodes K (f16 → f32, or packed → rotated f32) into a scratch tile, scores
+//! all query rows of the item (every query head of the KV head, for every query of the tile)
+//! against it, updates the online softmax, decodes V the same way and accumulates it into the
+//! plain (f16 V) or the rotated (packed V) accumulator. Items that share a query tile are
+//! merged with log-sum-exp; the rotated accumulator is un-rotated once per output row.
+
+use super::kernels::{self, Flavor};
+use super::{alibi_slope, isa, pool, Problem, Rows, Segment};
+use crate::codec::{rotate, unrotate};
+
+/// Rows per tile: K and V tiles of 32 × 128 f32 take 32 KiB of L1 together.
+pub(crate) const TILE: usize = 32;
+
+/// Query rows (queries × heads of one group) per item; bounds the accumulators' footprint.
+const QUERY_ROWS: usize = 32;
+
+/// Rows per item below which splitting a sequence across threads is not worth a merge.
+const MIN_SPLIT_ROWS: usize = 256;
+
+/// Shared, read-only state of one call.
+pub(crate) struct Ctx<'p, 'a, 'b> {
+    pub pb: &'p Problem<'a, 'b>,
+    /// q · scale (÷ softcap when softcapping), `[n_q][n_head][d]`.
+    pub q_plain: Vec<f32>,
+    /// `q_plain` rotated, or empty when no segment has packed K.
+    pub q_rot: Vec<f32>,
+    pub slopes: Vec<f32>,
+}
+
+/// One unit of parallel work.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Item {
+    pub kh: usize,
+    pub q0: usize,
+    pub q1: usize,
+    /// Row range in the concatenation of the KV head's segments.
+    pub r0: usize,
+    pub r1: usize,
+}
+
+/// Softmax state of the query rows of one item (`m` rows, row = (query, head in group)).
+#[derive(Debug)]
+pub(crate) struct Partial {
+    pub max: Vec<f32>,
+    pub sum: Vec<f32>,
+    /// `m × d`; empty when no f16 V row was accumulated.
+    pub plain: Vec<f32>,
+    /// `m × d`, rotated space; empty when no packed V row was accumulated.
+    pub rot: Vec<f32>,
+}
+
+impl Partial {
+    fn new(m: usize) -> Partial {
+        Partial { max: vec![f32::NEG_INFINITY; m], sum: vec![0.0; m], plain: Vec::new(), rot: Vec::new() }
+    }
+
+    /// Folds `other` (same rows, other KV rows) into `self` (log-sum-exp merge).
+    fn merge(&mut self, other: Partial, d: usize) {
+        for r in 0..self.max.len() {
+            let m = self.max[r].max(other.max[r]);
+            if m == f32::NEG_INFINITY {
+                continue;
+            }
+            let a = (self.max[r] - m).exp();
+            let b = (other.max[r] - m).exp();
+            self.max[r] = m;
+            self.sum[r] = self.sum[r] * a + other.sum[r] * b;
+            merge_acc(&mut self.plain, &other.plain, r, d, a, b);
+            merge_acc(&mut self.rot, &other.rot, r, d, a, b);
+        }
+    }
+}
+
+fn merge_acc(mine: &mut Vec<f32>, theirs: &[f32], r: usize, d: usize, a: f32, b: f32) {
+    if theirs.is_empty() {
+        if !mine.is_empty() {
+            mine[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= a);
+        }
+        return;
+    }
+    if mine.is_empty() {
+        mine.resize(theirs.len(), 0.0);
+    }
+    for (x, y) in mine[r * d..(r + 1) * d].iter_mut().zip(&theirs[r * d..(r + 1) * d]) {
+        *x = *x * a + *y * b;
+    }
+}
+
+pub(crate) fn run(pb: &Problem, kernels: &isa::Kernels, n_threads: usize, out: &mut [f32]) {
+    let ctx = prepare(pb);
+    let items = plan(pb, n_threads);
+    let partials = pool::map(n_threads, &items, |it| (kernels.item)(&ctx, it));
+    let mut partials = partials.into_iter();
+    let mut i = 0;
+    while i < items.len() {
+        let mut acc = partials.next().expect("one partial per item");
+        let mut j = i + 1;
+        while j < items.len() && items[j].kh == items[i].kh && items[j].q0 == items[i].q0 {
+            acc.merge(partials.next().expect("one partial per item"), pb.d);
+            j += 1;
+        }
+        finish(pb, &items[i], acc, out);
+        i = j;
+    }
+}
+
+fn prepare<'p, 'a, 'b>(pb: &'p Problem<'a, 'b>) -> Ctx<'p, 'a, 'b> {
+    let p = pb.p;
+    let qscale = if p.softcap == 0.0 { p.scale } else { p.scale / p.softcap };
+    let q_plain: Vec<f32> = pb.q.iter().map(|x| x * qscale).collect();
+    let any_packed_k = pb.kv.iter().flatten().any(|s| matches!(s.k, Rows::Packed { .. }));
+    let mut q_rot = Vec::new();
+    if any_packed_k {
+        q_rot = q_plain.clone();
+        q_rot.chunks_exact_mut(pb.d).for_each(rotate);
+    }
+    let slopes = (0..pb.n_head).map(|h| alibi_slope(p.max_bias, h, pb.n_head)).collect();
+    Ctx { pb, q_plain, q_rot, slopes }
+}
+
+/// Query tiles × row ranges, ordered so that the items of one query tile are adjacent.
+fn plan(pb: &Problem, n_threads: usize) -> Vec<Item> {
+    let qt = (QUERY_ROWS / pb.group()).max(1);
+    let q_tiles = pb.n_q.div_ceil(qt);
+    let coarse = q_tiles * pb.kv.len();
+    let mut items = Vec::new();
+    for kh in 0..pb.kv.len() {
+        let rows: usize = pb.kv[kh].iter().map(|s| s.n).sum();
+        // Split rows only when there are too few query tiles to keep the threads busy.
+        let want = (2 * n_threads).div_ceil(coarse.max(1));
+        let splits = want.min(rows / MIN_SPLIT_ROWS).max(1);
+        let per = rows.div_ceil(splits).div_ceil(TILE) * TILE;
+        for t in 0..q_tiles {
+            let (q0, q1) = (t * qt, ((t + 1) * qt).min(pb.n_q));
+            let mut r0 = 0;
+            loop {
+                let r1 = (r0 + per.max(TILE)).min(rows);
+                items.push(Item { kh, q0, q1, r0, r1 });
+                r0 = r1;
+                if r0 >= rows {
+                    break;
+                }
+            }
+        }
+    }
+    items
+}
+
+/// Sinks, normalisation, un-rotation, and the write to `out`.
+fn finish(pb: &Problem, it: &Item, mut st: Partial, out: &mut [f32]) {
+    let (d, g) = (pb.d, pb.group());
+    let mut rot = vec![0.0f32; d];
+    for (r, (qi, h)) in rows_of(it, g).enumerate() {
+        let mut scale_acc = 1.0;
+        if let Some(sinks) = pb.sinks {
+            let s = sinks[h];
+            let m = st.max[r].max(s);
+            scale_acc = (st.max[r] - m).exp();
+            st.sum[r] = st.sum[r] * scale_acc + (s - m).exp();
+        }
+        let inv = if st.sum[r] == 0.0 { 0.0 } else { scale_acc / st.sum[r] };
+        let o = &mut out[(qi * pb.n_head + h) * d..][..d];
+        o.fill(0.0);
+        if !st.plain.is_empty() {
+            for (y, x) in o.iter_mut().zip(&st.plain[r * d..(r + 1) * d]) {
+                *y = x * inv;
+            }
+        }
+        if !st.rot.is_empty() {
+            rot.copy_from_slice(&st.rot[r * d..(r + 1) * d]);
+            unrotate(&mut rot);
+            for (y, x) in o.iter_mut().zip(&rot) {
+                *y += x * inv;
+            }
+        }
+    }
+}
+
+/// The (query, head) pairs of an item's rows, in row order.
+fn rows_of(it: &Item, g: usize) -> impl Iterator<Item = (usize, usize)> {
+    let (kh, q0, q1) = (it.kh, it.q0, it.q1);
+    (q0..q1).flat_map(move |qi| (0..g).map(move |hg| (qi, kh * g + hg)))
+}
+
+/// Scratch and state of one item while it runs.
+struct Work<'c, 'p, 'a, 'b> {
+    ctx: &'c Ctx<'p, 'a, 'b>,
+    it: Item,
+    m: usize,
+    q_plain: Vec<f32>,
+    q_rot: Vec<f32>,
+    kt: Vec<f32>,
+    vt: Vec<f32>,
+    s: Vec<f32>,
+    /// Mask values (already × nothing; slope applied per head) for the tile: `[query][TILE]`.
+    mv: Vec<f32>,
+    st: Partial,
+}
+
+/// Processes one item; instantiated per instruction set by `isa.rs`.
+#[inline(always)]
+pub(crate) fn run_item<F: Flavor>(ctx: &Ctx, it: &Item) -> Partial {
+    let pb = ctx.pb;
+    let (d, g) = (pb.d, pb.group());
+    let m = (it.q1 - it.q0) * g;
+    let gather = |src: &[f32]| -> Vec<f32> {
+        if src.is_empty() {
+            return Vec::new();
+        }
+        let mut v = Vec::with_capacity(m * d);
+        for qi in it.q0..it.q1 {
+            v.extend_from_slice(&src[(qi * pb.n_head + it.kh * g) * d..][..g * d]);
+        }
+        v
+    };
+    let mut w = Work {
+        ctx,
+        it: *it,
+        m,
+        q_plain: gather(&ctx.q_plain),
+        q_rot: gather(&ctx.q_rot),
+        kt: vec![0.0; TILE * d],
+        vt: vec![0.0; TILE * d],
+        s: vec![0.0; m * TILE],
+        mv: vec![0.0; (it.q1 - it.q0) * TILE],
+        st: Partial::new(m),
+    };
+    let mut base = 0;
+    for seg in &pb.kv[it.kh] {
+        let (lo, hi) = (it.r0.max(base), it.r1.min(base + seg.n));
+        let mut r = lo;
+        while r < hi {
+            let r1 = (r + TILE).min(hi);
+            tile::<F>(&mut w, seg, r - base, r1 - base);
+            r = r1;
+        }
+        base += seg.n;
+    }
+    w.st
+}
+
+/// Loads mask values of the tile; returns false when every cell is dropped for every query.
+#[inline(always)]
+fn load_mask(w: &mut Work, seg: &Segment, r0: usize, nj: usize) -> bool {
+    let Some(mask) = w.ctx.pb.mask else { return true };
+    let mut any = false;
+    for (i, qi) in (w.it.q0..w.it.q1).enumerate() {
+        let src = &mask.data[qi * mask.stride + seg.first_cell + r0..][..nj];
+        let dst = &mut w.mv[i * TILE..i * TILE + nj];
+        for (o, h) in dst.iter_mut().zip(src) {
+            *o = h.to_f32();
+            any |= *o != f32::NEG_INFINITY;
+        }
+    }
+    any
+}
+
+/// Decodes rows `r0..r0+nj` of `rows` into `out`; returns whether they are in rotated space.
+#[inline(always)]
+fn decode_tile(rows: Rows, d: usize, r0: usize, nj: usize, out: &mut [f32]) -> bool {
+    match rows {
+        Rows::F16(v) => {
+            kernels::f16_rows(&v[r0 * d..(r0 + nj) * d], &mut out[..nj * d]);
+            false
+        }
+        Rows::Packed { codec, data } => {
+            let rb = codec.row_bytes();
+            for (j, o) in out[..nj * d].chunks_exact_mut(d).enumerate() {
+                codec.decode_rotated_inline(&data[(r0 + j) * rb..][..rb], o);
+            }
+            true
+        }
+    }
+}
+
+#[inline(always)]
+fn tile<F: Flavor>(w: &mut Work, seg: &Segment, r0: usize, r1: usize) {
+    let pb = w.ctx.pb;
+    let (d, nj) = (pb.d, r1 - r0);
+    if !load_mask(w, seg, r0, nj) {
+        return;
+    }
+    let rotated = decode_tile(seg.k, d, r0, nj, &mut w.kt);
+    let q = if rotated { &w.q_rot } else { &w.q_plain };
+    kernels::scores::<F>(q, w.m, &w.kt, nj, d, &mut w.s, TILE);
+    if !softmax_update::<F>(w, nj) {
+        return;
+    }
+    let rotated = decode_tile(seg.v, d, r0, nj, &mut w.vt);
+    let acc = if rotated { &mut w.st.rot } else { &mut w.st.plain };
+    if acc.is_empty() {
+        acc.resize(w.m * d, 0.0);
+    }
+    for r in 0..w.m {
+        kernels::accumulate::<F>(&w.s[r * TILE..r * TILE + nj], &w.vt[..nj * d], &mut acc[r * d..(r + 1) * d]);
+    }
+}
+
+/// Softcap, mask, online-softmax update; leaves probabilities in `w.s`. Returns false when no
+/// row got any weight from this tile.
+#[inline(always)]
+fn softmax_update<F: Flavor>(w: &mut Work, nj: usize) -> bool {
+    let pb = w.ctx.pb;
+    let (d, g) = (pb.d, pb.group());
+    let softcap = pb.p.softcap;
+    let mut any = false;
+    for r in 0..w.m {
+        let (qi_local, h) = (r / g, w.it.kh * g + r % g);
+        let s = &mut w.s[r * TILE..r * TILE + nj];
+        if softcap != 0.0 {
+            s.iter_mut().for_each(|x| *x = kernels::softcap::<F>(*x, softcap));
+        }
+        if pb.mask.is_some() {
+            let slope = w.ctx.slopes[h];
+            let mv = &w.mv[qi_local * TILE..qi_local * TILE + nj];
+            for (x, m) in s.iter_mut().zip(mv) {
+                *x = if *m == f32::NEG_INFINITY { f32::NEG_INFINITY } else { F::fma(slope, *m, *x) };
+            }
+        }
+        let tmax = kernels::max_lanes(s);
+        let old = w.st.max[r];
+        let new = old.max(tmax);
+        if new == f32::NEG_INFINITY {
+            s.fill(0.0);
+            continue;
+        }
+        any = true;
+        for x in s.iter_mut() {
+            *x = kernels::exp::<F>(*x - new);
+        }
+        let sum = kernels::sum_lanes(s);
+        if new > old {
+            let alpha = (old - new).exp();
+            w.st.sum[r] *= alpha;
+            for acc in [&mut w.st.plain, &mut w.st.rot] {
+                if !acc.is_empty() {
+                    acc[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= alpha);
+                }
+            }
+            w.st.max[r] = new;
+        }
+        w.st.sum[r] += sum;
+    }
+    any
+}

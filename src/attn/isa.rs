@@ -1,0 +1,109 @@
+//! Run-time choice of the kernel set: the tile pipeline of `fast.rs` compiled for AVX-512,
+//! for AVX2+FMA, and portably. Detection runs once; `DSPARK_FORCE_ISA=portable|avx2|avx512`
+//! pins a set (a set the CPU lacks falls back to the best available one).
+
+use super::fast::{self, Ctx, Item, Partial};
+use super::kernels::Unfused;
+use std::sync::OnceLock;
+
+/// Processes one work item.
+pub(crate) type ItemFn = for<'c, 'p, 'a, 'b> fn(&'c Ctx<'p, 'a, 'b>, &'c Item) -> Partial;
+
+/// One instruction set's kernels.
+#[derive(Debug)]
+pub(crate) struct Kernels {
+    pub name: &'static str,
+    pub item: ItemFn,
+}
+
+static KERNELS: OnceLock<Kernels> = OnceLock::new();
+
+fn item_portable(ctx: &Ctx, it: &Item) -> Partial {
+    fast::run_item::<Unfused>(ctx, it)
+}
+
+/// The kernel set called `name`, if this CPU can run it.
+pub(crate) fn by_name(name: &str) -> Option<Kernels> {
+    match name {
+        "portable" => Some(Kernels { name: "portable", item: item_portable }),
+        #[cfg(target_arch = "x86_64")]
+        "avx512" if x86::has_avx512() => {
+            // SAFETY: `has_avx512` checked at run time every feature `avx512_kernels` enables.
+            Some(unsafe { x86::avx512_kernels() })
+        }
+        #[cfg(target_arch = "x86_64")]
+        "avx2" if x86::has_avx2() => {
+            // SAFETY: `has_avx2` checked at run time every feature `avx2_kernels` enables.
+            Some(unsafe { x86::avx2_kernels() })
+        }
+        _ => None,
+    }
+}
+
+/// Names of the kernel sets this CPU can run, best first.
+pub fn available_isas() -> Vec<&'static str> {
+    ["avx512", "avx2", "portable"].into_iter().filter(|n| by_name(n).is_some()).collect()
+}
+
+fn select() -> Kernels {
+    let force = std::env::var("DSPARK_FORCE_ISA").unwrap_or_default();
+    let order: &[&str] = match force.as_str() {
+        "portable" | "scalar" => &["portable"],
+        "avx2" => &["avx2", "portable"],
+        _ => &["avx512", "avx2", "portable"],
+    };
+    order.iter().find_map(|n| by_name(n)).unwrap_or(Kernels { name: "portable", item: item_portable })
+}
+
+/// The kernel set in use.
+pub(crate) fn kernels() -> &'static Kernels {
+    KERNELS.get_or_init(select)
+}
+
+/// Name of the instruction set the attention kernels run on: `avx512`, `avx2` or `portable`.
+#[must_use]
+pub fn active_isa() -> &'static str {
+    kernels().name
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{Ctx, Item, Kernels, Partial};
+    use crate::attn::fast;
+    use crate::attn::kernels::Fused;
+
+    pub fn has_avx512() -> bool {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512dq")
+            && has_avx2()
+    }
+
+    pub fn has_avx2() -> bool {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    fn item_avx512(ctx: &Ctx, it: &Item) -> Partial {
+        fast::run_item::<Fused>(ctx, it)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn item_avx2(ctx: &Ctx, it: &Item) -> Partial {
+        fast::run_item::<Fused>(ctx, it)
+    }
+
+    /// The AVX-512 set. Inside a function with the same features the safe `#[target_feature]`
+    /// function coerces to a plain `fn` pointer, so no caller can reach it unchecked.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    pub fn avx512_kernels() -> Kernels {
+        Kernels { name: "avx512", item: item_avx512 }
+    }
+
+    /// The AVX2+FMA set (see [`avx512_kernels`]).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn avx2_kernels() -> Kernels {
+        Kernels { name: "avx2", item: item_avx2 }
+    }
+}

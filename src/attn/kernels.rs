@@ -1,0 +1,222 @@
+//! Tile kernels in plain Rust, written so that LLVM vectorizes them: fixed 16-lane
+//! accumulators, no float reductions across lanes inside loops, no table lookups. Every
+//! function is `#[inline(always)]` and generic over [`Flavor`], so `isa.rs` compiles the whole
+//! tile pipeline once per instruction set (AVX-512, AVX2+FMA, portable) from this one source.
+
+/// How a multiply-add is spelled on an instruction set.
+pub(crate) trait Flavor: Copy + Send + Sync + 'static {
+    /// `a * b + c`.
+    fn fma(a: f32, b: f32, c: f32) -> f32;
+}
+
+/// Fused multiply-add (only instantiated where the FMA unit is known to exist).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Fused;
+
+impl Flavor for Fused {
+    #[inline(always)]
+    fn fma(a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
+    }
+}
+
+/// Separate multiply and add (portable: `mul_add` would be a libm call without FMA).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Unfused;
+
+impl Flavor for Unfused {
+    #[inline(always)]
+    fn fma(a: f32, b: f32, c: f32) -> f32 {
+        a * b + c
+    }
+}
+
+/// Lanes of the vector accumulators (one AVX-512 register, two AVX2 registers).
+pub(crate) const LANES: usize = 16;
+
+#[inline(always)]
+fn hsum(a: &[f32; LANES]) -> f32 {
+    let mut t = *a;
+    let mut w = LANES / 2;
+    while w > 0 {
+        for l in 0..w {
+            t[l] += t[l + w];
+        }
+        w /= 2;
+    }
+    t[0]
+}
+
+/// Sum of a short slice with 16 independent partial sums.
+#[inline(always)]
+pub(crate) fn sum_lanes(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            acc[l] += c[l];
+        }
+    }
+    for (a, v) in acc.iter_mut().zip(chunks.remainder()) {
+        *a += v;
+    }
+    hsum(&acc)
+}
+
+/// Maximum of a short slice (−∞ when empty); NaN inputs are ignored.
+#[inline(always)]
+pub(crate) fn max_lanes(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            acc[l] = if c[l] > acc[l] { c[l] } else { acc[l] };
+        }
+    }
+    for (a, v) in acc.iter_mut().zip(chunks.remainder()) {
+        *a = if *v > *a { *v } else { *a };
+    }
+    acc.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
+}
+
+/// `out[r] = dot(q[r·d..], k)` for `R` query rows that share one key row.
+#[inline(always)]
+pub(crate) fn dot_rows<F: Flavor, const R: usize>(q: &[f32], k: &[f32]) -> [f32; R] {
+    let d = k.len();
+    let mut acc = [[0.0f32; LANES]; R];
+    for (c, kc) in k.chunks_exact(LANES).enumerate() {
+        for (r, a) in acc.iter_mut().enumerate() {
+            let qc = &q[r * d + c * LANES..][..LANES];
+            for l in 0..LANES {
+                a[l] = F::fma(qc[l], kc[l], a[l]);
+            }
+        }
+    }
+    let mut out = [0.0f32; R];
+    for (o, a) in out.iter_mut().zip(&acc) {
+        *o = hsum(a);
+    }
+    out
+}
+
+/// Scores of `m` query rows (`q`, `m × d`) against `nj` key rows (`k`, `nj × d`), written to
+/// `s[r·stride + j]`.
+#[inline(always)]
+pub(crate) fn scores<F: Flavor>(q: &[f32], m: usize, k: &[f32], nj: usize, d: usize, s: &mut [f32], stride: usize) {
+    let mut r = 0;
+    while r + 4 <= m {
+        let qb = &q[r * d..(r + 4) * d];
+        for j in 0..nj {
+            let o = dot_rows::<F, 4>(qb, &k[j * d..(j + 1) * d]);
+            for (i, v) in o.iter().enumerate() {
+                s[(r + i) * stride + j] = *v;
+            }
+        }
+        r += 4;
+    }
+    if r + 2 <= m {
+        let qb = &q[r * d..(r + 2) * d];
+        for j in 0..nj {
+            let o = dot_rows::<F, 2>(qb, &k[j * d..(j + 1) * d]);
+            s[r * stride + j] = o[0];
+            s[(r + 1) * stride + j] = o[1];
+        }
+        r += 2;
+    }
+    if r < m {
+        let qb = &q[r * d..(r + 1) * d];
+        for j in 0..nj {
+            s[r * stride + j] = dot_rows::<F, 1>(qb, &k[j * d..(j + 1) * d])[0];
+        }
+    }
+}
+
+/// `acc += Σ_j p[j] · v[j·d..]`, four rows of V per pass over `acc`.
+#[inline(always)]
+pub(crate) fn accumulate<F: Flavor>(p: &[f32], v: &[f32], acc: &mut [f32]) {
+    let d = acc.len();
+    let nj = p.len();
+    let mut j = 0;
+    while j + 4 <= nj {
+        let (p0, p1, p2, p3) = (p[j], p[j + 1], p[j + 2], p[j + 3]);
+        let rows = &v[j * d..(j + 4) * d];
+        let (v0, rest) = rows.split_at(d);
+        let (v1, rest) = rest.split_at(d);
+        let (v2, v3) = rest.split_at(d);
+        for ((((a, x0), x1), x2), x3) in acc.iter_mut().zip(v0).zip(v1).zip(v2).zip(v3) {
+            *a = F::fma(p3, *x3, F::fma(p2, *x2, F::fma(p1, *x1, F::fma(p0, *x0, *a))));
+        }
+        j += 4;
+    }
+    while j < nj {
+        let pj = p[j];
+        for (a, x) in acc.iter_mut().zip(&v[j * d..(j + 1) * d]) {
+            *a = F::fma(pj, *x, *a);
+        }
+        j += 1;
+    }
+}
+
+/// `e^x` for `x <= 88`, relative error ~1e-7, exactly 0 below −87 (and for −∞). Cody-Waite
+/// range reduction and the Cephes `expf` polynomial; the integer part is found with the
+/// 1.5·2^23 rounding trick so that no float→int conversion is needed.
+#[inline(always)]
+pub(crate) fn exp<F: Flavor>(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
+    let xc = x.clamp(-87.0, 88.0);
+    let t = F::fma(xc, std::f32::consts::LOG2_E, MAGIC);
+    let n = t - MAGIC;
+    let r = F::fma(n, -0.693_359_4, xc);
+    let r = F::fma(n, 2.121_944_4e-4, r);
+    let mut p = 1.987_569_1e-4;
+    p = F::fma(p, r, 1.398_199_9e-3);
+    p = F::fma(p, r, 8.333_452e-3);
+    p = F::fma(p, r, 4.166_579_6e-2);
+    p = F::fma(p, r, 1.666_666_5e-1);
+    p = F::fma(p, r, 5.000_000_1e-1);
+    let y = F::fma(p * r, r, r) + 1.0;
+    #[allow(clippy::cast_sign_loss)]
+    let ni = t.to_bits().wrapping_sub(MAGIC.to_bits()) as i32;
+    #[allow(clippy::cast_sign_loss)]
+    let pow2 = f32::from_bits(((ni + 127) as u32) << 23);
+    if x < -87.0 {
+        0.0
+    } else {
+        y * pow2
+    }
+}
+
+/// `c · tanh(x)` through [`exp`]; accurate to a few 1e-7 of `c`.
+#[inline(always)]
+pub(crate) fn softcap<F: Flavor>(x: f32, c: f32) -> f32 {
+    let t = exp::<F>(-2.0 * x.abs());
+    let y = (1.0 - t) / (1.0 + t);
+    c * if x < 0.0 { -y } else { y }
+}
+
+/// f16 bits → f32, with Inf and NaN read as 0 (the attention rule for f16 rows). Integer
+/// arithmetic only, so it vectorizes without F16C and never touches denormal floats.
+#[inline(always)]
+pub(crate) fn f16_to_f32_finite(h: u16) -> f32 {
+    let sign = u32::from(h & 0x8000) << 16;
+    let em = u32::from(h & 0x7FFF);
+    let normal = f32::from_bits((em << 13) + 0x3800_0000);
+    #[allow(clippy::cast_precision_loss)]
+    let sub = (em as f32) * (1.0 / 16_777_216.0); // 2^-24
+    let mag = if em >= 0x7C00 {
+        0.0
+    } else if em < 0x0400 {
+        sub
+    } else {
+        normal
+    };
+    f32::from_bits(mag.to_bits() | sign)
+}
+
+/// Converts f16 rows to f32 with [`f16_to_f32_finite`].
+#[inline(always)]
+pub(crate) fn f16_rows(src: &[half::f16], out: &mut [f32]) {
+    for (o, h) in out.iter_mut().zip(src) {
+        *o = f16_to_f32_finite(h.to_bits());
+    }
+}

@@ -1,0 +1,314 @@
+//! The fast attention path (every kernel set this CPU has, 1 and several threads) against the
+//! scalar oracle, on random problems: masks, sinks, softcap, ALiBi, GQA 1/3/4/8, head dims
+//! 64/128/256, f16 and packed segments mixed, outlier/zero/constant rows, NaN/Inf.
+
+use dspark::attn::{self, FaParams, Mask, Rows, Segment};
+use dspark::codec::{Quant, RowCodec};
+use half::f16;
+use proptest::prelude::*;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+#[derive(Clone, Debug)]
+enum Store {
+    F16(Vec<f16>),
+    Packed(RowCodec, Vec<u8>),
+}
+
+impl Store {
+    fn rows(&self) -> Rows<'_> {
+        match self {
+            Store::F16(v) => Rows::F16(v),
+            Store::Packed(c, d) => Rows::Packed { codec: c, data: d },
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct SegData {
+    first_cell: usize,
+    n: usize,
+    k: Store,
+    v: Store,
+}
+
+#[derive(Clone, Debug)]
+struct Case {
+    d: usize,
+    n_head: usize,
+    n_q: usize,
+    q: Vec<f32>,
+    kv: Vec<Vec<SegData>>,
+    mask: Option<(Vec<f16>, usize)>,
+    sinks: Option<Vec<f32>>,
+    p: FaParams,
+}
+
+/// Segment layout: (first_cell, n, K quant or None for f16, V quant or None).
+type Layout = Vec<(usize, usize, Option<Quant>, Option<Quant>)>;
+
+fn gaussian(rng: &mut StdRng) -> f32 {
+    let u1: f32 = rng.gen_range(1e-7..1.0);
+    let u2: f32 = rng.gen();
+    (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+}
+
+/// A row of one of several shapes: Gaussian, outlier channels, all zero, constant.
+fn row(rng: &mut StdRng, d: usize, scale: f32) -> Vec<f32> {
+    match rng.gen_range(0..10) {
+        0 => vec![0.0; d],
+        1 => vec![rng.gen_range(-2.0..2.0) * scale; d],
+        2 | 3 => (0..d)
+            .map(|c| gaussian(rng) * scale * if c % 29 == 3 { 15.0 } else { 1.0 })
+            .collect(),
+        _ => (0..d).map(|_| gaussian(rng) * scale).collect(),
+    }
+}
+
+fn store(rng: &mut StdRng, q: Option<Quant>, n: usize, d: usize, scale: f32) -> Store {
+    let x: Vec<f32> = (0..n).flat_map(|_| row(rng, d, scale)).collect();
+    match q {
+        None => Store::F16(x.iter().map(|v| f16::from_f32(*v)).collect()),
+        Some(q) => {
+            let c = RowCodec::new(q, d).unwrap();
+            let mut data = vec![0u8; n * c.row_bytes()];
+            c.encode_rows(&x, &mut data);
+            Store::Packed(c, data)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn build(
+    seed: u64,
+    d: usize,
+    n_kv: usize,
+    group: usize,
+    n_q: usize,
+    layout: &Layout,
+    mask_kind: u8,
+    sinks: bool,
+    softcap: f32,
+    max_bias: f32,
+) -> Case {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let n_head = n_kv * group;
+    let kv = (0..n_kv)
+        .map(|_| {
+            layout
+                .iter()
+                .map(|&(first_cell, n, kq, vq)| SegData {
+                    first_cell,
+                    n,
+                    k: store(&mut rng, kq, n, d, 1.0),
+                    v: store(&mut rng, vq, n, d, 0.5),
+                })
+                .collect()
+        })
+        .collect();
+    let cells = layout.iter().map(|s| s.0 + s.1).max().unwrap_or(0);
+    let stride = cells + rng.gen_range(0..3);
+    let mask = match mask_kind {
+        0 => None,
+        // random drops and ALiBi-like distances
+        1 => Some(
+            (0..n_q * stride)
+                .map(|_| {
+                    if rng.gen_bool(0.25) {
+                        f16::NEG_INFINITY
+                    } else {
+                        f16::from_f32(-rng.gen_range(0.0f32..4.0))
+                    }
+                })
+                .collect(),
+        ),
+        // causal: query i sees cells < cells - n_q + i + 1
+        _ => Some(
+            (0..n_q)
+                .flat_map(|i| {
+                    (0..stride).map(move |c| {
+                        if c + n_q <= cells + i {
+                            f16::ZERO
+                        } else {
+                            f16::NEG_INFINITY
+                        }
+                    })
+                })
+                .collect(),
+        ),
+    }
+    .map(|m| (m, stride));
+    let q = (0..n_q * n_head * d).map(|_| gaussian(&mut rng)).collect();
+    let sinks = sinks.then(|| (0..n_head).map(|_| rng.gen_range(-3.0..3.0)).collect());
+    let scale = 1.0 / (d as f32).sqrt() * rng.gen_range(0.5..2.0);
+    Case { d, n_head, n_q, q, kv, mask, sinks, p: FaParams { scale, max_bias, softcap } }
+}
+
+fn segments(c: &Case) -> Vec<Vec<Segment<'_>>> {
+    c.kv.iter()
+        .map(|h| {
+            h.iter()
+                .map(|s| Segment { first_cell: s.first_cell, n: s.n, k: s.k.rows(), v: s.v.rows() })
+                .collect()
+        })
+        .collect()
+}
+
+fn vmax(c: &Case) -> f32 {
+    let mut m = 0.0f32;
+    for s in c.kv.iter().flatten() {
+        match &s.v {
+            Store::F16(v) => v.iter().filter(|x| x.is_finite()).for_each(|x| m = m.max(x.to_f32().abs())),
+            Store::Packed(codec, data) => {
+                let mut out = vec![0.0; s.n * c.d];
+                codec.decode_rows(data, &mut out);
+                out.iter().for_each(|x| m = m.max(x.abs()));
+            }
+        }
+    }
+    m
+}
+
+fn run_reference(c: &Case) -> Vec<f32> {
+    let kv = segments(c);
+    let mask = c.mask.as_ref().map(|(m, s)| Mask { data: m, stride: *s });
+    let mut out = vec![f32::NAN; c.q.len()];
+    attn::flash_attn_reference(&c.q, c.n_q, c.n_head, c.d, &kv, mask, c.sinks.as_deref(), &c.p, 1, &mut out);
+    out
+}
+
+fn run_fast(c: &Case, isa: &str, threads: usize) -> Vec<f32> {
+    let kv = segments(c);
+    let mask = c.mask.as_ref().map(|(m, s)| Mask { data: m, stride: *s });
+    let mut out = vec![f32::NAN; c.q.len()];
+    attn::flash_attn_isa(isa, &c.q, c.n_q, c.n_head, c.d, &kv, mask, c.sinks.as_deref(), &c.p, threads, &mut out);
+    out
+}
+
+/// Every kernel set and 1/2/3 threads equal the oracle within 1e-4 of the largest |V|.
+fn check(c: &Case) -> Result<(), TestCaseError> {
+    let want = run_reference(c);
+    let tol = 1e-4 * vmax(c).max(1e-3);
+    for isa in attn::available_isas() {
+        for threads in [1, 2, 3] {
+            let got = run_fast(c, isa, threads);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                prop_assert!(
+                    (g - w).abs() <= tol,
+                    "{isa} x{threads}: out[{i}] = {g}, reference {w}, tol {tol} (d={} heads={} q={})",
+                    c.d,
+                    c.n_head,
+                    c.n_q
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn quant() -> impl Strategy<Value = Option<Quant>> {
+    prop_oneof![
+        Just(None),
+        Just(Some(Quant::Q8)),
+        Just(Some(Quant::Q4)),
+        Just(Some(Quant::Q3)),
+        Just(Some(Quant::Q2))
+    ]
+}
+
+fn layout(max_len: usize) -> impl Strategy<Value = Layout> {
+    prop::collection::vec((0usize..3, 1..max_len, quant(), quant()), 1..4).prop_map(|segs| {
+        let mut cell = 0;
+        segs.into_iter()
+            .map(|(gap, n, k, v)| {
+                cell += gap;
+                let s = (cell, n, k, v);
+                cell += n;
+                s
+            })
+            .collect()
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(40))]
+
+    #[test]
+    fn fast_equals_reference(
+        seed in any::<u64>(),
+        d in prop_oneof![Just(64usize), Just(128), Just(256), Just(96)],
+        n_kv in 1usize..3,
+        group in prop_oneof![Just(1usize), Just(3), Just(4), Just(8)],
+        n_q in prop_oneof![Just(1usize), 1usize..6],
+        layout in layout(90),
+        mask_kind in 0u8..3,
+        sinks in any::<bool>(),
+        softcap in prop_oneof![Just(0.0f32), Just(30.0), Just(2.0)],
+        max_bias in prop_oneof![Just(0.0f32), Just(8.0)],
+    ) {
+        let c = build(seed, d, n_kv, group, n_q, &layout, mask_kind, sinks, softcap, max_bias);
+        check(&c)?;
+    }
+}
+
+#[test]
+fn prefill_with_causal_mask() {
+    let layout: Layout = vec![(0, 4, None, None), (4, 300, Some(Quant::Q4), Some(Quant::Q4)), (304, 70, None, None)];
+    for (d, n_kv, group) in [(128, 2, 4), (64, 3, 3)] {
+        let c = build(7, d, n_kv, group, 45, &layout, 2, false, 0.0, 0.0);
+        check(&c).unwrap();
+    }
+}
+
+#[test]
+fn long_sequences() {
+    let layout: Layout = vec![
+        (0, 4, None, None),
+        (4, 9900, Some(Quant::Q4), Some(Quant::Q3)),
+        (9904, 96, None, None),
+    ];
+    check(&build(11, 64, 1, 3, 1, &layout, 0, true, 0.0, 0.0)).unwrap();
+    check(&build(12, 128, 1, 4, 2, &layout, 1, false, 0.0, 8.0)).unwrap();
+    let f16_only: Layout = vec![(0, 4096, None, None)];
+    check(&build(13, 128, 2, 4, 1, &f16_only, 0, false, 50.0, 0.0)).unwrap();
+}
+
+#[test]
+fn fully_masked_rows_give_zero() {
+    let layout: Layout = vec![(0, 50, Some(Quant::Q4), None), (50, 20, None, Some(Quant::Q8))];
+    for sinks in [false, true] {
+        let mut c = build(3, 64, 1, 3, 2, &layout, 1, sinks, 0.0, 0.0);
+        let (m, stride) = c.mask.as_mut().unwrap();
+        m[..*stride].fill(f16::NEG_INFINITY); // query 0 sees nothing
+        let want = run_reference(&c);
+        assert!(want[..3 * 64].iter().all(|v| *v == 0.0));
+        check(&c).unwrap();
+        for isa in attn::available_isas() {
+            assert!(run_fast(&c, isa, 2)[..3 * 64].iter().all(|v| *v == 0.0), "{isa}");
+        }
+    }
+}
+
+#[test]
+fn non_finite_f16_rows_are_read_as_zero() {
+    let layout: Layout = vec![(0, 40, None, None), (40, 40, Some(Quant::Q4), Some(Quant::Q4))];
+    let mut c = build(5, 64, 1, 4, 2, &layout, 1, false, 0.0, 0.0);
+    let d = c.d;
+    for (r, bad) in [(3usize, f16::NAN), (7, f16::INFINITY), (9, f16::NEG_INFINITY)] {
+        if let Store::F16(k) = &mut c.kv[0][0].k {
+            k[r * d + 1] = bad;
+        }
+        if let Store::F16(v) = &mut c.kv[0][0].v {
+            v[r * d + 5] = bad;
+        }
+    }
+    // Row 3 is masked for query 0 only, row 7 for both; row 9 for none.
+    let (m, stride) = c.mask.as_mut().unwrap();
+    for (q, cell, val) in [(0, 3, f16::NEG_INFINITY), (1, 3, f16::ZERO), (0, 7, f16::NEG_INFINITY), (1, 7, f16::NEG_INFINITY)] {
+        m[q * *stride + cell] = val;
+    }
+    m[9] = f16::ZERO;
+    m[*stride + 9] = f16::ZERO;
+    let want = run_reference(&c);
+    assert!(want.iter().all(|v| v.is_finite()));
+    check(&c).unwrap();
+}
