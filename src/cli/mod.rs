@@ -2,6 +2,7 @@
 
 pub mod backend;
 pub mod bench;
+pub mod eval;
 pub mod info;
 pub mod run;
 pub mod text;
@@ -35,6 +36,8 @@ pub enum Command {
     Run(run::RunArgs),
     /// Measure prefill and decode speed and KV memory, stock and DSpark side by side.
     Bench(bench::BenchArgs),
+    /// Fidelity against f16 KV: KL divergence, top-1 agreement, perplexity.
+    Eval(eval::EvalArgs),
     /// Show versions, registered ggml devices and CPU features.
     Info,
 }
@@ -64,6 +67,7 @@ pub fn main_with(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(a) => run::run(a),
         Command::Bench(a) => bench::bench(a),
+        Command::Eval(a) => eval::eval(a),
         Command::Info => info::info(),
     }
 }

@@ -117,6 +117,7 @@ pub(crate) unsafe extern "C" fn supports_op(_: ll::ggml_backend_dev_t, op: *cons
                     super::buffer::is_ours((*root_of(op)).buffer)
                 }
                 ll::GGML_OP_SET_ROWS => set_rows_check(op).is_ok(),
+                ll::GGML_OP_FLASH_ATTN_EXT if cpu_attention() => false,
                 ll::GGML_OP_FLASH_ATTN_EXT => match flash_attn_check(op) {
                     Ok(_) => true,
                     Err(why) => {
@@ -129,6 +130,14 @@ pub(crate) unsafe extern "C" fn supports_op(_: ll::ggml_backend_dev_t, op: *cons
             }
         }
     })
+}
+
+/// `DSPARK_CPU_ATTENTION=1` leaves attention to llama.cpp's CPU kernel, which then reads the
+/// KV through `get_tensor` (decompressed). For diagnosis: it isolates the store from the
+/// attention kernels.
+fn cpu_attention() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("DSPARK_CPU_ATTENTION").is_ok_and(|v| v == "1"))
 }
 
 /// Prints a reason for falling back to the stock path, once per distinct reason.
