@@ -260,16 +260,16 @@ fn load_mask(w: &mut Work, seg: &Segment, r0: usize, nj: usize) -> bool {
 
 /// Decodes rows `r0..r0+nj` of `rows` into `out`; returns whether they are in rotated space.
 #[inline(always)]
-fn decode_tile(rows: Rows, d: usize, r0: usize, nj: usize, out: &mut [f32]) -> bool {
+fn decode_tile<F: Flavor>(rows: Rows, d: usize, r0: usize, nj: usize, out: &mut [f32]) -> bool {
     match rows {
         Rows::F16(v) => {
-            kernels::f16_rows(&v[r0 * d..(r0 + nj) * d], &mut out[..nj * d]);
+            F::f16_rows(&v[r0 * d..(r0 + nj) * d], &mut out[..nj * d]);
             false
         }
         Rows::Packed { codec, data } => {
             let rb = codec.row_bytes();
             for (j, o) in out[..nj * d].chunks_exact_mut(d).enumerate() {
-                codec.decode_rotated_inline(&data[(r0 + j) * rb..][..rb], o);
+                F::decode_packed(codec, &data[(r0 + j) * rb..][..rb], o);
             }
             true
         }
@@ -283,13 +283,13 @@ fn tile<F: Flavor>(w: &mut Work, seg: &Segment, r0: usize, r1: usize) {
     if !load_mask(w, seg, r0, nj) {
         return;
     }
-    let rotated = decode_tile(seg.k, d, r0, nj, &mut w.kt);
+    let rotated = decode_tile::<F>(seg.k, d, r0, nj, &mut w.kt);
     let q = if rotated { &w.q_rot } else { &w.q_plain };
     kernels::scores::<F>(q, w.m, &w.kt, nj, d, &mut w.s, TILE);
     if !softmax_update::<F>(w, nj) {
         return;
     }
-    let rotated = decode_tile(seg.v, d, r0, nj, &mut w.vt);
+    let rotated = decode_tile::<F>(seg.v, d, r0, nj, &mut w.vt);
     let acc = if rotated { &mut w.st.rot } else { &mut w.st.plain };
     if acc.is_empty() {
         acc.resize(w.m * d, 0.0);

@@ -3,7 +3,7 @@
 //! pins a set (a set the CPU lacks falls back to the best available one).
 
 use super::fast::{self, Ctx, Item, Partial};
-use super::kernels::Unfused;
+use super::kernels::Portable;
 use std::sync::OnceLock;
 
 /// Processes one work item.
@@ -19,7 +19,7 @@ pub(crate) struct Kernels {
 static KERNELS: OnceLock<Kernels> = OnceLock::new();
 
 fn item_portable(ctx: &Ctx, it: &Item) -> Partial {
-    fast::run_item::<Unfused>(ctx, it)
+    fast::run_item::<Portable>(ctx, it)
 }
 
 /// The kernel set called `name`, if this CPU can run it.
@@ -70,13 +70,15 @@ pub fn active_isa() -> &'static str {
 mod x86 {
     use super::{Ctx, Item, Kernels, Partial};
     use crate::attn::fast;
-    use crate::attn::kernels::Fused;
+    use crate::attn::kernels::Flavor;
+    use crate::attn::x86 as k;
+    use crate::codec::RowCodec;
+    use half::f16;
 
     pub fn has_avx512() -> bool {
         is_x86_feature_detected!("avx512f")
             && is_x86_feature_detected!("avx512bw")
             && is_x86_feature_detected!("avx512vl")
-            && is_x86_feature_detected!("avx512dq")
             && has_avx2()
     }
 
@@ -84,19 +86,63 @@ mod x86 {
         is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
     }
 
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    /// AVX-512 flavor. Only `item_avx512` instantiates the pipeline with it, and
+    /// `item_avx512` is only reachable through `avx512_kernels`, which runs after detection.
+    #[derive(Clone, Copy, Debug)]
+    struct Avx512;
+
+    impl Flavor for Avx512 {
+        #[inline(always)]
+        fn fma(a: f32, b: f32, c: f32) -> f32 {
+            a.mul_add(b, c)
+        }
+        #[inline(always)]
+        fn decode_packed(codec: &RowCodec, data: &[u8], out: &mut [f32]) {
+            // SAFETY: this flavor only runs inside `item_avx512` (see the type's docs), so
+            // the CPU has every feature the decoder enables.
+            unsafe { k::decode_packed_avx512(codec, data, out) }
+        }
+        #[inline(always)]
+        fn f16_rows(src: &[f16], out: &mut [f32]) {
+            // SAFETY: as in `decode_packed`.
+            unsafe { k::f16_rows_avx512(src, out) }
+        }
+    }
+
+    /// AVX2+FMA+F16C flavor; only `item_avx2` instantiates the pipeline with it.
+    #[derive(Clone, Copy, Debug)]
+    struct Avx2;
+
+    impl Flavor for Avx2 {
+        #[inline(always)]
+        fn fma(a: f32, b: f32, c: f32) -> f32 {
+            a.mul_add(b, c)
+        }
+        #[inline(always)]
+        fn decode_packed(codec: &RowCodec, data: &[u8], out: &mut [f32]) {
+            // SAFETY: this flavor only runs inside `item_avx2`, reached after detection.
+            unsafe { k::decode_packed_avx2(codec, data, out) }
+        }
+        #[inline(always)]
+        fn f16_rows(src: &[f16], out: &mut [f32]) {
+            // SAFETY: as in `decode_packed`.
+            unsafe { k::f16_rows_avx2(src, out) }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
     fn item_avx512(ctx: &Ctx, it: &Item) -> Partial {
-        fast::run_item::<Fused>(ctx, it)
+        fast::run_item::<Avx512>(ctx, it)
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     fn item_avx2(ctx: &Ctx, it: &Item) -> Partial {
-        fast::run_item::<Fused>(ctx, it)
+        fast::run_item::<Avx2>(ctx, it)
     }
 
     /// The AVX-512 set. Inside a function with the same features the safe `#[target_feature]`
     /// function coerces to a plain `fn` pointer, so no caller can reach it unchecked.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
     pub fn avx512_kernels() -> Kernels {
         Kernels { name: "avx512", item: item_avx512 }
     }

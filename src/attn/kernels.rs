@@ -3,33 +3,33 @@
 //! function is `#[inline(always)]` and generic over [`Flavor`], so `isa.rs` compiles the whole
 //! tile pipeline once per instruction set (AVX-512, AVX2+FMA, portable) from this one source.
 
-/// How a multiply-add is spelled on an instruction set.
+/// What differs between instruction sets: the multiply-add and the row decoders.
 pub(crate) trait Flavor: Copy + Send + Sync + 'static {
     /// `a * b + c`.
     fn fma(a: f32, b: f32, c: f32) -> f32;
-}
-
-/// Fused multiply-add (only instantiated where the FMA unit is known to exist).
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Fused;
-
-impl Flavor for Fused {
-    #[inline(always)]
-    fn fma(a: f32, b: f32, c: f32) -> f32 {
-        a.mul_add(b, c)
+    /// One packed row into the rotated space.
+    fn decode_packed(codec: &RowCodec, data: &[u8], out: &mut [f32]) {
+        codec.decode_rotated_inline(data, out);
+    }
+    /// f16 rows to f32, non-finite values read as 0.
+    fn f16_rows(src: &[f16], out: &mut [f32]) {
+        f16_rows(src, out);
     }
 }
 
-/// Separate multiply and add (portable: `mul_add` would be a libm call without FMA).
+/// Portable code: separate multiply and add (`mul_add` would be a libm call without FMA).
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Unfused;
+pub(crate) struct Portable;
 
-impl Flavor for Unfused {
+impl Flavor for Portable {
     #[inline(always)]
     fn fma(a: f32, b: f32, c: f32) -> f32 {
         a * b + c
     }
 }
+
+use crate::codec::RowCodec;
+use half::f16;
 
 /// Lanes of the vector accumulators (one AVX-512 register, two AVX2 registers).
 pub(crate) const LANES: usize = 16;
@@ -83,18 +83,20 @@ pub(crate) fn max_lanes(x: &[f32]) -> f32 {
 #[inline(always)]
 pub(crate) fn dot_rows<F: Flavor, const R: usize>(q: &[f32], k: &[f32]) -> [f32; R] {
     let d = k.len();
+    let rows: [&[f32]; R] = core::array::from_fn(|r| &q[r * d..(r + 1) * d]);
     let mut acc = [[0.0f32; LANES]; R];
-    for (c, kc) in k.chunks_exact(LANES).enumerate() {
-        for (r, a) in acc.iter_mut().enumerate() {
-            let qc = &q[r * d + c * LANES..][..LANES];
+    for c in 0..d / LANES {
+        let kc: &[f32; LANES] = k[c * LANES..(c + 1) * LANES].try_into().expect("lane chunk");
+        for r in 0..R {
+            let qc: &[f32; LANES] = rows[r][c * LANES..(c + 1) * LANES].try_into().expect("lane chunk");
             for l in 0..LANES {
-                a[l] = F::fma(qc[l], kc[l], a[l]);
+                acc[r][l] = F::fma(qc[l], kc[l], acc[r][l]);
             }
         }
     }
     let mut out = [0.0f32; R];
-    for (o, a) in out.iter_mut().zip(&acc) {
-        *o = hsum(a);
+    for r in 0..R {
+        out[r] = hsum(&acc[r]);
     }
     out
 }

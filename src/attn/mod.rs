@@ -27,6 +27,8 @@ mod isa;
 mod kernels;
 mod pool;
 mod reference;
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 use crate::codec::RowCodec;
 use half::f16;

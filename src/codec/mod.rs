@@ -56,6 +56,12 @@ mod rotate;
 
 pub use rotate::{block_len, rotate, unrotate, MAX_HEAD_DIM};
 
+/// The packed row layout, for kernels that decode rows themselves (SIMD, CUDA). See the
+/// table at the top of `quant.rs`: `[bf16 row scale][int8 multiplier per group][codes]`.
+pub mod layout {
+    pub use super::quant::{group_code_bytes, row_bytes, row_scale, GROUP, HEADER};
+}
+
 /// Values per quantization group.
 pub const GROUP: usize = quant::GROUP;
 

@@ -199,40 +199,51 @@ fn level(code: u8, off: i32, step: f32) -> f32 {
     l * step
 }
 
+// The unpackers work on local copies so that LLVM sees no aliasing and vectorizes them.
+
 #[inline(always)]
 fn unpack8(c: &[u8], step: f32, o: &mut [f32; GROUP]) {
-    let c: &[u8; 32] = c.try_into().expect("32 bytes");
+    let c: [u8; 32] = c.try_into().expect("32 bytes");
+    let mut t = [0.0f32; GROUP];
     for k in 0..32 {
-        o[k] = level(c[k], 128, step);
+        t[k] = level(c[k], 128, step);
     }
+    *o = t;
 }
 
 #[inline(always)]
 fn unpack4(c: &[u8], step: f32, o: &mut [f32; GROUP]) {
-    let c: &[u8; 16] = c.try_into().expect("16 bytes");
+    let c: [u8; 16] = c.try_into().expect("16 bytes");
+    let mut t = [0.0f32; GROUP];
     for k in 0..16 {
-        o[k] = level(c[k] & 15, 8, step);
-        o[k + 16] = level(c[k] >> 4, 8, step);
+        t[k] = level(c[k] & 15, 8, step);
+        t[k + 16] = level(c[k] >> 4, 8, step);
     }
+    *o = t;
 }
 
 #[inline(always)]
 fn unpack2(c: &[u8], step: f32, o: &mut [f32; GROUP]) {
-    let c: &[u8; 8] = c.try_into().expect("8 bytes");
+    let c: [u8; 8] = c.try_into().expect("8 bytes");
+    let mut t = [0.0f32; GROUP];
     for s in 0..4 {
         for k in 0..8 {
-            o[8 * s + k] = level((c[k] >> (2 * s)) & 3, 2, step);
+            t[8 * s + k] = level((c[k] >> (2 * s)) & 3, 2, step);
         }
     }
+    *o = t;
 }
 
 #[inline(always)]
 fn unpack3(c: &[u8], step: f32, o: &mut [f32; GROUP]) {
-    let c: &[u8; 12] = c.try_into().expect("12 bytes");
+    let c: [u8; 12] = c.try_into().expect("12 bytes");
+    let mut t = [0.0f32; GROUP];
     for s in 0..4 {
+        let hi = c[8 + s];
         for k in 0..8 {
-            let code = ((c[k] >> (2 * s)) & 3) | (((c[8 + s] >> k) & 1) << 2);
-            o[8 * s + k] = level(code, 4, step);
+            let code = ((c[k] >> (2 * s)) & 3) | (((hi >> k) & 1) << 2);
+            t[8 * s + k] = level(code, 4, step);
         }
     }
+    *o = t;
 }

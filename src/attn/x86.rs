@@ -1,0 +1,207 @@
+//! x86-64 row decoders: packed rows (8/4/3/2-bit groups) and f16 rows into f32 tiles, for
+//! AVX-512 (16 lanes) and AVX2+F16C (8 lanes). Each is a safe `#[target_feature]` function
+//! that checks its slice lengths up front; the raw loads and stores it does are in bounds by
+//! those checks. The scalar specification is `RowCodec::decode_rotated` and
+//! `kernels::f16_rows`; `tests/attn_equivalence.rs` checks every path against it.
+
+use crate::codec::layout::{group_code_bytes, row_scale, GROUP, HEADER};
+use crate::codec::RowCodec;
+use half::f16;
+use std::arch::x86_64::*;
+
+/// Decodes one packed row into the rotated space (AVX-512).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub fn decode_packed_avx512(codec: &RowCodec, data: &[u8], out: &mut [f32]) {
+    let d = codec.head_dim();
+    let bits = codec.quant().bits();
+    assert_eq!(data.len(), codec.row_bytes(), "decode_packed_avx512: row bytes");
+    assert_eq!(out.len(), d, "decode_packed_avx512: out length");
+    let groups = d / GROUP;
+    let s = row_scale(data);
+    let gb = group_code_bytes(bits);
+    for g in 0..groups {
+        let step = s * f32::from(i8::from_le_bytes([data[HEADER + g]]));
+        let c = &data[HEADER + groups + g * gb..][..gb];
+        let o: &mut [f32; GROUP] = (&mut out[g * GROUP..(g + 1) * GROUP]).try_into().expect("group");
+        match bits {
+            8 => group8_avx512(c, step, o),
+            4 => group4_avx512(c, step, o),
+            3 => group3_avx512(c, step, o),
+            _ => group2_avx512(c, step, o),
+        }
+    }
+}
+
+/// Converts the codes in 16 i32 lanes to `(code - off) · step` and stores them.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[inline]
+fn store16(codes: __m512i, off: i32, step: __m512, o: &mut [f32]) {
+    assert!(o.len() >= 16);
+    let v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(codes, _mm512_set1_epi32(off))), step);
+    // SAFETY: `o` has at least 16 floats (asserted); the store is unaligned.
+    unsafe { _mm512_storeu_ps(o.as_mut_ptr(), v) };
+}
+
+#[target_feature(enable = "sse2")]
+#[inline]
+fn load16(c: &[u8]) -> __m128i {
+    assert!(c.len() >= 16);
+    // SAFETY: at least 16 bytes are readable (asserted); the load is unaligned.
+    unsafe { _mm_loadu_si128(c.as_ptr().cast()) }
+}
+
+#[target_feature(enable = "sse2")]
+#[inline]
+fn load8(c: &[u8]) -> __m128i {
+    let b: [u8; 8] = c[..8].try_into().expect("8 bytes");
+    _mm_set_epi64x(0, i64::from_le_bytes(b))
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[inline]
+fn group8_avx512(c: &[u8], step: f32, o: &mut [f32; GROUP]) {
+    let st = _mm512_set1_ps(step);
+    store16(_mm512_cvtepu8_epi32(load16(&c[..16])), 128, st, &mut o[..16]);
+    store16(_mm512_cvtepu8_epi32(load16(&c[16..32])), 128, st, &mut o[16..]);
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[inline]
+fn group4_avx512(c: &[u8], step: f32, o: &mut [f32; GROUP]) {
+    let st = _mm512_set1_ps(step);
+    let b = _mm512_cvtepu8_epi32(load16(c));
+    store16(_mm512_and_si512(b, _mm512_set1_epi32(15)), 8, st, &mut o[..16]);
+    store16(_mm512_srli_epi32::<4>(b), 8, st, &mut o[16..]);
+}
+
+/// Low two bits of all 32 codes: lanes 0..16 use shifts 0/2, lanes 16..32 shifts 4/6.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[inline]
+fn low2_avx512(c: &[u8]) -> (__m512i, __m512i) {
+    let x = load8(c);
+    let b = _mm512_cvtepu8_epi32(_mm_unpacklo_epi64(x, x));
+    let three = _mm512_set1_epi32(3);
+    let s01 = _mm512_set_epi32(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0);
+    let s23 = _mm512_set_epi32(6, 6, 6, 6, 6, 6, 6, 6, 4, 4, 4, 4, 4, 4, 4, 4);
+    (
+        _mm512_and_si512(_mm512_srlv_epi32(b, s01), three),
+        _mm512_and_si512(_mm512_srlv_epi32(b, s23), three),
+    )
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[inline]
+fn group2_avx512(c: &[u8], step: f32, o: &mut [f32; GROUP]) {
+    let st = _mm512_set1_ps(step);
+    let (a, b) = low2_avx512(c);
+    store16(a, 2, st, &mut o[..16]);
+    store16(b, 2, st, &mut o[16..]);
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[inline]
+fn group3_avx512(c: &[u8], step: f32, o: &mut [f32; GROUP]) {
+    let st = _mm512_set1_ps(step);
+    let (a, b) = low2_avx512(c);
+    // Bit 2 of code i is bit i of the little-endian u32 in bytes 8..12.
+    #[allow(clippy::cast_possible_wrap)]
+    let h = _mm512_set1_epi32(u32::from_le_bytes(c[8..12].try_into().expect("4 bytes")) as i32);
+    let one = _mm512_set1_epi32(1);
+    let lo = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    let hi = _mm512_add_epi32(lo, _mm512_set1_epi32(16));
+    let h0 = _mm512_slli_epi32::<2>(_mm512_and_si512(_mm512_srlv_epi32(h, lo), one));
+    let h1 = _mm512_slli_epi32::<2>(_mm512_and_si512(_mm512_srlv_epi32(h, hi), one));
+    store16(_mm512_or_si512(a, h0), 4, st, &mut o[..16]);
+    store16(_mm512_or_si512(b, h1), 4, st, &mut o[16..]);
+}
+
+/// f16 → f32 with non-finite values read as 0 (AVX-512).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub fn f16_rows_avx512(src: &[f16], out: &mut [f32]) {
+    assert_eq!(src.len(), out.len(), "f16_rows_avx512: lengths");
+    assert_eq!(src.len() % 16, 0, "f16_rows_avx512: multiple of 16");
+    for (s, o) in src.chunks_exact(16).zip(out.chunks_exact_mut(16)) {
+        // SAFETY: `s` holds 16 f16 (32 bytes) and `o` 16 f32, by `chunks_exact`.
+        unsafe {
+            let x = _mm512_cvtph_ps(_mm256_loadu_si256(s.as_ptr().cast()));
+            let finite = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(_mm512_sub_ps(x, x), _mm512_setzero_ps());
+            _mm512_storeu_ps(o.as_mut_ptr(), _mm512_maskz_mov_ps(finite, x));
+        }
+    }
+}
+
+/// Decodes one packed row into the rotated space (AVX2).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub fn decode_packed_avx2(codec: &RowCodec, data: &[u8], out: &mut [f32]) {
+    let d = codec.head_dim();
+    let bits = codec.quant().bits();
+    assert_eq!(data.len(), codec.row_bytes(), "decode_packed_avx2: row bytes");
+    assert_eq!(out.len(), d, "decode_packed_avx2: out length");
+    let groups = d / GROUP;
+    let s = row_scale(data);
+    let gb = group_code_bytes(bits);
+    for g in 0..groups {
+        let step = s * f32::from(i8::from_le_bytes([data[HEADER + g]]));
+        let c = &data[HEADER + groups + g * gb..][..gb];
+        let o = &mut out[g * GROUP..(g + 1) * GROUP];
+        let st = _mm256_set1_ps(step);
+        for q in 0..4 {
+            let codes = codes8_avx2(bits, c, q);
+            store8(codes, 1 << (bits - 1), st, &mut o[8 * q..8 * q + 8]);
+        }
+    }
+}
+
+/// Codes `8q..8q+8` of a group as i32 lanes (AVX2).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn codes8_avx2(bits: u32, c: &[u8], q: usize) -> __m256i {
+    match bits {
+        8 => _mm256_cvtepu8_epi32(load8(&c[8 * q..])),
+        4 => {
+            let b = _mm256_cvtepu8_epi32(load8(&c[8 * (q % 2)..]));
+            if q < 2 {
+                _mm256_and_si256(b, _mm256_set1_epi32(15))
+            } else {
+                _mm256_srli_epi32::<4>(b)
+            }
+        }
+        _ => {
+            #[allow(clippy::cast_possible_wrap)]
+            let shift = _mm256_set1_epi32(2 * q as i32);
+            let b = _mm256_cvtepu8_epi32(load8(c));
+            let low = _mm256_and_si256(_mm256_srlv_epi32(b, shift), _mm256_set1_epi32(3));
+            if bits == 2 {
+                return low;
+            }
+            let h = _mm256_set1_epi32(i32::from(c[8 + q]));
+            let k = _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0);
+            let hb = _mm256_and_si256(_mm256_srlv_epi32(h, k), _mm256_set1_epi32(1));
+            _mm256_or_si256(low, _mm256_slli_epi32::<2>(hb))
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn store8(codes: __m256i, off: i32, step: __m256, o: &mut [f32]) {
+    assert!(o.len() >= 8);
+    let v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(codes, _mm256_set1_epi32(off))), step);
+    // SAFETY: `o` has at least 8 floats (asserted); the store is unaligned.
+    unsafe { _mm256_storeu_ps(o.as_mut_ptr(), v) };
+}
+
+/// f16 → f32 with non-finite values read as 0 (AVX2 + F16C).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub fn f16_rows_avx2(src: &[f16], out: &mut [f32]) {
+    assert_eq!(src.len(), out.len(), "f16_rows_avx2: lengths");
+    assert_eq!(src.len() % 8, 0, "f16_rows_avx2: multiple of 8");
+    for (s, o) in src.chunks_exact(8).zip(out.chunks_exact_mut(8)) {
+        // SAFETY: `s` holds 8 f16 (16 bytes) and `o` 8 f32, by `chunks_exact`.
+        unsafe {
+            let x = _mm256_cvtph_ps(_mm_loadu_si128(s.as_ptr().cast()));
+            let finite = _mm256_cmp_ps::<_CMP_EQ_OQ>(_mm256_sub_ps(x, x), _mm256_setzero_ps());
+            _mm256_storeu_ps(o.as_mut_ptr(), _mm256_and_ps(x, finite));
+        }
+    }
+}
