@@ -322,6 +322,7 @@ impl CtxParams {
 /// A llama.cpp context: the KV cache and the compute state for one model.
 pub struct Context<'m> {
     ptr: NonNull<sys::llama_context>,
+    threadpool: *mut sys::ggml_threadpool,
     pub model: &'m Model,
     batch: sys::llama_batch,
     batch_cap: usize,
@@ -347,10 +348,23 @@ impl<'m> Context<'m> {
             sys::llama_init_from_model(model.raw(), c)
         };
         let ptr = NonNull::new(ptr).context("llama.cpp could not create a context (out of memory or bad parameters?)")?;
+        // A persistent CPU thread pool, as llama-cli attaches one. Without it ggml starts and
+        // joins its threads on every graph split. Its workers sleep between graphs (poll 0)
+        // instead of spinning, so they leave the cores to DSpark's kernels in between.
+        // SAFETY: plain-data params; the pool is freed in Drop after the context.
+        let threadpool = unsafe {
+            let mut tp = sys::ggml_threadpool_params_default(p.n_threads);
+            tp.poll = 0;
+            let pool = sys::ggml_threadpool_new(&mut tp);
+            if !pool.is_null() {
+                sys::llama_attach_threadpool(ptr.as_ptr(), pool, pool);
+            }
+            pool
+        };
         let batch_cap = p.n_batch as usize;
         // SAFETY: allocates a batch of batch_cap tokens with one seq id each.
         let batch = unsafe { sys::llama_batch_init(batch_cap as i32, 0, 1) };
-        Ok(Context { ptr, model, batch, batch_cap })
+        Ok(Context { ptr, threadpool, model, batch, batch_cap })
     }
 
     pub(crate) fn raw(&self) -> *mut sys::llama_context {
@@ -456,6 +470,9 @@ impl Drop for Context<'_> {
         unsafe {
             sys::llama_batch_free(self.batch);
             sys::llama_free(self.raw());
+            if !self.threadpool.is_null() {
+                sys::ggml_threadpool_free(self.threadpool);
+            }
         }
     }
 }
