@@ -17,6 +17,9 @@ pub(crate) const TILE: usize = 32;
 /// Query rows (queries × heads of one group) per item; bounds the accumulators' footprint.
 const QUERY_ROWS: usize = 32;
 
+/// Query rows from which the transposed (prefill) kernels are used.
+const WIDE_MIN_ROWS: usize = 16;
+
 /// Rows per item below which splitting a sequence across threads is not worth a merge.
 const MIN_SPLIT_ROWS: usize = 256;
 
@@ -195,9 +198,29 @@ struct Work<'c, 'p, 'a, 'b> {
     kt: Vec<f32>,
     vt: Vec<f32>,
     s: Vec<f32>,
-    /// Mask values (already × nothing; slope applied per head) for the tile: `[query][TILE]`.
+    /// Mask values of the tile, `[query][TILE]` (the head's slope is applied later).
     mv: Vec<f32>,
     st: Partial,
+    /// Transposed layout for wide (prefill) tiles: `m` rounded up to 16, q as `d × mp`,
+    /// scores as `TILE × mp`. Empty when the tile kernels run row by row.
+    mp: usize,
+    qt_plain: Vec<f32>,
+    qt_rot: Vec<f32>,
+    stt: Vec<f32>,
+}
+
+/// `q` (`m × d`) transposed to `d × mp`, zero-padded.
+fn transpose(q: &[f32], m: usize, d: usize, mp: usize) -> Vec<f32> {
+    if q.is_empty() {
+        return Vec::new();
+    }
+    let mut t = vec![0.0; d * mp];
+    for r in 0..m {
+        for x in 0..d {
+            t[x * mp + r] = q[r * d + x];
+        }
+    }
+    t
 }
 
 /// Processes one item; instantiated per instruction set by `isa.rs`.
@@ -227,7 +250,17 @@ pub(crate) fn run_item<F: Flavor>(ctx: &Ctx, it: &Item) -> Partial {
         s: vec![0.0; m * TILE],
         mv: vec![0.0; (it.q1 - it.q0) * TILE],
         st: Partial::new(m),
+        mp: 0,
+        qt_plain: Vec::new(),
+        qt_rot: Vec::new(),
+        stt: Vec::new(),
     };
+    if F::WIDE && m >= WIDE_MIN_ROWS {
+        w.mp = m.div_ceil(16) * 16;
+        w.qt_plain = transpose(&w.q_plain, m, d, w.mp);
+        w.qt_rot = transpose(&w.q_rot, m, d, w.mp);
+        w.stt = vec![0.0; TILE * w.mp];
+    }
     let mut base = 0;
     for seg in &pb.kv[it.kh] {
         let (lo, hi) = (it.r0.max(base), it.r1.min(base + seg.n));
@@ -283,20 +316,102 @@ fn tile<F: Flavor>(w: &mut Work, seg: &Segment, r0: usize, r1: usize) {
     if !load_mask(w, seg, r0, nj) {
         return;
     }
+    let wide = w.mp > 0;
     let rotated = decode_tile::<F>(seg.k, d, r0, nj, &mut w.kt);
-    let q = if rotated { &w.q_rot } else { &w.q_plain };
-    kernels::scores::<F>(q, w.m, &w.kt, nj, d, &mut w.s, TILE);
-    if !softmax_update::<F>(w, nj) {
-        return;
+    if wide {
+        let qt = if rotated { &w.qt_rot } else { &w.qt_plain };
+        F::scores_t(qt, w.mp, &w.kt, nj, d, &mut w.stt);
+        if !softmax_update_t::<F>(w, nj) {
+            return;
+        }
+    } else {
+        let q = if rotated { &w.q_rot } else { &w.q_plain };
+        kernels::scores::<F>(q, w.m, &w.kt, nj, d, &mut w.s, TILE);
+        if !softmax_update::<F>(w, nj) {
+            return;
+        }
     }
     let rotated = decode_tile::<F>(seg.v, d, r0, nj, &mut w.vt);
     let acc = if rotated { &mut w.st.rot } else { &mut w.st.plain };
     if acc.is_empty() {
         acc.resize(w.m * d, 0.0);
     }
+    if wide {
+        F::accumulate_t(&w.stt, w.mp, &w.vt[..nj * d], nj, d, w.m, acc);
+        return;
+    }
     for r in 0..w.m {
         kernels::accumulate::<F>(&w.s[r * TILE..r * TILE + nj], &w.vt[..nj * d], &mut acc[r * d..(r + 1) * d]);
     }
+}
+
+/// Rescales row `r` of the accumulators and the sum when its running max grows.
+#[inline(always)]
+fn raise_max(st: &mut Partial, r: usize, d: usize, new: f32) {
+    let old = st.max[r];
+    if new > old {
+        let alpha = (old - new).exp();
+        st.sum[r] *= alpha;
+        for acc in [&mut st.plain, &mut st.rot] {
+            if !acc.is_empty() {
+                acc[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= alpha);
+            }
+        }
+        st.max[r] = new;
+    }
+}
+
+/// [`softmax_update`] on transposed scores (`w.stt`, `[key][row]`): every loop runs along
+/// the query rows, so it vectorizes across them.
+#[inline(always)]
+fn softmax_update_t<F: Flavor>(w: &mut Work, nj: usize) -> bool {
+    let pb = w.ctx.pb;
+    let (d, g, m, mp) = (pb.d, pb.group(), w.m, w.mp);
+    let st = &mut w.stt[..nj * mp];
+    if pb.p.softcap != 0.0 {
+        let c = pb.p.softcap;
+        st.iter_mut().for_each(|x| *x = kernels::softcap::<F>(*x, c));
+    }
+    if pb.mask.is_some() {
+        for (j, row) in st.chunks_exact_mut(mp).enumerate() {
+            for (r, x) in row[..m].iter_mut().enumerate() {
+                let mv = w.mv[(r / g) * TILE + j];
+                let slope = w.ctx.slopes[w.it.kh * g + r % g];
+                *x = if mv == f32::NEG_INFINITY { f32::NEG_INFINITY } else { F::fma(slope, mv, *x) };
+            }
+        }
+    }
+    let mut tmax = vec![f32::NEG_INFINITY; mp];
+    for row in st.chunks_exact(mp) {
+        for (t, x) in tmax.iter_mut().zip(row) {
+            *t = if *x > *t { *x } else { *t };
+        }
+    }
+    let mut any = false;
+    let mut sub = vec![0.0f32; mp];
+    for r in 0..m {
+        let new = w.st.max[r].max(tmax[r]);
+        if new == f32::NEG_INFINITY {
+            continue; // every score of the row is −∞: exp(−∞ − 0) = 0
+        }
+        any = true;
+        raise_max(&mut w.st, r, d, new);
+        sub[r] = new;
+    }
+    if !any {
+        return false;
+    }
+    let mut sums = vec![0.0f32; mp];
+    for row in st.chunks_exact_mut(mp) {
+        for ((x, s), acc) in row.iter_mut().zip(&sub).zip(sums.iter_mut()) {
+            *x = kernels::exp::<F>(*x - s);
+            *acc += *x;
+        }
+    }
+    for r in 0..m {
+        w.st.sum[r] += sums[r];
+    }
+    true
 }
 
 /// Softcap, mask, online-softmax update; leaves probabilities in `w.s`. Returns false when no
@@ -332,16 +447,7 @@ fn softmax_update<F: Flavor>(w: &mut Work, nj: usize) -> bool {
             *x = kernels::exp::<F>(*x - new);
         }
         let sum = kernels::sum_lanes(s);
-        if new > old {
-            let alpha = (old - new).exp();
-            w.st.sum[r] *= alpha;
-            for acc in [&mut w.st.plain, &mut w.st.rot] {
-                if !acc.is_empty() {
-                    acc[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= alpha);
-                }
-            }
-            w.st.max[r] = new;
-        }
+        raise_max(&mut w.st, r, d, new);
         w.st.sum[r] += sum;
     }
     any

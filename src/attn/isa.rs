@@ -107,6 +107,17 @@ mod x86 {
             // SAFETY: as in `decode_packed`.
             unsafe { k::f16_rows_avx512(src, out) }
         }
+        const WIDE: bool = true;
+        #[inline(always)]
+        fn scores_t(qt: &[f32], mp: usize, kt: &[f32], nj: usize, d: usize, st: &mut [f32]) {
+            // SAFETY: as in `decode_packed`.
+            unsafe { k::scores_t_avx512(qt, mp, kt, nj, d, st) }
+        }
+        #[inline(always)]
+        fn accumulate_t(pt: &[f32], mp: usize, v: &[f32], nj: usize, d: usize, m: usize, acc: &mut [f32]) {
+            // SAFETY: as in `decode_packed`.
+            unsafe { k::accumulate_t_avx512(pt, mp, v, nj, d, m, acc) }
+        }
     }
 
     /// AVX2+FMA+F16C flavor; only `item_avx2` instantiates the pipeline with it.

@@ -15,6 +15,17 @@ pub(crate) trait Flavor: Copy + Send + Sync + 'static {
     fn f16_rows(src: &[f16], out: &mut [f32]) {
         f16_rows(src, out);
     }
+    /// Whether the transposed prefill kernels below exist.
+    const WIDE: bool = false;
+    /// `st[j·mp + r] = dot(q row r, k row j)` with `qt` transposed (`d × mp`).
+    fn scores_t(_qt: &[f32], _mp: usize, _k: &[f32], _nj: usize, _d: usize, _st: &mut [f32]) {
+        unreachable!("scores_t without WIDE");
+    }
+    /// `acc row r += Σ_j pt[j·mp + r] · v row j` for rows `0..m`.
+    #[allow(clippy::too_many_arguments)]
+    fn accumulate_t(_pt: &[f32], _mp: usize, _v: &[f32], _nj: usize, _d: usize, _m: usize, _acc: &mut [f32]) {
+        unreachable!("accumulate_t without WIDE");
+    }
 }
 
 /// Portable code: separate multiply and add (`mul_add` would be a libm call without FMA).

@@ -205,3 +205,100 @@ pub fn f16_rows_avx2(src: &[f16], out: &mut [f32]) {
         }
     }
 }
+
+/// Transposed scores for prefill (AVX-512): `st[j·mp + r] = Σ_x qt[x·mp + r] · k[j·d + x]`
+/// for all `mp` (a multiple of 16) query rows and `nj` keys. Four keys × 32 query rows per
+/// register block: every q load feeds four FMAs, every key value is one broadcast.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub fn scores_t_avx512(qt: &[f32], mp: usize, k: &[f32], nj: usize, d: usize, st: &mut [f32]) {
+    assert!(mp % 16 == 0 && qt.len() >= d * mp && k.len() >= nj * d && st.len() >= nj * mp, "scores_t_avx512: sizes");
+    let mut j = 0;
+    while j < nj {
+        let nk = (nj - j).min(4);
+        let mut r = 0;
+        while r < mp {
+            let two = mp - r >= 32;
+            let mut acc = [[_mm512_setzero_ps(); 2]; 4];
+            for x in 0..d {
+                // SAFETY: x < d and r + 16·(1 + two) <= mp, so both loads lie in `qt`
+                // (length >= d·mp, asserted); keys j + t < nj lie in `k` (asserted).
+                unsafe {
+                    let q0 = _mm512_loadu_ps(qt.as_ptr().add(x * mp + r));
+                    let q1 = if two { _mm512_loadu_ps(qt.as_ptr().add(x * mp + r + 16)) } else { q0 };
+                    for t in 0..4 {
+                        if t < nk {
+                            let kb = _mm512_set1_ps(*k.get_unchecked((j + t) * d + x));
+                            acc[t][0] = _mm512_fmadd_ps(q0, kb, acc[t][0]);
+                            acc[t][1] = _mm512_fmadd_ps(q1, kb, acc[t][1]);
+                        }
+                    }
+                }
+            }
+            for (t, a) in acc.iter().enumerate().take(nk) {
+                // SAFETY: (j + t)·mp + r + 16·(1 + two) <= nj·mp <= st.len() (asserted).
+                unsafe {
+                    _mm512_storeu_ps(st.as_mut_ptr().add((j + t) * mp + r), a[0]);
+                    if two {
+                        _mm512_storeu_ps(st.as_mut_ptr().add((j + t) * mp + r + 16), a[1]);
+                    }
+                }
+            }
+            r += if two { 32 } else { 16 };
+        }
+        j += nk;
+    }
+}
+
+/// Prefill V accumulation (AVX-512): `acc[r·d..] += Σ_j pt[j·mp + r] · v[j·d..]` for rows
+/// `0..m`. `R` rows × `C` 16-lane chunks (`d = 16·C`) stay in registers for the whole tile.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub fn accumulate_t_avx512(pt: &[f32], mp: usize, v: &[f32], nj: usize, d: usize, m: usize, acc: &mut [f32]) {
+    assert!(pt.len() >= nj * mp && v.len() >= nj * d && acc.len() >= m * d && m <= mp, "accumulate_t_avx512: sizes");
+    match d {
+        64 => acc_rows::<4, 4>(pt, mp, v, nj, d, m, acc),
+        128 => acc_rows::<2, 8>(pt, mp, v, nj, d, m, acc),
+        256 => acc_rows::<1, 16>(pt, mp, v, nj, d, m, acc),
+        _ => acc_rows::<2, 2>(pt, mp, v, nj, d, m, acc), // d a multiple of 32: chunks of 32 columns
+    }
+}
+
+/// Works on column blocks of `16·C`; `C·16` divides `d` for every call above.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+fn acc_rows<const R: usize, const C: usize>(pt: &[f32], mp: usize, v: &[f32], nj: usize, d: usize, m: usize, acc: &mut [f32]) {
+    let w = 16 * C;
+    let mut r0 = 0;
+    while r0 < m {
+        let nr = (m - r0).min(R);
+        for c0 in (0..d).step_by(w) {
+            let mut a = [[_mm512_setzero_ps(); C]; R];
+            for (i, row) in a.iter_mut().enumerate().take(nr) {
+                for (c, x) in row.iter_mut().enumerate() {
+                    // SAFETY: (r0 + i)·d + c0 + 16c + 16 <= m·d <= acc.len() (asserted by caller).
+                    *x = unsafe { _mm512_loadu_ps(acc.as_ptr().add((r0 + i) * d + c0 + 16 * c)) };
+                }
+            }
+            for j in 0..nj {
+                let mut vv = [_mm512_setzero_ps(); C];
+                for (c, x) in vv.iter_mut().enumerate() {
+                    // SAFETY: j·d + c0 + 16c + 16 <= nj·d <= v.len() (asserted by caller).
+                    *x = unsafe { _mm512_loadu_ps(v.as_ptr().add(j * d + c0 + 16 * c)) };
+                }
+                for (i, row) in a.iter_mut().enumerate().take(nr) {
+                    let p = _mm512_set1_ps(pt[j * mp + r0 + i]);
+                    for (x, vc) in row.iter_mut().zip(&vv) {
+                        *x = _mm512_fmadd_ps(p, *vc, *x);
+                    }
+                }
+            }
+            for (i, row) in a.iter().enumerate().take(nr) {
+                for (c, x) in row.iter().enumerate() {
+                    // SAFETY: as for the loads above.
+                    unsafe { _mm512_storeu_ps(acc.as_mut_ptr().add((r0 + i) * d + c0 + 16 * c), *x) };
+                }
+            }
+        }
+        r0 += nr;
+    }
+}
