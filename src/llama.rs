@@ -322,8 +322,11 @@ impl CtxParams {
 /// A llama.cpp context: the KV cache and the compute state for one model.
 pub struct Context<'m> {
     ptr: NonNull<sys::llama_context>,
+    kv: KvType,
     threadpool: *mut sys::ggml_threadpool,
     pub model: &'m Model,
+    /// The DSpark owner id of this context's KV caches, when DSPARK0 holds them.
+    pub dspark_owner: Option<u64>,
     batch: sys::llama_batch,
     batch_cap: usize,
 }
@@ -364,11 +367,16 @@ impl<'m> Context<'m> {
         let batch_cap = p.n_batch as usize;
         // SAFETY: allocates a batch of batch_cap tokens with one seq id each.
         let batch = unsafe { sys::llama_batch_init(batch_cap as i32, 0, 1) };
-        Ok(Context { ptr, threadpool, model, batch, batch_cap })
+        Ok(Context { ptr, kv: p.kv, threadpool, model, dspark_owner: None, batch, batch_cap })
     }
 
     pub(crate) fn raw(&self) -> *mut sys::llama_context {
         self.ptr.as_ptr()
+    }
+
+    /// The KV element type llama.cpp was given.
+    pub fn kv_type(&self) -> KvType {
+        self.kv
     }
 
     /// Cells in the KV cache (llama.cpp pads n_ctx).
@@ -395,6 +403,28 @@ impl<'m> Context<'m> {
         unsafe { sys::llama_memory_seq_cp(sys::llama_get_memory(self.raw()), src, dst, p0, p1) }
     }
 
+    /// Shifts positions [p0, p1) of `seq` by `delta` (p1 < 0: to the end). The K-shift runs
+    /// on the next decode.
+    pub fn seq_add(&mut self, seq: i32, p0: i32, p1: i32, delta: i32) {
+        // SAFETY: valid context and its memory handle.
+        unsafe { sys::llama_memory_seq_add(sys::llama_get_memory(self.raw()), seq, p0, p1, delta) }
+    }
+
+    /// Decodes one batch of (token, position, sequence) entries, at most n_batch, with
+    /// logits for every entry.
+    pub fn decode_entries(&mut self, entries: &[(i32, usize, i32)]) -> Result<()> {
+        if entries.len() > self.batch_cap {
+            bail!("batch of {} entries exceeds n_batch {}", entries.len(), self.batch_cap);
+        }
+        self.fill_batch(entries.iter().map(|&(t, pos, seq)| (t, pos, seq, true)));
+        // SAFETY: the batch holds entries.len() valid entries.
+        let rc = unsafe { sys::llama_decode(self.raw(), self.batch) };
+        if rc != 0 {
+            bail!("llama_decode failed with code {rc}");
+        }
+        Ok(())
+    }
+
     /// Decodes `tokens` at positions start_pos.. of sequence `seq`, in batches of at most
     /// n_batch. Logits are kept for the last token, or for every token when `all_logits`
     /// (then only one batch may be given).
@@ -404,7 +434,9 @@ impl<'m> Context<'m> {
         }
         for (ci, chunk) in tokens.chunks(self.batch_cap).enumerate() {
             let last_chunk = (ci + 1) * self.batch_cap >= tokens.len();
-            self.fill_batch(chunk, start_pos + ci * self.batch_cap, seq, |i| all_logits || (last_chunk && i + 1 == chunk.len()));
+            let pos0 = start_pos + ci * self.batch_cap;
+            let n = chunk.len();
+            self.fill_batch(chunk.iter().enumerate().map(|(i, &t)| (t, pos0 + i, seq, all_logits || (last_chunk && i + 1 == n))));
             // SAFETY: the batch holds chunk.len() <= batch_cap valid entries.
             let rc = unsafe { sys::llama_decode(self.raw(), self.batch) };
             if rc != 0 {
@@ -414,19 +446,23 @@ impl<'m> Context<'m> {
         Ok(())
     }
 
-    fn fill_batch(&mut self, toks: &[i32], pos0: usize, seq: i32, want_logits: impl Fn(usize) -> bool) {
+    /// Fills the batch with (token, position, sequence, wants logits) entries; the caller
+    /// keeps their number within batch_cap.
+    fn fill_batch(&mut self, entries: impl Iterator<Item = (i32, usize, i32, bool)>) {
         let b = &mut self.batch;
-        b.n_tokens = toks.len() as i32;
-        for (i, &t) in toks.iter().enumerate() {
-            // SAFETY: i < toks.len() <= batch_cap, the capacity llama_batch_init allocated;
-            // seq_id[i] points at an array of one seq id.
+        b.n_tokens = 0;
+        for (i, (t, pos, seq, logits)) in entries.enumerate() {
+            assert!(i < self.batch_cap, "batch overflow");
+            // SAFETY: i < batch_cap, the capacity llama_batch_init allocated; seq_id[i]
+            // points at an array of one seq id.
             unsafe {
                 *b.token.add(i) = t;
-                *b.pos.add(i) = (pos0 + i) as i32;
+                *b.pos.add(i) = pos as i32;
                 *b.n_seq_id.add(i) = 1;
                 **b.seq_id.add(i) = seq;
-                *b.logits.add(i) = want_logits(i) as i8;
+                *b.logits.add(i) = logits as i8;
             }
+            b.n_tokens += 1;
         }
     }
 

@@ -96,33 +96,38 @@ impl Runner {
 
     /// A fresh context of `n_ctx` cells for `spec`.
     pub fn context(&self, spec: &BackendSpec, n_ctx: usize, threads: usize) -> Result<Context<'_>> {
-        let model = self.model(spec)?;
-        let kv = match spec {
-            BackendSpec::Stock(t) => *t,
-            BackendSpec::Dspark(name) => {
-                // The format applies to the KV caches allocated from now on.
-                ggml::set_config(dspark_config(name)?);
-                KvType::F16
-            }
-        };
-        Context::new(model, &CtxParams::new(n_ctx as u32, threads, kv))
+        self.context_with(spec, &CtxParams::new(n_ctx as u32, threads, KvType::F16))
     }
 
-    /// Memory held for the KV cache right now (for DSpark: its pages, which belong to the
-    /// one live DSpark context).
-    pub fn kv_bytes(&self, spec: &BackendSpec, ctx: &Context) -> usize {
+    /// A fresh context for `spec` with other parameters (its KV type comes from `spec`).
+    pub fn context_with(&self, spec: &BackendSpec, p: &CtxParams) -> Result<Context<'_>> {
+        let model = self.model(spec)?;
         match spec {
-            BackendSpec::Stock(t) => ctx.model.stock_kv_bytes(*t, ctx.n_ctx()),
-            BackendSpec::Dspark(_) => ggml::Stats::now().kv_bytes as usize,
+            BackendSpec::Stock(t) => Context::new(model, &CtxParams { kv: *t, ..p.clone() }),
+            BackendSpec::Dspark(name) => {
+                let p = CtxParams { kv: KvType::F16, ..p.clone() };
+                let (ctx, owner) = ggml::with_config(dspark_config(name)?, || Context::new(model, &p));
+                let mut ctx = ctx?;
+                ctx.dspark_owner = Some(owner);
+                Ok(ctx)
+            }
         }
     }
 
-    /// Bits per stored K/V element, metadata included: the type's figure for stock, measured
-    /// from the pages of the cells in use for DSpark.
-    pub fn kv_bits_per_elem(&self, spec: &BackendSpec) -> f64 {
-        match spec {
-            BackendSpec::Stock(t) => t.bits_per_elem(),
-            BackendSpec::Dspark(_) => ggml::Stats::now().bits_per_elem(),
+    /// Memory held for the KV cache of `ctx` right now (for DSpark: its pages).
+    pub fn kv_bytes(&self, ctx: &Context) -> usize {
+        match ctx.dspark_owner {
+            Some(owner) => ggml::Stats::of(owner).kv_bytes as usize,
+            None => ctx.model.stock_kv_bytes(ctx.kv_type(), ctx.n_ctx()),
+        }
+    }
+
+    /// Bits per stored K/V element of `ctx`, metadata included: the type's figure for
+    /// stock, measured from the pages of the cells in use for DSpark.
+    pub fn kv_bits_per_elem(&self, ctx: &Context) -> f64 {
+        match ctx.dspark_owner {
+            Some(owner) => ggml::Stats::of(owner).bits_per_elem(),
+            None => ctx.kv_type().bits_per_elem(),
         }
     }
 }

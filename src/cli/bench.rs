@@ -90,8 +90,8 @@ fn measure(runner: &Runner, spec: &BackendSpec, prompt: &[i32], decode: usize, t
     Ok(Sample {
         prefill_tps: prompt.len() as f64 / prefill_s,
         decode_tps: if decode > 0 { decode as f64 / decode_s } else { 0.0 },
-        kv_bytes: runner.kv_bytes(spec, &ctx) as u64,
-        kv_bits: runner.kv_bits_per_elem(spec),
+        kv_bytes: runner.kv_bytes(&ctx) as u64,
+        kv_bits: runner.kv_bits_per_elem(&ctx),
         peak_rss: peak_rss_bytes(),
     })
 }

@@ -160,7 +160,7 @@ pub fn run_eval(args: &EvalArgs) -> Result<EvalReport> {
                 acc.agree += (argmax(b) == argmax(&lp)) as usize;
                 acc.nll -= lp[chunk[p + 1] as usize] as f64;
             })?;
-            acc.bits = runner.kv_bits_per_elem(spec);
+            acc.bits = runner.kv_bits_per_elem(&ctx);
         }
         eprintln!();
     }

@@ -15,7 +15,7 @@ use half::f16;
 use llama_cpp_sys_2 as ll;
 
 use super::sys;
-use super::{config, guard};
+use super::{current, guard};
 use crate::kv::{KvStore, StoreConfig};
 
 /// Alignment of tensor addresses in DSpark buffers.
@@ -25,6 +25,8 @@ const ALIGNMENT: usize = 64;
 /// size is known: the KV tensor is [n_head_kv * head_dim, cells, streams] and does not say
 /// how a row splits into heads; the attention op that reads it does.
 pub(crate) struct KvEntry {
+    /// Owner id from `with_config` (0: none), to report figures per context.
+    pub owner: u64,
     is_k: bool,
     row_len: usize,
     cells: usize,
@@ -202,9 +204,10 @@ unsafe extern "C" fn init_tensor(buf: ll::ggml_backend_buffer_t, t: *mut ll::ggm
                 eprintln!("dspark: warning: KV tensor {} is not a 3-D F16 tensor; kept uncompressed", tensor_name(t));
                 return ll::GGML_STATUS_SUCCESS;
             }
-            let c = config();
+            let (c, owner) = current();
             let quant = c.format.map(|f| if is_k { f.k } else { f.v });
             let entry = Box::new(KvEntry {
+                owner,
                 is_k,
                 row_len: tr.ne[0] as usize,
                 cells: tr.ne[1] as usize,

@@ -195,15 +195,24 @@ impl Stats {
         8.0 * self.kv_bytes as f64 / self.elems as f64
     }
 
-    /// The figures now.
+    /// The figures now, all KV caches together.
     pub fn now() -> Stats {
+        Self::collect(|_| true)
+    }
+
+    /// The figures of the KV caches created under one [`super::with_config`] owner id.
+    pub fn of(owner: u64) -> Stats {
+        Self::collect(|o| o == owner)
+    }
+
+    fn collect(keep: impl Fn(u64) -> bool) -> Stats {
         let mut s = Stats { attn_calls: backend::ATTN_CALLS.load(std::sync::atomic::Ordering::Relaxed), ..Stats::default() };
         let bufs = KV_BUFFERS.lock().unwrap_or_else(|e| e.into_inner());
         for &addr in bufs.iter() {
             // SAFETY: addresses are removed from KV_BUFFERS before their buffer is freed,
             // and the lock is held while we read.
             let ctx = unsafe { &*(addr as *const buffer::BufferCtx) };
-            for e in ctx.kv_entries() {
+            for e in ctx.kv_entries().iter().filter(|e| keep(e.owner)) {
                 if let Some(store) = e.read().as_ref() {
                     let (f, c) = store.page_counts();
                     s.kv_bytes += store.bytes() as u64;

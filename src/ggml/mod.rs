@@ -52,21 +52,43 @@ impl Config {
     }
 }
 
-static CONFIG: OnceLock<Mutex<Config>> = OnceLock::new();
+/// The configuration new KV caches get, and the owner id their stores are tagged with.
+static CONFIG: OnceLock<Mutex<(Config, u64)>> = OnceLock::new();
+static NEXT_OWNER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
-fn config_cell() -> &'static Mutex<Config> {
-    CONFIG.get_or_init(|| Mutex::new(Config::default()))
+fn config_cell() -> &'static Mutex<(Config, u64)> {
+    CONFIG.get_or_init(|| Mutex::new((Config::default(), 0)))
+}
+
+/// The configuration new KV caches get, and their owner id.
+pub(crate) fn current() -> (Config, u64) {
+    *config_cell().lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The configuration new KV caches get.
 pub fn config() -> Config {
-    *config_cell().lock().unwrap_or_else(|e| e.into_inner())
+    current().0
 }
 
-/// Sets the configuration for KV caches allocated from now on.
+/// Sets the configuration for KV caches allocated from now on (owner id 0).
 pub fn set_config(c: Config) {
-    *config_cell().lock().unwrap_or_else(|e| e.into_inner()) = c;
+    *config_cell().lock().unwrap_or_else(|e| e.into_inner()) = (c, 0);
 }
+
+/// Runs `create` (which should create one llama.cpp context) with `c` as the configuration
+/// of the KV caches it allocates, holding other threads' configurations off meanwhile.
+/// Returns its result and the owner id of those caches, for [`Stats::of`].
+pub fn with_config<R>(c: Config, create: impl FnOnce() -> R) -> (R, u64) {
+    let cell = config_cell();
+    let _hold = CREATE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let id = NEXT_OWNER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let saved = std::mem::replace(&mut *cell.lock().unwrap_or_else(|e| e.into_inner()), (c, id));
+    let r = create();
+    *cell.lock().unwrap_or_else(|e| e.into_inner()) = saved;
+    (r, id)
+}
+
+static CREATE_LOCK: Mutex<()> = Mutex::new(());
 
 /// Runs `f`, turning a panic into `fallback` and an error message on stderr: no panic may
 /// unwind into ggml's C++ frames.
