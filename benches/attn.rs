@@ -177,6 +177,7 @@ mod ggml {
         backend: sys::ggml_backend_t,
         buffer: sys::ggml_backend_buffer_t,
         graph: *mut sys::ggml_cgraph,
+        threadpool: *mut sys::ggml_threadpool,
         pub kv_bytes: usize,
     }
 
@@ -230,6 +231,12 @@ mod ggml {
                 assert!(!f.is_null(), "ggml_backend_set_n_threads");
                 let set_threads: SetThreads = std::mem::transmute(f);
                 set_threads(backend, c_int::try_from(threads).unwrap());
+                // A persistent threadpool, as llama_context attaches one: without it ggml
+                // creates and joins its threads on every graph_compute.
+                let mut tpp = sys::ggml_threadpool_params_default(c_int::try_from(threads).unwrap());
+                let threadpool = sys::ggml_threadpool_new(&mut tpp);
+                assert!(!threadpool.is_null(), "ggml_threadpool_new");
+                sys::ggml_backend_cpu_set_threadpool(backend, threadpool);
                 let buffer = sys::ggml_backend_alloc_ctx_tensors(ctx, backend);
                 assert!(!buffer.is_null(), "ggml buffer");
 
@@ -242,7 +249,7 @@ mod ggml {
                     upload(t, bytes.as_ptr().cast(), bytes.len());
                     kv_bytes += bytes.len();
                 }
-                Fa { ctx, backend, buffer, graph, kv_bytes }
+                Fa { ctx, backend, buffer, graph, threadpool, kv_bytes }
             }
         }
 
@@ -285,6 +292,7 @@ mod ggml {
             unsafe {
                 sys::ggml_backend_buffer_free(self.buffer);
                 sys::ggml_backend_free(self.backend);
+                sys::ggml_threadpool_free(self.threadpool);
                 sys::ggml_free(self.ctx);
             }
         }
