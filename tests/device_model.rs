@@ -15,7 +15,7 @@ fn runner() -> Runner {
 
 /// Greedy continuation of `prompt` for `n` tokens.
 fn greedy(r: &Runner, s: &BackendSpec, prompt: &str, n: usize) -> Vec<i32> {
-    let mut ctx = r.context(s, 256, 2).unwrap();
+    let mut ctx = r.context(s, 512, 2).unwrap();
     let toks = ctx.model.tokenize(prompt, true).unwrap();
     dspark::cli::run::generate(&mut ctx, &toks, n, None, |_| {}).unwrap()
 }
@@ -30,8 +30,19 @@ fn kl(a: &[f32], b: &[f32]) -> f64 {
     a.iter().zip(b).map(|(&x, &y)| ((x as f64 - la).exp()) * ((x as f64 - la) - (y as f64 - lb))).sum()
 }
 
+/// Length of the common prefix of two token sequences.
+fn common_prefix(a: &[i32], b: &[i32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// Greedy generation of 64 tokens from several prompts. This 135M model sits on knife edges:
+/// stock q8_0 already leaves stock f16's path after ~20 tokens on most prompts, and so does
+/// uncompressed DSpark (dspark:f16: stock's CPU flash attention rounds q to f16 and
+/// accumulates V in f16, DSpark's kernels compute in f32). So the test measures how long
+/// generation agrees (common prefix, summed over prompts): compressed DSpark must stay with
+/// stock f16 at least as long as stock's quantized type of the same size does.
 #[test]
-fn greedy_generation_matches_stock() {
+fn greedy_generation_matches_f16() {
     let r = runner();
     let prompts = [
         "The capital of France is",
@@ -40,14 +51,21 @@ fn greedy_generation_matches_stock() {
         "The three primary colors are",
         "Water boils at a temperature of",
     ];
-    for (fmt, need) in [("k8v8", 4), ("k4v4", 3)] {
-        let mut same = 0;
-        for p in prompts {
-            let a = greedy(&r, &spec("stock:f16"), p, 64);
-            let b = greedy(&r, &spec(&format!("dspark:{fmt}")), p, 64);
-            same += (a == b) as usize;
-        }
-        assert!(same >= need, "dspark:{fmt}: only {same}/{} prompts matched stock f16 token for token", prompts.len());
+    // A real passage before each prompt, so that most of the context lies outside the f16
+    // window and is compressed.
+    let passage: String = text::default_text().unwrap().chars().take(1200).collect();
+    let gen = |b: &str| -> Vec<Vec<i32>> {
+        prompts.iter().map(|p| greedy(&r, &spec(b), &format!("{passage}\n\n{p}"), 64)).collect()
+    };
+    let (stock_f16, dspark_f16) = (gen("stock:f16"), gen("dspark:f16"));
+    let prefix = |x: &[Vec<i32>], y: &[Vec<i32>]| -> usize { x.iter().zip(y).map(|(a, b)| common_prefix(a, b)).sum() };
+    for (fmt, stock_peer) in [("k8v8", "stock:q8_0"), ("k4v4", "stock:q4_0")] {
+        let (ours, peer) = (gen(&format!("dspark:{fmt}")), gen(stock_peer));
+        let (ours_vs_own, ours_vs_stock, peer_vs_stock) = (prefix(&ours, &dspark_f16), prefix(&ours, &stock_f16), prefix(&peer, &stock_f16));
+        eprintln!(
+            "dspark:{fmt}: tokens agreeing with dspark:f16 {ours_vs_own}, with stock f16 {ours_vs_stock}; {stock_peer} with stock f16 {peer_vs_stock} (of 320)"
+        );
+        assert!(ours_vs_stock >= peer_vs_stock, "dspark:{fmt} drifts from stock f16 sooner than {stock_peer} does");
     }
 }
 
@@ -114,7 +132,8 @@ fn seq_rm_and_seq_cp_behave_as_stock() {
     let toks = text::prompt_tokens(m, &text::default_text().unwrap(), 300).unwrap();
     let logits_after_ops = |s: &BackendSpec| -> (Vec<f32>, Vec<f32>) {
         // seq_cp needs n_seq_max > 1.
-        let mut p = CtxParams::new(512, 2, KvType::F16);
+        // Without a unified KV cache each sequence gets n_ctx / n_seq_max cells.
+        let mut p = CtxParams::new(1024, 2, KvType::F16);
         p.n_seq_max = 2;
         let mut c = r.context_with(s, &p).unwrap();
         c.decode(&toks, 0, 0, false).unwrap();
