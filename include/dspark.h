@@ -1,0 +1,495 @@
+/**
+ * \file dspark.h
+ * \brief DSpark's C API: a compressed, paged KV cache and attention backend for llama.cpp.
+ *
+ * Two ways to use it:
+ *  - **Inside llama.cpp** (section "Registration"): call dspark_register() before loading a
+ *    model and pass the returned device in `llama_model_params.devices`; llama.cpp then keeps
+ *    the KV cache of every offloaded layer compressed on the `DSPARK0` device.
+ *  - **Standalone** (section "Cache"), for runtimes that are not llama.cpp: create a
+ *    dspark_cache_t for a model shape, append K/V rows, run attention on the compressed rows,
+ *    edit sequences, save and load.
+ *
+ * Link with `libdspark.a` (static; it contains llama.cpp and ggml, so also link
+ * `-lstdc++ -lm -lpthread -ldl`) or `libdspark.so`.
+ *
+ * \par Conventions
+ *  - **Errors.** Every fallible function returns a ::dspark_status: #DSPARK_OK (0) on success,
+ *    a negative code on failure. On failure, out-parameters are left untouched (exceptions are
+ *    documented) and dspark_last_error() describes the failure. No function aborts or unwinds
+ *    on bad input: NULL pointers, wrong `size` fields, out-of-range layers or sequences, bad
+ *    format names and stale handles all return an error code.
+ *  - **Versioned structs.** Structs the caller fills or receives start with a `size` field.
+ *    Set it to `sizeof(the struct)` (the `*_init` functions do that and fill the defaults).
+ *    A library newer than the header accepts an older, smaller struct; an older library
+ *    accepts a newer, larger one only if the fields it does not know are zero.
+ *  - **Ownership.** No function takes ownership of memory the caller passes, or keeps a
+ *    pointer to it after returning. Handles are created by `_new` and released by `_delete`.
+ *    Strings returned by the library are owned by it; their lifetime is documented per
+ *    function.
+ *  - **Threads.** All functions may be called from any thread. Functions that take a
+ *    `const dspark_cache_t *` only read the cache and may run concurrently on one cache;
+ *    functions that take a non-const handle modify it and are serialised internally (they
+ *    wait for readers to finish), so misuse is never a data race.
+ *  - **Handles.** A dspark_cache_t pointer is an opaque token, never dereferenced by the
+ *    caller or the library: every call looks it up among the live caches, so a call on a
+ *    deleted (or never created) handle returns #DSPARK_ERR_HANDLE instead of crashing.
+ *  - **Units.** Token counts, positions and cells are counted in tokens; sizes in bytes;
+ *    tensors are dense, row-major, f32 unless stated otherwise.
+ */
+#ifndef DSPARK_H
+#define DSPARK_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ===================================================================================== */
+/** \name Version                                                                        */
+/* ===================================================================================== */
+/**@{*/
+
+/** Major version of this header (the crate's semantic version). */
+#define DSPARK_VERSION_MAJOR 0
+/** Minor version of this header. */
+#define DSPARK_VERSION_MINOR 1
+/** Patch version of this header. */
+#define DSPARK_VERSION_PATCH 0
+/** The version as one number: major * 1000000 + minor * 1000 + patch. */
+#define DSPARK_VERSION \
+    (DSPARK_VERSION_MAJOR * 1000000 + DSPARK_VERSION_MINOR * 1000 + DSPARK_VERSION_PATCH)
+/** Version of the C API itself; it grows when a function or struct field is added. */
+#define DSPARK_API_VERSION 1
+
+/**
+ * \brief The version of the linked library, encoded like #DSPARK_VERSION.
+ *
+ * Compare it with #DSPARK_VERSION to detect a header/library mismatch.
+ * \return The library version. Never fails.
+ */
+uint32_t dspark_version(void);
+
+/**
+ * \brief The version of the linked library as a string, e.g. "0.1.0".
+ * \return A static NUL-terminated string owned by the library, valid for the life of the
+ *         process. Never NULL.
+ */
+const char *dspark_version_string(void);
+
+/**@}*/
+
+/* ===================================================================================== */
+/** \name Errors                                                                         */
+/* ===================================================================================== */
+/**@{*/
+
+/** Status codes. 0 is success; every error is negative. New codes may be added. */
+typedef enum dspark_status {
+    DSPARK_OK = 0,               /**< Success. */
+    DSPARK_ERR_NULL = -1,        /**< A required pointer argument was NULL. */
+    DSPARK_ERR_SIZE = -2,        /**< A struct's `size` field is too small, or too large with
+                                      non-zero fields this library does not know. */
+    DSPARK_ERR_ARG = -3,         /**< An argument is invalid (shape, count, parameter value). */
+    DSPARK_ERR_RANGE = -4,       /**< A layer, sequence or position is out of range. */
+    DSPARK_ERR_FORMAT = -5,      /**< Unknown KV format name. */
+    DSPARK_ERR_HANDLE = -6,      /**< The handle is not a live cache (deleted or never created). */
+    DSPARK_ERR_FULL = -7,        /**< The sequence has no room left (max_tokens reached). */
+    DSPARK_ERR_IO = -8,          /**< A file could not be opened, read or written. */
+    DSPARK_ERR_CORRUPT = -9,     /**< Saved data is truncated, corrupt or not a DSpark cache. */
+    DSPARK_ERR_MISMATCH = -10,   /**< Saved data is valid but for another shape or format. */
+    DSPARK_ERR_VERSION = -11,    /**< Saved data was written by a newer file-format version. */
+    DSPARK_ERR_BUFFER = -12,     /**< The caller's output buffer is too small. */
+    DSPARK_ERR_INTERNAL = -13    /**< An internal error (a bug); the call had no effect or
+                                      its effect is documented as unspecified. */
+} dspark_status;
+
+/**
+ * \brief The message of the last failed call on the calling thread.
+ *
+ * Every dspark_ function except dspark_last_error(), dspark_status_name(), dspark_version()
+ * and dspark_version_string() clears the message when it succeeds and sets it when it fails.
+ * \return A NUL-terminated string owned by the library, "" if the last call succeeded. It is
+ *         valid until the next dspark_ call on the same thread. Never NULL.
+ */
+const char *dspark_last_error(void);
+
+/**
+ * \brief The name of a status code, e.g. "DSPARK_ERR_RANGE".
+ * \param status Any value; unknown values give "DSPARK_ERR_UNKNOWN".
+ * \return A static string owned by the library, valid for the life of the process.
+ */
+const char *dspark_status_name(int status);
+
+/**@}*/
+
+/* ===================================================================================== */
+/** \name Registration into llama.cpp                                                    */
+/* ===================================================================================== */
+/**@{*/
+
+/* ggml's device object (ggml_backend_dev_t is `struct ggml_backend_device *`). Declared here
+ * so that this header does not need ggml's headers. */
+struct ggml_backend_device;
+
+/** How the DSPARK0 device stores the KV caches that llama.cpp allocates on it. */
+typedef struct dspark_config {
+    /** Set to `sizeof(dspark_config)` (dspark_config_init() does). */
+    size_t size;
+    /** KV format name: "f16" (paged, uncompressed) or "k<b>v<b>" with b in {8, 4, 3, 2}
+     *  (bits per K and V code), e.g. "k4v4". NULL means "k4v4". Copied; the library does
+     *  not keep the pointer. */
+    const char *format;
+    /** Most recent tokens of each sequence kept in f16 before they are compressed (rounded
+     *  up to whole 64-token pages). Default 128. */
+    uint32_t window;
+} dspark_config;
+
+/**
+ * \brief Fills `config` with the defaults ("k4v4", window 128) and sets its `size`.
+ * \param config The struct to fill. Must not be NULL.
+ * \return #DSPARK_OK, or #DSPARK_ERR_NULL.
+ */
+dspark_status dspark_config_init(dspark_config *config);
+
+/**
+ * \brief Registers the DSPARK0 device with ggml and returns it.
+ *
+ * Registers once per process; later calls only change the configuration, which applies to
+ * KV caches (llama.cpp contexts) created afterwards. Initialises llama.cpp's backend
+ * (`llama_backend_init`) if needed. Pass the device in `llama_model_params.devices` (a
+ * NULL-terminated array) with `offload_kqv` and flash attention enabled and the KV types left
+ * at f16: DSpark compresses the KV itself.
+ * \param config The configuration, or NULL for the defaults. Not retained.
+ * \param out_dev Receives the device (`ggml_backend_dev_t`); it lives for the whole process
+ *        and must not be freed. Must not be NULL.
+ * \return #DSPARK_OK; #DSPARK_ERR_NULL, #DSPARK_ERR_SIZE or #DSPARK_ERR_FORMAT.
+ */
+dspark_status dspark_register(const dspark_config *config, struct ggml_backend_device **out_dev);
+
+/** Live figures of a KV cache (see dspark_stats() and dspark_cache_stats()). */
+typedef struct dspark_stats {
+    /** Set to `sizeof(dspark_stats)` before the call; only fields that fit are written. */
+    size_t size;
+    /** Bytes held by KV pages (K and V, all layers), page metadata included. */
+    uint64_t kv_bytes;
+    /** Pages allocated in f16 (attention sinks, recent window). */
+    uint64_t pages_f16;
+    /** Pages allocated compressed. */
+    uint64_t pages_compressed;
+    /** Cells (tokens x layers x {K, V} stores) that hold data. */
+    uint64_t cells;
+    /** K and V values stored (cells x values per cell). */
+    uint64_t elems;
+    /** Stored bits per K/V value, all metadata included (16 for f16); 0 when empty. */
+    double bits_per_elem;
+    /** Compression ratio against an f16 cache of the same cells (16 / bits_per_elem);
+     *  0 when empty. */
+    double compression_ratio;
+    /** Attention calls run so far (FLASH_ATTN_EXT ops for the device, dspark_cache_attn()
+     *  calls for a cache). */
+    uint64_t attn_calls;
+} dspark_stats;
+
+/**
+ * \brief Live figures of all KV caches held by the DSPARK0 device (all llama.cpp contexts).
+ * \param out Receives the figures; set `out->size = sizeof(dspark_stats)` first. Must not
+ *        be NULL.
+ * \return #DSPARK_OK; #DSPARK_ERR_NULL or #DSPARK_ERR_SIZE.
+ */
+dspark_status dspark_stats_get(dspark_stats *out);
+
+/**@}*/
+
+/* ===================================================================================== */
+/** \name Cache: a standalone compressed KV cache                                        */
+/* ===================================================================================== */
+/**@{*/
+
+/**
+ * \brief A compressed KV cache for every layer of one model, with `n_seq_max` sequences.
+ *
+ * Each (layer, sequence) holds a list of tokens at positions 0, 1, 2, ...: the K and V rows
+ * of a token, `n_head_kv x head_dim` values each. Rows are appended in order; position p of
+ * a sequence is its p-th appended token. The first 64 tokens of a sequence (the attention
+ * sinks) and the most recent `window` tokens stay in f16; older ones are compressed in pages
+ * of 64 tokens. Memory is allocated page by page as tokens arrive, and freed when tokens are
+ * removed.
+ *
+ * Create with dspark_cache_new(), release with dspark_cache_delete(). See the Conventions
+ * (top of this file) for thread safety.
+ */
+typedef struct dspark_cache dspark_cache_t;
+
+/** The shape and format of a cache. */
+typedef struct dspark_cache_params {
+    /** Set to `sizeof(dspark_cache_params)` (dspark_cache_params_init() does). */
+    size_t size;
+    /** Layers. >= 1. */
+    uint32_t n_layer;
+    /** KV heads per layer. >= 1. */
+    uint32_t n_head_kv;
+    /** Query heads (GQA): a multiple of n_head_kv; query head h reads KV head
+     *  h / (n_head / n_head_kv). */
+    uint32_t n_head;
+    /** Values per head row: a multiple of 32, at most 4096. */
+    uint32_t head_dim;
+    /** Tokens each sequence can hold (per layer). >= 1. */
+    uint32_t max_tokens;
+    /** Sequences: ids 0 .. n_seq_max - 1. >= 1. Default 1. */
+    uint32_t n_seq_max;
+    /** KV format name as in dspark_config: "f16" or "k<b>v<b>". NULL means "k4v4". Copied. */
+    const char *format;
+    /** Most recent tokens kept in f16 (rounded up to 64-token pages). Default 128. */
+    uint32_t window;
+    /** Threads dspark_cache_attn() uses when its params say 0. 0 means one per CPU core.
+     *  Default 0. */
+    uint32_t n_threads;
+} dspark_cache_params;
+
+/**
+ * \brief Fills `params` with defaults and sets its `size`. The shape fields (n_layer,
+ *        n_head_kv, n_head, head_dim, max_tokens) are set to 0 and must be filled in.
+ * \param params The struct to fill. Must not be NULL.
+ * \return #DSPARK_OK, or #DSPARK_ERR_NULL.
+ */
+dspark_status dspark_cache_params_init(dspark_cache_params *params);
+
+/**
+ * \brief Creates an empty cache.
+ * \param params Shape and format. Must not be NULL. Not retained.
+ * \param out Receives the new handle, owned by the caller: release it with
+ *        dspark_cache_delete(). Must not be NULL.
+ * \return #DSPARK_OK; #DSPARK_ERR_NULL, #DSPARK_ERR_SIZE, #DSPARK_ERR_ARG (a shape field is 0
+ *         or inconsistent) or #DSPARK_ERR_FORMAT.
+ */
+dspark_status dspark_cache_new(const dspark_cache_params *params, dspark_cache_t **out);
+
+/**
+ * \brief Releases a cache and all its memory. The handle is invalid afterwards; passing it
+ *        again to any function returns #DSPARK_ERR_HANDLE.
+ *
+ * Calls on other threads that are already running on this cache finish normally first.
+ * \param cache The cache. NULL is allowed and does nothing (returns #DSPARK_OK).
+ * \return #DSPARK_OK, or #DSPARK_ERR_HANDLE if `cache` is not a live cache.
+ */
+dspark_status dspark_cache_delete(dspark_cache_t *cache);
+
+/**
+ * \brief Appends the K and V rows of `n_tokens` tokens to one layer of one sequence, at the
+ *        next positions (the layer's current length onwards).
+ * \param cache The cache.
+ * \param layer Layer, 0 .. n_layer - 1.
+ * \param seq Sequence, 0 .. n_seq_max - 1.
+ * \param k Keys, `[n_tokens][n_head_kv][head_dim]` f32. Non-finite values are stored as 0.
+ * \param v Values, same shape as `k`.
+ * \param n_tokens Tokens to append. 0 does nothing (k and v may then be NULL).
+ * \return #DSPARK_OK; #DSPARK_ERR_HANDLE, #DSPARK_ERR_NULL, #DSPARK_ERR_RANGE, or
+ *         #DSPARK_ERR_FULL if the sequence would exceed max_tokens (nothing is appended).
+ */
+dspark_status dspark_cache_append(dspark_cache_t *cache, uint32_t layer, uint32_t seq,
+                                  const float *k, const float *v, uint32_t n_tokens);
+
+/**
+ * \brief Tokens held by one layer of one sequence: the position the next appended token
+ *        gets. Removed ranges in the middle (see dspark_cache_seq_rm()) still count.
+ * \param cache The cache.
+ * \param layer Layer, 0 .. n_layer - 1.
+ * \param seq Sequence, 0 .. n_seq_max - 1.
+ * \param out_len Receives the length. Must not be NULL.
+ * \return #DSPARK_OK; #DSPARK_ERR_HANDLE, #DSPARK_ERR_NULL or #DSPARK_ERR_RANGE.
+ */
+dspark_status dspark_cache_seq_len(const dspark_cache_t *cache, uint32_t layer, uint32_t seq,
+                                   uint32_t *out_len);
+
+/** Element type of an attention mask. */
+typedef enum dspark_mask_type {
+    DSPARK_MASK_F32 = 0, /**< `float` values. */
+    DSPARK_MASK_F16 = 1  /**< IEEE half values stored as `uint16_t`. */
+} dspark_mask_type;
+
+/** dspark_attn_params.flags: query i sits at position `len - n_q + i` (the last n_q tokens
+ *  appended) and sees only positions up to its own. Without it every query sees every
+ *  token of the sequence. */
+#define DSPARK_ATTN_CAUSAL 1u
+
+/** Parameters of dspark_cache_attn(); the semantics follow ggml's GGML_OP_FLASH_ATTN_EXT. */
+typedef struct dspark_attn_params {
+    /** Set to `sizeof(dspark_attn_params)` (dspark_attn_params_init() does). */
+    size_t size;
+    /** Score scale: score = dot(q, k) * scale. 0 means 1 / sqrt(head_dim). Default 0. */
+    float scale;
+    /** ALiBi maximum bias (ggml's slopes per query head); 0 disables ALiBi. Default 0. */
+    float max_bias;
+    /** Logit soft-capping: score = softcap * tanh(score / softcap); 0 disables it. Default 0. */
+    float softcap;
+    /** DSPARK_ATTN_* flags. Default #DSPARK_ATTN_CAUSAL. */
+    uint32_t flags;
+    /** Optional additive mask shared by all heads, `[n_q][mask_stride]` of `mask_type`:
+     *  query i, position c reads `mask[i * mask_stride + c]` for c in 0 .. len - 1 (len as
+     *  dspark_cache_seq_len()). It is added to the score (times the ALiBi slope when
+     *  max_bias > 0); -INFINITY drops the position. It is rounded to f16, as ggml does.
+     *  Combined with the causal rule and with removed positions. NULL: no mask. */
+    const void *mask;
+    /** Element type of `mask`. Default #DSPARK_MASK_F32. */
+    dspark_mask_type mask_type;
+    /** Elements between two mask rows; 0 means len. Must be >= len when a mask is given. */
+    uint32_t mask_stride;
+    /** Optional attention sinks, `[n_head]` f32 logits: each enters the softmax denominator
+     *  of its head only (gpt-oss style). NULL: none. */
+    const float *sinks;
+    /** Threads; 0 uses the cache's default (dspark_cache_params.n_threads). */
+    uint32_t n_threads;
+} dspark_attn_params;
+
+/**
+ * \brief Fills `params` with the defaults (scale 1/sqrt(head_dim), causal, no mask, no sinks)
+ *        and sets its `size`.
+ * \param params The struct to fill. Must not be NULL.
+ * \return #DSPARK_OK, or #DSPARK_ERR_NULL.
+ */
+dspark_status dspark_attn_params_init(dspark_attn_params *params);
+
+/**
+ * \brief Attention of a batch of queries over one layer of one sequence, computed on the
+ *        compressed rows: `out = softmax(score) V` per query head.
+ *
+ * A query whose every position is dropped (and that has no sink) gives zeros.
+ * \param cache The cache (only read: calls may run concurrently).
+ * \param layer Layer, 0 .. n_layer - 1.
+ * \param seq Sequence, 0 .. n_seq_max - 1.
+ * \param q Queries, `[n_q][n_head][head_dim]` f32. Must not be NULL if n_q > 0.
+ * \param n_q Queries. With #DSPARK_ATTN_CAUSAL, at most the sequence's length.
+ * \param params Parameters, or NULL for the defaults of dspark_attn_params_init().
+ * \param out Receives `[n_q][n_head][head_dim]` f32. Must not be NULL if n_q > 0. Written
+ *        only on success.
+ * \return #DSPARK_OK; #DSPARK_ERR_HANDLE, #DSPARK_ERR_NULL, #DSPARK_ERR_SIZE,
+ *         #DSPARK_ERR_RANGE or #DSPARK_ERR_ARG (n_q too large for a causal batch, a mask
+ *         stride below the length, a negative scale...).
+ */
+dspark_status dspark_cache_attn(const dspark_cache_t *cache, uint32_t layer, uint32_t seq,
+                                const float *q, uint32_t n_q, const dspark_attn_params *params,
+                                float *out);
+
+/**
+ * \brief Removes the tokens at positions [p0, p1) of a sequence, in every layer.
+ *
+ * If the range reaches the end of a layer's tokens, that layer's length becomes p0 (the next
+ * token appended gets position p0) and its pages past p0 are freed. Otherwise the positions
+ * become holes: attention skips them, positions after them keep their numbers, and pages
+ * entirely inside a hole are freed.
+ * \param cache The cache.
+ * \param seq Sequence, 0 .. n_seq_max - 1, or -1 for every sequence.
+ * \param p0 First position removed (>= 0).
+ * \param p1 One past the last position removed, or -1 for "to the end". p1 <= p0 does
+ *        nothing.
+ * \return #DSPARK_OK; #DSPARK_ERR_HANDLE, #DSPARK_ERR_RANGE (seq or p0 negative or too large).
+ */
+dspark_status dspark_cache_seq_rm(dspark_cache_t *cache, int32_t seq, int32_t p0, int32_t p1);
+
+/**
+ * \brief Makes sequence `dst` an exact copy of sequence `src` (every layer, lengths and holes
+ *        included; compressed rows are copied, not re-encoded). `dst`'s previous content is
+ *        dropped. src == dst does nothing.
+ * \param cache The cache.
+ * \param src Source sequence, 0 .. n_seq_max - 1.
+ * \param dst Destination sequence, 0 .. n_seq_max - 1.
+ * \return #DSPARK_OK; #DSPARK_ERR_HANDLE or #DSPARK_ERR_RANGE.
+ */
+dspark_status dspark_cache_seq_cp(dspark_cache_t *cache, uint32_t src, uint32_t dst);
+
+/**
+ * \brief Empties every sequence but `seq`.
+ * \param cache The cache.
+ * \param seq The sequence to keep, 0 .. n_seq_max - 1.
+ * \return #DSPARK_OK; #DSPARK_ERR_HANDLE or #DSPARK_ERR_RANGE.
+ */
+dspark_status dspark_cache_seq_keep(dspark_cache_t *cache, uint32_t seq);
+
+/**
+ * \brief Live figures of one cache (kv_bytes, pages, bits per element, attention calls).
+ * \param cache The cache.
+ * \param out Receives the figures; set `out->size = sizeof(dspark_stats)` first. Must not
+ *        be NULL.
+ * \return #DSPARK_OK; #DSPARK_ERR_HANDLE, #DSPARK_ERR_NULL or #DSPARK_ERR_SIZE.
+ */
+dspark_status dspark_cache_stats(const dspark_cache_t *cache, dspark_stats *out);
+
+/**@}*/
+
+/* ===================================================================================== */
+/** \name Cache persistence                                                             */
+/* ===================================================================================== */
+/**@{*/
+
+/*
+ * Saved caches are the compressed pages as stored (no re-encoding, so a loaded cache gives
+ * bit-identical attention), with a header (magic "DSPARKKV", file-format version, shape,
+ * format) and a CRC-32 over everything. A load parses and checks the whole input into a new
+ * cache before replacing the old content, so a truncated, corrupt, foreign or mismatched
+ * input is refused and leaves the cache untouched. The window and thread count are not
+ * saved: the cache loaded into keeps its own.
+ */
+
+/**
+ * \brief The exact number of bytes dspark_cache_save_mem() writes for the cache as it is now.
+ * \param cache The cache.
+ * \param out_size Receives the size in bytes. Must not be NULL.
+ * \return #DSPARK_OK; #DSPARK_ERR_HANDLE or #DSPARK_ERR_NULL.
+ */
+dspark_status dspark_cache_save_size(const dspark_cache_t *cache, size_t *out_size);
+
+/**
+ * \brief Serialises the cache into a caller-provided buffer.
+ * \param cache The cache.
+ * \param buf Destination, `cap` bytes. Must not be NULL.
+ * \param cap Capacity of `buf` in bytes; see dspark_cache_save_size().
+ * \param out_written Receives the number of bytes written. May be NULL.
+ * \return #DSPARK_OK; #DSPARK_ERR_HANDLE, #DSPARK_ERR_NULL, or #DSPARK_ERR_BUFFER if `cap` is
+ *         too small (nothing is written).
+ */
+dspark_status dspark_cache_save_mem(const dspark_cache_t *cache, void *buf, size_t cap,
+                                    size_t *out_written);
+
+/**
+ * \brief Replaces the cache's content with a serialised cache.
+ *
+ * The data must have the cache's shape (n_layer, n_head_kv, n_head, head_dim, max_tokens,
+ * n_seq_max) and format.
+ * \param cache The cache.
+ * \param buf The bytes written by dspark_cache_save_mem() or dspark_cache_save_file(). Not
+ *        retained. Must not be NULL unless len is 0.
+ * \param len Their number.
+ * \return #DSPARK_OK; #DSPARK_ERR_HANDLE, #DSPARK_ERR_NULL, #DSPARK_ERR_CORRUPT,
+ *         #DSPARK_ERR_VERSION or #DSPARK_ERR_MISMATCH. On error the cache is unchanged.
+ */
+dspark_status dspark_cache_load_mem(dspark_cache_t *cache, const void *buf, size_t len);
+
+/**
+ * \brief Saves the cache to a file. The file is written under a temporary name in the same
+ *        folder and renamed at the end, so an existing file is replaced only by a complete one.
+ * \param cache The cache.
+ * \param path File path (NUL-terminated, UTF-8 or the platform's bytes). Must not be NULL.
+ * \return #DSPARK_OK; #DSPARK_ERR_HANDLE, #DSPARK_ERR_NULL or #DSPARK_ERR_IO.
+ */
+dspark_status dspark_cache_save_file(const dspark_cache_t *cache, const char *path);
+
+/**
+ * \brief Replaces the cache's content with a file written by dspark_cache_save_file().
+ *        The whole file is read into memory and checked first.
+ * \param cache The cache.
+ * \param path File path. Must not be NULL.
+ * \return As dspark_cache_load_mem(), plus #DSPARK_ERR_IO if the file cannot be read. On error
+ *         the cache is unchanged.
+ */
+dspark_status dspark_cache_load_file(dspark_cache_t *cache, const char *path);
+
+/**@}*/
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* DSPARK_H */
