@@ -340,9 +340,16 @@ unsafe fn flash_attn(node: *mut ll::ggml_tensor, n_threads: usize) -> Result<(),
         });
         let kv: Vec<_> = (0..n_head_kv).map(|h| segments(ks, vs, stream, first, n_kv, h)).collect();
         let out = std::slice::from_raw_parts_mut(((*node).data as *mut f32).add(seq * n_q * n_head * d), n_q * n_head * d);
-        attn::flash_attn(&qbuf, n_q, n_head, d, &kv, mask, sinks, &p, n_threads, out);
+        attn::flash_attn(&qbuf, n_q, n_head, d, &kv, mask, sinks, &p, attn_threads(n_threads, n_q * n_kv * n_head_kv), out);
     }
     Ok(())
+}
+
+/// Threads for one attention call: waking a second thread costs more than it saves on
+/// small calls (short contexts in decode), measured on the default model.
+fn attn_threads(n_threads: usize, row_visits: usize) -> usize {
+    const MIN_ROWS_PER_THREAD: usize = 4096;
+    n_threads.min(row_visits / MIN_ROWS_PER_THREAD).max(1)
 }
 
 // ---------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@
 //! head's rows as one contiguous run.
 
 use half::f16;
+use rayon::prelude::*;
 
 use crate::attn::{Rows, Segment};
 use crate::codec::{Quant, RowCodec};
@@ -33,6 +34,17 @@ enum Page {
     Empty,
     F16(Box<[f16]>),
     Packed(Box<[u8]>),
+}
+
+/// A page's content, borrowed from a store (see [`KvStore::page`]).
+#[derive(Clone, Copy, Debug)]
+pub enum PageView<'a> {
+    /// Never written (reads as zeros).
+    Empty,
+    /// f16 values, `[head][slot][head_dim]`.
+    F16(&'a [f16]),
+    /// Rows encoded by the store's codec, `[head][slot][row_bytes]`.
+    Packed(&'a [u8]),
 }
 
 /// One KV tensor, paged and compressed. See the module documentation.
@@ -91,8 +103,63 @@ impl KvStore {
         self.cells * self.high_water.len()
     }
 
-    fn pages_per_stream(&self) -> usize {
+    /// Pages per stream (`cells / PAGE`, rounded up).
+    pub fn pages_per_stream(&self) -> usize {
         self.cells.div_ceil(PAGE)
+    }
+
+    /// Number of streams.
+    pub fn n_stream(&self) -> usize {
+        self.high_water.len()
+    }
+
+    /// Page `page` of a stream as it is stored (for saving, copying and restoring a store
+    /// without re-encoding rows). An f16 page holds `n_head * PAGE * head_dim` values, a
+    /// packed one `n_head * PAGE * row_bytes` bytes, both laid out `[head][slot]`.
+    pub fn page(&self, stream: usize, page: usize) -> PageView<'_> {
+        assert!(stream < self.n_stream() && page < self.pages_per_stream(), "KvStore::page: out of range");
+        match &self.pages[stream * self.pages_per_stream() + page] {
+            Page::Empty => PageView::Empty,
+            Page::F16(d) => PageView::F16(d),
+            Page::Packed(d) => PageView::Packed(d),
+        }
+    }
+
+    /// Replaces page `page` of a stream with a copy of `view` (`Empty` frees it).
+    ///
+    /// # Errors
+    /// If the view's length does not match this store's page size, or a packed page is
+    /// given to a store without a codec. The store is unchanged then.
+    pub fn set_page(&mut self, stream: usize, page: usize, view: PageView<'_>) -> Result<(), String> {
+        if stream >= self.n_stream() || page >= self.pages_per_stream() {
+            return Err(format!("page {page} of stream {stream} is out of range"));
+        }
+        let per_page = self.n_head * PAGE;
+        let new = match view {
+            PageView::Empty => Page::Empty,
+            PageView::F16(d) if d.len() == per_page * self.head_dim => Page::F16(d.into()),
+            PageView::Packed(d) => match self.codec {
+                Some(c) if d.len() == per_page * c.row_bytes() => Page::Packed(d.into()),
+                Some(_) => return Err(format!("packed page of {} bytes does not fit this store", d.len())),
+                None => return Err("packed page given to an uncompressed store".to_string()),
+            },
+            PageView::F16(d) => return Err(format!("f16 page of {} values does not fit this store", d.len())),
+        };
+        let pps = self.pages_per_stream();
+        self.pages[stream * pps + page] = new;
+        Ok(())
+    }
+
+    /// One past the highest cell written in a stream (what [`KvStore::compact`] measures
+    /// the recent window from).
+    pub fn high_water(&self, stream: usize) -> usize {
+        self.high_water[stream]
+    }
+
+    /// Sets a stream's high-water mark (clamped to `cells`), e.g. after its tail was dropped
+    /// or its pages restored with [`KvStore::set_page`].
+    pub fn set_high_water(&mut self, stream: usize, cells: usize) {
+        self.high_water[stream] = cells.min(self.cells);
     }
 
     /// Page index and slot of a global cell (stream * cells + cell).
@@ -164,26 +231,24 @@ impl KvStore {
     }
 
     /// Compresses the f16 pages that have left the recent window (never a stream's first
-    /// page). Call after a batch of writes.
+    /// page). Call after a batch of writes. Pages are encoded in parallel on rayon's global
+    /// pool: llama.cpp's CPU threads are idle while DSpark's ops run.
     pub fn compact(&mut self) {
         let Some(codec) = self.codec else { return };
         let pps = self.pages_per_stream();
-        let (d, nh, rb) = (self.head_dim, self.n_head, codec.row_bytes());
-        let mut rowf = vec![0.0f32; d];
-        for (stream, &hw) in self.high_water.iter().enumerate() {
-            // Pages whose last cell is below hw - window are out of the window.
-            let end_page = hw.saturating_sub(self.window) / PAGE;
-            for p in 1..end_page.min(pps) {
-                let page = &mut self.pages[stream * pps + p];
-                let Page::F16(data) = page else { continue };
-                let mut packed = vec![0u8; nh * PAGE * rb].into_boxed_slice();
-                for (src, dst) in data.chunks_exact(d).zip(packed.chunks_exact_mut(rb)) {
-                    rowf.iter_mut().zip(src).for_each(|(o, x)| *o = x.to_f32());
-                    codec.encode(&rowf, dst);
-                }
-                *page = Page::Packed(packed);
-            }
+        let window = self.window;
+        // Per stream, pages [1, end) lie wholly below high_water - window.
+        let ends: Vec<usize> = self.high_water.iter().map(|&hw| (hw.saturating_sub(window) / PAGE).min(pps)).collect();
+        let due = |pi: usize, p: &Page| matches!(p, Page::F16(_)) && pi % pps >= 1 && pi % pps < ends[pi / pps];
+        if !self.pages.iter().enumerate().any(|(pi, p)| due(pi, p)) {
+            return;
         }
+        let (d, nh) = (self.head_dim, self.n_head);
+        self.pages.par_iter_mut().enumerate().filter(|(pi, p)| due(*pi, p)).for_each(|(_, page)| {
+            if let Page::F16(data) = page {
+                *page = Page::Packed(encode_page(&codec, data, d, nh));
+            }
+        });
     }
 
     /// Bytes held by pages.
@@ -235,6 +300,18 @@ impl KvStore {
         }
         out
     }
+}
+
+/// Encodes an f16 page ([head][slot] rows of `d` values) into packed rows, same order.
+fn encode_page(codec: &RowCodec, data: &[f16], d: usize, nh: usize) -> Box<[u8]> {
+    let rb = codec.row_bytes();
+    let mut packed = vec![0u8; nh * PAGE * rb].into_boxed_slice();
+    let mut rowf = vec![0.0f32; d];
+    for (src, dst) in data.chunks_exact(d).zip(packed.chunks_exact_mut(rb)) {
+        rowf.iter_mut().zip(src).for_each(|(o, x)| *o = x.to_f32());
+        codec.encode(&rowf, dst);
+    }
+    packed
 }
 
 /// The attention segments of one KV head over cells [first, first + n) of a stream, K and V
