@@ -311,11 +311,14 @@ pub struct CtxParams {
     pub n_threads: i32,
     pub kv: KvType,
     pub n_seq_max: u32,
+    /// Flash attention (default on). Off stores V transposed; DSpark then works, slowly,
+    /// through its generic byte path while llama.cpp's CPU attention reads the KV.
+    pub flash_attn: bool,
 }
 
 impl CtxParams {
     pub fn new(n_ctx: u32, n_threads: usize, kv: KvType) -> CtxParams {
-        CtxParams { n_ctx, n_batch: 512, n_threads: n_threads as i32, kv, n_seq_max: 1 }
+        CtxParams { n_ctx, n_batch: 512, n_threads: n_threads as i32, kv, n_seq_max: 1, flash_attn: true }
     }
 }
 
@@ -344,8 +347,8 @@ impl<'m> Context<'m> {
             c.n_threads_batch = p.n_threads;
             c.type_k = p.kv.ggml();
             c.type_v = p.kv.ggml();
-            // Quantized V needs flash attention, and DSpark always runs with it on.
-            c.flash_attn_type = sys::LLAMA_FLASH_ATTN_TYPE_ENABLED;
+            // Quantized V needs flash attention, and DSpark is built for it.
+            c.flash_attn_type = if p.flash_attn { sys::LLAMA_FLASH_ATTN_TYPE_ENABLED } else { sys::LLAMA_FLASH_ATTN_TYPE_DISABLED };
             c.offload_kqv = true;
             c.no_perf = true;
             sys::llama_init_from_model(model.raw(), c)

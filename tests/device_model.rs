@@ -223,3 +223,19 @@ fn context_shift_runs_and_stays_coherent() {
     eprintln!("top-1 agreement with stock after context shifts: {agree:.3}");
     assert!(agree >= 0.85, "agreement after shifts {agree}");
 }
+
+#[test]
+fn flash_attention_off_falls_back_to_exact_cpu_attention() {
+    // Without flash attention llama.cpp stores V transposed and attends with its own CPU
+    // matmuls; DSpark keeps the KV (through its generic byte path) and must give exactly
+    // what stock gives with the same settings.
+    let r = runner();
+    let run = |s: &str| -> Vec<i32> {
+        let mut p = CtxParams::new(256, 2, KvType::F16);
+        p.flash_attn = false;
+        let mut ctx = r.context_with(&spec(s), &p).unwrap();
+        let toks = ctx.model.tokenize("The capital of France is", true).unwrap();
+        dspark::cli::run::generate(&mut ctx, &toks, 16, None, |_| {}).unwrap()
+    };
+    assert_eq!(run("stock:f16"), run("dspark:f16"));
+}

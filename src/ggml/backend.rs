@@ -181,8 +181,9 @@ unsafe extern "C" fn graph_compute(b: ll::ggml_backend_t, g: *mut ll::ggml_cgrap
 // ---------------------------------------------------------------------------------------
 // SET_ROWS: compress rows into the KV store.
 
-/// Checks a SET_ROWS node and returns its KV entry.
-unsafe fn set_rows_check<'a>(op: *const ll::ggml_tensor) -> Result<&'a KvEntry, String> {
+/// Checks a SET_ROWS node and returns its KV entry and whether it writes whole KV rows
+/// (the fast path; otherwise, e.g. into a transposed V, rows go through the byte path).
+unsafe fn set_rows_check<'a>(op: *const ll::ggml_tensor) -> Result<(&'a KvEntry, bool), String> {
     let e = kv_entry(op).ok_or("destination is not a DSpark KV tensor")?;
     let (src, idx) = ((*op).src[0], (*op).src[1]);
     if src.is_null() || idx.is_null() {
@@ -192,36 +193,47 @@ unsafe fn set_rows_check<'a>(op: *const ll::ggml_tensor) -> Result<&'a KvEntry, 
         return Err("unsupported source or index type".into());
     }
     let row_bytes = e.row_len() * 2;
-    if (*op).ne[0] as usize != e.row_len() || (*op).nb[1] != row_bytes || offs(op) % row_bytes != 0 {
-        return Err("SET_ROWS does not write whole KV rows".into());
-    }
-    Ok(e)
+    let whole = (*op).ne[0] as usize == e.row_len() && (*op).nb[1] == row_bytes && offs(op) % row_bytes == 0;
+    Ok((e, whole))
 }
 
 unsafe fn set_rows(node: *mut ll::ggml_tensor) -> Result<(), String> {
-    let e = set_rows_check(node)?;
-    let (src, idx) = ((*node).src[0], (*node).src[1]);
+    let (e, whole) = set_rows_check(node)?;
+    let (src, idx) = (&*(*node).src[0], &*(*node).src[1]);
     let n = &(*node);
-    let base_cell = offs(node) / (e.row_len() * 2);
-    let mut guard = e.write()?;
-    let store = guard.as_mut().expect("shaped by write()");
-    let mut row = vec![0.0f32; e.row_len()];
-    for i3 in 0..(*src).ne[3] {
-        for i2 in 0..(*src).ne[2] {
-            for i in 0..(*src).ne[1] {
-                let ip = ((*idx).data as *const u8)
-                    .add(i as usize * (*idx).nb[0] + (i2 % (*idx).ne[1]) as usize * (*idx).nb[1] + (i3 % (*idx).ne[2]) as usize * (*idx).nb[2]);
-                let r = if (*idx).type_ == ll::GGML_TYPE_I64 { *(ip as *const i64) } else { *(ip as *const i32) as i64 };
-                let dst_off = r as usize * n.nb[1] + i2 as usize * n.nb[2] + i3 as usize * n.nb[3];
-                let gcell = base_cell + dst_off / (e.row_len() * 2);
-                if r < 0 || gcell >= store.total_cells() {
+    let ne0 = src.ne[0] as usize;
+    let mut row = vec![0.0f32; ne0];
+    let mut bytes = vec![0u8; ne0 * 2];
+    // Destination byte offset (from the root) of each source row, in source order.
+    let mut dsts = Vec::with_capacity((src.ne[1] * src.ne[2] * src.ne[3]) as usize);
+    for i3 in 0..src.ne[3] as usize {
+        for i2 in 0..src.ne[2] as usize {
+            for i in 0..src.ne[1] as usize {
+                let ip = (idx.data as *const u8).add(i * idx.nb[0] + (i2 % idx.ne[1] as usize) * idx.nb[1] + (i3 % idx.ne[2] as usize) * idx.nb[2]);
+                let r = if idx.type_ == ll::GGML_TYPE_I64 { *(ip as *const i64) } else { *(ip as *const i32) as i64 };
+                if r < 0 || r >= n.ne[1] {
                     return Err(format!("row index {r} out of range"));
                 }
-                let sp = ((*src).data as *const u8).add(i as usize * (*src).nb[1] + i2 as usize * (*src).nb[2] + i3 as usize * (*src).nb[3]);
-                read_row(sp, (*src).type_, &mut row);
-                store.write_row(gcell, &row);
+                let sp = (src.data as *const u8).add(i * src.nb[1] + i2 * src.nb[2] + i3 * src.nb[3]);
+                dsts.push((offs(node) + r as usize * n.nb[1] + i2 * n.nb[2] + i3 * n.nb[3], sp));
             }
         }
+    }
+    if !whole {
+        for (off, sp) in dsts {
+            read_row(sp, src.type_, &mut row);
+            for (x, o) in row.iter().zip(bytes.chunks_exact_mut(2)) {
+                o.copy_from_slice(&f16::from_f32(*x).to_le_bytes());
+            }
+            super::buffer::kv_write_bytes(e, off, &bytes)?;
+        }
+        return Ok(());
+    }
+    let mut guard = e.write()?;
+    let store = guard.as_mut().expect("shaped by write()");
+    for (off, sp) in dsts {
+        read_row(sp, src.type_, &mut row);
+        store.write_row(off / (e.row_len() * 2), &row);
     }
     store.compact();
     Ok(())
