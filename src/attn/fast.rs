@@ -7,7 +7,7 @@
 //! plain (f16 V) or the rotated (packed V) accumulator. Items that share a query tile are
 //! merged with log-sum-exp; the rotated accumulator is un-rotated once per output row.
 
-use super::kernels::{self, Flavor};
+use super::kernels::{self, Flavor, PACKED_BLOCK};
 use super::{alibi_slope, isa, pool, Problem, Rows, Segment};
 use crate::codec::{rotate, unrotate};
 
@@ -28,9 +28,55 @@ pub(crate) struct Ctx<'p, 'a, 'b> {
     pub pb: &'p Problem<'a, 'b>,
     /// q · scale (÷ softcap when softcapping), `[n_q][n_head][d]`.
     pub q_plain: Vec<f32>,
-    /// `q_plain` rotated, or empty when no segment has packed K.
+    /// `q_plain` rotated and rounded to its int8 image (`q8 · step`, see [`QInt`]), or
+    /// empty when no segment has packed K. Every kernel scores packed K against it.
     pub q_rot: Vec<f32>,
+    /// The int8 image of `q_rot`; `None` when there is no packed K or q is not finite.
+    pub q_int: Option<QInt>,
     pub slopes: Vec<f32>,
+}
+
+/// The rotated, scaled queries quantized per group of 32 (see [`kernels::quantize_q8`]).
+#[derive(Debug)]
+pub(crate) struct QInt {
+    /// `[n_q][n_head][d]` int8 codes.
+    pub q8: Vec<i8>,
+    /// `[n_q][n_head][d / 32]` steps.
+    pub step: Vec<f32>,
+    /// `[n_q][n_head][d / 32]` sums of the codes of each group.
+    pub sum: Vec<i32>,
+}
+
+/// Everything the packed decode kernels read for one run of rows of one segment.
+#[derive(Debug)]
+pub(crate) struct DecodeJob<'a> {
+    pub d: usize,
+    /// Query rows (queries × heads of the group).
+    pub m: usize,
+    /// Query rows per query: row `r` uses mask row `r / g`.
+    pub g: usize,
+    pub kbits: u32,
+    pub vbits: u32,
+    /// Bytes per packed K / V row.
+    pub krb: usize,
+    pub vrb: usize,
+    /// `n` packed K and V rows.
+    pub k: &'a [u8],
+    pub v: &'a [u8],
+    /// Rows; a multiple of [`kernels::PACKED_BLOCK`].
+    pub n: usize,
+    /// `[m][d/32][8]`: dword `j` of group `g` packs the int8 query codes of elements
+    /// `32g + 4j .. 32g + 4j + 4` (little-endian), ready for `vpdpbusd`.
+    pub q32: &'a [i32],
+    /// `[m][d/32]` query steps.
+    pub qstep: &'a [f32],
+    /// `[m][d/32]` sums of the query codes of each group.
+    pub qsum: &'a [i32],
+    /// Per query of the item, the mask values of these `n` rows; `None` without a mask.
+    pub mask: Option<&'a [&'a [half::f16]]>,
+    /// `[m]` ALiBi slopes.
+    pub slopes: &'a [f32],
+    pub softcap: f32,
 }
 
 /// One unit of parallel work.
@@ -116,12 +162,34 @@ fn prepare<'p, 'a, 'b>(pb: &'p Problem<'a, 'b>) -> Ctx<'p, 'a, 'b> {
     let q_plain: Vec<f32> = pb.q.iter().map(|x| x * qscale).collect();
     let any_packed_k = pb.kv.iter().flatten().any(|s| matches!(s.k, Rows::Packed { .. }));
     let mut q_rot = Vec::new();
+    let mut q_int = None;
     if any_packed_k {
         q_rot = q_plain.clone();
         q_rot.chunks_exact_mut(pb.d).for_each(rotate);
+        q_int = quantize_queries(&mut q_rot);
     }
     let slopes = (0..pb.n_head).map(|h| alibi_slope(p.max_bias, h, pb.n_head)).collect();
-    Ctx { pb, q_plain, q_rot, slopes }
+    Ctx { pb, q_plain, q_rot, q_int, slopes }
+}
+
+/// Rounds the rotated queries to their int8 image in place (`q ← q8 · step` per group of
+/// 32) and returns the codes; leaves them unchanged and returns `None` when any value is not
+/// finite. The scalar oracle's int8 mode (`reference.rs`) calls this same function.
+pub(crate) fn quantize_queries(q_rot: &mut [f32]) -> Option<QInt> {
+    if !q_rot.iter().all(|x| x.is_finite()) {
+        return None;
+    }
+    let groups = q_rot.len() / 32;
+    let mut qi = QInt { q8: vec![0; q_rot.len()], step: vec![0.0; groups], sum: vec![0; groups] };
+    for (g, (x, q)) in q_rot.chunks_exact_mut(32).zip(qi.q8.chunks_exact_mut(32)).enumerate() {
+        let step = kernels::quantize_q8(x, q);
+        for (v, c) in x.iter_mut().zip(q.iter()) {
+            *v = f32::from(*c) * step;
+        }
+        qi.step[g] = step;
+        qi.sum[g] = q.iter().map(|c| i32::from(*c)).sum();
+    }
+    Some(qi)
 }
 
 /// Query tiles × row ranges, ordered so that the items of one query tile are adjacent.
@@ -207,6 +275,38 @@ struct Work<'c, 'p, 'a, 'b> {
     qt_plain: Vec<f32>,
     qt_rot: Vec<f32>,
     stt: Vec<f32>,
+    /// The int8 queries of the item for the packed decode kernels (`F::PACKED_DECODE`,
+    /// narrow tiles, finite q), else `None`.
+    iq: Option<ItemQ>,
+    /// `[m]` ALiBi slope of each query row.
+    row_slopes: Vec<f32>,
+}
+
+/// The int8 queries of an item's rows in the layout of [`DecodeJob`].
+struct ItemQ {
+    q32: Vec<i32>,
+    step: Vec<f32>,
+    sum: Vec<i32>,
+}
+
+fn item_q(ctx: &Ctx, it: &Item) -> Option<ItemQ> {
+    let qi = ctx.q_int.as_ref()?;
+    let pb = ctx.pb;
+    let (d, g) = (pb.d, pb.group());
+    let ng = d / 32;
+    let m = (it.q1 - it.q0) * g;
+    let mut out = ItemQ { q32: Vec::with_capacity(m * d / 4), step: Vec::with_capacity(m * ng), sum: Vec::with_capacity(m * ng) };
+    for q in it.q0..it.q1 {
+        for hg in 0..g {
+            let row = q * pb.n_head + it.kh * g + hg;
+            for c in qi.q8[row * d..(row + 1) * d].chunks_exact(4) {
+                out.q32.push(i32::from_le_bytes([c[0].to_le_bytes()[0], c[1].to_le_bytes()[0], c[2].to_le_bytes()[0], c[3].to_le_bytes()[0]]));
+            }
+            out.step.extend_from_slice(&qi.step[row * ng..(row + 1) * ng]);
+            out.sum.extend_from_slice(&qi.sum[row * ng..(row + 1) * ng]);
+        }
+    }
+    Some(out)
 }
 
 /// `q` (`m × d`) transposed to `d × mp`, zero-padded.
@@ -254,17 +354,24 @@ pub(crate) fn run_item<F: Flavor>(ctx: &Ctx, it: &Item) -> Partial {
         qt_plain: Vec::new(),
         qt_rot: Vec::new(),
         stt: Vec::new(),
+        iq: None,
+        row_slopes: (0..m).map(|r| ctx.slopes[it.kh * g + r % g]).collect(),
     };
     if F::WIDE && m >= WIDE_MIN_ROWS {
         w.mp = m.div_ceil(16) * 16;
         w.qt_plain = transpose(&w.q_plain, m, d, w.mp);
         w.qt_rot = transpose(&w.q_rot, m, d, w.mp);
         w.stt = vec![0.0; TILE * w.mp];
+    } else if F::PACKED_DECODE {
+        w.iq = item_q(ctx, it);
     }
     let mut base = 0;
     for seg in &pb.kv[it.kh] {
         let (lo, hi) = (it.r0.max(base), it.r1.min(base + seg.n));
         let mut r = lo;
+        if F::PACKED_DECODE && hi > lo {
+            r += packed_rows::<F>(&mut w, seg, lo - base, hi - base);
+        }
         while r < hi {
             let r1 = (r + TILE).min(hi);
             tile::<F>(&mut w, seg, r - base, r1 - base);
@@ -273,6 +380,50 @@ pub(crate) fn run_item<F: Flavor>(ctx: &Ctx, it: &Item) -> Partial {
         base += seg.n;
     }
     w.st
+}
+
+/// Runs the packed decode kernel on the longest run of whole blocks of rows `r0..r1` of
+/// `seg` (K and V packed, K in 8 or 4 bits); returns how many rows it consumed (0 when the
+/// segment does not qualify, and the tile path takes every row).
+#[inline(always)]
+fn packed_rows<F: Flavor>(w: &mut Work, seg: &Segment, r0: usize, r1: usize) -> usize {
+    let (Rows::Packed { codec: kc, data: kd }, Rows::Packed { codec: vc, data: vd }) = (seg.k, seg.v) else {
+        return 0;
+    };
+    let kbits = kc.quant().bits();
+    let n = (r1 - r0) / PACKED_BLOCK * PACKED_BLOCK;
+    let Some(iq) = w.iq.as_ref() else { return 0 };
+    if n == 0 || !(kbits == 8 || kbits == 4) {
+        return 0;
+    }
+    let pb = w.ctx.pb;
+    let (krb, vrb) = (kc.row_bytes(), vc.row_bytes());
+    let masks: Vec<&[half::f16]> = pb.mask.map_or_else(Vec::new, |mk| {
+        (w.it.q0..w.it.q1).map(|q| &mk.data[q * mk.stride + seg.first_cell + r0..][..n]).collect()
+    });
+    let job = DecodeJob {
+        d: pb.d,
+        m: w.m,
+        g: pb.group(),
+        kbits,
+        vbits: vc.quant().bits(),
+        krb,
+        vrb,
+        k: &kd[r0 * krb..(r0 + n) * krb],
+        v: &vd[r0 * vrb..(r0 + n) * vrb],
+        n,
+        q32: &iq.q32,
+        qstep: &iq.step,
+        qsum: &iq.sum,
+        mask: pb.mask.map(|_| masks.as_slice()),
+        slopes: &w.row_slopes,
+        softcap: pb.p.softcap,
+    };
+    if w.st.rot.is_empty() {
+        w.st.rot.resize(w.m * pb.d, 0.0);
+    }
+    F::packed_decode(&job, &mut w.st.max, &mut w.st.sum, &mut w.st.rot, &mut w.st.plain);
+    n
 }
 
 /// Loads mask values of the tile; returns false when every cell is dropped for every query.

@@ -27,6 +27,11 @@ pub(crate) fn by_name(name: &str) -> Option<Kernels> {
     match name {
         "portable" => Some(Kernels { name: "portable", item: item_portable }),
         #[cfg(target_arch = "x86_64")]
+        "avx512" if x86::has_avx512_vnni() => {
+            // SAFETY: `has_avx512_vnni` checked at run time every feature the set enables.
+            Some(unsafe { x86::avx512_vnni_kernels() })
+        }
+        #[cfg(target_arch = "x86_64")]
         "avx512" if x86::has_avx512() => {
             // SAFETY: `has_avx512` checked at run time every feature `avx512_kernels` enables.
             Some(unsafe { x86::avx512_kernels() })
@@ -71,7 +76,9 @@ mod x86 {
     use super::{Ctx, Item, Kernels, Partial};
     use crate::attn::fast;
     use crate::attn::kernels::Flavor;
+    use crate::attn::fast::DecodeJob;
     use crate::attn::x86 as k;
+    use crate::attn::x86_decode as kd;
     use crate::codec::RowCodec;
     use half::f16;
 
@@ -80,6 +87,10 @@ mod x86 {
             && is_x86_feature_detected!("avx512bw")
             && is_x86_feature_detected!("avx512vl")
             && has_avx2()
+    }
+
+    pub fn has_avx512_vnni() -> bool {
+        has_avx512() && is_x86_feature_detected!("avx512vnni")
     }
 
     pub fn has_avx2() -> bool {
@@ -120,6 +131,42 @@ mod x86 {
         }
     }
 
+    /// AVX-512 with VNNI: the AVX-512 flavor plus the integer packed decode kernel. Only
+    /// `item_avx512_vnni` instantiates the pipeline with it (reached after detection).
+    #[derive(Clone, Copy, Debug)]
+    struct Avx512Vnni;
+
+    impl Flavor for Avx512Vnni {
+        #[inline(always)]
+        fn fma(a: f32, b: f32, c: f32) -> f32 {
+            a.mul_add(b, c)
+        }
+        #[inline(always)]
+        fn decode_packed(codec: &RowCodec, data: &[u8], out: &mut [f32]) {
+            Avx512::decode_packed(codec, data, out);
+        }
+        #[inline(always)]
+        fn f16_rows(src: &[f16], out: &mut [f32]) {
+            Avx512::f16_rows(src, out);
+        }
+        const WIDE: bool = true;
+        #[inline(always)]
+        fn scores_t(qt: &[f32], mp: usize, kt: &[f32], nj: usize, d: usize, st: &mut [f32]) {
+            Avx512::scores_t(qt, mp, kt, nj, d, st);
+        }
+        #[inline(always)]
+        fn accumulate_t(pt: &[f32], mp: usize, v: &[f32], nj: usize, d: usize, m: usize, acc: &mut [f32]) {
+            Avx512::accumulate_t(pt, mp, v, nj, d, m, acc);
+        }
+        const PACKED_DECODE: bool = true;
+        #[inline(always)]
+        fn packed_decode(job: &DecodeJob, max: &mut [f32], sum: &mut [f32], acc: &mut [f32], plain: &mut [f32]) {
+            // SAFETY: this flavor only runs inside `item_avx512_vnni`, reached after
+            // `has_avx512_vnni` (see the type's docs).
+            unsafe { kd::decode_packed_avx512(job, max, sum, acc, plain) }
+        }
+    }
+
     /// AVX2+FMA+F16C flavor; only `item_avx2` instantiates the pipeline with it.
     #[derive(Clone, Copy, Debug)]
     struct Avx2;
@@ -146,6 +193,11 @@ mod x86 {
         fast::run_item::<Avx512>(ctx, it)
     }
 
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    fn item_avx512_vnni(ctx: &Ctx, it: &Item) -> Partial {
+        fast::run_item::<Avx512Vnni>(ctx, it)
+    }
+
     #[target_feature(enable = "avx2,fma,f16c")]
     fn item_avx2(ctx: &Ctx, it: &Item) -> Partial {
         fast::run_item::<Avx2>(ctx, it)
@@ -156,6 +208,12 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
     pub fn avx512_kernels() -> Kernels {
         Kernels { name: "avx512", item: item_avx512 }
+    }
+
+    /// The AVX-512 VNNI set (see [`avx512_kernels`]).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub fn avx512_vnni_kernels() -> Kernels {
+        Kernels { name: "avx512", item: item_avx512_vnni }
     }
 
     /// The AVX2+FMA set (see [`avx512_kernels`]).

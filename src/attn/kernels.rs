@@ -26,6 +26,41 @@ pub(crate) trait Flavor: Copy + Send + Sync + 'static {
     fn accumulate_t(_pt: &[f32], _mp: usize, _v: &[f32], _nj: usize, _d: usize, _m: usize, _acc: &mut [f32]) {
         unreachable!("accumulate_t without WIDE");
     }
+    /// Whether [`Flavor::packed_decode`] exists (integer K scores over packed rows).
+    const PACKED_DECODE: bool = false;
+    /// Runs the packed decode kernel over `job.n` rows (a multiple of [`PACKED_BLOCK`]),
+    /// updating the softmax state and the rotated accumulator (`acc`) of the job's query
+    /// rows, and rescaling their f16-V accumulator (`plain`, possibly empty).
+    fn packed_decode(_job: &DecodeJob, _max: &mut [f32], _sum: &mut [f32], _acc: &mut [f32], _plain: &mut [f32]) {
+        unreachable!("packed_decode without PACKED_DECODE");
+    }
+}
+
+/// Rows per block of the packed decode kernels (one score vector of 16 lanes).
+pub(crate) const PACKED_BLOCK: usize = 16;
+
+/// Quantizes one group of 32 rotated query values to int8 with one absmax step (ggml's
+/// q8_0 rule: `step = max|x| / 127`, `q = round(x / step)`), returning the step (0 for an
+/// all-zero group). Every path that scores packed K uses `q · step` as the query (the
+/// integer kernels use `q` and `step` separately), so all instruction sets agree on it.
+#[inline]
+pub(crate) fn quantize_q8(x: &[f32], q: &mut [i8]) -> f32 {
+    assert_eq!(x.len(), 32, "quantize_q8: group length");
+    assert_eq!(q.len(), 32, "quantize_q8: output length");
+    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    if amax == 0.0 || !amax.is_finite() {
+        // Non-finite queries have no int8 image; the float paths keep them as they are.
+        q.fill(0);
+        return if amax == 0.0 { 0.0 } else { f32::NAN };
+    }
+    let step = amax / 127.0;
+    let inv = 127.0 / amax;
+    for (o, v) in q.iter_mut().zip(x) {
+        #[allow(clippy::cast_possible_truncation)]
+        let c = (v * inv).round().clamp(-127.0, 127.0) as i8;
+        *o = c;
+    }
+    step
 }
 
 /// Portable code: separate multiply and add (`mul_add` would be a libm call without FMA).
@@ -39,6 +74,7 @@ impl Flavor for Portable {
     }
 }
 
+use super::fast::DecodeJob;
 use crate::codec::RowCodec;
 use half::f16;
 

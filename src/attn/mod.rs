@@ -29,6 +29,8 @@ mod pool;
 mod reference;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+#[cfg(target_arch = "x86_64")]
+mod x86_decode;
 
 use crate::codec::RowCodec;
 use half::f16;
@@ -252,5 +254,33 @@ pub fn flash_attn_reference(
 ) {
     let prob = Problem { q, n_q, n_head, d: head_dim, kv, mask, sinks, p: *p };
     prob.validate(out.len());
-    reference::run(&prob, out);
+    reference::run(&prob, out, false);
+}
+
+/// The scalar oracle of what [`flash_attn`] computes: as [`flash_attn_reference`], except
+/// that packed K rows are scored against the int8 image of the query, as every kernel set
+/// does: the query is scaled (`scale`, ÷ `softcap` when softcapping), rotated, and rounded
+/// per group of 32 to `q8 · step` with `step = max|x| / 127` (ggml's q8_0 rule); the score is
+/// `dot(q8 · step, k_rotated)`. f16 rows, and every row when a query value is not finite,
+/// use the exact query.
+///
+/// # Panics
+/// As [`flash_attn`].
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attn_reference_int8q(
+    q: &[f32],
+    n_q: usize,
+    n_head: usize,
+    head_dim: usize,
+    kv: &[Vec<Segment>],
+    mask: Option<Mask>,
+    sinks: Option<&[f32]>,
+    p: &FaParams,
+    _n_threads: usize,
+    out: &mut [f32],
+) {
+    let prob = Problem { q, n_q, n_head, d: head_dim, kv, mask, sinks, p: *p };
+    prob.validate(out.len());
+    reference::run(&prob, out, true);
 }

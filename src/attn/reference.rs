@@ -1,6 +1,8 @@
 //! The scalar oracle: decompress each row to the model's space, then attend in f64.
 
+use super::fast::quantize_queries;
 use super::{alibi_slope, Problem, Rows};
+use crate::codec::rotate;
 
 /// f16 → f32 with the attention rule for non-finite values (read as 0).
 pub(crate) fn f16_value(h: half::f16) -> f32 {
@@ -27,8 +29,17 @@ fn row(rows: Rows, r: usize, d: usize, out: &mut [f32]) {
     }
 }
 
-/// One output row: query `i`, head `h`.
-fn attend_one(pb: &Problem, i: usize, h: usize, out: &mut [f32]) {
+/// Packed rows `r` of `rows` decoded into the rotated space.
+fn row_rotated(rows: Rows, r: usize, out: &mut [f32]) {
+    if let Rows::Packed { codec, data } = rows {
+        let rb = codec.row_bytes();
+        codec.decode_rotated(&data[r * rb..(r + 1) * rb], out);
+    }
+}
+
+/// One output row: query `i`, head `h`. With `q8` (the rotated, scaled query rounded to
+/// its int8 image, `[d]`), packed K rows are scored as `dot(q8, k_rotated)` (then softcap).
+fn attend_one(pb: &Problem, i: usize, h: usize, q8: Option<&[f32]>, out: &mut [f32]) {
     let d = pb.d;
     let kh = h / pb.group();
     let slope = alibi_slope(pb.p.max_bias, h, pb.n_head);
@@ -44,10 +55,24 @@ fn attend_one(pb: &Problem, i: usize, h: usize, out: &mut [f32]) {
             if mv == f32::NEG_INFINITY {
                 continue;
             }
-            row(seg.k, r, d, &mut k);
             row(seg.v, r, d, &mut v);
-            let dot: f64 = q.iter().zip(&k).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum();
-            let mut s = dot * f64::from(pb.p.scale);
+            let mut s = match (q8, seg.k) {
+                (Some(q8), Rows::Packed { .. }) => {
+                    row_rotated(seg.k, r, &mut k);
+                    // q8 already carries `scale` (÷ softcap when softcapping).
+                    let dot: f64 = q8.iter().zip(&k).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum();
+                    if pb.p.softcap == 0.0 {
+                        dot
+                    } else {
+                        dot * f64::from(pb.p.softcap)
+                    }
+                }
+                _ => {
+                    row(seg.k, r, d, &mut k);
+                    let dot: f64 = q.iter().zip(&k).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum();
+                    dot * f64::from(pb.p.scale)
+                }
+            };
             if pb.p.softcap != 0.0 {
                 let c = f64::from(pb.p.softcap);
                 s = c * (s / c).tanh();
@@ -78,11 +103,25 @@ fn attend_one(pb: &Problem, i: usize, h: usize, out: &mut [f32]) {
     }
 }
 
-pub(crate) fn run(pb: &Problem, out: &mut [f32]) {
+/// The oracle. With `int8_q`, packed K is scored against the int8 image of the rotated
+/// query, exactly as the fast kernels do (see `fast::quantize_queries`).
+pub(crate) fn run(pb: &Problem, out: &mut [f32], int8_q: bool) {
     let d = pb.d;
+    let mut q8 = Vec::new();
+    if int8_q {
+        let p = pb.p;
+        let qscale = if p.softcap == 0.0 { p.scale } else { p.scale / p.softcap };
+        q8 = pb.q.iter().map(|x| x * qscale).collect();
+        q8.chunks_exact_mut(d).for_each(rotate);
+        if quantize_queries(&mut q8).is_none() {
+            q8.clear();
+        }
+    }
     for i in 0..pb.n_q {
         for h in 0..pb.n_head {
-            attend_one(pb, i, h, &mut out[(i * pb.n_head + h) * d..][..d]);
+            let at = (i * pb.n_head + h) * d;
+            let qr = if q8.is_empty() { None } else { Some(&q8[at..at + d]) };
+            attend_one(pb, i, h, qr, &mut out[at..at + d]);
         }
     }
 }

@@ -1,0 +1,463 @@
+//! Decode attention over packed K/V rows with AVX-512 VNNI: integer K scores, 16 rows per
+//! vector, V accumulated straight from its codes.
+//!
+//! Per block of 16 rows (one [`DecodeJob`] run of one segment):
+//! 1. **K scores, transposed.** For each group of 32 values the 16 rows' code bytes are
+//!    transposed (4×4 dword transposes inside 128-bit lanes) so that dword lane `r` of a
+//!    vector holds 4 codes of row `r`; 4-bit codes are split with AND/shift. `vpdpbusd`
+//!    multiplies the unsigned codes by the signed int8 query (one dword of it broadcast),
+//!    8 instructions per group and query row give all 16 rows' group dots at once, started
+//!    from `−offset · Σq` so that the code offset costs nothing. Each group dot is multiplied
+//!    by the row's int8 group multiplier (`vpmulld`), converted to f32 and accumulated with
+//!    the query step; one multiply by the bf16 row scale gives 16 scores. No horizontal sums.
+//! 2. **Softmax** on the 16 scores of each query row: softcap, mask and ALiBi, the running
+//!    max (reduced only when a lane exceeds it), `exp`, a running sum kept as a vector. The
+//!    weight of row `r` in group `g` is `p_r · S_r · c_rg` (V's row scale and multiplier).
+//! 3. **V**: for each row, each group's codes are expanded to f32 `code − offset` (a
+//!    `vpermps` table lookup for 2/3/4 bits) and FMA'd into register-resident accumulators
+//!    of up to 4 query rows × 64 columns, with the weight broadcast from memory.
+//!
+//! Headers (row scale and multipliers) of 16 rows come in with one dword gather per 4
+//! groups. All loads are in bounds by the asserts at the top of [`decode_packed_avx512`]
+//! (each row has `row_bytes` bytes; every load reads inside one row).
+//!
+//! The scalar specification is `reference.rs` in its int8-query mode (the query is rounded
+//! to int8 per group of 32 exactly as here); `tests/attn_equivalence.rs` checks it.
+
+use super::fast::DecodeJob;
+use super::kernels::PACKED_BLOCK;
+use crate::codec::layout::{group_code_bytes, row_bytes, GROUP, HEADER};
+use std::arch::x86_64::*;
+
+const B: usize = PACKED_BLOCK;
+
+/// Query rows of one V pass (accumulators: 4 rows × 64 columns = 16 registers).
+const HB: usize = 4;
+
+/// Decode attention over `job.n` packed rows (see the module docs). `max`, `sum` and `acc`
+/// (`m × d`, rotated space) are the online-softmax state of the job's `m` query rows;
+/// `plain` (`m × d` or empty) is their f16-V accumulator, rescaled when a max grows.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub fn decode_packed_avx512(job: &DecodeJob, max: &mut [f32], sum: &mut [f32], acc: &mut [f32], plain: &mut [f32]) {
+    let (d, m, n) = (job.d, job.m, job.n);
+    let ng = d / GROUP;
+    assert!(d % GROUP == 0 && ng > 0, "decode_packed_avx512: head_dim");
+    assert!(n % B == 0, "decode_packed_avx512: rows not whole blocks");
+    assert!(job.kbits == 8 || job.kbits == 4, "decode_packed_avx512: K bits");
+    assert!(matches!(job.vbits, 8 | 4 | 3 | 2), "decode_packed_avx512: V bits");
+    assert_eq!(job.krb, row_bytes(job.kbits, d), "decode_packed_avx512: K row bytes");
+    assert_eq!(job.vrb, row_bytes(job.vbits, d), "decode_packed_avx512: V row bytes");
+    assert!(job.k.len() >= n * job.krb && job.v.len() >= n * job.vrb, "decode_packed_avx512: rows");
+    assert!(job.q32.len() >= m * ng * 8 && job.qstep.len() >= m * ng && job.qsum.len() >= m * ng, "decode_packed_avx512: q");
+    assert!(job.slopes.len() >= m && max.len() >= m && sum.len() >= m && acc.len() >= m * d, "decode_packed_avx512: state");
+    assert!(job.g > 0 && m % job.g == 0, "decode_packed_avx512: group");
+    assert!(plain.is_empty() || plain.len() >= m * d, "decode_packed_avx512: plain");
+    if let Some(masks) = job.mask {
+        assert!(masks.len() >= m / job.g && masks.iter().all(|x| x.len() >= n), "decode_packed_avx512: mask");
+    }
+    // The header gathers read dword `4·k` (k = 0..=(ng + 1) / 4) of a row: inside the row,
+    // which has `HEADER + ng` header bytes followed by at least 4·ng code bytes.
+    let koff = 1i32 << (job.kbits - 1);
+    let kgb = group_code_bytes(job.kbits);
+
+    let lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    let kidx = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(i32::try_from(job.krb).expect("row bytes")));
+    let vidx = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(i32::try_from(job.vrb).expect("row bytes")));
+
+    let zero = _mm512_setzero_ps();
+    // Per query row: score accumulator, running sum (vector), rescale factor of the block.
+    let mut sacc = vec![zero; m];
+    let mut svec: Vec<__m512> = sum[..m].iter().map(|s| _mm512_mask_mov_ps(zero, 1, _mm512_set1_ps(*s))).collect();
+    let mut alpha = vec![1.0f32; m];
+    // V weights `[m][ng][16]`, and the multipliers of the block's rows.
+    let mut aw = vec![0.0f32; m * ng * B];
+    let mut kc = vec![_mm512_setzero_si512(); ng];
+    let mut vc = vec![zero; ng];
+
+    for blk in 0..n / B {
+        let r0 = blk * B;
+        // Rows whose every query is masked out are skipped as a block.
+        if let Some(masks) = job.mask {
+            let mut any = false;
+            for mq in masks.iter().take(m / job.g) {
+                any |= mask_block(&mq[r0..r0 + B]) != 0;
+            }
+            if !any {
+                continue;
+            }
+        }
+        // SAFETY: rows r0..r0+16 lie in `job.k` / `job.v` (n·row_bytes bytes, asserted).
+        let (kp, vp) = unsafe { (job.k.as_ptr().add(r0 * job.krb), job.v.as_ptr().add(r0 * job.vrb)) };
+        // SAFETY: the gathers read dwords inside rows of the block (see above).
+        let sk = unsafe { headers(kp, kidx, ng, &mut kc, false, &mut []) };
+        // SAFETY: as above.
+        let sv = unsafe { headers(vp, vidx, ng, &mut [], true, &mut vc) };
+
+        // 1. K scores.
+        for s in sacc.iter_mut() {
+            *s = zero;
+        }
+        for g in 0..ng {
+            // SAFETY: group g's codes lie at HEADER + ng + g·kgb .. +kgb of each row.
+            let codes = unsafe {
+                let p = kp.add(HEADER + ng + g * kgb);
+                if job.kbits == 4 {
+                    codes4(p, job.krb)
+                } else {
+                    codes8(p, job.krb)
+                }
+            };
+            for h in 0..m {
+                let qb = &job.q32[(h * ng + g) * 8..][..8];
+                let mut t = _mm512_set1_epi32(-koff * job.qsum[h * ng + g]);
+                for j in 0..8 {
+                    t = _mm512_dpbusd_epi32(t, codes[j], _mm512_set1_epi32(qb[j]));
+                }
+                let x = _mm512_cvtepi32_ps(_mm512_mullo_epi32(t, kc[g]));
+                sacc[h] = _mm512_fmadd_ps(x, _mm512_set1_ps(job.qstep[h * ng + g]), sacc[h]);
+            }
+        }
+
+        // 2. Softmax.
+        for h in 0..m {
+            let mut s = _mm512_mul_ps(sacc[h], sk);
+            if job.softcap != 0.0 {
+                s = softcap(s, job.softcap);
+            }
+            if let Some(masks) = job.mask {
+                let mq = &masks[h / job.g][r0..r0 + B];
+                // SAFETY: `mq` holds 16 f16 (32 bytes).
+                let mv = unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(mq.as_ptr().cast())) };
+                let keep = _mm512_cmp_ps_mask::<_CMP_NEQ_OQ>(mv, _mm512_set1_ps(f32::NEG_INFINITY));
+                s = _mm512_mask_blend_ps(keep, _mm512_set1_ps(f32::NEG_INFINITY), _mm512_fmadd_ps(_mm512_set1_ps(job.slopes[h]), mv, s));
+            }
+            let old = max[h];
+            alpha[h] = 1.0;
+            if _mm512_cmp_ps_mask::<_CMP_GT_OQ>(s, _mm512_set1_ps(old)) != 0 {
+                let new = _mm512_reduce_max_ps(s).max(old);
+                let a = if old == f32::NEG_INFINITY { 0.0 } else { (old - new).exp() };
+                alpha[h] = a;
+                svec[h] = _mm512_mul_ps(svec[h], _mm512_set1_ps(a));
+                max[h] = new;
+                if !plain.is_empty() {
+                    plain[h * d..(h + 1) * d].iter_mut().for_each(|x| *x *= a);
+                }
+            }
+            let p = if max[h] == f32::NEG_INFINITY { zero } else { exp(_mm512_sub_ps(s, _mm512_set1_ps(max[h]))) };
+            svec[h] = _mm512_add_ps(svec[h], p);
+            let a = _mm512_mul_ps(p, sv);
+            for g in 0..ng {
+                // SAFETY: (h·ng + g)·16 + 16 <= m·ng·16 = aw.len().
+                unsafe { _mm512_storeu_ps(aw.as_mut_ptr().add((h * ng + g) * B), _mm512_mul_ps(a, vc[g])) };
+            }
+        }
+
+        // 3. V.
+        let mut h0 = 0;
+        while h0 < m {
+            let hb = (m - h0).min(HB);
+            let mut g0 = 0;
+            while g0 < ng {
+                let cg = if ng - g0 >= 2 { 2 } else { 1 };
+                // SAFETY: `vp` points at 16 rows of `vrb` bytes; `acc` has m·d floats and the
+                // pass touches rows h0..h0+hb, columns 32·g0 .. 32·(g0 + cg) <= d.
+                unsafe { v_pass(job.vbits, hb, cg, vp, job.vrb, ng, d, h0, g0, &aw, &alpha, acc.as_mut_ptr()) };
+                g0 += cg;
+            }
+            h0 += hb;
+        }
+    }
+    for h in 0..m {
+        sum[h] = _mm512_reduce_add_ps(svec[h]);
+    }
+}
+
+/// Bit `r` set when row `r` of the block is kept (mask value not −∞).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[inline]
+fn mask_block(mq: &[half::f16]) -> u16 {
+    assert!(mq.len() >= B);
+    // SAFETY: 16 f16 = 32 bytes are readable (asserted).
+    let mv = unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(mq.as_ptr().cast())) };
+    _mm512_cmp_ps_mask::<_CMP_NEQ_OQ>(mv, _mm512_set1_ps(f32::NEG_INFINITY))
+}
+
+/// Row scales (f32) of 16 rows, and the group multipliers: sign-extended i32 into `ci`
+/// (K), or as f32 into `cf` (V, when `float`).
+///
+/// # Safety
+/// `p + idx[r] + 4·k` for k in `0..=(ng + 1) / 4` must be 4 readable bytes for every lane.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[inline]
+unsafe fn headers(p: *const u8, idx: __m512i, ng: usize, ci: &mut [__m512i], float: bool, cf: &mut [__m512]) -> __m512 {
+    // SAFETY: guaranteed by the caller (k = 0).
+    let h0 = unsafe { _mm512_i32gather_epi32::<1>(idx, p.cast()) };
+    let scale = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(h0));
+    let mut word = h0;
+    for g in 0..ng {
+        // Multiplier g is byte 2 + g of the row: byte (2 + g) % 4 of dword (2 + g) / 4.
+        let (dw, byte) = ((2 + g) / 4, (2 + g) % 4);
+        if byte == 0 {
+            // SAFETY: dw <= (ng + 1) / 4, guaranteed by the caller.
+            word = unsafe { _mm512_i32gather_epi32::<1>(idx, p.add(4 * dw).cast()) };
+        }
+        let c = match byte {
+            0 => _mm512_srai_epi32::<24>(_mm512_slli_epi32::<24>(word)),
+            1 => _mm512_srai_epi32::<24>(_mm512_slli_epi32::<16>(word)),
+            2 => _mm512_srai_epi32::<24>(_mm512_slli_epi32::<8>(word)),
+            _ => _mm512_srai_epi32::<24>(word),
+        };
+        if float {
+            cf[g] = _mm512_cvtepi32_ps(c);
+        } else {
+            ci[g] = c;
+        }
+    }
+    scale
+}
+
+/// Loads 16 bytes of each of rows `p + 0·rb .. p + 15·rb` and transposes them so that dword
+/// lane `r` of output `j` is dword `j` of row `r`.
+///
+/// # Safety
+/// 16 bytes at `p + r·rb` must be readable for r in 0..16.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[inline]
+unsafe fn transpose16(p: *const u8, rb: usize) -> [__m512i; 4] {
+    // SAFETY: guaranteed by the caller.
+    let l = |r: usize| unsafe { _mm_loadu_si128(p.add(r * rb).cast()) };
+    let z = |r: usize| {
+        let a = _mm512_castsi128_si512(l(r));
+        let a = _mm512_inserti32x4::<1>(a, l(r + 4));
+        let a = _mm512_inserti32x4::<2>(a, l(r + 8));
+        _mm512_inserti32x4::<3>(a, l(r + 12))
+    };
+    // 128-bit lane L of z(i) is row 4L + i.
+    let (z0, z1, z2, z3) = (z(0), z(1), z(2), z(3));
+    let t0 = _mm512_unpacklo_epi32(z0, z1);
+    let t1 = _mm512_unpackhi_epi32(z0, z1);
+    let t2 = _mm512_unpacklo_epi32(z2, z3);
+    let t3 = _mm512_unpackhi_epi32(z2, z3);
+    [
+        _mm512_unpacklo_epi64(t0, t2),
+        _mm512_unpackhi_epi64(t0, t2),
+        _mm512_unpacklo_epi64(t1, t3),
+        _mm512_unpackhi_epi64(t1, t3),
+    ]
+}
+
+/// The 32 4-bit codes of one group of 16 rows, as 8 vectors of 4 codes per row and dword:
+/// vector `j < 4` holds codes `4j..4j+4` (low nibbles), `j >= 4` codes `16 + 4(j−4)..`.
+///
+/// # Safety
+/// As [`transpose16`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[inline]
+unsafe fn codes4(p: *const u8, rb: usize) -> [__m512i; 8] {
+    // SAFETY: guaranteed by the caller.
+    let t = unsafe { transpose16(p, rb) };
+    let lo = _mm512_set1_epi8(0x0F);
+    let h = |x: __m512i| _mm512_and_si512(_mm512_srli_epi32::<4>(x), lo);
+    [
+        _mm512_and_si512(t[0], lo),
+        _mm512_and_si512(t[1], lo),
+        _mm512_and_si512(t[2], lo),
+        _mm512_and_si512(t[3], lo),
+        h(t[0]),
+        h(t[1]),
+        h(t[2]),
+        h(t[3]),
+    ]
+}
+
+/// The 32 8-bit codes of one group of 16 rows: vector `j` holds codes `4j..4j+4`.
+///
+/// # Safety
+/// 32 bytes at `p + r·rb` must be readable for r in 0..16.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[inline]
+unsafe fn codes8(p: *const u8, rb: usize) -> [__m512i; 8] {
+    // SAFETY: guaranteed by the caller.
+    let (a, b) = unsafe { (transpose16(p, rb), transpose16(p.add(16), rb)) };
+    [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]]
+}
+
+/// One V pass: query rows `h0..h0+hb` (hb <= 4), groups `g0..g0+cg` (cg <= 2), 16 rows.
+///
+/// # Safety
+/// `vp` points at 16 rows of `vrb` bytes in the packed format of `vbits`; `acc` at `m·d`
+/// floats with `h0 + hb <= m` and `32·(g0 + cg) <= d`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+unsafe fn v_pass(vbits: u32, hb: usize, cg: usize, vp: *const u8, vrb: usize, ng: usize, d: usize, h0: usize, g0: usize, aw: &[f32], alpha: &[f32], acc: *mut f32) {
+    macro_rules! go {
+        ($vb:literal) => {
+            // SAFETY: forwarded from the caller.
+            unsafe {
+                match (hb, cg) {
+                    (4, 2) => v_rows::<$vb, 4, 2>(vp, vrb, ng, d, h0, g0, aw, alpha, acc),
+                    (3, 2) => v_rows::<$vb, 3, 2>(vp, vrb, ng, d, h0, g0, aw, alpha, acc),
+                    (2, 2) => v_rows::<$vb, 2, 2>(vp, vrb, ng, d, h0, g0, aw, alpha, acc),
+                    (1, 2) => v_rows::<$vb, 1, 2>(vp, vrb, ng, d, h0, g0, aw, alpha, acc),
+                    (4, _) => v_rows::<$vb, 4, 1>(vp, vrb, ng, d, h0, g0, aw, alpha, acc),
+                    (3, _) => v_rows::<$vb, 3, 1>(vp, vrb, ng, d, h0, g0, aw, alpha, acc),
+                    (2, _) => v_rows::<$vb, 2, 1>(vp, vrb, ng, d, h0, g0, aw, alpha, acc),
+                    _ => v_rows::<$vb, 1, 1>(vp, vrb, ng, d, h0, g0, aw, alpha, acc),
+                }
+            }
+        };
+    }
+    match vbits {
+        8 => go!(8),
+        4 => go!(4),
+        3 => go!(3),
+        _ => go!(2),
+    }
+}
+
+/// See [`v_pass`]; `H` query rows, `C` groups, `VB` bits.
+///
+/// # Safety
+/// As [`v_pass`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+unsafe fn v_rows<const VB: u32, const H: usize, const C: usize>(vp: *const u8, vrb: usize, ng: usize, d: usize, h0: usize, g0: usize, aw: &[f32], alpha: &[f32], acc: *mut f32) {
+    let gb = group_code_bytes(VB);
+    let mut a = [[[_mm512_setzero_ps(); 2]; C]; H];
+    for (i, ai) in a.iter_mut().enumerate() {
+        let al = _mm512_set1_ps(alpha[h0 + i]);
+        for (c, ac) in ai.iter_mut().enumerate() {
+            for (k, x) in ac.iter_mut().enumerate() {
+                // SAFETY: row h0 + i < m, column 32(g0 + c) + 16k + 16 <= d (caller).
+                *x = _mm512_mul_ps(al, unsafe { _mm512_loadu_ps(acc.add((h0 + i) * d + 32 * (g0 + c) + 16 * k)) });
+            }
+        }
+    }
+    let tabs = Tables::new();
+    for j in 0..B {
+        // SAFETY: row j < 16 of the block; its codes start after the header.
+        let rp = unsafe { vp.add(j * vrb + HEADER + ng) };
+        for c in 0..C {
+            // SAFETY: group g0 + c < ng lies inside the row.
+            let (x0, x1) = unsafe { group_values::<VB>(rp.add((g0 + c) * gb), &tabs) };
+            for (i, ai) in a.iter_mut().enumerate() {
+                let w = _mm512_set1_ps(aw[((h0 + i) * ng + g0 + c) * B + j]);
+                ai[c][0] = _mm512_fmadd_ps(w, x0, ai[c][0]);
+                ai[c][1] = _mm512_fmadd_ps(w, x1, ai[c][1]);
+            }
+        }
+    }
+    for (i, ai) in a.iter().enumerate() {
+        for (c, ac) in ai.iter().enumerate() {
+            for (k, x) in ac.iter().enumerate() {
+                // SAFETY: as for the loads.
+                unsafe { _mm512_storeu_ps(acc.add((h0 + i) * d + 32 * (g0 + c) + 16 * k), *x) };
+            }
+        }
+    }
+}
+
+/// Lookup tables from a code's low 4 bits to `code − offset` as f32.
+struct Tables {
+    /// 4 bits: `i − 8`.
+    t4: __m512,
+    /// 2 bits (the low two of the index): `(i & 3) − 2`.
+    t2: __m512,
+    /// 3 bits, high bit clear / set: `(i & 3) − 4` / `(i & 3)`.
+    t3lo: __m512,
+    t3hi: __m512,
+}
+
+impl Tables {
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    #[inline]
+    fn new() -> Tables {
+        let t4 = _mm512_set_ps(7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0, 0.0, -1.0, -2.0, -3.0, -4.0, -5.0, -6.0, -7.0, -8.0);
+        let t2 = _mm512_set_ps(1.0, 0.0, -1.0, -2.0, 1.0, 0.0, -1.0, -2.0, 1.0, 0.0, -1.0, -2.0, 1.0, 0.0, -1.0, -2.0);
+        let t3lo = _mm512_set_ps(-1.0, -2.0, -3.0, -4.0, -1.0, -2.0, -3.0, -4.0, -1.0, -2.0, -3.0, -4.0, -1.0, -2.0, -3.0, -4.0);
+        let t3hi = _mm512_set_ps(3.0, 2.0, 1.0, 0.0, 3.0, 2.0, 1.0, 0.0, 3.0, 2.0, 1.0, 0.0, 3.0, 2.0, 1.0, 0.0);
+        Tables { t4, t2, t3lo, t3hi }
+    }
+}
+
+/// The 32 values `code − offset` of one group as two vectors (codes 0..16, 16..32).
+///
+/// # Safety
+/// `group_code_bytes(VB)` bytes at `p` must be readable.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[inline]
+unsafe fn group_values<const VB: u32>(p: *const u8, t: &Tables) -> (__m512, __m512) {
+    // SAFETY (all arms): the loads stay inside the group's `4·VB` bytes.
+    unsafe {
+        match VB {
+            8 => {
+                let off = _mm512_set1_ps(128.0);
+                let a = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(p.cast())));
+                let b = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(p.add(16).cast())));
+                (_mm512_sub_ps(a, off), _mm512_sub_ps(b, off))
+            }
+            4 => {
+                let b = _mm512_cvtepu8_epi32(_mm_loadu_si128(p.cast()));
+                (_mm512_permutexvar_ps(b, t.t4), _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(b), t.t4))
+            }
+            _ => {
+                // Byte k holds codes k, 8 + k, 16 + k, 24 + k in bit pairs 0, 2, 4, 6.
+                let x = _mm_loadl_epi64(p.cast());
+                let b = _mm512_cvtepu8_epi32(_mm_unpacklo_epi64(x, x));
+                let s01 = _mm512_set_epi32(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0);
+                let s23 = _mm512_set_epi32(6, 6, 6, 6, 6, 6, 6, 6, 4, 4, 4, 4, 4, 4, 4, 4);
+                let (l0, l1) = (_mm512_srlv_epi32(b, s01), _mm512_srlv_epi32(b, s23));
+                if VB == 2 {
+                    return (_mm512_permutexvar_ps(l0, t.t2), _mm512_permutexvar_ps(l1, t.t2));
+                }
+                // Bit 2 of code i is bit i of the little-endian u32 after the low bits.
+                let hi = _mm512_set1_epi32(p.add(8).cast::<i32>().read_unaligned());
+                let bit = _mm512_sllv_epi32(_mm512_set1_epi32(1), _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0));
+                let k0 = _mm512_test_epi32_mask(hi, bit);
+                let k1 = _mm512_test_epi32_mask(hi, _mm512_slli_epi32::<16>(bit));
+                (
+                    _mm512_mask_permutexvar_ps(_mm512_permutexvar_ps(l0, t.t3lo), k0, l0, t.t3hi),
+                    _mm512_mask_permutexvar_ps(_mm512_permutexvar_ps(l1, t.t3lo), k1, l1, t.t3hi),
+                )
+            }
+        }
+    }
+}
+
+/// `e^x` on 16 lanes: the algorithm and constants of `kernels::exp` (exactly 0 below −87).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[inline]
+fn exp(x: __m512) -> __m512 {
+    let magic = _mm512_set1_ps(12_582_912.0);
+    let xc = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0)), _mm512_set1_ps(88.0));
+    let t = _mm512_fmadd_ps(xc, _mm512_set1_ps(std::f32::consts::LOG2_E), magic);
+    let n = _mm512_sub_ps(t, magic);
+    let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693_359_4), xc);
+    let r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.121_944_4e-4), r);
+    let mut p = _mm512_set1_ps(1.987_569_1e-4);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.398_199_9e-3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.333_452e-3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.166_579_6e-2));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.666_666_5e-1));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.000_000_1e-1));
+    let y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0));
+    let ni = _mm512_sub_epi32(_mm512_castps_si512(t), _mm512_castps_si512(magic));
+    let pow2 = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(ni, _mm512_set1_epi32(127))));
+    let live = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, _mm512_set1_ps(-87.0));
+    _mm512_maskz_mul_ps(live, y, pow2)
+}
+
+/// `c · tanh(x)` on 16 lanes (as `kernels::softcap`).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[inline]
+fn softcap(x: __m512, c: f32) -> __m512 {
+    let one = _mm512_set1_ps(1.0);
+    let ax = _mm512_abs_ps(x);
+    let t = exp(_mm512_mul_ps(_mm512_set1_ps(-2.0), ax));
+    let y = _mm512_div_ps(_mm512_sub_ps(one, t), _mm512_add_ps(one, t));
+    // Copy the sign of x onto y.
+    let sign = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(i32::MIN));
+    _mm512_mul_ps(_mm512_set1_ps(c), _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(y), sign)))
+}
