@@ -245,7 +245,7 @@ typedef struct dspark_cache_params {
     /** Most recent tokens kept in f16 (rounded up to 64-token pages). Default 128. */
     uint32_t window;
     /** Threads dspark_cache_attn() uses when its params say 0. 0 means one per CPU core.
-     *  Default 0. */
+     *  At most 256 are used. Default 0. */
     uint32_t n_threads;
 } dspark_cache_params;
 
@@ -263,7 +263,8 @@ dspark_status dspark_cache_params_init(dspark_cache_params *params);
  * \param out Receives the new handle, owned by the caller: release it with
  *        dspark_cache_delete(). Must not be NULL.
  * \return #DSPARK_OK; #DSPARK_ERR_NULL, #DSPARK_ERR_SIZE, #DSPARK_ERR_ARG (a shape field is 0
- *         or inconsistent) or #DSPARK_ERR_FORMAT.
+ *         or inconsistent, or n_layer x n_seq_max x max_tokens is beyond 2^31 tokens in
+ *         all) or #DSPARK_ERR_FORMAT.
  */
 dspark_status dspark_cache_new(const dspark_cache_params *params, dspark_cache_t **out);
 
@@ -340,7 +341,9 @@ typedef struct dspark_attn_params {
     /** Optional attention sinks, `[n_head]` f32 logits: each enters the softmax denominator
      *  of its head only (gpt-oss style). NULL: none. */
     const float *sinks;
-    /** Threads; 0 uses the cache's default (dspark_cache_params.n_threads). */
+    /** Threads (at most 256 are used); 0 uses the cache's default
+     *  (dspark_cache_params.n_threads). Threads come from a pool kept for the process, one
+     *  pool per thread count: a call never spawns threads after the first. */
     uint32_t n_threads;
 } dspark_attn_params;
 
@@ -363,11 +366,13 @@ dspark_status dspark_attn_params_init(dspark_attn_params *params);
  * \param q Queries, `[n_q][n_head][head_dim]` f32. Must not be NULL if n_q > 0.
  * \param n_q Queries. With #DSPARK_ATTN_CAUSAL, at most the sequence's length.
  * \param params Parameters, or NULL for the defaults of dspark_attn_params_init().
- * \param out Receives `[n_q][n_head][head_dim]` f32. Must not be NULL if n_q > 0. Written
- *        only on success.
+ * \param out Receives `[n_q][n_head][head_dim]` f32. Must not be NULL if n_q > 0, and must
+ *        not overlap q, the mask or the sinks. Untouched on every error but
+ *        #DSPARK_ERR_INTERNAL (then its content is unspecified).
  * \return #DSPARK_OK; #DSPARK_ERR_HANDLE, #DSPARK_ERR_NULL, #DSPARK_ERR_SIZE,
- *         #DSPARK_ERR_RANGE or #DSPARK_ERR_ARG (n_q too large for a causal batch, a mask
- *         stride below the length, a negative scale...).
+ *         #DSPARK_ERR_RANGE or #DSPARK_ERR_ARG (more queries than tokens in a causal batch,
+ *         a mask stride below the length, an unknown mask type or flag, a non-finite scale,
+ *         max_bias or softcap, out overlapping an input).
  */
 dspark_status dspark_cache_attn(const dspark_cache_t *cache, uint32_t layer, uint32_t seq,
                                 const float *q, uint32_t n_q, const dspark_attn_params *params,

@@ -8,6 +8,7 @@
 //! - `cli`: the `dspark` command line.
 
 pub mod attn;
+pub mod capi;
 pub mod cli;
 pub mod codec;
 pub mod llama;

@@ -1,0 +1,143 @@
+//! Section "Registration into llama.cpp" of dspark.h: the DSPARK0 device and its figures.
+
+use std::ffi::c_char;
+
+use llama_cpp_sys_2 as ll;
+
+use super::error::{dspark_status, fail, guard, DSPARK_ERR_FORMAT, DSPARK_ERR_NULL};
+use super::{opt_str, read_versioned, write_versioned, Versioned};
+use crate::ggml;
+
+/// `dspark_config` (see dspark.h).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct dspark_config {
+    /// `sizeof(dspark_config)`.
+    pub size: usize,
+    /// Format name or NULL.
+    pub format: *const c_char,
+    /// f16 window in tokens.
+    pub window: u32,
+}
+
+// SAFETY: repr(C), starts with size_t, fields are a pointer and integers.
+unsafe impl Versioned for dspark_config {
+    const MIN_SIZE: usize = std::mem::size_of::<dspark_config>();
+    fn defaults() -> Self {
+        dspark_config { size: std::mem::size_of::<Self>(), format: std::ptr::null(), window: default_window() }
+    }
+}
+
+fn default_window() -> u32 {
+    u32::try_from(ggml::Config::default().window).unwrap_or(u32::MAX)
+}
+
+/// `dspark_stats` (see dspark.h).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct dspark_stats {
+    /// `sizeof(dspark_stats)`.
+    pub size: usize,
+    /// Bytes held by KV pages.
+    pub kv_bytes: u64,
+    /// f16 pages.
+    pub pages_f16: u64,
+    /// Compressed pages.
+    pub pages_compressed: u64,
+    /// Cells holding data.
+    pub cells: u64,
+    /// Values stored.
+    pub elems: u64,
+    /// Bits per stored value (0 when empty).
+    pub bits_per_elem: f64,
+    /// 16 / bits_per_elem (0 when empty).
+    pub compression_ratio: f64,
+    /// Attention calls.
+    pub attn_calls: u64,
+}
+
+// SAFETY: repr(C), starts with size_t, fields are integers and floats.
+unsafe impl Versioned for dspark_stats {
+    const MIN_SIZE: usize = std::mem::size_of::<dspark_stats>();
+    fn defaults() -> Self {
+        dspark_stats { size: std::mem::size_of::<Self>(), ..dspark_stats::default() }
+    }
+}
+
+impl dspark_stats {
+    /// Fills the derived figures from the raw ones.
+    #[allow(clippy::cast_precision_loss)]
+    pub(crate) fn new(kv_bytes: u64, pages_f16: u64, pages_compressed: u64, cells: u64, elems: u64, attn_calls: u64) -> Self {
+        let bits = if elems == 0 || kv_bytes == 0 { 0.0 } else { 8.0 * kv_bytes as f64 / elems as f64 };
+        dspark_stats {
+            size: std::mem::size_of::<Self>(),
+            kv_bytes,
+            pages_f16,
+            pages_compressed,
+            cells,
+            elems,
+            bits_per_elem: bits,
+            compression_ratio: if bits > 0.0 { 16.0 / bits } else { 0.0 },
+            attn_calls,
+        }
+    }
+}
+
+/// Fills a config with the defaults; see dspark.h.
+///
+/// # Safety
+/// `config` is NULL or points to a writable `dspark_config`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dspark_config_init(config: *mut dspark_config) -> dspark_status {
+    guard("dspark_config_init", || {
+        if config.is_null() {
+            return fail(DSPARK_ERR_NULL, "config is NULL");
+        }
+        // SAFETY: non-null, and the caller guarantees a writable dspark_config.
+        unsafe { config.write_unaligned(dspark_config::defaults()) };
+        Ok(())
+    })
+}
+
+/// Registers DSPARK0; see dspark.h.
+///
+/// # Safety
+/// `config` is NULL or points to a `dspark_config` with a correct `size` whose `format` is
+/// NULL or a NUL-terminated string; `out_dev` is NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dspark_register(config: *const dspark_config, out_dev: *mut ll::ggml_backend_dev_t) -> dspark_status {
+    guard("dspark_register", || {
+        let cfg = if config.is_null() {
+            dspark_config::defaults()
+        } else {
+            // SAFETY: non-null config with a size field (caller).
+            unsafe { read_versioned(config, "config") }?
+        };
+        if out_dev.is_null() {
+            return fail(DSPARK_ERR_NULL, "out_dev is NULL");
+        }
+        // SAFETY: cfg.format is NULL or a NUL-terminated string (caller).
+        let name = unsafe { opt_str(cfg.format, "config->format") }?.unwrap_or("k4v4");
+        let c = ggml::Config { window: cfg.window as usize, ..ggml::Config::default() }
+            .with_format_name(name)
+            .or_else(|e| fail(DSPARK_ERR_FORMAT, format!("{e} (or f16)")))?;
+        let dev = ggml::register(c);
+        // SAFETY: out_dev is non-null and writable (caller).
+        unsafe { out_dev.write_unaligned(dev) };
+        Ok(())
+    })
+}
+
+/// The device's figures; see dspark.h.
+///
+/// # Safety
+/// `out` is NULL or points to a writable `dspark_stats` whose `size` is set.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dspark_stats_get(out: *mut dspark_stats) -> dspark_status {
+    guard("dspark_stats_get", || {
+        let s = ggml::Stats::now();
+        let v = dspark_stats::new(s.kv_bytes, s.pages_f16, s.pages_compressed, s.cells, s.elems, s.attn_calls);
+        // SAFETY: out is NULL or a writable dspark_stats with its size set (caller).
+        unsafe { write_versioned(out, &v, "out") }
+    })
+}

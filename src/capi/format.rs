@@ -1,0 +1,353 @@
+//! The saved form of a standalone cache (file-format version 1), in safe Rust.
+//!
+//! All integers little-endian. A 64-byte header, the payload, then a CRC-32 (IEEE) of every
+//! byte before it:
+//!
+//! | offset | field |
+//! |---:|---|
+//! | 0 | magic `DSPARKKV` |
+//! | 8 | u32 file-format version (1) |
+//! | 12 | u32 header bytes (64) |
+//! | 16 | u32 n_layer, n_head_kv, n_head, head_dim, max_tokens, n_seq_max |
+//! | 40 | u8 K bits, u8 V bits (0 = f16), u16 cells per page (64) |
+//! | 44 | u32 reserved (0) |
+//! | 48 | u64 payload bytes |
+//! | 56 | u64 reserved (0) |
+//!
+//! Payload: for each sequence, for each layer: u32 length, u32 hole count, then (u32 p0,
+//! u32 p1) per hole. Then for each layer, for K then V, for each sequence: u32 high-water
+//! mark, then per page a u8 tag (0 empty, 1 f16, 2 packed) followed by the page's bytes as
+//! stored (f16 values, or the codec's packed rows). Pages are saved as stored, so a loaded
+//! cache gives bit-identical attention; empty pages cost one byte.
+//!
+//! [`parse`] checks everything (length, magic, version, CRC, shape, then every field of the
+//! payload) and builds a new [`State`]; nothing is changed until it returns `Ok`.
+#![forbid(unsafe_code)]
+
+use half::f16;
+
+use super::error::{fail, Result, DSPARK_ERR_CORRUPT, DSPARK_ERR_MISMATCH, DSPARK_ERR_VERSION};
+use super::store::{Lane, Shape, State};
+use crate::codec::Quant;
+use crate::kv::{KvStore, PageView, PAGE};
+
+/// First bytes of every saved cache.
+pub const MAGIC: &[u8; 8] = b"DSPARKKV";
+/// The file-format version written.
+pub const VERSION: u32 = 1;
+/// Header bytes in version 1.
+pub const HEADER: usize = 64;
+/// Trailer (CRC-32) bytes.
+pub const TRAILER: usize = 4;
+
+const TAG_EMPTY: u8 = 0;
+const TAG_F16: u8 = 1;
+const TAG_PACKED: u8 = 2;
+
+/// Where serialised bytes go.
+pub trait Sink {
+    /// Appends bytes.
+    fn put(&mut self, b: &[u8]);
+
+    /// Appends f16 values, little-endian.
+    fn put_f16(&mut self, v: &[f16]) {
+        let mut buf = [0u8; 512];
+        for chunk in v.chunks(256) {
+            for (o, x) in buf.chunks_exact_mut(2).zip(chunk) {
+                o.copy_from_slice(&x.to_bits().to_le_bytes());
+            }
+            self.put(&buf[..chunk.len() * 2]);
+        }
+    }
+}
+
+/// Counts bytes only.
+#[derive(Debug, Default)]
+pub struct Counter(pub usize);
+
+impl Sink for Counter {
+    fn put(&mut self, b: &[u8]) {
+        self.0 += b.len();
+    }
+    fn put_f16(&mut self, v: &[f16]) {
+        self.0 += v.len() * 2;
+    }
+}
+
+impl Sink for Vec<u8> {
+    fn put(&mut self, b: &[u8]) {
+        self.extend_from_slice(b);
+    }
+}
+
+/// Writes into a slice that is known to be large enough.
+#[derive(Debug)]
+pub struct SliceSink<'a> {
+    /// Destination.
+    pub buf: &'a mut [u8],
+    /// Bytes written.
+    pub pos: usize,
+}
+
+impl Sink for SliceSink<'_> {
+    fn put(&mut self, b: &[u8]) {
+        self.buf[self.pos..self.pos + b.len()].copy_from_slice(b);
+        self.pos += b.len();
+    }
+}
+
+/// Writes into an `io::Write`, keeping the first error.
+#[derive(Debug)]
+pub struct IoSink<W: std::io::Write> {
+    /// Destination.
+    pub w: W,
+    /// The first write error, after which nothing more is written.
+    pub err: Option<std::io::Error>,
+}
+
+impl<W: std::io::Write> Sink for IoSink<W> {
+    fn put(&mut self, b: &[u8]) {
+        if self.err.is_none() {
+            if let Err(e) = self.w.write_all(b) {
+                self.err = Some(e);
+            }
+        }
+    }
+}
+
+/// Passes bytes on and hashes them.
+struct Crc<'a, S: Sink> {
+    inner: &'a mut S,
+    hasher: crc32fast::Hasher,
+}
+
+impl<S: Sink> Sink for Crc<'_, S> {
+    fn put(&mut self, b: &[u8]) {
+        self.hasher.update(b);
+        self.inner.put(b);
+    }
+}
+
+fn put_u32(s: &mut impl Sink, x: usize) {
+    s.put(&u32::try_from(x).expect("shape fields fit u32 (checked at creation)").to_le_bytes());
+}
+
+fn bits(q: Option<Quant>) -> u8 {
+    q.map_or(0, |q| u8::try_from(q.bits()).expect("bits fit u8"))
+}
+
+fn payload(shape: &Shape, st: &State, s: &mut impl Sink) {
+    for lanes in &st.lanes {
+        for lane in lanes {
+            put_u32(s, lane.len);
+            put_u32(s, lane.holes.len());
+            for &(a, b) in &lane.holes {
+                put_u32(s, a);
+                put_u32(s, b);
+            }
+        }
+    }
+    for lk in &st.layers {
+        for store in [&lk.k, &lk.v] {
+            for seq in 0..shape.n_seq_max {
+                put_u32(s, store.high_water(seq));
+                for p in 0..shape.pages_per_seq() {
+                    match store.page(seq, p) {
+                        PageView::Empty => s.put(&[TAG_EMPTY]),
+                        PageView::F16(d) => {
+                            s.put(&[TAG_F16]);
+                            s.put_f16(d);
+                        }
+                        PageView::Packed(d) => {
+                            s.put(&[TAG_PACKED]);
+                            s.put(d);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Bytes [`write`] produces for this state.
+#[must_use]
+pub fn size(shape: &Shape, st: &State) -> usize {
+    let mut c = Counter::default();
+    payload(shape, st, &mut c);
+    HEADER + c.0 + TRAILER
+}
+
+/// Serialises `st` into `sink` (header, payload, CRC). `payload_len` must be the payload's
+/// size (`size() - HEADER - TRAILER`).
+///
+/// # Panics
+/// If a shape field does not fit in a u32 (shapes are checked when a cache is created).
+pub fn write(shape: &Shape, st: &State, payload_len: usize, sink: &mut impl Sink) {
+    let mut s = Crc { inner: sink, hasher: crc32fast::Hasher::new() };
+    let mut h = [0u8; HEADER];
+    h[0..8].copy_from_slice(MAGIC);
+    h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    h[12..16].copy_from_slice(&u32::try_from(HEADER).expect("64").to_le_bytes());
+    for (i, v) in [shape.n_layer, shape.n_head_kv, shape.n_head, shape.head_dim, shape.max_tokens, shape.n_seq_max].into_iter().enumerate() {
+        h[16 + 4 * i..20 + 4 * i].copy_from_slice(&u32::try_from(v).expect("checked at creation").to_le_bytes());
+    }
+    h[40] = bits(shape.format.map(|f| f.k));
+    h[41] = bits(shape.format.map(|f| f.v));
+    h[42..44].copy_from_slice(&u16::try_from(PAGE).expect("PAGE fits u16").to_le_bytes());
+    h[48..56].copy_from_slice(&(payload_len as u64).to_le_bytes());
+    s.put(&h);
+    payload(shape, st, &mut s);
+    let crc = s.hasher.finalize();
+    sink.put(&crc.to_le_bytes());
+}
+
+/// A reader over the payload; every read is bounds-checked.
+struct Reader<'a> {
+    b: &'a [u8],
+    pos: usize,
+}
+
+fn corrupt<T>(msg: impl Into<String>) -> Result<T> {
+    fail(DSPARK_ERR_CORRUPT, msg)
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        match self.b.get(self.pos..self.pos.saturating_add(n)) {
+            Some(s) => {
+                self.pos += n;
+                Ok(s)
+            }
+            None => corrupt(format!("payload ends early at byte {}", HEADER + self.pos)),
+        }
+    }
+
+    fn u8(&mut self) -> Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u32(&mut self) -> Result<usize> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+    }
+}
+
+fn le_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn le_u64(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// Checks `bytes` and builds the state it describes, for a cache of `shape` with `window`.
+///
+/// # Errors
+/// `DSPARK_ERR_CORRUPT` (truncated, foreign, bad CRC, inconsistent payload),
+/// `DSPARK_ERR_VERSION` (newer file format) or `DSPARK_ERR_MISMATCH` (other shape/format).
+pub fn parse(bytes: &[u8], shape: &Shape, window: usize) -> Result<State> {
+    if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
+        return corrupt("not a DSpark cache (bad magic)");
+    }
+    if bytes.len() < HEADER + TRAILER {
+        return corrupt(format!("truncated: {} bytes, shorter than the header", bytes.len()));
+    }
+    let version = le_u32(bytes, 8);
+    if version > VERSION {
+        return fail(DSPARK_ERR_VERSION, format!("file-format version {version} is newer than this library's ({VERSION})"));
+    }
+    if version == 0 || le_u32(bytes, 12) as usize != HEADER {
+        return corrupt(format!("bad header (version {version}, header size {})", le_u32(bytes, 12)));
+    }
+    let payload_len = le_u64(bytes, 48);
+    let expected = (HEADER as u64 + TRAILER as u64).checked_add(payload_len);
+    match expected {
+        Some(e) if e == bytes.len() as u64 => {}
+        Some(e) if e > bytes.len() as u64 => return corrupt(format!("truncated: {} bytes of {e}", bytes.len())),
+        _ => return corrupt(format!("{} bytes, but the header announces {payload_len} bytes of payload", bytes.len())),
+    }
+    let body = bytes.len() - TRAILER;
+    let crc = le_u32(bytes, body);
+    if crc32fast::hash(&bytes[..body]) != crc {
+        return corrupt("checksum mismatch (the data is damaged)");
+    }
+    // The data is what was written; now it must be ours.
+    let dims: Vec<usize> = (0..6).map(|i| le_u32(bytes, 16 + 4 * i) as usize).collect();
+    let ours = [shape.n_layer, shape.n_head_kv, shape.n_head, shape.head_dim, shape.max_tokens, shape.n_seq_max];
+    let (kb, vb) = (bytes[40], bytes[41]);
+    let our_bits = (bits(shape.format.map(|f| f.k)), bits(shape.format.map(|f| f.v)));
+    if dims != ours || (kb, vb) != our_bits || u16::from_le_bytes([bytes[42], bytes[43]]) as usize != PAGE {
+        return fail(
+            DSPARK_ERR_MISMATCH,
+            format!(
+                "saved for n_layer/n_head_kv/n_head/head_dim/max_tokens/n_seq_max {dims:?}, K/V bits {kb}/{vb}; this cache is {ours:?}, {}/{}",
+                our_bits.0, our_bits.1
+            ),
+        );
+    }
+    let mut st = State::empty(shape, window)?;
+    let mut r = Reader { b: &bytes[HEADER..body], pos: 0 };
+    for lanes in &mut st.lanes {
+        for lane in lanes.iter_mut() {
+            let len = r.u32()?;
+            let n_holes = r.u32()?;
+            if len > shape.max_tokens || n_holes > len {
+                return corrupt(format!("lane of {len} tokens with {n_holes} holes"));
+            }
+            let mut holes = Vec::with_capacity(n_holes);
+            let mut prev_end = None;
+            for _ in 0..n_holes {
+                let (a, b) = (r.u32()?, r.u32()?);
+                if a >= b || b > len || prev_end.is_some_and(|e| a <= e) {
+                    return corrupt(format!("bad hole [{a}, {b}) in a lane of {len} tokens"));
+                }
+                prev_end = Some(b);
+                holes.push((a, b));
+            }
+            *lane = Lane { len, holes };
+        }
+    }
+    let packed_bytes = |q: Option<Quant>| q.map(|q| shape.page_bytes(Some(q)));
+    let f16_vals = shape.page_bytes(None) / 2;
+    for lk in &mut st.layers {
+        for (store, q) in [(&mut lk.k, shape.format.map(|f| f.k)), (&mut lk.v, shape.format.map(|f| f.v))] {
+            read_store(&mut r, store, shape, f16_vals, packed_bytes(q))?;
+        }
+    }
+    if r.pos != r.b.len() {
+        return corrupt(format!("{} unexpected bytes after the payload", r.b.len() - r.pos));
+    }
+    Ok(st)
+}
+
+fn read_store(r: &mut Reader, store: &mut KvStore, shape: &Shape, f16_vals: usize, packed: Option<usize>) -> Result<()> {
+    let mut vals = vec![f16::ZERO; f16_vals];
+    for seq in 0..shape.n_seq_max {
+        let hw = r.u32()?;
+        if hw > shape.max_tokens {
+            return corrupt(format!("high-water mark {hw} beyond max_tokens"));
+        }
+        store.set_high_water(seq, hw);
+        for p in 0..shape.pages_per_seq() {
+            let view = match r.u8()? {
+                TAG_EMPTY => PageView::Empty,
+                TAG_F16 => {
+                    let b = r.take(f16_vals * 2)?;
+                    for (o, x) in vals.iter_mut().zip(b.chunks_exact(2)) {
+                        *o = f16::from_bits(u16::from_le_bytes([x[0], x[1]]));
+                    }
+                    PageView::F16(&vals)
+                }
+                TAG_PACKED => match packed {
+                    Some(n) => PageView::Packed(r.take(n)?),
+                    None => return corrupt("packed page in an f16 store"),
+                },
+                t => return corrupt(format!("bad page tag {t}")),
+            };
+            if let Err(e) = store.set_page(seq, p, view) {
+                return corrupt(e);
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,603 @@
+//! The standalone compressed KV cache behind `dspark_cache_t`, in safe Rust.
+//!
+//! One [`KvStore`] pair (K, V) per layer. Each store has one stream per sequence and
+//! `max_tokens` cells per stream: the token at position p of sequence s lives in cell p of
+//! stream s, so positions never need a cell map and attention reads a sequence as one run of
+//! cells. Per (sequence, layer) a [`Lane`] records the length and the removed ranges
+//! ("holes"), which attention masks out.
+#![forbid(unsafe_code)]
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use half::f16;
+
+use super::error::{fail, Result, DSPARK_ERR_ARG, DSPARK_ERR_FORMAT, DSPARK_ERR_FULL, DSPARK_ERR_RANGE};
+use crate::attn::{self, FaParams, Mask};
+use crate::codec::{Format, RowCodec};
+use crate::kv::{KvStore, PageView, StoreConfig, PAGE};
+
+/// Largest page-table footprint a shape may need (1 GiB): about 2^31 tokens x layers x
+/// sequences in total.
+const MAX_TABLE_BYTES: u128 = 1 << 30;
+
+/// Most threads one attention call may use.
+pub const MAX_THREADS: usize = 256;
+
+/// The shape and format of a cache: what a saved cache must match to be loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shape {
+    /// Layers.
+    pub n_layer: usize,
+    /// KV heads per layer.
+    pub n_head_kv: usize,
+    /// Query heads.
+    pub n_head: usize,
+    /// Values per head row.
+    pub head_dim: usize,
+    /// Cells per sequence.
+    pub max_tokens: usize,
+    /// Sequences.
+    pub n_seq_max: usize,
+    /// `None`: f16.
+    pub format: Option<Format>,
+}
+
+impl Shape {
+    /// Checks that the shape can be built.
+    ///
+    /// # Errors
+    /// `DSPARK_ERR_ARG` for a zero or inconsistent field.
+    pub fn validate(&self) -> Result<()> {
+        let s = self;
+        for (name, v) in [
+            ("n_layer", s.n_layer),
+            ("n_head_kv", s.n_head_kv),
+            ("n_head", s.n_head),
+            ("head_dim", s.head_dim),
+            ("max_tokens", s.max_tokens),
+            ("n_seq_max", s.n_seq_max),
+        ] {
+            if v == 0 {
+                return fail(DSPARK_ERR_ARG, format!("{name} must be at least 1"));
+            }
+        }
+        if s.n_head % s.n_head_kv != 0 {
+            return fail(DSPARK_ERR_ARG, format!("n_head {} is not a multiple of n_head_kv {}", s.n_head, s.n_head_kv));
+        }
+        if s.head_dim % 32 != 0 || s.head_dim > crate::codec::MAX_HEAD_DIM {
+            return fail(DSPARK_ERR_ARG, format!("head_dim {} is not a multiple of 32 up to {}", s.head_dim, crate::codec::MAX_HEAD_DIM));
+        }
+        // Cells of all sequences are addressed with one usize, and positions are i32 in the API.
+        let cells = s.max_tokens.checked_mul(s.n_seq_max);
+        if s.max_tokens > i32::MAX as usize || cells.is_none() {
+            return fail(DSPARK_ERR_ARG, "max_tokens x n_seq_max is too large");
+        }
+        // Pages are allocated as tokens arrive, but the page tables are not: refuse shapes
+        // whose tables alone would take more than MAX_TABLE_BYTES (a typo, not a model).
+        let tables = (s.pages_per_seq() as u128) * (s.n_seq_max as u128) * (s.n_layer as u128) * 2 * 32;
+        if tables > MAX_TABLE_BYTES {
+            return fail(DSPARK_ERR_ARG, format!("n_layer x n_seq_max x max_tokens is too large (page tables of {tables} bytes)"));
+        }
+        Ok(())
+    }
+
+    /// Values per cell (all KV heads).
+    #[must_use]
+    pub fn row_len(&self) -> usize {
+        self.n_head_kv * self.head_dim
+    }
+
+    /// Pages per sequence and store.
+    #[must_use]
+    pub fn pages_per_seq(&self) -> usize {
+        self.max_tokens.div_ceil(PAGE)
+    }
+
+    /// Bytes of one packed page of a store whose code width is `quant` (`None`: f16 page).
+    #[must_use]
+    pub fn page_bytes(&self, quant: Option<crate::codec::Quant>) -> usize {
+        let rows = self.n_head_kv * PAGE;
+        match quant {
+            None => rows * self.head_dim * 2,
+            Some(q) => rows * RowCodec::new(q, self.head_dim).map_or(0, |c| c.row_bytes()),
+        }
+    }
+}
+
+/// Parses a format name as the C API accepts it (`f16` or `k<b>v<b>`).
+///
+/// # Errors
+/// `DSPARK_ERR_FORMAT` if the name is unknown.
+pub fn parse_format(name: &str) -> Result<Option<Format>> {
+    match crate::ggml::Config::default().with_format_name(name) {
+        Ok(c) => Ok(c.format),
+        Err(e) => fail(DSPARK_ERR_FORMAT, format!("{e} (or f16)")),
+    }
+}
+
+/// One (sequence, layer): its length and its removed ranges.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Lane {
+    /// Positions appended so far (the next token's position).
+    pub len: usize,
+    /// Removed ranges `[p0, p1)`, sorted, disjoint, not touching, all below `len`.
+    pub holes: Vec<(usize, usize)>,
+}
+
+impl Lane {
+    /// Whether position `p` was removed.
+    fn is_hole(&self, p: usize) -> bool {
+        self.holes.iter().any(|&(a, b)| (a..b).contains(&p))
+    }
+
+    /// Adds `[p0, p1)` (p1 <= len) to the holes, merging neighbours.
+    fn add_hole(&mut self, p0: usize, p1: usize) {
+        let mut all = std::mem::take(&mut self.holes);
+        all.push((p0, p1));
+        all.sort_unstable();
+        for (a, b) in all {
+            match self.holes.last_mut() {
+                Some(last) if a <= last.1 => last.1 = last.1.max(b),
+                _ => self.holes.push((a, b)),
+            }
+        }
+    }
+
+    /// Drops positions from `p0` on.
+    fn truncate(&mut self, p0: usize) {
+        self.len = self.len.min(p0);
+        let len = self.len;
+        self.holes.retain_mut(|h| {
+            h.1 = h.1.min(len);
+            h.0 < h.1
+        });
+    }
+}
+
+/// K and V of one layer.
+#[allow(missing_debug_implementations)] // KvStore has no Debug: pages are megabytes
+pub struct LayerKv {
+    /// Keys.
+    pub k: KvStore,
+    /// Values.
+    pub v: KvStore,
+}
+
+/// Everything a load replaces.
+pub struct State {
+    /// Per layer.
+    pub layers: Vec<LayerKv>,
+    /// `lanes[seq][layer]`.
+    pub lanes: Vec<Vec<Lane>>,
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State").field("layers", &self.layers.len()).field("lanes", &self.lanes).finish_non_exhaustive()
+    }
+}
+
+impl State {
+    /// An empty state of `shape`.
+    ///
+    /// # Errors
+    /// If a store cannot be built (shape not validated).
+    pub fn empty(shape: &Shape, window: usize) -> Result<State> {
+        let store = |q| {
+            KvStore::new(StoreConfig { quant: q, window }, shape.n_head_kv, shape.head_dim, shape.max_tokens, shape.n_seq_max)
+                .or_else(|e| fail(DSPARK_ERR_ARG, e))
+        };
+        let layers = (0..shape.n_layer)
+            .map(|_| Ok(LayerKv { k: store(shape.format.map(|f| f.k))?, v: store(shape.format.map(|f| f.v))? }))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(State { layers, lanes: vec![vec![Lane::default(); shape.n_layer]; shape.n_seq_max] })
+    }
+}
+
+/// Attention parameters after the C struct was read and defaults applied.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnArgs<'a> {
+    /// Score scale (0 already replaced by 1/sqrt(head_dim)).
+    pub scale: f32,
+    /// ALiBi maximum bias.
+    pub max_bias: f32,
+    /// Soft-capping.
+    pub softcap: f32,
+    /// Causal batch.
+    pub causal: bool,
+    /// User mask and its row stride (in elements).
+    pub mask: Option<(MaskData<'a>, usize)>,
+    /// Sinks, one per query head.
+    pub sinks: Option<&'a [f32]>,
+    /// Threads (0: the cache's default).
+    pub n_threads: usize,
+}
+
+/// A user mask's values.
+#[derive(Clone, Copy, Debug)]
+pub enum MaskData<'a> {
+    /// f32 values.
+    F32(&'a [f32]),
+    /// f16 values.
+    F16(&'a [f16]),
+}
+
+impl MaskData<'_> {
+    fn get(&self, i: usize) -> f16 {
+        match self {
+            MaskData::F32(m) => f16::from_f32(m[i]),
+            MaskData::F16(m) => m[i],
+        }
+    }
+}
+
+/// The standalone cache.
+#[derive(Debug)]
+pub struct Cache {
+    /// Shape and format (fixed).
+    pub shape: Shape,
+    /// f16 window in tokens.
+    pub window: usize,
+    /// Default attention threads (resolved, >= 1).
+    pub n_threads: usize,
+    state: RwLock<State>,
+    attn_calls: AtomicU64,
+}
+
+/// Figures of one cache.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CacheStats {
+    /// Bytes held by pages.
+    pub kv_bytes: u64,
+    /// f16 pages.
+    pub pages_f16: u64,
+    /// Compressed pages.
+    pub pages_compressed: u64,
+    /// Cells in use over all stores.
+    pub cells: u64,
+    /// Values in use.
+    pub elems: u64,
+    /// Attention calls.
+    pub attn_calls: u64,
+}
+
+fn check_range(what: &str, i: usize, n: usize) -> Result<()> {
+    if i < n {
+        Ok(())
+    } else {
+        fail(DSPARK_ERR_RANGE, format!("{what} {i} is out of range (0..{n})"))
+    }
+}
+
+impl Cache {
+    /// An empty cache.
+    ///
+    /// # Errors
+    /// `DSPARK_ERR_ARG` for a bad shape.
+    pub fn new(shape: Shape, window: usize, n_threads: usize) -> Result<Cache> {
+        shape.validate()?;
+        let n_threads = if n_threads == 0 { std::thread::available_parallelism().map_or(1, usize::from) } else { n_threads };
+        let n_threads = n_threads.min(MAX_THREADS);
+        Ok(Cache { state: RwLock::new(State::empty(&shape, window)?), shape, window, n_threads, attn_calls: AtomicU64::new(0) })
+    }
+
+    /// Shared access to the state (a panic in another call never poisons the cache for good:
+    /// every mutation leaves the state consistent before it can panic).
+    pub fn read(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Replaces the whole state (a load).
+    pub fn replace(&self, new: State) {
+        *self.write() = new;
+    }
+
+    fn check_layer_seq(&self, layer: usize, seq: usize) -> Result<()> {
+        check_range("layer", layer, self.shape.n_layer)?;
+        check_range("sequence", seq, self.shape.n_seq_max)
+    }
+
+    /// Appends `n` tokens' rows (`k.len() == v.len() == n * row_len`).
+    ///
+    /// # Errors
+    /// `DSPARK_ERR_RANGE` / `DSPARK_ERR_FULL` / `DSPARK_ERR_ARG`.
+    pub fn append(&self, layer: usize, seq: usize, k: &[f32], v: &[f32], n: usize) -> Result<()> {
+        self.check_layer_seq(layer, seq)?;
+        let rl = self.shape.row_len();
+        if k.len() != n * rl || v.len() != n * rl {
+            return fail(DSPARK_ERR_ARG, "k and v must hold n_tokens x n_head_kv x head_dim values");
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let mut st = self.write();
+        let len = st.lanes[seq][layer].len;
+        if len + n > self.shape.max_tokens {
+            return fail(
+                DSPARK_ERR_FULL,
+                format!("sequence {seq} of layer {layer} holds {len} tokens; {n} more exceed max_tokens {}", self.shape.max_tokens),
+            );
+        }
+        let base = seq * self.shape.max_tokens + len;
+        let lk = &mut st.layers[layer];
+        for (t, (kr, vr)) in k.chunks_exact(rl).zip(v.chunks_exact(rl)).enumerate() {
+            lk.k.write_row(base + t, kr);
+            lk.v.write_row(base + t, vr);
+        }
+        lk.k.compact();
+        lk.v.compact();
+        st.lanes[seq][layer].len = len + n;
+        Ok(())
+    }
+
+    /// Length of one lane.
+    ///
+    /// # Errors
+    /// `DSPARK_ERR_RANGE`.
+    pub fn seq_len(&self, layer: usize, seq: usize) -> Result<usize> {
+        self.check_layer_seq(layer, seq)?;
+        Ok(self.read().lanes[seq][layer].len)
+    }
+
+    /// Attention of `n_q` queries (`q`, `out`: `n_q * n_head * head_dim`).
+    ///
+    /// # Errors
+    /// `DSPARK_ERR_RANGE` / `DSPARK_ERR_ARG`.
+    pub fn attn(&self, layer: usize, seq: usize, q: &[f32], n_q: usize, a: &AttnArgs, out: &mut [f32]) -> Result<()> {
+        self.check_layer_seq(layer, seq)?;
+        let sh = &self.shape;
+        let (nh, d) = (sh.n_head, sh.head_dim);
+        if q.len() != n_q * nh * d || out.len() != q.len() {
+            return fail(DSPARK_ERR_ARG, "q and out must hold n_q x n_head x head_dim values");
+        }
+        for (name, x) in [("scale", a.scale), ("max_bias", a.max_bias), ("softcap", a.softcap)] {
+            if !x.is_finite() {
+                return fail(DSPARK_ERR_ARG, format!("{name} {x} is not finite"));
+            }
+        }
+        if let Some(s) = a.sinks {
+            if s.len() != nh {
+                return fail(DSPARK_ERR_ARG, "sinks must hold n_head values");
+            }
+        }
+        let st = self.read();
+        let lane = &st.lanes[seq][layer];
+        let len = lane.len;
+        if a.causal && n_q > len {
+            return fail(DSPARK_ERR_ARG, format!("a causal batch of {n_q} queries needs at least {n_q} tokens; sequence {seq} of layer {layer} holds {len}"));
+        }
+        if let Some((m, stride)) = a.mask {
+            let need = if n_q == 0 { 0 } else { (n_q - 1) * stride + len };
+            let have = match m {
+                MaskData::F32(v) => v.len(),
+                MaskData::F16(v) => v.len(),
+            };
+            if stride < len || have < need {
+                return fail(DSPARK_ERR_ARG, format!("mask_stride {stride} is below the sequence length {len}"));
+            }
+        }
+        if n_q == 0 {
+            return Ok(());
+        }
+        // One f16 mask for all heads, as ggml's op takes it, only when something is masked.
+        let causal_masks = a.causal && n_q > 1;
+        let mask_buf: Option<Vec<f16>> = (causal_masks || !lane.holes.is_empty() || a.mask.is_some()).then(|| {
+            let mut m = vec![f16::ZERO; n_q * len];
+            for (i, row) in m.chunks_exact_mut(len.max(1)).enumerate().take(n_q) {
+                let pos = len - n_q + i; // only read when causal, where n_q <= len
+                for (c, x) in row.iter_mut().enumerate().take(len) {
+                    *x = if (a.causal && c > pos) || lane.is_hole(c) {
+                        f16::NEG_INFINITY
+                    } else if let Some((um, stride)) = a.mask {
+                        um.get(i * stride + c)
+                    } else {
+                        f16::ZERO
+                    };
+                }
+            }
+            m
+        });
+        let mask = mask_buf.as_deref().filter(|_| len > 0).map(|data| Mask { data, stride: len });
+        let lk = &st.layers[layer];
+        let kv: Vec<_> = (0..sh.n_head_kv).map(|h| crate::kv::segments(&lk.k, &lk.v, seq, 0, len, h)).collect();
+        let p = FaParams { scale: a.scale, max_bias: a.max_bias, softcap: a.softcap };
+        let threads = if a.n_threads == 0 { self.n_threads } else { a.n_threads.min(MAX_THREADS) };
+        attn::flash_attn(q, n_q, nh, d, &kv, mask, a.sinks, &p, threads, out);
+        self.attn_calls.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Removes positions `[p0, p1)` (`p1 = None`: to the end) of `seq` (`None`: all).
+    ///
+    /// # Errors
+    /// `DSPARK_ERR_RANGE`.
+    pub fn seq_rm(&self, seq: Option<usize>, p0: usize, p1: Option<usize>) -> Result<()> {
+        if let Some(s) = seq {
+            check_range("sequence", s, self.shape.n_seq_max)?;
+        }
+        let sh = self.shape;
+        let mut st = self.write();
+        for s in seq.map_or(0..sh.n_seq_max, |s| s..s + 1) {
+            for layer in 0..sh.n_layer {
+                let lane = &mut st.lanes[s][layer];
+                let end = p1.unwrap_or(usize::MAX);
+                if end <= p0 || p0 >= lane.len {
+                    continue;
+                }
+                if end >= lane.len {
+                    lane.truncate(p0);
+                    let lk = &mut st.layers[layer];
+                    for store in [&mut lk.k, &mut lk.v] {
+                        for p in p0.div_ceil(PAGE)..sh.pages_per_seq() {
+                            store.set_page(s, p, PageView::Empty).expect("page in range");
+                        }
+                        let hw = store.high_water(s).min(p0);
+                        store.set_high_water(s, hw);
+                    }
+                } else {
+                    lane.add_hole(p0, end);
+                    let (a, b) = *lane.holes.iter().find(|h| h.0 <= p0 && end <= h.1).expect("hole just added");
+                    let first = a.div_ceil(PAGE);
+                    let lk = &mut st.layers[layer];
+                    for store in [&mut lk.k, &mut lk.v] {
+                        for p in first..b / PAGE {
+                            store.set_page(s, p, PageView::Empty).expect("page in range");
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes `dst` a copy of `src`.
+    ///
+    /// # Errors
+    /// `DSPARK_ERR_RANGE`.
+    pub fn seq_cp(&self, src: usize, dst: usize) -> Result<()> {
+        check_range("source sequence", src, self.shape.n_seq_max)?;
+        check_range("destination sequence", dst, self.shape.n_seq_max)?;
+        if src == dst {
+            return Ok(());
+        }
+        let pps = self.shape.pages_per_seq();
+        let mut st = self.write();
+        for lk in &mut st.layers {
+            for store in [&mut lk.k, &mut lk.v] {
+                for p in 0..pps {
+                    let owned = OwnedPage::of(store.page(src, p));
+                    store.set_page(dst, p, owned.view()).expect("same store, same page size");
+                }
+                let hw = store.high_water(src);
+                store.set_high_water(dst, hw);
+            }
+        }
+        let lanes = st.lanes[src].clone();
+        st.lanes[dst] = lanes;
+        Ok(())
+    }
+
+    /// Empties every sequence but `seq`.
+    ///
+    /// # Errors
+    /// `DSPARK_ERR_RANGE`.
+    pub fn seq_keep(&self, seq: usize) -> Result<()> {
+        check_range("sequence", seq, self.shape.n_seq_max)?;
+        for s in (0..self.shape.n_seq_max).filter(|&s| s != seq) {
+            self.seq_rm(Some(s), 0, None)?;
+        }
+        Ok(())
+    }
+
+    /// Live figures.
+    pub fn stats(&self) -> CacheStats {
+        let st = self.read();
+        let mut s = CacheStats { attn_calls: self.attn_calls.load(Ordering::Relaxed), ..CacheStats::default() };
+        for lk in &st.layers {
+            for store in [&lk.k, &lk.v] {
+                let (f, c) = store.page_counts();
+                s.kv_bytes += store.bytes() as u64;
+                s.pages_f16 += f as u64;
+                s.pages_compressed += c as u64;
+            }
+        }
+        for lanes in &st.lanes {
+            for lane in lanes {
+                let held = lane.len - lane.holes.iter().map(|h| h.1 - h.0).sum::<usize>();
+                s.cells += 2 * held as u64; // K and V
+            }
+        }
+        s.elems = s.cells * self.shape.row_len() as u64;
+        s
+    }
+}
+
+/// A page copied out of a store, to write it into another stream of the same store.
+enum OwnedPage {
+    Empty,
+    F16(Vec<f16>),
+    Packed(Vec<u8>),
+}
+
+impl OwnedPage {
+    fn of(v: PageView<'_>) -> OwnedPage {
+        match v {
+            PageView::Empty => OwnedPage::Empty,
+            PageView::F16(d) => OwnedPage::F16(d.to_vec()),
+            PageView::Packed(d) => OwnedPage::Packed(d.to_vec()),
+        }
+    }
+
+    fn view(&self) -> PageView<'_> {
+        match self {
+            OwnedPage::Empty => PageView::Empty,
+            OwnedPage::F16(d) => PageView::F16(d),
+            OwnedPage::Packed(d) => PageView::Packed(d),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(format: &str) -> Shape {
+        Shape { n_layer: 2, n_head_kv: 2, n_head: 4, head_dim: 32, max_tokens: 300, n_seq_max: 3, format: parse_format(format).unwrap() }
+    }
+
+    fn rows(n: usize, rl: usize, seed: u32) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(2654435761).max(1);
+        (0..n * rl)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                (x as f32 / u32::MAX as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn args() -> AttnArgs<'static> {
+        AttnArgs { scale: 0.2, max_bias: 0.0, softcap: 0.0, causal: true, mask: None, sinks: None, n_threads: 1 }
+    }
+
+    #[test]
+    fn lanes_merge_holes() {
+        let mut l = Lane { len: 100, holes: vec![] };
+        l.add_hole(10, 20);
+        l.add_hole(30, 40);
+        l.add_hole(15, 31);
+        assert_eq!(l.holes, vec![(10, 40)]);
+        l.truncate(25);
+        assert_eq!((l.len, l.holes.clone()), (25, vec![(10, 25)]));
+        l.truncate(10);
+        assert!(l.holes.is_empty());
+    }
+
+    #[test]
+    fn copy_is_exact_and_rm_frees_pages() {
+        let c = Cache::new(shape("k4v4"), 0, 1).unwrap();
+        let rl = c.shape.row_len();
+        let (k, v) = (rows(250, rl, 1), rows(250, rl, 2));
+        for layer in 0..2 {
+            c.append(layer, 0, &k, &v, 250).unwrap();
+        }
+        c.seq_cp(0, 2).unwrap();
+        let q = rows(3, 4 * 32, 3);
+        let (mut o0, mut o2) = (vec![0.0; q.len()], vec![0.0; q.len()]);
+        c.attn(1, 0, &q, 3, &args(), &mut o0).unwrap();
+        c.attn(1, 2, &q, 3, &args(), &mut o2).unwrap();
+        assert_eq!(o0, o2);
+        let before = c.stats().kv_bytes;
+        c.seq_rm(Some(0), 64, Some(200)).unwrap();
+        assert!(c.stats().kv_bytes < before, "pages inside the hole are freed");
+        c.seq_rm(None, 0, None).unwrap();
+        assert_eq!(c.stats().kv_bytes, 0);
+        assert_eq!(c.seq_len(0, 2).unwrap(), 0);
+    }
+}
