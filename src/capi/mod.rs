@@ -8,6 +8,7 @@
 //! | Registration into llama.cpp | `device.rs` |
 //! | Cache | `cache.rs` (exports), `store.rs` (the safe cache) |
 //! | Cache persistence | `persist.rs` (exports), `format.rs` (the saved form) |
+//! | (not in dspark.h) ggml plugin entry points | `plugin.rs` (feature `plugin`) |
 //!
 //! Raw pointers stay in this file and the export files: each export converts its
 //! arguments once (null, alignment and `size` checks) into references and slices, then
@@ -21,6 +22,7 @@ mod device;
 pub mod error;
 pub mod format;
 mod persist;
+pub mod plugin;
 pub mod store;
 mod version;
 

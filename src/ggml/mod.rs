@@ -17,6 +17,8 @@ pub mod sys;
 use std::sync::{Mutex, OnceLock};
 
 pub use device::{dev, register, Stats};
+/// The registry, for the plugin entry point (`capi::plugin`).
+pub(crate) use device::reg;
 
 use crate::codec::Format;
 

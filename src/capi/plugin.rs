@@ -1,0 +1,103 @@
+//! The ggml backend-plugin entry points, for a llama.cpp built with `BUILD_SHARED_LIBS=ON`
+//! and `GGML_BACKEND_DL=ON`: the host `dlopen`s `libdspark.so` (e.g. from
+//! `GGML_BACKEND_PATH`), calls `ggml_backend_score` and then `ggml_backend_init`, checks the
+//! returned registry's `api_version` against its own `GGML_BACKEND_API_VERSION` (refusing a
+//! mismatch with a logged message), and registers it itself.
+//!
+//! The symbols are exported only with the cargo feature `plugin`, which also links ggml and
+//! llama.cpp as shared libraries, so the plugin carries no copy of ggml: its ggml symbols
+//! resolve to the host's `libggml-base.so` / `libggml.so`. The configuration comes from the
+//! environment, read once at load:
+//!
+//! | variable | meaning | default |
+//! |---|---|---|
+//! | `DSPARK_FORMAT` | KV format: `f16` or `k<b>v<b>`, b in {8, 4, 3, 2} | `k4v4` |
+//! | `DSPARK_WINDOW` | most recent tokens kept in f16 | 128 |
+
+use std::ffi::c_int;
+
+use llama_cpp_sys_2 as ll;
+
+use crate::ggml;
+
+/// The configuration the plugin reads from `get` (the environment).
+///
+/// # Errors
+/// A message naming the variable whose value is invalid.
+pub fn config_from_env(get: impl Fn(&str) -> Option<String>) -> Result<ggml::Config, String> {
+    let mut c = ggml::Config::default();
+    if let Some(f) = get("DSPARK_FORMAT") {
+        c = c.with_format_name(f.trim()).map_err(|e| format!("DSPARK_FORMAT={f:?}: {e} (or f16)"))?;
+    }
+    if let Some(w) = get("DSPARK_WINDOW") {
+        c.window = w.trim().parse().map_err(|_| format!("DSPARK_WINDOW={w:?} is not a token count"))?;
+    }
+    Ok(c)
+}
+
+/// What `ggml_backend_init` does: configure, and hand out the registry (the host registers
+/// it). `None` (with a message on stderr) refuses the load.
+pub(crate) fn plugin_init() -> Option<ll::ggml_backend_reg_t> {
+    let run = || -> Result<ll::ggml_backend_reg_t, String> {
+        let c = config_from_env(|k| std::env::var(k).ok())?;
+        ggml::set_config(c);
+        Ok(ggml::reg())
+    };
+    match std::panic::catch_unwind(run) {
+        Ok(Ok(reg)) => Some(reg),
+        Ok(Err(e)) => {
+            eprintln!("[dspark::ggml_backend_init] {e}; DSpark is not loaded");
+            None
+        }
+        Err(_) => {
+            eprintln!("[dspark::ggml_backend_init] internal error; DSpark is not loaded");
+            None
+        }
+    }
+}
+
+/// ggml's plugin entry point: the DSPARK registry, or NULL (with a message) when the
+/// environment's configuration is invalid.
+#[cfg(feature = "plugin")]
+#[unsafe(no_mangle)]
+pub extern "C" fn ggml_backend_init() -> ll::ggml_backend_reg_t {
+    plugin_init().unwrap_or(std::ptr::null_mut())
+}
+
+/// ggml's plugin score: DSpark runs on any CPU (its kernels fall back to portable code), so
+/// always 1; the device is chosen by name (`DSPARK0`), not by score.
+#[cfg(feature = "plugin")]
+#[unsafe(no_mangle)]
+pub extern "C" fn ggml_backend_score() -> c_int {
+    PLUGIN_SCORE
+}
+
+/// The score `ggml_backend_score` reports.
+pub const PLUGIN_SCORE: c_int = 1;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |k| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| (*v).to_string())
+    }
+
+    #[test]
+    fn config_comes_from_the_environment() {
+        assert_eq!(config_from_env(env(&[])).unwrap(), ggml::Config::default());
+        let c = config_from_env(env(&[("DSPARK_FORMAT", "k8v4"), ("DSPARK_WINDOW", " 256 ")])).unwrap();
+        assert_eq!((c.format_name(), c.window), ("k8v4".to_string(), 256));
+        assert_eq!(config_from_env(env(&[("DSPARK_FORMAT", "f16")])).unwrap().format, None);
+        assert!(config_from_env(env(&[("DSPARK_FORMAT", "q4_0")])).unwrap_err().contains("DSPARK_FORMAT"));
+        assert!(config_from_env(env(&[("DSPARK_WINDOW", "-1")])).unwrap_err().contains("DSPARK_WINDOW"));
+    }
+
+    #[test]
+    fn registry_has_the_host_api_version() {
+        let reg = plugin_init().expect("default environment");
+        // SAFETY: the registry object lives for the whole process.
+        let v = unsafe { (*reg.cast::<ggml::sys::ggml_backend_reg>()).api_version };
+        assert_eq!(v, ggml::sys::GGML_BACKEND_API_VERSION as i32);
+    }
+}
