@@ -430,7 +430,112 @@ fn table(rows: &[Row]) {
     }
 }
 
+/// `DSPARK_BENCH_QUICK=1`: decode only, every variant of a (shape, depth) run in interleaved
+/// rounds inside one process, reporting the median and the minimum time per call over the
+/// rounds, which resists a noisy, shared machine better than criterion's means.
+/// `DSPARK_BENCH_DEPTHS` (default `4096,8192`) and `DSPARK_BENCH_ROUNDS` (default 15) tune it;
+/// `DSPARK_BENCH_FILTER` applies to the ids as usual.
+fn quick() {
+    use std::time::Instant;
+    let nt = threads();
+    let depths: Vec<usize> = std::env::var("DSPARK_BENCH_DEPTHS")
+        .ok()
+        .map_or_else(|| vec![4096, 8192], |v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect());
+    let rounds: usize = std::env::var("DSPARK_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(15);
+    let mut fmts: Vec<Option<Format>> = vec![None];
+    fmts.extend(Format::ALL_PRESETS.iter().copied().map(Some));
+    let clock = if nt == 1 { "thread CPU time" } else { "wall time" };
+    println!("## Decode, {nt} threads, ISA {}, {rounds} interleaved rounds (median / min {clock} per call)", attn::active_isa());
+    println!("| shape | depth | variant | median | min | KV MB | GB/s (median) | vs ggml f16 | vs ggml q4_0 |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for s in SHAPES {
+        for &depth in &depths {
+            let data = data(s, depth);
+            let q = queries(s, 1);
+            let mask = causal_mask(1, depth);
+            #[allow(clippy::cast_precision_loss)]
+            let p = FaParams { scale: 1.0 / (s.d as f32).sqrt(), max_bias: 0.0, softcap: 0.0 };
+            type Runner<'a> = Box<dyn FnMut() + 'a>;
+            let mut names: Vec<String> = Vec::new();
+            let mut bytes: Vec<usize> = Vec::new();
+            let kvs: Vec<(String, DsKv)> = fmts
+                .iter()
+                .map(|f| (f.map_or("f16".to_string(), |f| f.name()), DsKv::new(s, &data, *f)))
+                .filter(|(n, _)| keep(&format!("decode/{}/dspark_{n}/{depth}", s.name)))
+                .collect();
+            let ggmls: Vec<(String, ggml::Fa)> = [("ggml_f16", ggml::F16), ("ggml_q4_0", ggml::Q4_0)]
+                .iter()
+                .filter(|(n, _)| keep(&format!("decode/{}/{n}/{depth}", s.name)))
+                .map(|(n, ty)| ((*n).to_string(), ggml::Fa::new(s.d, s.n_head, s.n_kv, 1, &q, &data.k, &data.v, &mask, *ty, nt)))
+                .collect();
+            let segs: Vec<Vec<Vec<Segment>>> = kvs.iter().map(|(_, kv)| kv.segments(s.d)).collect();
+            let mut outs: Vec<Vec<f32>> = kvs.iter().map(|_| vec![0.0f32; q.len()]).collect();
+            let mut runners: Vec<Runner> = Vec::new();
+            for (((name, kv), seg), out) in kvs.iter().zip(&segs).zip(outs.iter_mut()) {
+                names.push(name.clone());
+                bytes.push(kv.bytes());
+                let (q, mask, p) = (&q, &mask, &p);
+                runners.push(Box::new(move || {
+                    let m = Mask { data: mask, stride: depth };
+                    attn::flash_attn(q, 1, s.n_head, s.d, seg, Some(m), None, p, nt, out);
+                }));
+            }
+            for (name, fa) in &ggmls {
+                names.push(format!("({name})"));
+                bytes.push(fa.kv_bytes);
+                runners.push(Box::new(move || fa.run()));
+            }
+            let mut times: Vec<Vec<f64>> = vec![Vec::new(); runners.len()];
+            for _ in 0..rounds {
+                for (r, t) in runners.iter_mut().zip(times.iter_mut()) {
+                    r(); // warm
+                    let start = Instant::now();
+                    let cpu0 = thread_cpu_s();
+                    let mut iters = 0u32;
+                    while start.elapsed().as_secs_f64() < 0.02 || iters < 3 {
+                        r();
+                        iters += 1;
+                    }
+                    // With one thread everything runs on this thread: its CPU time does not
+                    // count the time other processes took the core from us.
+                    let dt = if nt == 1 { thread_cpu_s() - cpu0 } else { start.elapsed().as_secs_f64() };
+                    t.push(dt / f64::from(iters));
+                }
+            }
+            let stat = |t: &mut Vec<f64>| {
+                t.sort_by(f64::total_cmp);
+                (t[t.len() / 2], t[0])
+            };
+            let stats: Vec<(f64, f64)> = times.iter_mut().map(stat).collect();
+            let base = |n: &str| names.iter().position(|x| x == n).map(|i| stats[i].0);
+            let (gf, gq) = (base("(ggml_f16)"), base("(ggml_q4_0)"));
+            for (i, n) in names.iter().enumerate() {
+                let (med, min) = stats[i];
+                let ratio = |b: Option<f64>| b.map_or("-".to_string(), |b| format!("{:.2}x", b / med));
+                #[allow(clippy::cast_precision_loss)]
+                let (mb, gbs) = (bytes[i] as f64 / 1e6, bytes[i] as f64 / med / 1e9);
+                let (rf, rq) = if n.starts_with('(') { (String::new(), String::new()) } else { (ratio(gf), ratio(gq)) };
+                println!("| {} | {depth} | {n} | {:.3} ms | {:.3} ms | {mb:.1} | {gbs:.1} | {rf} | {rq} |", s.name, med * 1e3, min * 1e3);
+            }
+        }
+    }
+}
+
+/// CPU time of the calling thread, in seconds.
+fn thread_cpu_s() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid out-pointer; CLOCK_THREAD_CPUTIME_ID is always available on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    #[allow(clippy::cast_precision_loss)]
+    let t = ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9;
+    t
+}
+
 fn main() {
+    if std::env::var("DSPARK_BENCH_QUICK").is_ok_and(|v| v == "1") {
+        quick();
+        return;
+    }
     let mut c = criterion_config().configure_from_args();
     let mut rows = Vec::new();
     let mut all: Vec<Option<Format>> = vec![None];

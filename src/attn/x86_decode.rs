@@ -57,8 +57,6 @@ pub fn decode_packed_avx512(job: &DecodeJob, max: &mut [f32], sum: &mut [f32], a
     }
     // The header gathers read dword `4·k` (k = 0..=(ng + 1) / 4) of a row: inside the row,
     // which has `HEADER + ng` header bytes followed by at least 4·ng code bytes.
-    let koff = 1i32 << (job.kbits - 1);
-    let kgb = group_code_bytes(job.kbits);
 
     let lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     let kidx = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(i32::try_from(job.krb).expect("row bytes")));
@@ -89,33 +87,28 @@ pub fn decode_packed_avx512(job: &DecodeJob, max: &mut [f32], sum: &mut [f32], a
         // SAFETY: rows r0..r0+16 lie in `job.k` / `job.v` (n·row_bytes bytes, asserted).
         let (kp, vp) = unsafe { (job.k.as_ptr().add(r0 * job.krb), job.v.as_ptr().add(r0 * job.vrb)) };
         // SAFETY: the gathers read dwords inside rows of the block (see above).
-        let sk = unsafe { headers(kp, kidx, ng, &mut kc, false, &mut []) };
+        let sk = unsafe { headers(kp, job.krb, kidx, ng, &mut kc, false, &mut []) };
         // SAFETY: as above.
-        let sv = unsafe { headers(vp, vidx, ng, &mut [], true, &mut vc) };
+        let sv = unsafe { headers(vp, job.vrb, vidx, ng, &mut [], true, &mut vc) };
 
-        // 1. K scores.
-        for s in sacc.iter_mut() {
-            *s = zero;
-        }
-        for g in 0..ng {
-            // SAFETY: group g's codes lie at HEADER + ng + g·kgb .. +kgb of each row.
-            let codes = unsafe {
-                let p = kp.add(HEADER + ng + g * kgb);
-                if job.kbits == 4 {
-                    codes4(p, job.krb)
-                } else {
-                    codes8(p, job.krb)
+        // 1. K scores, up to 4 query rows per pass over the codes.
+        let mut h0 = 0;
+        while h0 < m {
+            let hb = (m - h0).min(HB);
+            // SAFETY: `kp` points at 16 rows of `krb` bytes (see above).
+            unsafe {
+                match (job.kbits, hb) {
+                    (4, 4) => k_scores::<4, 4>(kp, job, h0, &kc, &mut sacc),
+                    (4, 3) => k_scores::<4, 3>(kp, job, h0, &kc, &mut sacc),
+                    (4, 2) => k_scores::<4, 2>(kp, job, h0, &kc, &mut sacc),
+                    (4, _) => k_scores::<4, 1>(kp, job, h0, &kc, &mut sacc),
+                    (_, 4) => k_scores::<8, 4>(kp, job, h0, &kc, &mut sacc),
+                    (_, 3) => k_scores::<8, 3>(kp, job, h0, &kc, &mut sacc),
+                    (_, 2) => k_scores::<8, 2>(kp, job, h0, &kc, &mut sacc),
+                    (_, _) => k_scores::<8, 1>(kp, job, h0, &kc, &mut sacc),
                 }
-            };
-            for h in 0..m {
-                let qb = &job.q32[(h * ng + g) * 8..][..8];
-                let mut t = _mm512_set1_epi32(-koff * job.qsum[h * ng + g]);
-                for j in 0..8 {
-                    t = _mm512_dpbusd_epi32(t, codes[j], _mm512_set1_epi32(qb[j]));
-                }
-                let x = _mm512_cvtepi32_ps(_mm512_mullo_epi32(t, kc[g]));
-                sacc[h] = _mm512_fmadd_ps(x, _mm512_set1_ps(job.qstep[h * ng + g]), sacc[h]);
             }
+            h0 += hb;
         }
 
         // 2. Softmax.
@@ -172,6 +165,46 @@ pub fn decode_packed_avx512(job: &DecodeJob, max: &mut [f32], sum: &mut [f32], a
     }
 }
 
+/// Unscaled scores (`Σ_g c_g · step_g · Σ q8·(code − offset)`, before the row scale) of
+/// query rows `h0..h0+H` for the 16 rows at `kp`, into `sacc[h0..h0+H]`. The H dot chains
+/// run interleaved so that `vpdpbusd` latency is hidden.
+///
+/// # Safety
+/// `kp` points at 16 rows of `job.krb` bytes in the `KB`-bit format; `h0 + H <= job.m`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn k_scores<const KB: u32, const H: usize>(kp: *const u8, job: &DecodeJob, h0: usize, kc: &[__m512i], sacc: &mut [__m512]) {
+    let ng = job.d / GROUP;
+    let gb = group_code_bytes(KB);
+    let off = 1i32 << (KB - 1);
+    let mut s = [_mm512_setzero_ps(); H];
+    for g in 0..ng {
+        // SAFETY: group g's codes lie at HEADER + ng + g·gb .. + gb of each row.
+        let codes = unsafe {
+            let p = kp.add(HEADER + ng + g * gb);
+            if KB == 4 {
+                codes4(p, job.krb)
+            } else {
+                codes8(p, job.krb)
+            }
+        };
+        let mut t = [_mm512_setzero_si512(); H];
+        for (i, x) in t.iter_mut().enumerate() {
+            *x = _mm512_set1_epi32(-off * job.qsum[(h0 + i) * ng + g]);
+        }
+        for (j, cj) in codes.iter().enumerate() {
+            for (i, x) in t.iter_mut().enumerate() {
+                *x = _mm512_dpbusd_epi32(*x, *cj, _mm512_set1_epi32(job.q32[((h0 + i) * ng + g) * 8 + j]));
+            }
+        }
+        for (i, x) in s.iter_mut().enumerate() {
+            let y = _mm512_cvtepi32_ps(_mm512_mullo_epi32(t[i], kc[g]));
+            *x = _mm512_fmadd_ps(y, _mm512_set1_ps(job.qstep[(h0 + i) * ng + g]), *x);
+        }
+    }
+    sacc[h0..h0 + H].copy_from_slice(&s);
+}
+
 /// Bit `r` set when row `r` of the block is kept (mask value not −∞).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 #[inline]
@@ -183,23 +216,39 @@ fn mask_block(mq: &[half::f16]) -> u16 {
 }
 
 /// Row scales (f32) of 16 rows, and the group multipliers: sign-extended i32 into `ci`
-/// (K), or as f32 into `cf` (V, when `float`).
+/// (K), or as f32 into `cf` (V, when `float`). The first 16 bytes of the rows come in
+/// through one transpose; dwords past them (only when `ng > 13`) through gathers.
 ///
 /// # Safety
-/// `p + idx[r] + 4·k` for k in `0..=(ng + 1) / 4` must be 4 readable bytes for every lane.
+/// `p + r·rb` (= `p + idx[r]`) must start a row of `rb = row_bytes(bits, 32·ng)` bytes for
+/// every r in 0..16; the reads stay inside the rows.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 #[inline]
-unsafe fn headers(p: *const u8, idx: __m512i, ng: usize, ci: &mut [__m512i], float: bool, cf: &mut [__m512]) -> __m512 {
-    // SAFETY: guaranteed by the caller (k = 0).
-    let h0 = unsafe { _mm512_i32gather_epi32::<1>(idx, p.cast()) };
+unsafe fn headers(p: *const u8, rb: usize, idx: __m512i, ng: usize, ci: &mut [__m512i], float: bool, cf: &mut [__m512]) -> __m512 {
+    // Rows shorter than 16 bytes (only d = 32 at 2 or 3 bits) take the gathers.
+    let small = rb < 16;
+    let t = if small {
+        [_mm512_setzero_si512(); 4]
+    } else {
+        // SAFETY: every row has at least 16 bytes here.
+        unsafe { transpose16(p, rb) }
+    };
+    let word_at = |dw: usize| -> __m512i {
+        if !small && dw < 4 {
+            t[dw]
+        } else {
+            // SAFETY: dw <= (ng + 1) / 4, guaranteed by the caller.
+            unsafe { _mm512_i32gather_epi32::<1>(idx, p.add(4 * dw).cast()) }
+        }
+    };
+    let h0 = word_at(0);
     let scale = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(h0));
     let mut word = h0;
     for g in 0..ng {
         // Multiplier g is byte 2 + g of the row: byte (2 + g) % 4 of dword (2 + g) / 4.
         let (dw, byte) = ((2 + g) / 4, (2 + g) % 4);
         if byte == 0 {
-            // SAFETY: dw <= (ng + 1) / 4, guaranteed by the caller.
-            word = unsafe { _mm512_i32gather_epi32::<1>(idx, p.add(4 * dw).cast()) };
+            word = word_at(dw);
         }
         let c = match byte {
             0 => _mm512_srai_epi32::<24>(_mm512_slli_epi32::<24>(word)),
