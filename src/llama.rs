@@ -360,7 +360,7 @@ impl<'m> Context<'m> {
         // SAFETY: plain-data params; the pool is freed in Drop after the context.
         let threadpool = unsafe {
             let mut tp = sys::ggml_threadpool_params_default(p.n_threads);
-            tp.poll = 0;
+            tp.poll = std::env::var("DSPARK_POLL").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
             let pool = sys::ggml_threadpool_new(&mut tp);
             if !pool.is_null() {
                 sys::llama_attach_threadpool(ptr.as_ptr(), pool, pool);
@@ -420,8 +420,7 @@ impl<'m> Context<'m> {
             bail!("batch of {} entries exceeds n_batch {}", entries.len(), self.batch_cap);
         }
         self.fill_batch(entries.iter().map(|&(t, pos, seq)| (t, pos, seq, true)));
-        // SAFETY: the batch holds entries.len() valid entries.
-        let rc = unsafe { sys::llama_decode(self.raw(), self.batch) };
+        let rc = self.decode_batch();
         if rc != 0 {
             bail!("llama_decode failed with code {rc}");
         }
@@ -440,13 +439,22 @@ impl<'m> Context<'m> {
             let pos0 = start_pos + ci * self.batch_cap;
             let n = chunk.len();
             self.fill_batch(chunk.iter().enumerate().map(|(i, &t)| (t, pos0 + i, seq, all_logits || (last_chunk && i + 1 == n))));
-            // SAFETY: the batch holds chunk.len() <= batch_cap valid entries.
-            let rc = unsafe { sys::llama_decode(self.raw(), self.batch) };
+            let rc = self.decode_batch();
             if rc != 0 {
                 bail!("llama_decode failed with code {rc} (KV cache full?)");
             }
         }
         Ok(())
+    }
+
+    /// Decodes the filled batch, telling DSpark which CPU thread pool this context uses for
+    /// the duration of the call.
+    fn decode_batch(&mut self) -> i32 {
+        crate::ggml::set_host_threadpool(self.threadpool);
+        // SAFETY: fill_batch left only valid entries in the batch.
+        let rc = unsafe { sys::llama_decode(self.raw(), self.batch) };
+        crate::ggml::set_host_threadpool(std::ptr::null_mut());
+        rc
     }
 
     /// Fills the batch with (token, position, sequence, wants logits) entries; the caller

@@ -156,26 +156,47 @@ unsafe extern "C" fn graph_compute(b: ll::ggml_backend_t, g: *mut ll::ggml_cgrap
         // whose srcs live in our buffers (copies of CPU tensors included).
         unsafe {
             let n_threads = backend_ctx(b).n_threads.load(Ordering::Relaxed);
-            for i in 0..ll::ggml_graph_n_nodes(g) {
-                let node = ll::ggml_graph_node(g, i);
-                if (*node).flags & ll::GGML_TENSOR_FLAG_COMPUTE as i32 == 0 {
-                    continue;
-                }
-                let r = match (*node).op {
-                    ll::GGML_OP_NONE | ll::GGML_OP_VIEW | ll::GGML_OP_RESHAPE | ll::GGML_OP_PERMUTE | ll::GGML_OP_TRANSPOSE => Ok(()),
-                    ll::GGML_OP_SET_ROWS => set_rows(node),
-                    ll::GGML_OP_FLASH_ATTN_EXT => flash_attn(node, n_threads),
-                    ll::GGML_OP_ROPE => rope_shift(node),
-                    op => Err(format!("op {op} was not accepted by DSPARK0")),
-                };
-                if let Err(msg) = r {
-                    eprintln!("dspark: {}: {msg}", super::buffer::tensor_name(node));
-                    return ll::GGML_STATUS_FAILED;
-                }
+            // Pausing the host's CPU pool needs ggml-cpu, which a GGML_BACKEND_DL host loads
+            // privately (RTLD_LOCAL): the plugin build cannot link to it (and no host sets it).
+            #[cfg(not(feature = "plugin"))]
+            let pool = super::host_threadpool();
+            #[cfg(not(feature = "plugin"))]
+            if !pool.is_null() {
+                ll::ggml_threadpool_pause(pool);
             }
-            ll::GGML_STATUS_SUCCESS
+            let status = compute_nodes(g, n_threads);
+            #[cfg(not(feature = "plugin"))]
+            if !pool.is_null() {
+                ll::ggml_threadpool_resume(pool);
+            }
+            status
         }
     })
+}
+
+/// Runs the nodes of one split.
+///
+/// # Safety
+/// As for graph_compute.
+unsafe fn compute_nodes(g: *mut ll::ggml_cgraph, n_threads: usize) -> ll::ggml_status {
+    for i in 0..ll::ggml_graph_n_nodes(g) {
+        let node = ll::ggml_graph_node(g, i);
+        if (*node).flags & ll::GGML_TENSOR_FLAG_COMPUTE as i32 == 0 {
+            continue;
+        }
+        let r = match (*node).op {
+            ll::GGML_OP_NONE | ll::GGML_OP_VIEW | ll::GGML_OP_RESHAPE | ll::GGML_OP_PERMUTE | ll::GGML_OP_TRANSPOSE => Ok(()),
+            ll::GGML_OP_SET_ROWS => set_rows(node),
+            ll::GGML_OP_FLASH_ATTN_EXT => flash_attn(node, n_threads),
+            ll::GGML_OP_ROPE => rope_shift(node),
+            op => Err(format!("op {op} was not accepted by DSPARK0")),
+        };
+        if let Err(msg) = r {
+            eprintln!("dspark: {}: {msg}", super::buffer::tensor_name(node));
+            return ll::GGML_STATUS_FAILED;
+        }
+    }
+    ll::GGML_STATUS_SUCCESS
 }
 
 // ---------------------------------------------------------------------------------------
