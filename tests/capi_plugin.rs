@@ -113,7 +113,8 @@ fn plugin_decodes_like_static_registration() {
     let mut c = Command::new(cc());
     c.args(["-std=c99", "-Wall", "-Wextra", "-Werror", "-O1"]);
     includes(&mut c);
-    c.arg(&c_src).arg("-L").arg(&lib).arg(format!("-Wl,-rpath,{}", lib.display()));
+    // DT_RPATH (not RUNPATH) so that libllama's own dependencies are found there too.
+    c.arg(&c_src).arg("-L").arg(&lib).arg(format!("-Wl,--disable-new-dtags,-rpath,{}", lib.display()));
     c.args(["-lllama", "-lggml", "-lggml-base", "-o"]).arg(&host);
     run(&mut c, "compile the shared host");
 

@@ -37,6 +37,7 @@ pub fn config_from_env(get: impl Fn(&str) -> Option<String>) -> Result<ggml::Con
 
 /// What `ggml_backend_init` does: configure, and hand out the registry (the host registers
 /// it). `None` (with a message on stderr) refuses the load.
+#[cfg_attr(not(feature = "plugin"), allow(dead_code))] // exported only by the plugin build
 pub(crate) fn plugin_init() -> Option<ll::ggml_backend_reg_t> {
     let run = || -> Result<ll::ggml_backend_reg_t, String> {
         let c = config_from_env(|k| std::env::var(k).ok())?;
