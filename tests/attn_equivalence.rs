@@ -328,6 +328,20 @@ fn long_sequences() {
     check(&build(13, 128, 2, 4, 1, &f16_only, 0, false, 50.0, 0.0)).unwrap();
 }
 
+/// Head dims whose packed rows take the decode kernel's less common header paths: d = 32
+/// (2- and 3-bit rows shorter than 16 bytes) and d = 512 (group multipliers past the first
+/// 16 bytes of a row), with runs of whole 16-row blocks, a tail, a mask, and every V width.
+#[test]
+fn packed_decode_header_paths() {
+    for (d, seed) in [(32usize, 21u64), (512, 22)] {
+        for (kq, vq) in [(Quant::Q4, Quant::Q2), (Quant::Q8, Quant::Q3), (Quant::Q4, Quant::Q4), (Quant::Q8, Quant::Q8)] {
+            let layout: Layout = vec![(0, 4, None, None), (4, 70, Some(kq), Some(vq)), (74, 5, None, None)];
+            check(&build(seed, d, 2, 3, 1, &layout, 1, true, 0.0, 0.0)).unwrap();
+            check(&build(seed + 1, d, 1, 4, 2, &layout, 0, false, 20.0, 8.0)).unwrap();
+        }
+    }
+}
+
 #[test]
 fn fully_masked_rows_give_zero() {
     let layout: Layout = vec![(0, 50, Some(Quant::Q4), None), (50, 20, None, Some(Quant::Q8))];
@@ -367,4 +381,60 @@ fn non_finite_f16_rows_are_read_as_zero() {
     let want = run_reference(&c);
     assert!(want.iter().all(|v| v.is_finite()));
     check(&c).unwrap();
+}
+
+/// What rounding the query to int8 costs on bench-like data (Gaussian rows, K with an
+/// outlier channel at 10x, 4 f16 sinks + packed body + 64 f16 window, one query), next to
+/// what the codec itself costs (the same K/V kept in f16):
+/// `cargo test --release --test attn_equivalence int8_query_error -- --nocapture` prints the
+/// largest |fast − exact| relative to max|V| and the mean relative to the output's RMS. The
+/// assertion is the rigorous bound of [`int8q_bound`].
+#[test]
+fn int8_query_error() {
+    for (d, n_kv, group) in [(64usize, 3usize, 3usize), (128, 2, 4)] {
+        for (kq, vq) in [(Quant::Q4, Quant::Q4), (Quant::Q8, Quant::Q8), (Quant::Q4, Quant::Q2)] {
+            let mut rng = StdRng::seed_from_u64(d as u64);
+            let n = 4096;
+            let layout: Layout = vec![(0, 4, None, None), (4, n - 68, Some(kq), Some(vq)), (n - 64, 64, None, None)];
+            let mut c = build(1, d, n_kv, group, 1, &layout, 0, false, 0.0, 0.0);
+            c.p.scale = 1.0 / (d as f32).sqrt();
+            let mut plain = c.clone();
+            for (h, hp) in c.kv.iter_mut().zip(plain.kv.iter_mut()) {
+                for ((s, sp), &(_, _, lk, lv)) in h.iter_mut().zip(hp.iter_mut()).zip(&layout) {
+                    let k: Vec<f32> = (0..s.n * d).map(|i| gaussian(&mut rng) * if i % d == 7 { 10.0 } else { 1.0 }).collect();
+                    let v: Vec<f32> = (0..s.n * d).map(|_| gaussian(&mut rng)).collect();
+                    let enc = |x: &[f32], q: Option<Quant>| match q {
+                        None => Store::F16(x.iter().map(|v| f16::from_f32(*v)).collect()),
+                        Some(q) => {
+                            let codec = RowCodec::new(q, d).unwrap();
+                            let mut data = vec![0u8; s.n * codec.row_bytes()];
+                            codec.encode_rows(x, &mut data);
+                            Store::Packed(codec, data)
+                        }
+                    };
+                    (s.k, s.v, sp.k, sp.v) = (enc(&k, lk), enc(&v, lv), enc(&k, None), enc(&v, None));
+                }
+            }
+            let exact = run_reference(&c);
+            let f16_out = run_reference(&plain);
+            let bound = int8q_bound(&c);
+            let vm = f64::from(vmax(&c));
+            let rms = (exact.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>() / exact.len() as f64).sqrt();
+            let stats = |a: &[f32], b: &[f32]| {
+                let err: Vec<f64> = a.iter().zip(b).map(|(x, y)| f64::from((x - y).abs())).collect();
+                (err.iter().copied().fold(0.0, f64::max) / vm, err.iter().sum::<f64>() / err.len() as f64 / rms)
+            };
+            let (cm, ca) = stats(&exact, &f16_out);
+            println!("d={d} k{}v{} codec (exact oracle vs f16 K/V): max {cm:.2e} max|V|, mean {ca:.2e} rms(out)", kq.bits(), vq.bits());
+            for isa in attn::available_isas() {
+                let got = run_fast(&c, isa, 2);
+                let (m, a) = stats(&got, &exact);
+                println!("d={d} k{}v{} int8 query, {isa:8}: max {m:.2e} max|V|, mean {a:.2e} rms(out)", kq.bits(), vq.bits());
+                for (i, (g, e)) in got.iter().zip(&exact).enumerate() {
+                    let b = f64::from(bound[i / d]) + 1e-4 * vm;
+                    assert!(f64::from((g - e).abs()) <= b, "{isa}: out[{i}] over the bound");
+                }
+            }
+        }
+    }
 }
