@@ -13,14 +13,21 @@
 //! everywhere (ggml keeps an f16 accumulator for f16 V), and non-finite K/V values in f16
 //! rows are read as 0, the same rule the codec applies when it encodes
 //! (see [`crate::codec`]), so a NaN in one row never spreads to other rows or other queries.
+//! Like ggml with a quantized K type (whose `vec_dot` takes q as q8_0), packed K rows are
+//! scored against the int8 image of the query: rotated, then rounded per group of 32 with
+//! step `max|x|/127`, on every instruction set ([`flash_attn_reference_int8q`] is the exact
+//! oracle of that; the error it adds is measured in `benches/RESULTS.md`). f16 rows use the
+//! f32 query.
 //!
 //! [`flash_attn_reference`] is the scalar oracle (decompress, then attend in f64).
 //! [`flash_attn`] is the fast path: q is rotated once per head for packed K, packed rows are
 //! decoded tile by tile into L1 and consumed at once (no row is materialised in memory), V
 //! is accumulated in the rotated space for packed V and un-rotated once per output row,
 //! every K/V tile is used by all query heads of its KV head (GQA) and by a tile of queries
-//! (prefill), and long sequences are split across threads with a log-sum-exp merge. Kernels
-//! are chosen at run time: AVX-512, AVX2+FMA, or portable (`DSPARK_FORCE_ISA` pins one).
+//! (prefill), and long sequences are split across threads with a log-sum-exp merge. On
+//! AVX-512 VNNI, decode over packed rows runs the integer kernel of `x86_decode.rs` instead
+//! of the tiles (16 rows per score vector, `vpdpbusd`, V accumulated from its codes). Kernels
+//! are chosen at run time: AVX-512 (+VNNI), AVX2+FMA, or portable (`DSPARK_FORCE_ISA` pins one).
 
 mod fast;
 mod isa;
