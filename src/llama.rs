@@ -360,7 +360,7 @@ impl<'m> Context<'m> {
         // SAFETY: plain-data params; the pool is freed in Drop after the context.
         let threadpool = unsafe {
             let mut tp = sys::ggml_threadpool_params_default(p.n_threads);
-            tp.poll = std::env::var("DSPARK_POLL").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+            tp.poll = 0;
             let pool = sys::ggml_threadpool_new(&mut tp);
             if !pool.is_null() {
                 sys::llama_attach_threadpool(ptr.as_ptr(), pool, pool);
@@ -447,14 +447,10 @@ impl<'m> Context<'m> {
         Ok(())
     }
 
-    /// Decodes the filled batch, telling DSpark which CPU thread pool this context uses for
-    /// the duration of the call.
+    /// Decodes the filled batch.
     fn decode_batch(&mut self) -> i32 {
-        crate::ggml::set_host_threadpool(self.threadpool);
         // SAFETY: fill_batch left only valid entries in the batch.
-        let rc = unsafe { sys::llama_decode(self.raw(), self.batch) };
-        crate::ggml::set_host_threadpool(std::ptr::null_mut());
-        rc
+        unsafe { sys::llama_decode(self.raw(), self.batch) }
     }
 
     /// Fills the batch with (token, position, sequence, wants logits) entries; the caller

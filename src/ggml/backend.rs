@@ -155,21 +155,7 @@ unsafe extern "C" fn graph_compute(b: ll::ggml_backend_t, g: *mut ll::ggml_cgrap
         // SAFETY: ggml passes our backend and a graph whose nodes and srcs are valid and
         // whose srcs live in our buffers (copies of CPU tensors included).
         unsafe {
-            let n_threads = backend_ctx(b).n_threads.load(Ordering::Relaxed);
-            // Pausing the host's CPU pool needs ggml-cpu, which a GGML_BACKEND_DL host loads
-            // privately (RTLD_LOCAL): the plugin build cannot link to it (and no host sets it).
-            #[cfg(not(feature = "plugin"))]
-            let pool = super::host_threadpool();
-            #[cfg(not(feature = "plugin"))]
-            if !pool.is_null() {
-                ll::ggml_threadpool_pause(pool);
-            }
-            let status = compute_nodes(g, n_threads);
-            #[cfg(not(feature = "plugin"))]
-            if !pool.is_null() {
-                ll::ggml_threadpool_resume(pool);
-            }
-            status
+            compute_nodes(g, backend_ctx(b).n_threads.load(Ordering::Relaxed))
         }
     })
 }

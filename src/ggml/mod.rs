@@ -92,23 +92,6 @@ pub fn with_config<R>(c: Config, create: impl FnOnce() -> R) -> (R, u64) {
 
 static CREATE_LOCK: Mutex<()> = Mutex::new(());
 
-thread_local! {
-    /// The CPU thread pool of the llama.cpp context that decodes on this thread.
-    static HOST_POOL: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-}
-
-/// Tells DSpark which ggml CPU thread pool the llama.cpp context decoding on this thread
-/// uses (NULL: none). DSpark then pauses that pool while its own ops run, so the pool's
-/// workers, which poll for work between graph splits, never compete with DSpark's kernels
-/// for the cores, and resumes it when done, so they are awake for the next CPU split.
-pub fn set_host_threadpool(pool: *mut llama_cpp_sys_2::ggml_threadpool) {
-    HOST_POOL.with(|p| p.set(pool as usize));
-}
-
-pub(crate) fn host_threadpool() -> *mut llama_cpp_sys_2::ggml_threadpool {
-    HOST_POOL.with(|p| p.get()) as *mut _
-}
-
 /// Runs `f`, turning a panic into `fallback` and an error message on stderr: no panic may
 /// unwind into ggml's C++ frames.
 fn guard<T>(what: &str, fallback: T, f: impl FnOnce() -> T) -> T {
