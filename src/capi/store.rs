@@ -246,21 +246,7 @@ pub struct Cache {
 }
 
 /// Figures of one cache.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct CacheStats {
-    /// Bytes held by pages.
-    pub kv_bytes: u64,
-    /// f16 pages.
-    pub pages_f16: u64,
-    /// Compressed pages.
-    pub pages_compressed: u64,
-    /// Cells in use over all stores.
-    pub cells: u64,
-    /// Values in use.
-    pub elems: u64,
-    /// Attention calls.
-    pub attn_calls: u64,
-}
+pub type CacheStats = crate::kv::Stats;
 
 fn check_range(what: &str, i: usize, n: usize) -> Result<()> {
     if i < n {
@@ -500,10 +486,7 @@ impl Cache {
         let mut s = CacheStats { attn_calls: self.attn_calls.load(Ordering::Relaxed), ..CacheStats::default() };
         for lk in &st.layers {
             for store in [&lk.k, &lk.v] {
-                let (f, c) = store.page_counts();
-                s.kv_bytes += store.bytes() as u64;
-                s.pages_f16 += f as u64;
-                s.pages_compressed += c as u64;
+                s.add_pages(store);
             }
         }
         for lanes in &st.lanes {

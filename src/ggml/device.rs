@@ -173,28 +173,9 @@ unsafe extern "C" fn dev_supports_buft(_: ll::ggml_backend_dev_t, b: ll::ggml_ba
     b == buft()
 }
 
-/// Live figures of DSpark's KV stores (all contexts together).
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct Stats {
-    /// Bytes held by KV pages.
-    pub kv_bytes: u64,
-    /// Pages allocated, f16 and compressed.
-    pub pages_f16: u64,
-    pub pages_compressed: u64,
-    /// Cells that hold data, summed over all KV tensors.
-    pub cells: u64,
-    /// Values stored (cells × values per cell), to compute bits per element.
-    pub elems: u64,
-    /// FLASH_ATTN_EXT ops run.
-    pub attn_calls: u64,
-}
+pub use crate::kv::Stats;
 
 impl Stats {
-    /// Stored bits per K/V value, page metadata included (NaN with nothing stored).
-    pub fn bits_per_elem(&self) -> f64 {
-        8.0 * self.kv_bytes as f64 / self.elems as f64
-    }
-
     /// The figures now, all KV caches together.
     pub fn now() -> Stats {
         Self::collect(|_| true)
@@ -214,10 +195,7 @@ impl Stats {
             let ctx = unsafe { &*(addr as *const buffer::BufferCtx) };
             for e in ctx.kv_entries().iter().filter(|e| keep(e.owner)) {
                 if let Some(store) = e.read().as_ref() {
-                    let (f, c) = store.page_counts();
-                    s.kv_bytes += store.bytes() as u64;
-                    s.pages_f16 += f as u64;
-                    s.pages_compressed += c as u64;
+                    s.add_pages(store);
                     s.cells += store.cells_in_use() as u64;
                     s.elems += (store.cells_in_use() * store.row_len()) as u64;
                 }

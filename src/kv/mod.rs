@@ -21,6 +21,40 @@ use crate::codec::{Quant, RowCodec};
 /// Cells per page.
 pub const PAGE: usize = 64;
 
+/// Figures of a set of KV stores: a llama.cpp context's (`ggml::Stats`) or a standalone
+/// cache's (C API).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Stats {
+    /// Bytes held by pages.
+    pub kv_bytes: u64,
+    /// Pages allocated in f16.
+    pub pages_f16: u64,
+    /// Pages allocated compressed.
+    pub pages_compressed: u64,
+    /// Cells that hold data, summed over all stores.
+    pub cells: u64,
+    /// Values stored (cells × values per cell), to compute bits per element.
+    pub elems: u64,
+    /// Attention calls.
+    pub attn_calls: u64,
+}
+
+impl Stats {
+    /// Adds the pages of one store (bytes and page counts; cells are counted by the caller,
+    /// who knows which cells are in use).
+    pub fn add_pages(&mut self, store: &KvStore) {
+        let (f, c) = store.page_counts();
+        self.kv_bytes += store.bytes() as u64;
+        self.pages_f16 += f as u64;
+        self.pages_compressed += c as u64;
+    }
+
+    /// Stored bits per K/V value, page metadata included (NaN with nothing stored).
+    pub fn bits_per_elem(&self) -> f64 {
+        8.0 * self.kv_bytes as f64 / self.elems as f64
+    }
+}
+
 /// How a store keeps its rows.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct StoreConfig {
