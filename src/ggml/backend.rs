@@ -229,9 +229,7 @@ unsafe fn set_rows(node: *mut ll::ggml_tensor) -> Result<(), String> {
     if !whole {
         for (off, sp) in dsts {
             read_row(sp, src.type_, &mut row);
-            for (x, o) in row.iter().zip(bytes.chunks_exact_mut(2)) {
-                o.copy_from_slice(&f16::from_f32(*x).to_le_bytes());
-            }
+            super::buffer::f32_to_f16_bytes(&row, &mut bytes);
             super::buffer::kv_write_bytes(e, off, &bytes)?;
         }
         return Ok(());

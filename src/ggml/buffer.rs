@@ -317,7 +317,7 @@ pub(crate) fn kv_write_bytes(e: &KvEntry, off: usize, data: &[u8]) -> Result<(),
     Ok(())
 }
 
-fn f32_to_f16_bytes(src: &[f32], dst: &mut [u8]) {
+pub(crate) fn f32_to_f16_bytes(src: &[f32], dst: &mut [u8]) {
     for (x, o) in src.iter().zip(dst.chunks_exact_mut(2)) {
         o.copy_from_slice(&f16::from_f32(*x).to_le_bytes());
     }
