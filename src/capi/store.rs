@@ -315,8 +315,8 @@ impl Cache {
             lk.k.write_row(base + t, kr);
             lk.v.write_row(base + t, vr);
         }
-        lk.k.compact();
-        lk.v.compact();
+        lk.k.compact(None);
+        lk.v.compact(None);
         st.lanes[seq][layer].len = len + n;
         Ok(())
     }

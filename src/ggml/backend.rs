@@ -240,7 +240,7 @@ unsafe fn set_rows(node: *mut ll::ggml_tensor) -> Result<(), String> {
         read_row(sp, src.type_, &mut row);
         store.write_row(off / (e.row_len() * 2), &row);
     }
-    store.compact();
+    store.compact(None);
     Ok(())
 }
 
@@ -421,7 +421,7 @@ unsafe fn rope_shift(node: *mut ll::ggml_tensor) -> Result<(), String> {
         }
         store.write_row(gcell, &row);
     }
-    store.compact();
+    store.compact(None);
     Ok(())
 }
 

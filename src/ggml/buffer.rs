@@ -313,7 +313,7 @@ pub(crate) fn kv_write_bytes(e: &KvEntry, off: usize, data: &[u8]) -> Result<(),
         }
         pos += n;
     }
-    store.compact();
+    store.compact(None);
     Ok(())
 }
 

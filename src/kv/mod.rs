@@ -6,11 +6,14 @@
 //! written, so a context of 32k cells with 1k tokens in use costs about 1k cells.
 //!
 //! A page is f16 or compressed. The first page of each stream stays f16 (it holds the
-//! attention sinks, the first tokens that every query attends to), and so do the pages that
-//! hold the most recent `window` cells; a page is compressed as a whole when it leaves that
-//! window. Rows written into a page that is already compressed are encoded directly.
+//! attention sinks, the first tokens that every query attends to), and so do the pages
+//! written within the last `window` rows of their stream; a page is compressed as a whole
+//! when it has not been written for `window` rows (recency, not position, so a context shift
+//! or a ring that reuses low cells keeps its newest rows in f16). Rows written into a page that is already compressed are encoded directly.
 //! Within a page, rows are grouped by head (`[head][slot]`), so that attention reads each
 //! head's rows as one contiguous run.
+
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use half::f16;
 use rayon::prelude::*;
@@ -37,6 +40,9 @@ pub struct Stats {
     pub elems: u64,
     /// Attention calls.
     pub attn_calls: u64,
+    /// Allocated pages that the latest attention call over their store could not see
+    /// (e.g. pages of tokens removed with `seq_rm`, which llama.cpp never reports).
+    pub pages_unseen: u64,
 }
 
 impl Stats {
@@ -47,6 +53,7 @@ impl Stats {
         self.kv_bytes += store.bytes() as u64;
         self.pages_f16 += f as u64;
         self.pages_compressed += c as u64;
+        self.pages_unseen += store.pages_unseen() as u64;
     }
 
     /// Stored bits per K/V value, page metadata included (NaN with nothing stored).
@@ -70,6 +77,48 @@ enum Page {
     Packed(Box<[u8]>),
 }
 
+/// One page and what the store knows of its use.
+struct PageSlot {
+    data: Page,
+    /// The stream's write clock after the page's last row was written: the page is recent
+    /// while fewer than `window` rows of its stream have been written since.
+    last_write: u64,
+    /// The store's attention tick of the last call in which a query could see one of the
+    /// page's cells (0: never). Pages of removed tokens stop being seen; a memory budget
+    /// moves them out first.
+    last_seen: AtomicU64,
+}
+
+impl PageSlot {
+    fn empty() -> PageSlot {
+        PageSlot { data: Page::Empty, last_write: 0, last_seen: AtomicU64::new(0) }
+    }
+}
+
+/// Per stream: its pages (the table grows to the highest page written, so an empty store
+/// costs nothing however many cells it has), its clock and its high-water mark.
+#[derive(Default)]
+struct Stream {
+    pages: Vec<PageSlot>,
+    /// Rows written to the stream since the last clear.
+    clock: u64,
+    /// One past the highest cell written since the last clear.
+    high_water: usize,
+}
+
+impl Stream {
+    fn page(&self, p: usize) -> &Page {
+        self.pages.get(p).map_or(&Page::Empty, |s| &s.data)
+    }
+
+    fn slot_mut(&mut self, p: usize) -> &mut PageSlot {
+        if p >= self.pages.len() {
+            self.pages.resize_with(p + 1, PageSlot::empty);
+        }
+        &mut self.pages[p]
+    }
+}
+
 /// A page's content, borrowed from a store (see [`KvStore::page`]).
 #[derive(Clone, Copy, Debug)]
 pub enum PageView<'a> {
@@ -88,9 +137,9 @@ pub struct KvStore {
     n_head: usize,
     head_dim: usize,
     cells: usize,
-    pages: Vec<Page>,
-    /// Per stream: one past the highest cell ever written since the last clear.
-    high_water: Vec<usize>,
+    streams: Vec<Stream>,
+    /// Attention calls that reported what they could see ([`KvStore::note_seen`]).
+    attn_tick: AtomicU64,
     zeros: Box<[f16]>,
 }
 
@@ -101,15 +150,14 @@ impl KvStore {
     /// If the codec cannot encode rows of `head_dim` values.
     pub fn new(cfg: StoreConfig, n_head: usize, head_dim: usize, cells: usize, n_stream: usize) -> Result<KvStore, String> {
         let codec = cfg.quant.map(|q| RowCodec::new(q, head_dim)).transpose()?;
-        let pages_per_stream = cells.div_ceil(PAGE);
         Ok(KvStore {
             codec,
             window: cfg.window,
             n_head,
             head_dim,
             cells,
-            pages: (0..pages_per_stream * n_stream).map(|_| Page::Empty).collect(),
-            high_water: vec![0; n_stream],
+            streams: (0..n_stream).map(|_| Stream::default()).collect(),
+            attn_tick: AtomicU64::new(0),
             zeros: vec![f16::ZERO; PAGE * head_dim].into_boxed_slice(),
         })
     }
@@ -134,7 +182,7 @@ impl KvStore {
 
     /// Total cells (all streams).
     pub fn total_cells(&self) -> usize {
-        self.cells * self.high_water.len()
+        self.cells * self.streams.len()
     }
 
     /// Pages per stream (`cells / PAGE`, rounded up).
@@ -142,9 +190,15 @@ impl KvStore {
         self.cells.div_ceil(PAGE)
     }
 
+    /// Pages of a stream that may hold data: those below the highest page ever allocated
+    /// (pages at or above it read as [`PageView::Empty`]).
+    pub fn pages_allocated_span(&self, stream: usize) -> usize {
+        self.streams[stream].pages.len()
+    }
+
     /// Number of streams.
     pub fn n_stream(&self) -> usize {
-        self.high_water.len()
+        self.streams.len()
     }
 
     /// Page `page` of a stream as it is stored (for saving, copying and restoring a store
@@ -152,14 +206,15 @@ impl KvStore {
     /// packed one `n_head * PAGE * row_bytes` bytes, both laid out `[head][slot]`.
     pub fn page(&self, stream: usize, page: usize) -> PageView<'_> {
         assert!(stream < self.n_stream() && page < self.pages_per_stream(), "KvStore::page: out of range");
-        match &self.pages[stream * self.pages_per_stream() + page] {
+        match self.streams[stream].page(page) {
             Page::Empty => PageView::Empty,
             Page::F16(d) => PageView::F16(d),
             Page::Packed(d) => PageView::Packed(d),
         }
     }
 
-    /// Replaces page `page` of a stream with a copy of `view` (`Empty` frees it).
+    /// Replaces page `page` of a stream with a copy of `view` (`Empty` frees it). The page
+    /// counts as written now.
     ///
     /// # Errors
     /// If the view's length does not match this store's page size, or a packed page is
@@ -179,49 +234,68 @@ impl KvStore {
             },
             PageView::F16(d) => return Err(format!("f16 page of {} values does not fit this store", d.len())),
         };
-        let pps = self.pages_per_stream();
-        self.pages[stream * pps + page] = new;
+        let st = &mut self.streams[stream];
+        if matches!(new, Page::Empty) && page >= st.pages.len() {
+            return Ok(());
+        }
+        let clock = st.clock;
+        let slot = st.slot_mut(page);
+        slot.data = new;
+        slot.last_write = clock;
+        st.pages.truncate(st.pages.iter().rposition(|s| !matches!(s.data, Page::Empty)).map_or(0, |i| i + 1));
         Ok(())
     }
 
-    /// One past the highest cell written in a stream (what [`KvStore::compact`] measures
-    /// the recent window from).
+    /// One past the highest cell written in a stream.
     pub fn high_water(&self, stream: usize) -> usize {
-        self.high_water[stream]
+        self.streams[stream].high_water
     }
 
     /// Sets a stream's high-water mark (clamped to `cells`), e.g. after its tail was dropped
     /// or its pages restored with [`KvStore::set_page`].
     pub fn set_high_water(&mut self, stream: usize, cells: usize) {
-        self.high_water[stream] = cells.min(self.cells);
+        self.streams[stream].high_water = cells.min(self.cells);
     }
 
-    /// Page index and slot of a global cell (stream * cells + cell).
-    fn locate(&self, gcell: usize) -> (usize, usize) {
+    /// Stream, page index and slot of a global cell (stream * cells + cell).
+    fn locate(&self, gcell: usize) -> (usize, usize, usize) {
         let (stream, cell) = (gcell / self.cells, gcell % self.cells);
-        (stream * self.pages_per_stream() + cell / PAGE, cell % PAGE)
+        (stream, cell / PAGE, cell % PAGE)
     }
 
     /// Whether the page holding a global cell has been allocated (the cell may hold data).
     pub fn is_written(&self, gcell: usize) -> bool {
-        !matches!(self.pages[self.locate(gcell).0], Page::Empty)
+        let (s, p, _) = self.locate(gcell);
+        !matches!(self.streams[s].page(p), Page::Empty)
+    }
+
+    /// Whether the page holding a global cell is kept in f16 (sink, window, or no codec).
+    pub fn is_f16(&self, gcell: usize) -> bool {
+        let (s, p, _) = self.locate(gcell);
+        matches!(self.streams[s].page(p), Page::F16(_))
     }
 
     /// Drops every page: all cells read as zero again.
     pub fn clear(&mut self) {
-        self.pages.iter_mut().for_each(|p| *p = Page::Empty);
-        self.high_water.iter_mut().for_each(|h| *h = 0);
+        self.streams.iter_mut().for_each(|s| *s = Stream::default());
     }
 
     /// Writes one cell (`row.len() == row_len()`, head after head).
     pub fn write_row(&mut self, gcell: usize, row: &[f32]) {
         assert_eq!(row.len(), self.row_len());
-        let (pi, slot) = self.locate(gcell);
+        let (s, p, slot) = self.locate(gcell);
         let (d, nh) = (self.head_dim, self.n_head);
-        if matches!(self.pages[pi], Page::Empty) {
-            self.pages[pi] = Page::F16(vec![f16::ZERO; nh * PAGE * d].into_boxed_slice());
+        let codec = self.codec;
+        let st = &mut self.streams[s];
+        st.clock += 1;
+        st.high_water = st.high_water.max(gcell % self.cells + 1);
+        let clock = st.clock;
+        let page = st.slot_mut(p);
+        page.last_write = clock;
+        if matches!(page.data, Page::Empty) {
+            page.data = Page::F16(vec![f16::ZERO; nh * PAGE * d].into_boxed_slice());
         }
-        match &mut self.pages[pi] {
+        match &mut page.data {
             Page::F16(data) => {
                 for (h, src) in row.chunks_exact(d).enumerate() {
                     let dst = &mut data[(h * PAGE + slot) * d..][..d];
@@ -229,7 +303,7 @@ impl KvStore {
                 }
             }
             Page::Packed(data) => {
-                let codec = self.codec.expect("packed page without codec");
+                let codec = codec.expect("packed page without codec");
                 let rb = codec.row_bytes();
                 for (h, src) in row.chunks_exact(d).enumerate() {
                     codec.encode(src, &mut data[(h * PAGE + slot) * rb..][..rb]);
@@ -237,16 +311,14 @@ impl KvStore {
             }
             Page::Empty => unreachable!(),
         }
-        let stream = gcell / self.cells;
-        self.high_water[stream] = self.high_water[stream].max(gcell % self.cells + 1);
     }
 
     /// Reads one cell into `out` (`out.len() == row_len()`).
     pub fn read_row(&self, gcell: usize, out: &mut [f32]) {
         assert_eq!(out.len(), self.row_len());
-        let (pi, slot) = self.locate(gcell);
+        let (s, p, slot) = self.locate(gcell);
         let d = self.head_dim;
-        match &self.pages[pi] {
+        match self.streams[s].page(p) {
             Page::Empty => out.fill(0.0),
             Page::F16(data) => {
                 for (h, dst) in out.chunks_exact_mut(d).enumerate() {
@@ -264,32 +336,79 @@ impl KvStore {
         }
     }
 
-    /// Compresses the f16 pages that have left the recent window (never a stream's first
-    /// page). Call after a batch of writes. Pages are encoded in parallel on rayon's global
-    /// pool: llama.cpp's CPU threads are idle while DSpark's ops run.
-    pub fn compact(&mut self) {
+    /// Compresses the f16 pages that have not been written for `window` rows of their stream
+    /// (never a stream's first page, which holds the attention sinks). Recency, not position:
+    /// after a context shift or a ring's reuse of low cells, the newest rows stay f16 wherever
+    /// they were written. Call after a batch of writes; pages are encoded on `pool` (the
+    /// caller's workers, so a context never uses more threads than it was given) or on the
+    /// calling thread.
+    pub fn compact(&mut self, pool: Option<&rayon::ThreadPool>) {
         let Some(codec) = self.codec else { return };
-        let pps = self.pages_per_stream();
-        let window = self.window;
-        // Per stream, pages [1, end) lie wholly below high_water - window.
-        let ends: Vec<usize> = self.high_water.iter().map(|&hw| (hw.saturating_sub(window) / PAGE).min(pps)).collect();
-        let due = |pi: usize, p: &Page| matches!(p, Page::F16(_)) && pi % pps >= 1 && pi % pps < ends[pi / pps];
-        if !self.pages.iter().enumerate().any(|(pi, p)| due(pi, p)) {
+        let window = self.window as u64;
+        let mut due: Vec<&mut Page> = Vec::new();
+        for st in &mut self.streams {
+            let clock = st.clock;
+            due.extend(
+                st.pages
+                    .iter_mut()
+                    .skip(1)
+                    .filter(|s| matches!(s.data, Page::F16(_)) && clock - s.last_write >= window)
+                    .map(|s| &mut s.data),
+            );
+        }
+        if due.is_empty() {
             return;
         }
         let (d, nh) = (self.head_dim, self.n_head);
-        self.pages.par_iter_mut().enumerate().filter(|(pi, p)| due(*pi, p)).for_each(|(_, page)| {
-            if let Page::F16(data) = page {
-                *page = Page::Packed(encode_page(&codec, data, d, nh));
+        let encode = |page: &mut &mut Page| {
+            if let Page::F16(data) = &**page {
+                **page = Page::Packed(encode_page(&codec, data, d, nh));
             }
-        });
+        };
+        match pool {
+            Some(p) if due.len() > 1 => p.install(|| due.par_iter_mut().for_each(encode)),
+            _ => due.iter_mut().for_each(encode),
+        }
+    }
+
+    /// Records that an attention call could see cells [first, first + n) of a stream where
+    /// `visible(cell_range)` says so, one check per page. Call once per attention call.
+    pub fn note_seen(&self, stream: usize, first: usize, n: usize, visible: impl Fn(std::ops::Range<usize>) -> bool) {
+        let tick = self.attn_tick.fetch_add(1, Ordering::Relaxed) + 1;
+        let st = &self.streams[stream];
+        let mut c = first;
+        while c < first + n {
+            let p = c / PAGE;
+            let end = ((p + 1) * PAGE).min(first + n);
+            if let Some(slot) = st.pages.get(p) {
+                if !matches!(slot.data, Page::Empty) && visible(c - first..end - first) {
+                    slot.last_seen.store(tick, Ordering::Relaxed);
+                }
+            }
+            c = end;
+        }
+    }
+
+    /// Allocated pages that the most recent attention call ([`KvStore::note_seen`]) could
+    /// not see: pages of removed tokens, or of another sequence's cells. The pages a memory
+    /// budget moves out first.
+    pub fn pages_unseen(&self) -> usize {
+        let tick = self.attn_tick.load(Ordering::Relaxed);
+        self.streams
+            .iter()
+            .flat_map(|s| &s.pages)
+            .filter(|s| !matches!(s.data, Page::Empty) && s.last_seen.load(Ordering::Relaxed) < tick)
+            .count()
+    }
+
+    fn all_pages(&self) -> impl Iterator<Item = &Page> {
+        self.streams.iter().flat_map(|s| s.pages.iter().map(|p| &p.data))
     }
 
     /// Bytes held by pages.
     pub fn bytes(&self) -> usize {
         let rb = self.codec.map_or(0, |c| c.row_bytes());
-        self.pages
-            .iter()
+        self.all_pages()
             .map(|p| match p {
                 Page::Empty => 0,
                 Page::F16(_) => self.n_head * PAGE * self.head_dim * 2,
@@ -300,14 +419,14 @@ impl KvStore {
 
     /// Pages allocated (f16, compressed).
     pub fn page_counts(&self) -> (usize, usize) {
-        let f = self.pages.iter().filter(|p| matches!(p, Page::F16(_))).count();
-        let c = self.pages.iter().filter(|p| matches!(p, Page::Packed(_))).count();
+        let f = self.all_pages().filter(|p| matches!(p, Page::F16(_))).count();
+        let c = self.all_pages().filter(|p| matches!(p, Page::Packed(_))).count();
         (f, c)
     }
 
     /// Cells that hold data: the sum over streams of the high-water marks.
     pub fn cells_in_use(&self) -> usize {
-        self.high_water.iter().sum()
+        self.streams.iter().map(|s| s.high_water).sum()
     }
 
     /// The rows of one head for cells [first, first + n) of a stream, as runs of uniform
@@ -319,8 +438,7 @@ impl KvStore {
         while c < first + n {
             let slot = c % PAGE;
             let len = (PAGE - slot).min(first + n - c);
-            let pi = stream * self.pages_per_stream() + c / PAGE;
-            let rows = match &self.pages[pi] {
+            let rows = match self.streams[stream].page(c / PAGE) {
                 Page::Empty => Rows::F16(&self.zeros[..len * d]),
                 Page::F16(data) => Rows::F16(&data[(head * PAGE + slot) * d..][..len * d]),
                 Page::Packed(data) => {
