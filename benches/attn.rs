@@ -326,6 +326,7 @@ fn keep(id: &str) -> bool {
 #[allow(clippy::too_many_lines)]
 fn bench_attention(c: &mut Criterion, kind: &'static str, n_q: usize, depths: &[usize], fmts: &[Option<Format>], rows: &mut Vec<Row>) {
     let nt = threads();
+    let workers = attn::Workers::new(nt);
     for s in SHAPES {
         let mut g = c.benchmark_group(format!("{kind}/{}", s.name));
         for &depth in depths {
@@ -347,7 +348,7 @@ fn bench_attention(c: &mut Criterion, kind: &'static str, n_q: usize, depths: &[
                 g.bench_with_input(BenchmarkId::new(name, depth), &depth, |b, _| {
                     b.iter(|| {
                         let m = Mask { data: &mask, stride: depth };
-                        attn::flash_attn(&q, n_q, s.n_head, s.d, &segs, Some(m), None, &p, nt, &mut out);
+                        attn::flash_attn(&q, n_q, s.n_head, s.d, &segs, Some(m), None, &p, workers.all(), &mut out);
                     });
                 });
                 rows.push(Row { kind, shape: s.name, depth, id, bytes: kv.bytes() });
@@ -438,6 +439,7 @@ fn table(rows: &[Row]) {
 fn quick() {
     use std::time::Instant;
     let nt = threads();
+    let workers = attn::Workers::new(nt);
     let depths: Vec<usize> = std::env::var("DSPARK_BENCH_DEPTHS")
         .ok()
         .map_or_else(|| vec![4096, 8192], |v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect());
@@ -474,10 +476,10 @@ fn quick() {
             for (((name, kv), seg), out) in kvs.iter().zip(&segs).zip(outs.iter_mut()) {
                 names.push(name.clone());
                 bytes.push(kv.bytes());
-                let (q, mask, p) = (&q, &mask, &p);
+                let (q, mask, p, workers) = (&q, &mask, &p, &workers);
                 runners.push(Box::new(move || {
                     let m = Mask { data: mask, stride: depth };
-                    attn::flash_attn(q, 1, s.n_head, s.d, seg, Some(m), None, p, nt, out);
+                    attn::flash_attn(q, 1, s.n_head, s.d, seg, Some(m), None, p, workers.all(), out);
                 }));
             }
             for (name, fa) in &ggmls {

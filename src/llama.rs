@@ -131,6 +131,8 @@ impl KvType {
 /// A loaded GGUF model.
 pub struct Model {
     ptr: NonNull<sys::llama_model>,
+    /// The devices its layers were offloaded to (empty: CPU only).
+    devices: Vec<sys::ggml_backend_dev_t>,
 }
 
 // SAFETY: a llama_model is immutable after loading and llama.cpp shares it across contexts
@@ -170,7 +172,13 @@ impl Model {
         };
         let ptr = NonNull::new(ptr)
             .with_context(|| format!("llama.cpp could not load {} (not a valid GGUF model?)", path.display()))?;
-        Ok(Model { ptr })
+        devs.pop();
+        Ok(Model { ptr, devices: devs })
+    }
+
+    /// The devices the layers were offloaded to (empty for the CPU).
+    pub fn devices(&self) -> &[sys::ggml_backend_dev_t] {
+        &self.devices
     }
 
     pub(crate) fn raw(&self) -> *mut sys::llama_model {
@@ -328,8 +336,6 @@ pub struct Context<'m> {
     kv: KvType,
     threadpool: *mut sys::ggml_threadpool,
     pub model: &'m Model,
-    /// The DSpark owner id of this context's KV caches, when DSPARK0 holds them.
-    pub dspark_owner: Option<u64>,
     batch: sys::llama_batch,
     batch_cap: usize,
 }
@@ -370,7 +376,7 @@ impl<'m> Context<'m> {
         let batch_cap = p.n_batch as usize;
         // SAFETY: allocates a batch of batch_cap tokens with one seq id each.
         let batch = unsafe { sys::llama_batch_init(batch_cap as i32, 0, 1) };
-        Ok(Context { ptr, kv: p.kv, threadpool, model, dspark_owner: None, batch, batch_cap })
+        Ok(Context { ptr, kv: p.kv, threadpool, model, batch, batch_cap })
     }
 
     pub(crate) fn raw(&self) -> *mut sys::llama_context {

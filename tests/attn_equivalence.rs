@@ -172,7 +172,7 @@ fn run_reference(c: &Case) -> Vec<f32> {
     let kv = segments(c);
     let mask = c.mask.as_ref().map(|(m, s)| Mask { data: m, stride: *s });
     let mut out = vec![f32::NAN; c.q.len()];
-    attn::flash_attn_reference(&c.q, c.n_q, c.n_head, c.d, &kv, mask, c.sinks.as_deref(), &c.p, 1, &mut out);
+    attn::flash_attn_reference(&c.q, c.n_q, c.n_head, c.d, &kv, mask, c.sinks.as_deref(), &c.p, attn::Threads::serial(), &mut out);
     out
 }
 
@@ -180,7 +180,7 @@ fn run_reference_int8q(c: &Case) -> Vec<f32> {
     let kv = segments(c);
     let mask = c.mask.as_ref().map(|(m, s)| Mask { data: m, stride: *s });
     let mut out = vec![f32::NAN; c.q.len()];
-    attn::flash_attn_reference_int8q(&c.q, c.n_q, c.n_head, c.d, &kv, mask, c.sinks.as_deref(), &c.p, 1, &mut out);
+    attn::flash_attn_reference_int8q(&c.q, c.n_q, c.n_head, c.d, &kv, mask, c.sinks.as_deref(), &c.p, attn::Threads::serial(), &mut out);
     out
 }
 
@@ -229,7 +229,8 @@ fn run_fast(c: &Case, isa: &str, threads: usize) -> Vec<f32> {
     let kv = segments(c);
     let mask = c.mask.as_ref().map(|(m, s)| Mask { data: m, stride: *s });
     let mut out = vec![f32::NAN; c.q.len()];
-    attn::flash_attn_isa(isa, &c.q, c.n_q, c.n_head, c.d, &kv, mask, c.sinks.as_deref(), &c.p, threads, &mut out);
+    let workers = attn::Workers::new(threads);
+    attn::flash_attn_isa(isa, &c.q, c.n_q, c.n_head, c.d, &kv, mask, c.sinks.as_deref(), &c.p, workers.all(), &mut out);
     out
 }
 

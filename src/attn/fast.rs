@@ -8,7 +8,7 @@
 //! merged with log-sum-exp; the rotated accumulator is un-rotated once per output row.
 
 use super::kernels::{self, Flavor, PACKED_BLOCK};
-use super::{alibi_slope, isa, pool, Problem, Rows, Segment};
+use super::{alibi_slope, isa, Problem, Rows, Segment, Threads};
 use crate::codec::{rotate, unrotate};
 
 /// Rows per tile: K and V tiles of 32 × 128 f32 take 32 KiB of L1 together.
@@ -138,10 +138,10 @@ fn merge_acc(mine: &mut Vec<f32>, theirs: &[f32], r: usize, d: usize, a: f32, b:
     }
 }
 
-pub(crate) fn run(pb: &Problem, kernels: &isa::Kernels, n_threads: usize, out: &mut [f32]) {
+pub(crate) fn run(pb: &Problem, kernels: &isa::Kernels, threads: Threads, out: &mut [f32]) {
     let ctx = prepare(pb);
-    let items = plan(pb, n_threads);
-    let partials = pool::map(n_threads, &items, |it| (kernels.item)(&ctx, it));
+    let items = plan(pb, threads.count());
+    let partials = threads.map(&items, |it| (kernels.item)(&ctx, it));
     let mut partials = partials.into_iter();
     let mut i = 0;
     while i < items.len() {

@@ -33,6 +33,7 @@ mod fast;
 mod isa;
 mod kernels;
 mod pool;
+pub use pool::{Threads, Workers};
 mod reference;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -192,8 +193,8 @@ impl Problem<'_, '_> {
 /// Fast flash attention (see the module docs for the semantics).
 ///
 /// `q` and `out` are `[n_q][n_head][head_dim]`; `kv[kh]` lists the segments of KV head `kh`,
-/// and query head `h` reads KV head `h / (n_head / kv.len())`. `n_threads` threads at most are
-/// used (from a persistent pool per thread count; 1 runs on the caller's thread).
+/// and query head `h` reads KV head `h / (n_head / kv.len())`. It runs on `threads` (a share
+/// of the caller's [`Workers`], or [`Threads::serial`]).
 ///
 /// # Panics
 /// If the lengths do not match the shapes, `head_dim` is not a multiple of 32, or `n_head`
@@ -208,12 +209,12 @@ pub fn flash_attn(
     mask: Option<Mask>,
     sinks: Option<&[f32]>,
     p: &FaParams,
-    n_threads: usize,
+    threads: Threads,
     out: &mut [f32],
 ) {
     let prob = Problem { q, n_q, n_head, d: head_dim, kv, mask, sinks, p: *p };
     prob.validate(out.len());
-    fast::run(&prob, isa::kernels(), n_threads.max(1), out);
+    fast::run(&prob, isa::kernels(), threads, out);
 }
 
 /// [`flash_attn`] on a named kernel set (see [`available_isas`]), for tests and benches.
@@ -232,17 +233,17 @@ pub fn flash_attn_isa(
     mask: Option<Mask>,
     sinks: Option<&[f32]>,
     p: &FaParams,
-    n_threads: usize,
+    threads: Threads,
     out: &mut [f32],
 ) {
     let kernels = isa::by_name(isa).unwrap_or_else(|| panic!("flash_attn_isa: {isa} not available"));
     let prob = Problem { q, n_q, n_head, d: head_dim, kv, mask, sinks, p: *p };
     prob.validate(out.len());
-    fast::run(&prob, &kernels, n_threads.max(1), out);
+    fast::run(&prob, &kernels, threads, out);
 }
 
 /// The scalar oracle: decompresses every row, then attends with f64 accumulation.
-/// Same signature and semantics as [`flash_attn`]; `n_threads` is ignored.
+/// Same signature and semantics as [`flash_attn`]; it runs on the calling thread.
 ///
 /// # Panics
 /// As [`flash_attn`].
@@ -256,7 +257,7 @@ pub fn flash_attn_reference(
     mask: Option<Mask>,
     sinks: Option<&[f32]>,
     p: &FaParams,
-    _n_threads: usize,
+    _threads: Threads,
     out: &mut [f32],
 ) {
     let prob = Problem { q, n_q, n_head, d: head_dim, kv, mask, sinks, p: *p };
@@ -284,7 +285,7 @@ pub fn flash_attn_reference_int8q(
     mask: Option<Mask>,
     sinks: Option<&[f32]>,
     p: &FaParams,
-    _n_threads: usize,
+    _threads: Threads,
     out: &mut [f32],
 ) {
     let prob = Problem { q, n_q, n_head, d: head_dim, kv, mask, sinks, p: *p };

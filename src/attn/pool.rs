@@ -1,35 +1,78 @@
-//! Persistent worker pools, one per thread count, built on first use and kept for the life
-//! of the process, so a call never spawns threads and never runs more than `n` at once.
+//! Worker threads owned by whoever runs attention or compresses pages (a DSpark backend, a
+//! standalone cache, a test), so that work never runs on more threads than its owner was
+//! given and no call spawns threads.
 
 use rayon::prelude::*;
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
 
-static POOLS: OnceLock<Mutex<HashMap<usize, Arc<rayon::ThreadPool>>>> = OnceLock::new();
-
-fn pool(n: usize) -> Option<Arc<rayon::ThreadPool>> {
-    let pools = POOLS.get_or_init(|| Mutex::new(HashMap::new()));
-    let mut map = pools.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    if let Some(p) = map.get(&n) {
-        return Some(Arc::clone(p));
-    }
-    let p = rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .thread_name(|i| format!("dspark-attn-{i}"))
-        .build()
-        .ok()?;
-    let p = Arc::new(p);
-    map.insert(n, Arc::clone(&p));
-    Some(p)
+/// A fixed set of worker threads (none for one thread: work runs on the caller's thread).
+pub struct Workers {
+    pool: Option<rayon::ThreadPool>,
+    n: usize,
 }
 
-/// `items.iter().map(f).collect()`, on up to `n_threads` threads, results in item order.
-pub(crate) fn map<T: Sync, R: Send>(n_threads: usize, items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
-    if n_threads <= 1 || items.len() <= 1 {
-        return items.iter().map(f).collect();
+impl Workers {
+    /// `n` threads at most (the calling thread takes part; `n <= 1` spawns none).
+    pub fn new(n: usize) -> Workers {
+        let n = n.max(1);
+        let pool = (n > 1)
+            .then(|| rayon::ThreadPoolBuilder::new().num_threads(n).thread_name(|i| format!("dspark-{i}")).build().ok())
+            .flatten();
+        Workers { n: if pool.is_some() { n } else { 1 }, pool }
     }
-    match pool(n_threads) {
-        Some(p) => p.install(|| items.par_iter().with_max_len(1).map(&f).collect()),
-        None => items.iter().map(f).collect(),
+
+    /// How many threads this set runs on.
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    /// Never empty: one thread at least.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Up to `n` of these threads, for one call.
+    pub fn take(&self, n: usize) -> Threads<'_> {
+        let n = n.clamp(1, self.n);
+        Threads { pool: self.pool.as_ref().filter(|_| n > 1), n }
+    }
+
+    /// All of these threads, for one call.
+    pub fn all(&self) -> Threads<'_> {
+        self.take(self.n)
+    }
+}
+
+/// The threads one call may use: a share of a [`Workers`] set, or the caller's thread alone.
+#[derive(Clone, Copy)]
+pub struct Threads<'a> {
+    pool: Option<&'a rayon::ThreadPool>,
+    n: usize,
+}
+
+impl Threads<'_> {
+    /// The calling thread alone.
+    pub fn serial() -> Threads<'static> {
+        Threads { pool: None, n: 1 }
+    }
+
+    /// How many threads the call may use.
+    pub fn count(&self) -> usize {
+        self.n
+    }
+
+    /// `items.iter().map(f).collect()` on these threads, results in item order.
+    pub(crate) fn map<T: Sync, R: Send>(&self, items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+        match self.pool {
+            Some(p) if items.len() > 1 => p.install(|| items.par_iter().with_max_len(1).map(&f).collect()),
+            _ => items.iter().map(f).collect(),
+        }
+    }
+
+    /// `items.iter_mut().for_each(f)` on these threads.
+    pub fn for_each_mut<T: Send>(&self, items: &mut [T], f: impl Fn(&mut T) + Sync) {
+        match self.pool {
+            Some(p) if items.len() > 1 => p.install(|| items.par_iter_mut().with_max_len(1).for_each(&f)),
+            _ => items.iter_mut().for_each(f),
+        }
     }
 }

@@ -41,8 +41,7 @@ pub fn config_from_env(get: impl Fn(&str) -> Option<String>) -> Result<ggml::Con
 pub(crate) fn plugin_init() -> Option<ll::ggml_backend_reg_t> {
     let run = || -> Result<ll::ggml_backend_reg_t, String> {
         let c = config_from_env(|k| std::env::var(k).ok())?;
-        ggml::set_config(c);
-        Ok(ggml::reg())
+        Ok(ggml::registry(c))
     };
     match std::panic::catch_unwind(run) {
         Ok(Ok(reg)) => Some(reg),

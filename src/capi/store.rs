@@ -315,8 +315,8 @@ impl Cache {
             lk.k.write_row(base + t, kr);
             lk.v.write_row(base + t, vr);
         }
-        lk.k.compact(None);
-        lk.v.compact(None);
+        lk.k.compact(attn::Threads::serial());
+        lk.v.compact(attn::Threads::serial());
         st.lanes[seq][layer].len = len + n;
         Ok(())
     }
@@ -393,7 +393,8 @@ impl Cache {
         let kv: Vec<_> = (0..sh.n_head_kv).map(|h| crate::kv::segments(&lk.k, &lk.v, seq, 0, len, h)).collect();
         let p = FaParams { scale: a.scale, max_bias: a.max_bias, softcap: a.softcap };
         let threads = if a.n_threads == 0 { self.n_threads } else { a.n_threads.min(MAX_THREADS) };
-        attn::flash_attn(q, n_q, nh, d, &kv, mask, a.sinks, &p, threads, out);
+        let workers = attn::Workers::new(threads); // TODO(merge): per-cache workers
+        attn::flash_attn(q, n_q, nh, d, &kv, mask, a.sinks, &p, workers.all(), out);
         self.attn_calls.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }

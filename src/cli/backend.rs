@@ -46,10 +46,13 @@ impl fmt::Display for BackendSpec {
 }
 
 /// Loads each model placement once and hands out contexts for backend configurations.
+/// Every DSpark configuration is its own device, so it gets its own model (its layers
+/// offloaded to that device); models load on first use.
 pub struct Runner {
     path: PathBuf,
     stock: OnceLock<Model>,
-    dspark: OnceLock<Model>,
+    /// Append-only (models never move or drop while contexts may borrow them).
+    dspark: elsa::sync::FrozenVec<Box<(ggml::Config, Model)>>,
 }
 
 /// The DSpark configuration for a `dspark:<format>` name.
@@ -66,7 +69,7 @@ pub fn format_names() -> Vec<String> {
 
 impl Runner {
     pub fn new(path: PathBuf) -> Runner {
-        Runner { path, stock: OnceLock::new(), dspark: OnceLock::new() }
+        Runner { path, stock: OnceLock::new(), dspark: elsa::sync::FrozenVec::new() }
     }
 
     /// Refuses configurations this build cannot run, before any work starts.
@@ -80,18 +83,21 @@ impl Runner {
     /// The model for `spec`: loaded on the CPU backend for stock configurations, with all
     /// layers offloaded to DSPARK0 (which keeps only the KV cache and attention) for DSpark.
     pub fn model(&self, spec: &BackendSpec) -> Result<&Model> {
-        let (cell, placement) = match spec {
-            BackendSpec::Stock(_) => (&self.stock, None),
-            BackendSpec::Dspark(name) => (&self.dspark, Some(dspark_config(name)?)),
+        let cfg = match spec {
+            BackendSpec::Stock(_) => {
+                if let Some(m) = self.stock.get() {
+                    return Ok(m);
+                }
+                let m = Model::load(&self.path, Placement::Cpu)?;
+                return Ok(self.stock.get_or_init(|| m));
+            }
+            BackendSpec::Dspark(name) => dspark_config(name)?,
         };
-        if let Some(m) = cell.get() {
+        if let Some((_, m)) = self.dspark.iter().find(|(c, _)| *c == cfg) {
             return Ok(m);
         }
-        let m = match placement {
-            None => Model::load(&self.path, Placement::Cpu)?,
-            Some(cfg) => Model::load(&self.path, Placement::Offload(vec![ggml::register(cfg)]))?,
-        };
-        Ok(cell.get_or_init(|| m))
+        let m = Model::load(&self.path, Placement::Offload(vec![ggml::register(cfg)]))?;
+        Ok(&self.dspark.push_get(Box::new((cfg, m))).1)
     }
 
     /// A fresh context of `n_ctx` cells for `spec`.
@@ -104,20 +110,14 @@ impl Runner {
         let model = self.model(spec)?;
         match spec {
             BackendSpec::Stock(t) => Context::new(model, &CtxParams { kv: *t, ..p.clone() }),
-            BackendSpec::Dspark(name) => {
-                let p = CtxParams { kv: KvType::F16, ..p.clone() };
-                let (ctx, owner) = ggml::with_config(dspark_config(name)?, || Context::new(model, &p));
-                let mut ctx = ctx?;
-                ctx.dspark_owner = Some(owner);
-                Ok(ctx)
-            }
+            BackendSpec::Dspark(_) => Context::new(model, &CtxParams { kv: KvType::F16, ..p.clone() }),
         }
     }
 
     /// Memory held for the KV cache of `ctx` right now (for DSpark: its pages).
     pub fn kv_bytes(&self, ctx: &Context) -> usize {
-        match ctx.dspark_owner {
-            Some(owner) => ggml::Stats::of(owner).kv_bytes as usize,
+        match ctx.model.devices().first() {
+            Some(&dev) => ggml::Stats::of(dev).kv_bytes as usize,
             None => ctx.model.stock_kv_bytes(ctx.kv_type(), ctx.n_ctx()),
         }
     }
@@ -125,8 +125,8 @@ impl Runner {
     /// Bits per stored K/V element of `ctx`, metadata included: the type's figure for
     /// stock, measured from the pages of the cells in use for DSpark.
     pub fn kv_bits_per_elem(&self, ctx: &Context) -> f64 {
-        match ctx.dspark_owner {
-            Some(owner) => ggml::Stats::of(owner).bits_per_elem(),
+        match ctx.model.devices().first() {
+            Some(&dev) => ggml::Stats::of(dev).bits_per_elem(),
             None => ctx.kv_type().bits_per_elem(),
         }
     }

@@ -37,7 +37,7 @@ pub fn llama_cpp_version() -> String {
 }
 
 pub fn info() -> Result<()> {
-    crate::ggml::register(crate::ggml::config());
+    crate::ggml::register(crate::ggml::Config::default());
     println!("dspark {}", env!("CARGO_PKG_VERSION"));
     println!("llama.cpp: {}", llama_cpp_version());
     println!("llama.cpp system info: {}", llama::system_info());

@@ -6,24 +6,39 @@
 //! Everything else is declined and runs on llama.cpp's CPU backend.
 
 use std::ffi::{c_char, c_void};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use half::f16;
 use llama_cpp_sys_2 as ll;
 
 use super::buffer::{kv_entry, root_of, KvEntry};
-use super::{guard, sys};
-use crate::attn::{self, FaParams, Mask};
-use crate::kv::segments;
-
-/// FLASH_ATTN_EXT ops run, for statistics.
-pub(crate) static ATTN_CALLS: AtomicU64 = AtomicU64::new(0);
+use super::device::{dev_ctx, DeviceCtx};
+use super::{guard, log_error, log_warn, sys};
+use crate::attn::{self, FaParams, Mask, Workers};
+use crate::kv::{segments, KvStore};
 
 const ROPE_TYPE_NORMAL: i32 = 0;
 const ROPE_TYPE_NEOX: i32 = 2;
 
+/// One DSpark backend (llama.cpp makes one per context): the context's thread count and
+/// the workers its ops run on, rebuilt when llama.cpp changes the count.
 struct BackendCtx {
+    dev: &'static DeviceCtx,
     n_threads: AtomicUsize,
+    workers: Mutex<Arc<Workers>>,
+}
+
+impl BackendCtx {
+    /// The workers for the context's current thread count.
+    fn workers(&self) -> Arc<Workers> {
+        let n = self.n_threads.load(Ordering::Relaxed);
+        let mut w = self.workers.lock().unwrap_or_else(|e| e.into_inner());
+        if w.len() != n {
+            *w = Arc::new(Workers::new(n));
+        }
+        Arc::clone(&w)
+    }
 }
 
 static GUID: [u8; 16] = *b"DSpark-KV-v1\0\0\0\0";
@@ -31,7 +46,10 @@ static GUID: [u8; 16] = *b"DSpark-KV-v1\0\0\0\0";
 pub(crate) unsafe extern "C" fn init_backend(dev: ll::ggml_backend_dev_t, _params: *const c_char) -> ll::ggml_backend_t {
     guard("init_backend", std::ptr::null_mut(), || {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let ctx = Box::new(BackendCtx { n_threads: AtomicUsize::new(threads) });
+        // SAFETY: ggml passes one of our devices.
+        let dev_ctx = unsafe { dev_ctx(dev) };
+        // Workers are built on first use, after llama.cpp has set the context's count.
+        let ctx = Box::new(BackendCtx { dev: dev_ctx, n_threads: AtomicUsize::new(threads), workers: Mutex::new(Arc::new(Workers::new(1))) });
         let b = Box::new(sys::ggml_backend {
             guid: GUID.as_ptr() as ll::ggml_guid_t,
             iface: backend_iface(),
@@ -63,12 +81,16 @@ fn backend_iface() -> sys::ggml_backend_i {
     }
 }
 
+/// # Safety
+/// `b` must be a live backend made by `init_backend`.
 unsafe fn backend_ctx<'a>(b: ll::ggml_backend_t) -> &'a BackendCtx {
-    &*((*(b as *mut sys::ggml_backend)).context as *const BackendCtx)
+    // SAFETY: our backends carry a BackendCtx until backend_free (caller).
+    unsafe { &*((*(b as *mut sys::ggml_backend)).context as *const BackendCtx) }
 }
 
-unsafe extern "C" fn backend_name(_: ll::ggml_backend_t) -> *const c_char {
-    c"DSPARK0".as_ptr()
+unsafe extern "C" fn backend_name(b: ll::ggml_backend_t) -> *const c_char {
+    // SAFETY: ggml passes a live backend of ours; device names are static strings.
+    unsafe { ll::ggml_backend_dev_name((*(b as *mut sys::ggml_backend)).device) }
 }
 
 unsafe extern "C" fn backend_free(b: ll::ggml_backend_t) {
@@ -82,42 +104,53 @@ unsafe extern "C" fn backend_free(b: ll::ggml_backend_t) {
 }
 
 unsafe extern "C" fn set_n_threads(b: ll::ggml_backend_t, n: i32) {
-    backend_ctx(b).n_threads.store(n.max(1) as usize, Ordering::Relaxed);
+    // SAFETY: ggml passes a live backend of ours (it found this function in our registry).
+    unsafe { backend_ctx(b) }.n_threads.store(n.max(1) as usize, Ordering::Relaxed);
 }
 
 pub(crate) unsafe extern "C" fn proc_address(_: ll::ggml_backend_reg_t, name: *const c_char) -> *mut c_void {
     if name.is_null() {
         return std::ptr::null_mut();
     }
-    match std::ffi::CStr::from_ptr(name).to_bytes() {
+    // SAFETY: ggml passes a NUL-terminated function name.
+    match unsafe { std::ffi::CStr::from_ptr(name) }.to_bytes() {
         b"ggml_backend_set_n_threads" => set_n_threads as *mut c_void,
         _ => std::ptr::null_mut(),
     }
 }
 
 /// Byte offset of a tensor from the start of its root.
+///
+/// # Safety
+/// `t` must point to a valid tensor.
 unsafe fn offs(t: *const ll::ggml_tensor) -> usize {
-    if (*t).view_src.is_null() {
-        0
-    } else {
-        (*t).view_offs
+    // SAFETY: t is valid (caller).
+    unsafe {
+        if (*t).view_src.is_null() {
+            0
+        } else {
+            (*t).view_offs
+        }
     }
 }
 
+/// # Safety
+/// `t` must point to a valid tensor; `i` < 16.
 unsafe fn f32_param(t: *const ll::ggml_tensor, i: usize) -> f32 {
-    f32::from_bits((*t).op_params[i] as u32)
+    // SAFETY: t is valid (caller); op_params holds 16 i32.
+    f32::from_bits(unsafe { (*t).op_params[i] } as u32)
 }
 
-pub(crate) unsafe extern "C" fn supports_op(_: ll::ggml_backend_dev_t, op: *const ll::ggml_tensor) -> bool {
+pub(crate) unsafe extern "C" fn supports_op(dev: ll::ggml_backend_dev_t, op: *const ll::ggml_tensor) -> bool {
     guard("supports_op", false, || {
-        // SAFETY: ggml passes a valid op whose srcs are valid tensors.
+        // SAFETY: ggml passes one of our devices and a valid op whose srcs are valid tensors.
         unsafe {
             match (*op).op {
                 ll::GGML_OP_NONE | ll::GGML_OP_VIEW | ll::GGML_OP_RESHAPE | ll::GGML_OP_PERMUTE | ll::GGML_OP_TRANSPOSE => {
                     super::buffer::is_ours((*root_of(op)).buffer)
                 }
                 ll::GGML_OP_SET_ROWS => set_rows_check(op).is_ok(),
-                ll::GGML_OP_FLASH_ATTN_EXT if cpu_attention() => false,
+                ll::GGML_OP_FLASH_ATTN_EXT if dev_ctx(dev).config.cpu_attention => false,
                 ll::GGML_OP_FLASH_ATTN_EXT => match flash_attn_check(op) {
                     Ok(_) => true,
                     Err(why) => {
@@ -132,57 +165,101 @@ pub(crate) unsafe extern "C" fn supports_op(_: ll::ggml_backend_dev_t, op: *cons
     })
 }
 
-/// `DSPARK_CPU_ATTENTION=1` leaves attention to llama.cpp's CPU kernel, which then reads the
-/// KV through `get_tensor` (decompressed). For diagnosis: it isolates the store from the
-/// attention kernels.
-fn cpu_attention() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("DSPARK_CPU_ATTENTION").is_ok_and(|v| v == "1"))
-}
-
 /// Prints a reason for falling back to the stock path, once per distinct reason.
 fn warn_once(why: &str) {
-    static SEEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    static SEEN: Mutex<Vec<String>> = Mutex::new(Vec::new());
     let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
     if !seen.iter().any(|s| s == why) {
-        eprintln!("dspark: warning: attention falls back to llama.cpp's CPU path: {why}");
+        log_warn(&format!("attention falls back to llama.cpp's CPU path: {why}"));
         seen.push(why.to_string());
     }
 }
 
 unsafe extern "C" fn graph_compute(b: ll::ggml_backend_t, g: *mut ll::ggml_cgraph) -> ll::ggml_status {
     guard("graph_compute", ll::GGML_STATUS_FAILED, || {
-        // SAFETY: ggml passes our backend and a graph whose nodes and srcs are valid and
-        // whose srcs live in our buffers (copies of CPU tensors included).
-        unsafe {
-            compute_nodes(g, backend_ctx(b).n_threads.load(Ordering::Relaxed))
+        // SAFETY: ggml passes our live backend and a graph whose nodes and srcs are valid
+        // and whose srcs live in our buffers (copies of CPU tensors included).
+        let (ctx, nodes) = unsafe { (backend_ctx(b), graph_nodes(g)) };
+        let workers = ctx.workers();
+        // SAFETY: as above.
+        match unsafe { compute_nodes(ctx.dev, &nodes, &workers) } {
+            Ok(()) => ll::GGML_STATUS_SUCCESS,
+            Err(msg) => {
+                log_error(&msg);
+                ll::GGML_STATUS_FAILED
+            }
         }
     })
 }
 
-/// Runs the nodes of one split.
+/// The nodes of a graph that have to be computed (empty ops and nodes without the COMPUTE
+/// flag skipped).
 ///
 /// # Safety
-/// As for graph_compute.
-unsafe fn compute_nodes(g: *mut ll::ggml_cgraph, n_threads: usize) -> ll::ggml_status {
-    for i in 0..ll::ggml_graph_n_nodes(g) {
-        let node = ll::ggml_graph_node(g, i);
-        if (*node).flags & ll::GGML_TENSOR_FLAG_COMPUTE as i32 == 0 {
-            continue;
-        }
-        let r = match (*node).op {
-            ll::GGML_OP_NONE | ll::GGML_OP_VIEW | ll::GGML_OP_RESHAPE | ll::GGML_OP_PERMUTE | ll::GGML_OP_TRANSPOSE => Ok(()),
-            ll::GGML_OP_SET_ROWS => set_rows(node),
-            ll::GGML_OP_FLASH_ATTN_EXT => flash_attn(node, n_threads),
-            ll::GGML_OP_ROPE => rope_shift(node),
-            op => Err(format!("op {op} was not accepted by DSPARK0")),
-        };
-        if let Err(msg) = r {
-            eprintln!("dspark: {}: {msg}", super::buffer::tensor_name(node));
-            return ll::GGML_STATUS_FAILED;
+/// `g` must be a valid graph.
+unsafe fn graph_nodes(g: *mut ll::ggml_cgraph) -> Vec<*mut ll::ggml_tensor> {
+    // SAFETY: indices below n_nodes are valid nodes of a valid graph (caller).
+    unsafe {
+        (0..ll::ggml_graph_n_nodes(g))
+            .map(|i| ll::ggml_graph_node(g, i))
+            .filter(|&n| (*n).flags & ll::GGML_TENSOR_FLAG_COMPUTE as i32 != 0)
+            .collect()
+    }
+}
+
+/// Runs the nodes of one split. First, the attention nodes say the head size of the KV they
+/// read, so that rows written by this split's SET_ROWS are compressed in the right shape; a
+/// KV with a recorded failure fails the split.
+///
+/// # Safety
+/// `nodes` are valid nodes of a graph handed to this backend.
+unsafe fn compute_nodes(dev: &DeviceCtx, nodes: &[*mut ll::ggml_tensor], workers: &Workers) -> Result<(), String> {
+    // SAFETY: valid nodes (caller).
+    let name = |n| unsafe { super::buffer::tensor_name(n) };
+    for &node in nodes {
+        // SAFETY: valid nodes and srcs (caller).
+        unsafe {
+            if let Some(why) = kv_failure(node) {
+                return Err(format!("{}: the KV cache is unreliable after an earlier error ({why}); clear it", name(node)));
+            }
+            if (*node).op == ll::GGML_OP_FLASH_ATTN_EXT {
+                let (k, v) = flash_attn_check(node).map_err(|e| format!("{}: {e}", name(node)))?;
+                let d = (*(*node).src[1]).ne[0] as usize;
+                k.entry.shape(d, workers.all())?;
+                v.entry.shape(d, workers.all())?;
+            }
         }
     }
-    ll::GGML_STATUS_SUCCESS
+    for &node in nodes {
+        // SAFETY: valid nodes and srcs (caller).
+        let r = unsafe {
+            match (*node).op {
+                ll::GGML_OP_NONE | ll::GGML_OP_VIEW | ll::GGML_OP_RESHAPE | ll::GGML_OP_PERMUTE | ll::GGML_OP_TRANSPOSE => Ok(()),
+                ll::GGML_OP_SET_ROWS => set_rows(node, workers),
+                ll::GGML_OP_FLASH_ATTN_EXT => {
+                    dev.attn_calls.fetch_add(1, Ordering::Relaxed);
+                    flash_attn(node, workers)
+                }
+                ll::GGML_OP_ROPE => rope_shift(node),
+                op => Err(format!("op {op} was not accepted by DSPARK0")),
+            }
+        };
+        r.map_err(|msg| format!("{}: {msg}", name(node)))?;
+    }
+    Ok(())
+}
+
+/// The recorded failure of a KV that `node` reads or writes, if any.
+///
+/// # Safety
+/// `node` and its srcs must be valid tensors.
+unsafe fn kv_failure(node: *const ll::ggml_tensor) -> Option<String> {
+    // SAFETY: valid node and srcs (caller).
+    unsafe {
+        std::iter::once(node)
+            .chain((*node).src.iter().map(|s| s.cast_const()).filter(|s| !s.is_null()))
+            .find_map(|t| kv_entry(t).and_then(KvEntry::failure))
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -190,24 +267,33 @@ unsafe fn compute_nodes(g: *mut ll::ggml_cgraph, n_threads: usize) -> ll::ggml_s
 
 /// Checks a SET_ROWS node and returns its KV entry and whether it writes whole KV rows
 /// (the fast path; otherwise, e.g. into a transposed V, rows go through the byte path).
+///
+/// # Safety
+/// `op` and its srcs must be valid tensors.
 unsafe fn set_rows_check<'a>(op: *const ll::ggml_tensor) -> Result<(&'a KvEntry, bool), String> {
-    let e = kv_entry(op).ok_or("destination is not a DSpark KV tensor")?;
-    let (src, idx) = ((*op).src[0], (*op).src[1]);
-    if src.is_null() || idx.is_null() {
-        return Err("missing sources".into());
+    // SAFETY: valid op and srcs (caller).
+    unsafe {
+        let e = kv_entry(op).ok_or("destination is not a DSpark KV tensor")?;
+        let (src, idx) = ((*op).src[0], (*op).src[1]);
+        if src.is_null() || idx.is_null() {
+            return Err("missing sources".into());
+        }
+        if !matches!((*src).type_, ll::GGML_TYPE_F32 | ll::GGML_TYPE_F16) || !matches!((*idx).type_, ll::GGML_TYPE_I64 | ll::GGML_TYPE_I32) {
+            return Err("unsupported source or index type".into());
+        }
+        let row_bytes = e.row_len() * 2;
+        let whole = (*op).ne[0] as usize == e.row_len() && (*op).nb[1] == row_bytes && offs(op) % row_bytes == 0;
+        Ok((e, whole))
     }
-    if !matches!((*src).type_, ll::GGML_TYPE_F32 | ll::GGML_TYPE_F16) || !matches!((*idx).type_, ll::GGML_TYPE_I64 | ll::GGML_TYPE_I32) {
-        return Err("unsupported source or index type".into());
-    }
-    let row_bytes = e.row_len() * 2;
-    let whole = (*op).ne[0] as usize == e.row_len() && (*op).nb[1] == row_bytes && offs(op) % row_bytes == 0;
-    Ok((e, whole))
 }
 
-unsafe fn set_rows(node: *mut ll::ggml_tensor) -> Result<(), String> {
-    let (e, whole) = set_rows_check(node)?;
-    let (src, idx) = (&*(*node).src[0], &*(*node).src[1]);
-    let n = &(*node);
+/// # Safety
+/// `node` is a SET_ROWS node handed to this backend: valid, with its srcs' data readable.
+unsafe fn set_rows(node: *mut ll::ggml_tensor, workers: &Workers) -> Result<(), String> {
+    // SAFETY: valid node (caller).
+    let (e, whole) = unsafe { set_rows_check(node) }?;
+    // SAFETY: checked non-null by set_rows_check; valid tensors (caller).
+    let (src, idx, n) = unsafe { (&*(*node).src[0], &*(*node).src[1], &*node) };
     let ne0 = src.ne[0] as usize;
     let mut row = vec![0.0f32; ne0];
     let mut bytes = vec![0u8; ne0 * 2];
@@ -216,41 +302,55 @@ unsafe fn set_rows(node: *mut ll::ggml_tensor) -> Result<(), String> {
     for i3 in 0..src.ne[3] as usize {
         for i2 in 0..src.ne[2] as usize {
             for i in 0..src.ne[1] as usize {
-                let ip = (idx.data as *const u8).add(i * idx.nb[0] + (i2 % idx.ne[1] as usize) * idx.nb[1] + (i3 % idx.ne[2] as usize) * idx.nb[2]);
-                let r = if idx.type_ == ll::GGML_TYPE_I64 { *(ip as *const i64) } else { *(ip as *const i32) as i64 };
+                let io = i * idx.nb[0] + (i2 % idx.ne[1] as usize) * idx.nb[1] + (i3 % idx.ne[2] as usize) * idx.nb[2];
+                // SAFETY: the index lies inside idx's data (ggml's broadcast rule for SET_ROWS).
+                let r = unsafe {
+                    let ip = (idx.data as *const u8).add(io);
+                    if idx.type_ == ll::GGML_TYPE_I64 { *(ip as *const i64) } else { i64::from(*(ip as *const i32)) }
+                };
                 if r < 0 || r >= n.ne[1] {
                     return Err(format!("row index {r} out of range"));
                 }
-                let sp = (src.data as *const u8).add(i * src.nb[1] + i2 * src.nb[2] + i3 * src.nb[3]);
-                dsts.push((offs(node) + r as usize * n.nb[1] + i2 * n.nb[2] + i3 * n.nb[3], sp));
+                // SAFETY: the row lies inside src's data.
+                let sp = unsafe { (src.data as *const u8).add(i * src.nb[1] + i2 * src.nb[2] + i3 * src.nb[3]) };
+                // SAFETY: node is valid.
+                let base = unsafe { offs(node) };
+                dsts.push((base + r as usize * n.nb[1] + i2 * n.nb[2] + i3 * n.nb[3], sp));
             }
         }
     }
     if !whole {
         for (off, sp) in dsts {
-            read_row(sp, src.type_, &mut row);
+            // SAFETY: sp points to ne0 contiguous values of src's type.
+            unsafe { read_row(sp, src.type_, &mut row) };
             super::buffer::f32_to_f16_bytes(&row, &mut bytes);
             super::buffer::kv_write_bytes(e, off, &bytes)?;
         }
         return Ok(());
     }
-    let mut guard = e.write()?;
-    let store = guard.as_mut().expect("shaped by write()");
+    let mut store = e.write();
     for (off, sp) in dsts {
-        read_row(sp, src.type_, &mut row);
+        // SAFETY: as above.
+        unsafe { read_row(sp, src.type_, &mut row) };
         store.write_row(off / (e.row_len() * 2), &row);
     }
-    store.compact(None);
+    store.compact(workers.all());
     Ok(())
 }
 
 /// Reads a contiguous F32 or F16 row into `out`.
+///
+/// # Safety
+/// `p` must point to `out.len()` readable values of type `ty` (F32 or F16).
 unsafe fn read_row(p: *const u8, ty: ll::ggml_type, out: &mut [f32]) {
-    if ty == ll::GGML_TYPE_F32 {
-        out.copy_from_slice(std::slice::from_raw_parts(p as *const f32, out.len()));
-    } else {
-        let h = std::slice::from_raw_parts(p as *const f16, out.len());
-        out.iter_mut().zip(h).for_each(|(o, x)| *o = x.to_f32());
+    // SAFETY: p holds out.len() values of ty (caller).
+    unsafe {
+        if ty == ll::GGML_TYPE_F32 {
+            out.copy_from_slice(std::slice::from_raw_parts(p as *const f32, out.len()));
+        } else {
+            let h = std::slice::from_raw_parts(p as *const f16, out.len());
+            out.iter_mut().zip(h).for_each(|(o, x)| *o = x.to_f32());
+        }
     }
 }
 
@@ -268,70 +368,93 @@ struct KvView<'a> {
 
 /// Validates that `t` is a [head_dim, n_kv, n_head_kv, ns] view of a KV root with the
 /// layout llama.cpp builds (cells, then heads within a cell, then streams).
+///
+/// # Safety
+/// `t` must be a valid tensor.
 unsafe fn kv_view<'a>(t: *const ll::ggml_tensor) -> Result<KvView<'a>, String> {
-    let e = kv_entry(t).ok_or("K/V is not a DSpark KV tensor")?;
-    let t = &*t;
+    // SAFETY: valid tensor and root (caller).
+    let (e, t, off, cells) = unsafe {
+        let e = kv_entry(t).ok_or("K/V is not a DSpark KV tensor")?;
+        (e, &*t, offs(t), (*root_of(t)).ne[1] as usize)
+    };
     let rb = e.row_len() * 2;
     let (d, n_kv, nh) = (t.ne[0] as usize, t.ne[1] as usize, t.ne[2] as usize);
-    if t.type_ != ll::GGML_TYPE_F16 || t.nb[0] != 2 || t.nb[1] != rb || t.nb[2] != d * 2 || t.nb[3] % rb != 0 || offs(t) % rb != 0 {
+    if t.type_ != ll::GGML_TYPE_F16 || t.nb[0] != 2 || t.nb[1] != rb || t.nb[2] != d * 2 || t.nb[3] % rb != 0 || off % rb != 0 {
         return Err("unexpected K/V view layout".into());
     }
     if nh * d != e.row_len() {
         return Err(format!("K/V view covers {nh} heads of {d}, but a row holds {} values", e.row_len()));
     }
-    let cell0 = offs(t) / rb;
-    let cells = (*root_of(t)).ne[1] as usize;
+    let cell0 = off / rb;
     if cell0 % cells + n_kv > cells {
         return Err("K/V view crosses a stream boundary".into());
     }
     Ok(KvView { entry: e, cell0, stream_step: t.nb[3] / rb })
 }
 
+/// Checks that DSpark's kernels can run this attention on its KV (without changing
+/// anything: `supports_op` calls it too).
+///
+/// # Safety
+/// `op` and its srcs must be valid tensors.
 unsafe fn flash_attn_check<'a>(op: *const ll::ggml_tensor) -> Result<(KvView<'a>, KvView<'a>), String> {
-    let s = &(*op).src;
-    let (q, k, v, mask, sinks) = (s[0], s[1], s[2], s[3], s[4]);
-    let kv = kv_view(k)?;
-    let vv = kv_view(v)?;
-    if !kv.entry.is_k() || vv.entry.is_k() {
-        return Err("K and V views do not read cache_k and cache_v".into());
+    // SAFETY: valid op and srcs (caller); q, k, v are never NULL for FLASH_ATTN_EXT.
+    unsafe {
+        let s = &(*op).src;
+        let (q, k, v, mask, sinks) = (s[0], s[1], s[2], s[3], s[4]);
+        let kv = kv_view(k)?;
+        let vv = kv_view(v)?;
+        if !kv.entry.is_k() || vv.entry.is_k() {
+            return Err("K and V views do not read cache_k and cache_v".into());
+        }
+        let d = (*k).ne[0] as usize;
+        if (*q).type_ != ll::GGML_TYPE_F32 || (*q).nb[0] != 4 || (*q).ne[0] as usize != d || (*v).ne[0] as usize != d {
+            return Err(format!("head sizes q {} / k {d} / v {} differ or q is not F32", (*q).ne[0], (*v).ne[0]));
+        }
+        if d % crate::codec::GROUP != 0 {
+            return Err(format!("head size {d} is not a multiple of {}", crate::codec::GROUP));
+        }
+        kv.entry.can_shape(d)?;
+        vv.entry.can_shape(d)?;
+        if (*q).ne[2] % (*k).ne[2] != 0 || (*q).ne[3] % (*k).ne[3] != 0 || (*k).ne[1] != (*v).ne[1] {
+            return Err("unsupported head or stream broadcast".into());
+        }
+        if !mask.is_null() && ((*mask).type_ != ll::GGML_TYPE_F16 || (*mask).ne[2] != 1 || (*mask).nb[0] != 2 || (*mask).ne[0] != (*k).ne[1]) {
+            return Err("mask is not an F16 [n_kv, n_q, 1, S] tensor".into());
+        }
+        if !sinks.is_null() && (*sinks).type_ != ll::GGML_TYPE_F32 {
+            return Err("sinks are not F32".into());
+        }
+        if (*op).type_ != ll::GGML_TYPE_F32 {
+            return Err("output is not F32".into());
+        }
+        Ok((kv, vv))
     }
-    let d = (*k).ne[0] as usize;
-    if (*q).type_ != ll::GGML_TYPE_F32 || (*q).nb[0] != 4 || (*q).ne[0] as usize != d || (*v).ne[0] as usize != d {
-        return Err(format!("head sizes q {} / k {d} / v {} differ or q is not F32", (*q).ne[0], (*v).ne[0]));
-    }
-    if d % crate::codec::GROUP != 0 {
-        return Err(format!("head size {d} is not a multiple of {}", crate::codec::GROUP));
-    }
-    if (*q).ne[2] % (*k).ne[2] != 0 || (*q).ne[3] % (*k).ne[3] != 0 || (*k).ne[1] != (*v).ne[1] {
-        return Err("unsupported head or stream broadcast".into());
-    }
-    if !mask.is_null() && ((*mask).type_ != ll::GGML_TYPE_F16 || (*mask).ne[2] != 1 || (*mask).nb[0] != 2 || (*mask).ne[0] != (*k).ne[1]) {
-        return Err("mask is not an F16 [n_kv, n_q, 1, S] tensor".into());
-    }
-    if !sinks.is_null() && (*sinks).type_ != ll::GGML_TYPE_F32 {
-        return Err("sinks are not F32".into());
-    }
-    if (*op).type_ != ll::GGML_TYPE_F32 {
-        return Err("output is not F32".into());
-    }
-    kv.entry.shape(d)?;
-    vv.entry.shape(d)?;
-    Ok((kv, vv))
 }
 
-unsafe fn flash_attn(node: *mut ll::ggml_tensor, n_threads: usize) -> Result<(), String> {
-    ATTN_CALLS.fetch_add(1, Ordering::Relaxed);
-    let (kview, vview) = flash_attn_check(node)?;
-    let s = &(*node).src;
-    let (q, k, mask, sinks) = (&*s[0], &*s[1], s[3], s[4]);
+/// # Safety
+/// `node` is a FLASH_ATTN_EXT node handed to this backend, its KV shaped: valid, with its
+/// srcs' data readable and its own data writable.
+unsafe fn flash_attn(node: *mut ll::ggml_tensor, workers: &Workers) -> Result<(), String> {
+    // SAFETY: valid node (caller).
+    let (kview, vview) = unsafe { flash_attn_check(node) }?;
+    // SAFETY: q and k are valid; mask and sinks are NULL or valid (caller).
+    let (q, k, mask, sinks) = unsafe {
+        let s = &(*node).src;
+        (&*s[0], &*s[1], s[3].as_ref(), s[4].as_ref())
+    };
     let (d, n_q, n_head, n_seq) = (q.ne[0] as usize, q.ne[1] as usize, q.ne[2] as usize, q.ne[3] as usize);
     let (n_kv, n_head_kv, n_kv_seq) = (k.ne[1] as usize, k.ne[2] as usize, k.ne[3] as usize);
-    let p = FaParams { scale: f32_param(node, 0), max_bias: f32_param(node, 1), softcap: f32_param(node, 2) };
-    let sinks = (!sinks.is_null()).then(|| std::slice::from_raw_parts((*sinks).data as *const f32, n_head));
+    // SAFETY: valid node.
+    let p = unsafe { FaParams { scale: f32_param(node, 0), max_bias: f32_param(node, 1), softcap: f32_param(node, 2) } };
+    // SAFETY: sinks hold one F32 per query head.
+    let sinks = sinks.map(|s| unsafe { std::slice::from_raw_parts(s.data as *const f32, n_head) });
 
-    let kg = kview.entry.read();
-    let vg = vview.entry.read();
-    let (ks, vs) = (kg.as_ref().ok_or("K store not shaped")?, vg.as_ref().ok_or("V store not shaped")?);
+    let (ks, vs) = (kview.entry.read(), vview.entry.read());
+    if ks.head_dim() != d || vs.head_dim() != d {
+        return Err("K/V store not shaped for this attention".into());
+    }
+    let threads = workers.take(attn_threads(workers.len(), n_q * n_kv * n_head_kv));
     let mut qbuf = vec![0.0f32; n_q * n_head * d];
     for seq in 0..n_seq {
         let kv_seq = seq / (n_seq / n_kv_seq);
@@ -345,21 +468,38 @@ unsafe fn flash_attn(node: *mut ll::ggml_tensor, n_threads: usize) -> Result<(),
         // q [d, n_q, n_head, seq] (strided) -> [n_q][n_head][d]
         for i in 0..n_q {
             for h in 0..n_head {
-                let src = (q.data as *const u8).add(i * q.nb[1] + h * q.nb[2] + seq * q.nb[3]) as *const f32;
-                qbuf[(i * n_head + h) * d..][..d].copy_from_slice(std::slice::from_raw_parts(src, d));
+                // SAFETY: the row lies inside q's data.
+                let src = unsafe { std::slice::from_raw_parts((q.data as *const u8).add(i * q.nb[1] + h * q.nb[2] + seq * q.nb[3]) as *const f32, d) };
+                qbuf[(i * n_head + h) * d..][..d].copy_from_slice(src);
             }
         }
-        let mask = (!mask.is_null()).then(|| {
-            let m = &*mask;
+        let mask = mask.map(|m| {
             let rows = (m.ne[1] as usize).max(n_q);
-            let base = (m.data as *const u8).add((seq % m.ne[3] as usize) * m.nb[3]) as *const f16;
-            Mask { data: std::slice::from_raw_parts(base, (rows - 1) * (m.nb[1] / 2) + n_kv), stride: m.nb[1] / 2 }
+            // SAFETY: the mask holds n_kv values for each of its rows of this sequence.
+            let data = unsafe {
+                let base = (m.data as *const u8).add((seq % m.ne[3] as usize) * m.nb[3]) as *const f16;
+                std::slice::from_raw_parts(base, (rows - 1) * (m.nb[1] / 2) + n_kv)
+            };
+            Mask { data, stride: m.nb[1] / 2 }
         });
-        let kv: Vec<_> = (0..n_head_kv).map(|h| segments(ks, vs, stream, first, n_kv, h)).collect();
-        let out = std::slice::from_raw_parts_mut(((*node).data as *mut f32).add(seq * n_q * n_head * d), n_q * n_head * d);
-        attn::flash_attn(&qbuf, n_q, n_head, d, &kv, mask, sinks, &p, attn_threads(n_threads, n_q * n_kv * n_head_kv), out);
+        note_seen(&ks, &vs, stream, first, n_kv, n_q, mask);
+        let kv: Vec<_> = (0..n_head_kv).map(|h| segments(&ks, &vs, stream, first, n_kv, h)).collect();
+        // SAFETY: the output is [d, n_head, n_q, seq] contiguous F32 (ggml's FA output).
+        let out = unsafe { std::slice::from_raw_parts_mut(((*node).data as *mut f32).add(seq * n_q * n_head * d), n_q * n_head * d) };
+        attn::flash_attn(&qbuf, n_q, n_head, d, &kv, mask, sinks, &p, threads, out);
     }
     Ok(())
+}
+
+/// Records which pages of cells [first, first + n_kv) the `n_q` query rows could see: a
+/// cell is visible unless the mask holds −∞ for it in every row (no mask: all visible).
+fn note_seen(k: &KvStore, v: &KvStore, stream: usize, first: usize, n_kv: usize, n_q: usize, mask: Option<Mask>) {
+    let visible = |cells: std::ops::Range<usize>| match mask {
+        None => true,
+        Some(m) => (0..n_q).any(|i| m.data[i * m.stride..][cells.clone()].iter().any(|x| *x != f16::NEG_INFINITY)),
+    };
+    k.note_seen(stream, first, n_kv, visible);
+    v.note_seen(stream, first, n_kv, visible);
 }
 
 /// Threads for one attention call: waking a second thread costs more than it saves on
@@ -372,46 +512,64 @@ fn attn_threads(n_threads: usize, row_visits: usize) -> usize {
 // ---------------------------------------------------------------------------------------
 // ROPE in place on K: the K-shift that context shifting runs.
 
+/// # Safety
+/// `op` and its srcs must be valid tensors.
 unsafe fn rope_check<'a>(op: *const ll::ggml_tensor) -> Result<&'a KvEntry, String> {
-    let e = kv_entry(op).ok_or("ROPE target is not a DSpark KV tensor")?;
-    let src = (*op).src[0];
-    if (*op).view_src.is_null() || src.is_null() || kv_entry(src).map(|s| s as *const KvEntry) != Some(e as *const KvEntry) {
-        return Err("ROPE is not in place on K".into());
+    // SAFETY: valid op and srcs (caller).
+    unsafe {
+        let e = kv_entry(op).ok_or("ROPE target is not a DSpark KV tensor")?;
+        let src = (*op).src[0];
+        if (*op).view_src.is_null() || src.is_null() || kv_entry(src).map(|s| s as *const KvEntry) != Some(e as *const KvEntry) {
+            return Err("ROPE is not in place on K".into());
+        }
+        let mode = (*op).op_params[2];
+        if !e.is_k() || !matches!(mode, ROPE_TYPE_NORMAL | ROPE_TYPE_NEOX) || (*(*op).src[1]).type_ != ll::GGML_TYPE_I32 {
+            return Err("unsupported ROPE".into());
+        }
+        if (*op).nb[2] != e.row_len() * 2 || (*op).nb[0] != 2 || offs(op) != offs(src) {
+            return Err("unexpected ROPE view layout".into());
+        }
+        Ok(e)
     }
-    let mode = (*op).op_params[2];
-    if !e.is_k() || !matches!(mode, ROPE_TYPE_NORMAL | ROPE_TYPE_NEOX) || (*(*op).src[1]).type_ != ll::GGML_TYPE_I32 {
-        return Err("unsupported ROPE".into());
-    }
-    if (*op).nb[2] != e.row_len() * 2 || (*op).nb[0] != 2 || offs(op) != offs(src) {
-        return Err("unexpected ROPE view layout".into());
-    }
-    Ok(e)
 }
 
+/// Rotates the K rows of the cells whose position moved. A cell whose shift is 0 is not
+/// touched: decoding and re-encoding it would add quantization error for nothing, and a
+/// context that shifts often would degrade the cells that never move.
+///
+/// # Safety
+/// `node` is a ROPE node handed to this backend: valid, with its srcs' data readable.
 unsafe fn rope_shift(node: *mut ll::ggml_tensor) -> Result<(), String> {
-    let e = rope_check(node)?;
-    let n = &*node;
+    // SAFETY: valid node (caller).
+    let e = unsafe { rope_check(node) }?;
+    // SAFETY: valid node; src[1] holds ne[2] I32 positions; src[2] is NULL or n_dims/2 F32.
+    let (n, pos, freq_factors, off) = unsafe {
+        let n = &*node;
+        let pos = std::slice::from_raw_parts((*n.src[1]).data as *const i32, n.ne[2] as usize);
+        let ff = n.src[2];
+        let freq = (!ff.is_null()).then(|| std::slice::from_raw_parts((*ff).data as *const f32, n.op_params[1] as usize / 2));
+        (n, pos, freq, offs(node))
+    };
     let n_dims = n.op_params[1] as usize;
     let mode = n.op_params[2];
     let n_ctx_orig = n.op_params[4];
-    let (freq_base, freq_scale, ext_factor, attn_factor, beta_fast, beta_slow) =
-        (f32_param(node, 5), f32_param(node, 6), f32_param(node, 7), f32_param(node, 8), f32_param(node, 9), f32_param(node, 10));
+    // SAFETY: valid node.
+    let (freq_base, freq_scale, ext_factor, attn_factor, beta_fast, beta_slow) = unsafe {
+        (f32_param(node, 5), f32_param(node, 6), f32_param(node, 7), f32_param(node, 8), f32_param(node, 9), f32_param(node, 10))
+    };
     let n_offs = n.op_params[15].max(0) as usize;
     let mut corr = [0.0f32; 2];
-    ll::ggml_rope_yarn_corr_dims(n_dims as i32, n_ctx_orig, freq_base, beta_fast, beta_slow, corr.as_mut_ptr());
-    let pos = std::slice::from_raw_parts((*n.src[1]).data as *const i32, n.ne[2] as usize);
-    let ff = n.src[2];
-    let freq_factors = (!ff.is_null()).then(|| std::slice::from_raw_parts((*ff).data as *const f32, n_dims / 2));
+    // SAFETY: writes two floats into corr.
+    unsafe { ll::ggml_rope_yarn_corr_dims(n_dims as i32, n_ctx_orig, freq_base, beta_fast, beta_slow, corr.as_mut_ptr()) };
     let rope = Rope { n_dims, neox: mode == ROPE_TYPE_NEOX, freq_base, freq_scale, ext_factor, attn_factor, corr, freq_factors };
 
     let row_bytes = e.row_len() * 2;
-    let (cell0, col0) = (offs(node) / row_bytes, (offs(node) % row_bytes) / 2);
-    let mut guard = e.write()?;
-    let store = guard.as_mut().expect("shaped by write()");
+    let (cell0, col0) = (off / row_bytes, (off % row_bytes) / 2);
+    let mut store = e.write();
     let mut row = vec![0.0f32; e.row_len()];
     for (i2, &p) in pos.iter().enumerate() {
         let gcell = cell0 + i2;
-        if !store.is_written(gcell) {
+        if p == 0 || !store.is_written(gcell) {
             continue;
         }
         store.read_row(gcell, &mut row);
@@ -419,9 +577,8 @@ unsafe fn rope_shift(node: *mut ll::ggml_tensor) -> Result<(), String> {
             let start = col0 + i1 * n.nb[1] / 2 + n_offs;
             rope.apply(&mut row[start..start + n_dims], p as f32);
         }
-        store.write_row(gcell, &row);
+        store.rewrite_row(gcell, &row);
     }
-    store.compact(None);
     Ok(())
 }
 

@@ -1,4 +1,4 @@
-//! DSPARK0's buffer type and buffers.
+//! DSpark's buffer type and buffers.
 //!
 //! Every buffer reserves its logical size as anonymous memory with MAP_NORESERVE: compute
 //! tensors (copies of q, masks, attention outputs) live there as plain bytes, and the kernel
@@ -7,65 +7,115 @@
 //! (pointed to by `tensor->extra`), and every read or write of their bytes is translated to
 //! and from that store. So the KV's logical f16 size costs address space, not memory. The
 //! buffer type is not host memory: no one else may dereference these addresses.
+//!
+//! A KV root is created before anyone says how its rows split into heads; the attention op
+//! that reads it does. Until DSpark has seen that op in a graph it is about to run, the rows
+//! are kept exactly, in f16, one "head" per row; once the head size is known they are
+//! re-laid out and compressed ([`KvEntry::shape`]). A KV whose attention DSpark declines (an
+//! odd head size) thus stays exact f16, and llama.cpp's CPU kernel reads it correctly.
+//!
+//! ggml's buffer callbacks return nothing, so an error while writing KV bytes is recorded on
+//! the KV entry, and every graph that touches that KV fails (`GGML_STATUS_FAILED`, so
+//! `llama_decode` reports an error) until the cache is cleared.
 
 use std::ffi::{c_char, c_void};
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use half::f16;
 use llama_cpp_sys_2 as ll;
 
-use super::sys;
-use super::{current, guard};
+use super::device::{dev_ctx, is_our_buft, DeviceCtx};
+use super::{guard, log_error, log_warn, panic_message, sys};
+use crate::attn::Threads;
 use crate::kv::{KvStore, StoreConfig};
 
 /// Alignment of tensor addresses in DSpark buffers.
 const ALIGNMENT: usize = 64;
 
-/// The KV store behind one KV root tensor. The store is created ("shaped") once its head
-/// size is known: the KV tensor is [n_head_kv * head_dim, cells, streams] and does not say
-/// how a row splits into heads; the attention op that reads it does.
+/// Largest temporary a byte-range operation allocates (memset, copy): larger ranges are
+/// streamed in pieces of about this size.
+const CHUNK_BYTES: usize = 1 << 20;
+
+/// The store behind one KV root tensor, [row_len, cells, streams].
 pub(crate) struct KvEntry {
-    /// Owner id from `with_config` (0: none), to report figures per context.
-    pub owner: u64,
     is_k: bool,
     row_len: usize,
     cells: usize,
     streams: usize,
     cfg: StoreConfig,
-    store: RwLock<Option<KvStore>>,
+    /// The head size, once an attention op has told it (see the module documentation).
+    head_dim: OnceLock<usize>,
+    store: RwLock<KvStore>,
+    /// The first error that left the store's content unreliable, until the next clear.
+    failure: Mutex<Option<String>>,
 }
 
 impl KvEntry {
-    /// Creates the store for `head_dim`-sized heads, if not done yet.
-    pub fn shape(&self, head_dim: usize) -> Result<(), String> {
-        let mut s = self.store.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(st) = s.as_ref() {
-            return if st.head_dim() == head_dim { Ok(()) } else { Err(format!("KV already shaped with head size {}", st.head_dim())) };
+    fn new(is_k: bool, row_len: usize, cells: usize, streams: usize, cfg: StoreConfig) -> Result<KvEntry, String> {
+        Ok(KvEntry {
+            is_k,
+            row_len,
+            cells,
+            streams,
+            cfg,
+            head_dim: OnceLock::new(),
+            store: RwLock::new(Self::exact_store(row_len, cells, streams, cfg.window)?),
+            failure: Mutex::new(None),
+        })
+    }
+
+    /// The store of a KV whose head size is not known: whole rows, f16, exact.
+    fn exact_store(row_len: usize, cells: usize, streams: usize, window: usize) -> Result<KvStore, String> {
+        KvStore::new(StoreConfig { quant: None, window }, 1, row_len, cells, streams)
+    }
+
+    /// Whether [`KvEntry::shape`] would accept `head_dim` (changes nothing).
+    pub fn can_shape(&self, head_dim: usize) -> Result<(), String> {
+        if let Some(&d) = self.head_dim.get() {
+            return if d == head_dim { Ok(()) } else { Err(format!("KV already shaped with head size {d}")) };
         }
         if head_dim == 0 || self.row_len % head_dim != 0 {
             return Err(format!("row of {} values does not split into heads of {head_dim}", self.row_len));
         }
-        *s = Some(KvStore::new(self.cfg, self.row_len / head_dim, head_dim, self.cells, self.streams)?);
+        self.cfg.quant.map(|q| crate::codec::RowCodec::new(q, head_dim)).transpose().map(|_| ())
+    }
+
+    /// Sets the head size: re-lays the rows written so far into `head_dim`-sized heads and
+    /// compresses them as the format says (on `threads`). Once only; a different head size
+    /// later is an error.
+    pub fn shape(&self, head_dim: usize, threads: Threads) -> Result<(), String> {
+        self.can_shape(head_dim)?;
+        if self.head_dim.get().is_some() {
+            return Ok(());
+        }
+        let mut old = self.write();
+        if self.head_dim.get().is_some() {
+            drop(old);
+            return self.shape(head_dim, threads); // another thread shaped it meanwhile
+        }
+        let mut new = KvStore::new(self.cfg, self.row_len / head_dim, head_dim, self.cells, self.streams)?;
+        let mut row = vec![0.0f32; self.row_len];
+        for stream in 0..self.streams {
+            for cell in 0..old.high_water(stream) {
+                let g = stream * self.cells + cell;
+                if old.is_written(g) {
+                    old.read_row(g, &mut row);
+                    new.write_row(g, &row);
+                }
+            }
+        }
+        new.compact(threads);
+        *old = new;
+        let _ = self.head_dim.set(head_dim);
         Ok(())
     }
 
-    pub fn is_shaped(&self) -> bool {
-        self.store.read().map(|s| s.is_some()).unwrap_or(false)
-    }
-
-    /// The store, shaped with a best guess (head size 128 if the row splits evenly into
-    /// an even number of such heads, else 64) if no attention op has shaped it yet.
-    pub fn write(&self) -> Result<RwLockWriteGuard<'_, Option<KvStore>>, String> {
-        if !self.is_shaped() {
-            let guess = if self.row_len % 256 == 0 { 128 } else { 64 };
-            eprintln!("dspark: warning: KV written before its head size was known; assuming {guess}");
-            self.shape(guess)?;
-        }
-        Ok(self.store.write().unwrap_or_else(|e| e.into_inner()))
-    }
-
-    pub fn read(&self) -> RwLockReadGuard<'_, Option<KvStore>> {
+    pub fn read(&self) -> RwLockReadGuard<'_, KvStore> {
         self.store.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn write(&self) -> RwLockWriteGuard<'_, KvStore> {
+        self.store.write().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn row_len(&self) -> usize {
@@ -75,23 +125,42 @@ impl KvEntry {
     pub fn is_k(&self) -> bool {
         self.is_k
     }
-}
 
-/// Per-buffer state: the reserved memory and the KV stores of the roots placed in it.
-pub(crate) struct BufferCtx {
-    base: *mut u8,
-    size: usize,
-    kv: Vec<Box<KvEntry>>,
-}
+    /// Records that the store's content can no longer be trusted (and logs it).
+    pub fn fail(&self, msg: &str) {
+        log_error(msg);
+        let mut f = self.failure.lock().unwrap_or_else(|e| e.into_inner());
+        f.get_or_insert_with(|| msg.to_string());
+    }
 
-impl BufferCtx {
-    pub fn kv_entries(&self) -> &[Box<KvEntry>] {
-        &self.kv
+    /// The recorded failure, if any.
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Drops every row; the KV is consistent (empty) again.
+    fn clear(&self) {
+        self.write().clear();
+        *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Runs `f` on this entry; an error or a panic is recorded as the entry's failure.
+    fn run(&self, what: &str, f: impl FnOnce() -> Result<(), String>) {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|e| Err(panic_message(&*e).to_string()));
+        if let Err(msg) = r {
+            self.fail(&format!("{what}: {msg}"));
+        }
     }
 }
 
-/// Live buffers that hold KV stores (as addresses of their BufferCtx), for statistics.
-pub(crate) static KV_BUFFERS: std::sync::Mutex<Vec<usize>> = std::sync::Mutex::new(Vec::new());
+/// Per-buffer state: the reserved memory, the device it belongs to, and the KV stores of the
+/// roots placed in it (owned here, freed with the buffer).
+pub(crate) struct BufferCtx {
+    base: *mut u8,
+    size: usize,
+    dev: &'static DeviceCtx,
+    kv: Mutex<Vec<Arc<KvEntry>>>,
+}
 
 pub(crate) static BUFFER_IFACE: sys::ggml_backend_buffer_i = sys::ggml_backend_buffer_i {
     free_buffer: Some(free_buffer),
@@ -121,8 +190,18 @@ pub(crate) fn buft_iface() -> sys::ggml_backend_buffer_type_i {
     }
 }
 
-unsafe extern "C" fn buft_name(_: ll::ggml_backend_buffer_type_t) -> *const c_char {
-    c"DSPARK0".as_ptr()
+/// The device context behind a buffer type of ours.
+///
+/// # Safety
+/// `buft` must be a buffer type made by `device.rs`.
+unsafe fn buft_dev(buft: ll::ggml_backend_buffer_type_t) -> &'static DeviceCtx {
+    // SAFETY: our buffer types point to their device, whose context lives forever (caller).
+    unsafe { dev_ctx((*(buft as *mut sys::ggml_backend_buffer_type)).device.cast()) }
+}
+
+unsafe extern "C" fn buft_name(buft: ll::ggml_backend_buffer_type_t) -> *const c_char {
+    // SAFETY: ggml passes our buffer type; the device's name is a static string.
+    unsafe { ll::ggml_backend_dev_name((*(buft as *mut sys::ggml_backend_buffer_type)).device.cast()) }
 }
 
 unsafe extern "C" fn get_alignment(_: ll::ggml_backend_buffer_type_t) -> usize {
@@ -144,10 +223,12 @@ unsafe extern "C" fn alloc_buffer(buft: ll::ggml_backend_buffer_type_t, size: us
             )
         };
         if base == libc::MAP_FAILED {
-            eprintln!("dspark: cannot reserve {size} bytes of address space");
+            log_error(&format!("cannot reserve {size} bytes of address space"));
             return std::ptr::null_mut();
         }
-        let ctx = Box::new(BufferCtx { base: base.cast(), size: len, kv: Vec::new() });
+        // SAFETY: ggml calls alloc_buffer on our buffer type only.
+        let dev = unsafe { buft_dev(buft) };
+        let ctx = Box::new(BufferCtx { base: base.cast(), size: len, dev, kv: Mutex::new(Vec::new()) });
         // SAFETY: ggml_backend_buffer_init copies the iface and takes ownership of the
         // context pointer until free_buffer.
         unsafe { sys::ggml_backend_buffer_init(buft, BUFFER_IFACE, Box::into_raw(ctx).cast(), size) }
@@ -158,23 +239,24 @@ unsafe extern "C" fn alloc_buffer(buft: ll::ggml_backend_buffer_type_t, size: us
 ///
 /// # Safety
 /// `buf` must be a live buffer created by `alloc_buffer`.
-pub(crate) unsafe fn ctx<'a>(buf: ll::ggml_backend_buffer_t) -> &'a mut BufferCtx {
-    &mut *((*(buf as *mut sys::ggml_backend_buffer)).context as *mut BufferCtx)
+unsafe fn ctx<'a>(buf: ll::ggml_backend_buffer_t) -> &'a BufferCtx {
+    // SAFETY: our buffers carry a BufferCtx as context until free_buffer (caller).
+    unsafe { &*((*(buf as *mut sys::ggml_backend_buffer)).context as *const BufferCtx) }
 }
 
 unsafe extern "C" fn free_buffer(buf: ll::ggml_backend_buffer_t) {
     guard("free_buffer", (), || {
         // SAFETY: ggml calls this once, with a buffer we created; we take the context back.
         let ctx = unsafe { Box::from_raw((*(buf as *mut sys::ggml_backend_buffer)).context as *mut BufferCtx) };
-        let addr = &*ctx as *const BufferCtx as usize;
-        KV_BUFFERS.lock().unwrap_or_else(|e| e.into_inner()).retain(|&a| a != addr);
         // SAFETY: base/size are the mapping made in alloc_buffer.
         unsafe { libc::munmap(ctx.base.cast(), ctx.size) };
+        // The KV entries drop with ctx; the device's statistics hold weak references only.
     })
 }
 
 unsafe extern "C" fn get_base(buf: ll::ggml_backend_buffer_t) -> *mut c_void {
-    ctx(buf).base.cast()
+    // SAFETY: ggml passes a live buffer of ours.
+    unsafe { ctx(buf) }.base.cast()
 }
 
 /// Whether `name` names a KV cache root that DSpark stores compressed.
@@ -188,42 +270,51 @@ fn is_kv_name(name: &str) -> Option<bool> {
 /// # Safety
 /// `t` must point to a valid ggml tensor.
 pub(crate) unsafe fn tensor_name(t: *const ll::ggml_tensor) -> String {
-    std::ffi::CStr::from_ptr((*t).name.as_ptr()).to_string_lossy().into_owned()
+    // SAFETY: ggml tensor names are NUL-terminated arrays (caller: valid tensor).
+    unsafe { std::ffi::CStr::from_ptr((*t).name.as_ptr()) }.to_string_lossy().into_owned()
 }
 
 unsafe extern "C" fn init_tensor(buf: ll::ggml_backend_buffer_t, t: *mut ll::ggml_tensor) -> ll::ggml_status {
     guard("init_tensor", ll::GGML_STATUS_FAILED, || {
         // SAFETY: ggml passes a valid tensor placed in our live buffer.
-        unsafe {
-            let tr = &mut *t;
-            if !tr.view_src.is_null() {
-                return ll::GGML_STATUS_SUCCESS;
-            }
-            let Some(is_k) = is_kv_name(&tensor_name(t)) else { return ll::GGML_STATUS_SUCCESS };
-            if tr.type_ != ll::GGML_TYPE_F16 || tr.ne[3] != 1 {
-                eprintln!("dspark: warning: KV tensor {} is not a 3-D F16 tensor; kept uncompressed", tensor_name(t));
-                return ll::GGML_STATUS_SUCCESS;
-            }
-            let (c, owner) = current();
-            let quant = c.format.map(|f| if is_k { f.k } else { f.v });
-            let entry = Box::new(KvEntry {
-                owner,
-                is_k,
-                row_len: tr.ne[0] as usize,
-                cells: tr.ne[1] as usize,
-                streams: tr.ne[2] as usize,
-                cfg: StoreConfig { quant, window: c.window },
-                store: RwLock::new(None),
-            });
-            tr.extra = (&*entry as *const KvEntry).cast_mut().cast();
-            let ctx = ctx(buf);
-            if ctx.kv.is_empty() {
-                KV_BUFFERS.lock().unwrap_or_else(|e| e.into_inner()).push(ctx as *const BufferCtx as usize);
-            }
-            ctx.kv.push(entry);
-            ll::GGML_STATUS_SUCCESS
+        let (tr, ctx) = unsafe { (&mut *t, ctx(buf)) };
+        // SAFETY: t is a valid tensor.
+        let name = unsafe { tensor_name(t) };
+        if !tr.view_src.is_null() {
+            return ll::GGML_STATUS_SUCCESS;
         }
+        let Some(is_k) = is_kv_name(&name) else { return ll::GGML_STATUS_SUCCESS };
+        if tr.type_ != ll::GGML_TYPE_F16 || tr.ne[3] != 1 {
+            log_warn(&format!("KV tensor {name} is not a 3-D F16 tensor; kept uncompressed"));
+            return ll::GGML_STATUS_SUCCESS;
+        }
+        let c = ctx.dev.config;
+        let cfg = StoreConfig { quant: c.format.map(|f| if is_k { f.k } else { f.v }), window: c.window };
+        let entry = match KvEntry::new(is_k, tr.ne[0] as usize, tr.ne[1] as usize, tr.ne[2] as usize, cfg) {
+            Ok(e) => Arc::new(e),
+            Err(e) => {
+                log_error(&format!("{name}: {e}"));
+                return ll::GGML_STATUS_FAILED;
+            }
+        };
+        tr.extra = Arc::as_ptr(&entry).cast_mut().cast();
+        ctx.dev.track(&entry);
+        ctx.kv.lock().unwrap_or_else(|e| e.into_inner()).push(entry);
+        ll::GGML_STATUS_SUCCESS
     })
+}
+
+/// The KV entries of a buffer (none if it is NULL or not ours).
+///
+/// # Safety
+/// `buf` must be NULL or a live buffer.
+pub(crate) unsafe fn entries_of(buf: ll::ggml_backend_buffer_t) -> Vec<Arc<KvEntry>> {
+    // SAFETY: NULL or a live buffer (caller); ours carry a BufferCtx.
+    if !unsafe { is_ours(buf) } {
+        return Vec::new();
+    }
+    // SAFETY: as above.
+    unsafe { ctx(buf) }.kv.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
 /// The KV entry behind `t` (a KV root or a view of one), if `t` lives in a DSpark buffer.
@@ -231,11 +322,15 @@ unsafe extern "C" fn init_tensor(buf: ll::ggml_backend_buffer_t, t: *mut ll::ggm
 /// # Safety
 /// `t` must point to a valid tensor whose buffer, if any, is alive.
 pub(crate) unsafe fn kv_entry<'a>(t: *const ll::ggml_tensor) -> Option<&'a KvEntry> {
-    let root = root_of(t);
-    if !is_ours((*root).buffer) || (*root).extra.is_null() {
-        return None;
+    // SAFETY: t and its root are valid tensors (caller); `extra` of a KV root in our buffer
+    // points to its KvEntry, which the buffer keeps alive.
+    unsafe {
+        let root = root_of(t);
+        if !is_ours((*root).buffer) || (*root).extra.is_null() {
+            return None;
+        }
+        Some(&*((*root).extra as *const KvEntry))
     }
-    Some(&*((*root).extra as *const KvEntry))
 }
 
 /// The tensor that owns `t`'s memory (`t` itself unless it is a view).
@@ -243,19 +338,22 @@ pub(crate) unsafe fn kv_entry<'a>(t: *const ll::ggml_tensor) -> Option<&'a KvEnt
 /// # Safety
 /// `t` must point to a valid tensor.
 pub(crate) unsafe fn root_of(t: *const ll::ggml_tensor) -> *const ll::ggml_tensor {
-    if (*t).view_src.is_null() {
+    // SAFETY: t is valid (caller).
+    let src = unsafe { (*t).view_src };
+    if src.is_null() {
         t
     } else {
-        (*t).view_src
+        src
     }
 }
 
-/// Whether a buffer is one of DSPARK0's.
+/// Whether a buffer is one of DSpark's: its buffer type belongs to one of our devices.
 ///
 /// # Safety
 /// `buf` must be NULL or a valid buffer.
 pub(crate) unsafe fn is_ours(buf: ll::ggml_backend_buffer_t) -> bool {
-    !buf.is_null() && (*(buf as *mut sys::ggml_backend_buffer)).buft == super::device::buft()
+    // SAFETY: a valid buffer has a valid buffer type (caller).
+    !buf.is_null() && is_our_buft(unsafe { (*(buf as *mut sys::ggml_backend_buffer)).buft })
 }
 
 /// Byte offset of `t`'s data (plus `offset`) from its root's data.
@@ -263,13 +361,13 @@ pub(crate) unsafe fn is_ours(buf: ll::ggml_backend_buffer_t) -> bool {
 /// # Safety
 /// `t` must point to a valid tensor with data.
 unsafe fn root_offset(t: *const ll::ggml_tensor, offset: usize) -> usize {
-    let root = root_of(t);
-    ((*t).data as usize - (*root).data as usize) + offset
+    // SAFETY: t and its root are valid (caller).
+    unsafe { ((*t).data as usize - (*root_of(t)).data as usize) + offset }
 }
 
 /// Reads logical f16 bytes [off, off + out.len()) of a KV root from its store.
 pub(crate) fn kv_read_bytes(e: &KvEntry, off: usize, out: &mut [u8]) {
-    let guard = e.read();
+    let store = e.read();
     let row_bytes = e.row_len * 2;
     let mut rowf = vec![0.0f32; e.row_len];
     let mut rowb = vec![0u8; row_bytes];
@@ -277,13 +375,8 @@ pub(crate) fn kv_read_bytes(e: &KvEntry, off: usize, out: &mut [u8]) {
     while pos < out.len() {
         let (cell, within) = ((off + pos) / row_bytes, (off + pos) % row_bytes);
         let n = (row_bytes - within).min(out.len() - pos);
-        match guard.as_ref() {
-            Some(store) => {
-                store.read_row(cell, &mut rowf);
-                f32_to_f16_bytes(&rowf, &mut rowb);
-            }
-            None => rowb.fill(0),
-        }
+        store.read_row(cell, &mut rowf);
+        f32_to_f16_bytes(&rowf, &mut rowb);
         out[pos..pos + n].copy_from_slice(&rowb[within..within + n]);
         pos += n;
     }
@@ -292,9 +385,11 @@ pub(crate) fn kv_read_bytes(e: &KvEntry, off: usize, out: &mut [u8]) {
 /// Writes logical f16 bytes at [off, off + data.len()) of a KV root into its store;
 /// partial rows are read, patched and written back.
 pub(crate) fn kv_write_bytes(e: &KvEntry, off: usize, data: &[u8]) -> Result<(), String> {
-    let mut guard = e.write()?;
-    let store = guard.as_mut().expect("shaped by write()");
     let row_bytes = e.row_len * 2;
+    if off.checked_add(data.len()).is_none_or(|end| end > row_bytes * e.cells * e.streams) {
+        return Err(format!("write of {} bytes at {off} is outside the KV tensor", data.len()));
+    }
+    let mut store = e.write();
     let mut rowf = vec![0.0f32; e.row_len];
     let mut rowb = vec![0u8; row_bytes];
     let mut pos = 0;
@@ -313,7 +408,7 @@ pub(crate) fn kv_write_bytes(e: &KvEntry, off: usize, data: &[u8]) -> Result<(),
         }
         pos += n;
     }
-    store.compact(None);
+    store.compact(Threads::serial());
     Ok(())
 }
 
@@ -329,19 +424,28 @@ fn f16_bytes_to_f32(src: &[u8], dst: &mut [f32]) {
     }
 }
 
+/// Bytes per piece when streaming a range of `t`: about [`CHUNK_BYTES`], whole KV rows.
+///
+/// # Safety
+/// `t` must point to a valid tensor.
+unsafe fn chunk_len(t: *const ll::ggml_tensor) -> usize {
+    // SAFETY: t is valid (caller).
+    match unsafe { kv_entry(t) } {
+        Some(e) => (CHUNK_BYTES / (e.row_len * 2)).max(1) * e.row_len * 2,
+        None => CHUNK_BYTES,
+    }
+}
+
 unsafe extern "C" fn set_tensor(_buf: ll::ggml_backend_buffer_t, t: *mut ll::ggml_tensor, data: *const c_void, offset: usize, size: usize) {
     guard("set_tensor", (), || {
         // SAFETY: ggml guarantees offset + size <= nbytes(t) and that data holds size bytes.
-        unsafe {
-            let src = std::slice::from_raw_parts(data as *const u8, size);
-            match kv_entry(t) {
-                Some(e) => {
-                    if let Err(msg) = kv_write_bytes(e, root_offset(t, offset), src) {
-                        eprintln!("dspark: set_tensor: {msg}");
-                    }
-                }
-                None => std::ptr::copy_nonoverlapping(src.as_ptr(), ((*t).data as *mut u8).add(offset), size),
-            }
+        let src = unsafe { std::slice::from_raw_parts(data as *const u8, size) };
+        // SAFETY: t is a valid tensor in our live buffer.
+        match unsafe { kv_entry(t) } {
+            // SAFETY: as above.
+            Some(e) => e.run("set_tensor", || kv_write_bytes(e, unsafe { root_offset(t, offset) }, src)),
+            // SAFETY: a plain tensor's bytes are ours to write, inside its range (ggml).
+            None => unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), ((*t).data as *mut u8).add(offset), size) },
         }
     })
 }
@@ -349,34 +453,57 @@ unsafe extern "C" fn set_tensor(_buf: ll::ggml_backend_buffer_t, t: *mut ll::ggm
 unsafe extern "C" fn get_tensor(_buf: ll::ggml_backend_buffer_t, t: *const ll::ggml_tensor, data: *mut c_void, offset: usize, size: usize) {
     guard("get_tensor", (), || {
         // SAFETY: as in set_tensor; data has room for size bytes.
-        unsafe {
-            let dst = std::slice::from_raw_parts_mut(data as *mut u8, size);
-            match kv_entry(t) {
-                Some(e) => kv_read_bytes(e, root_offset(t, offset), dst),
-                None => std::ptr::copy_nonoverlapping(((*t).data as *const u8).add(offset), dst.as_mut_ptr(), size),
+        let dst = unsafe { std::slice::from_raw_parts_mut(data as *mut u8, size) };
+        // SAFETY: t is a valid tensor in our live buffer.
+        match unsafe { kv_entry(t) } {
+            Some(e) => {
+                dst.fill(0);
+                // SAFETY: as above.
+                let off = unsafe { root_offset(t, offset) };
+                e.run("get_tensor", || {
+                    kv_read_bytes(e, off, dst);
+                    Ok(())
+                });
             }
+            // SAFETY: a plain tensor's bytes are ours to read, inside its range (ggml).
+            None => unsafe { std::ptr::copy_nonoverlapping(((*t).data as *const u8).add(offset), dst.as_mut_ptr(), size) },
         }
     })
 }
 
 unsafe extern "C" fn memset_tensor(buf: ll::ggml_backend_buffer_t, t: *mut ll::ggml_tensor, value: u8, offset: usize, size: usize) {
-    let bytes = vec![value; size];
-    set_tensor(buf, t, bytes.as_ptr().cast(), offset, size);
+    guard("memset_tensor", (), || {
+        // SAFETY: t is a valid tensor of ours; offset + size <= nbytes(t) (ggml).
+        let piece = unsafe { chunk_len(t) }.min(size);
+        let bytes = vec![value; piece];
+        let mut done = 0;
+        while done < size {
+            let n = piece.min(size - done);
+            // SAFETY: as above; bytes holds at least n bytes.
+            unsafe { set_tensor(buf, t, bytes.as_ptr().cast(), offset + done, n) };
+            done += n;
+        }
+    })
 }
 
 unsafe extern "C" fn cpy_tensor(_buf: ll::ggml_backend_buffer_t, src: *const ll::ggml_tensor, dst: *mut ll::ggml_tensor) -> bool {
     guard("cpy_tensor", false, || {
-        // SAFETY: ggml passes valid tensors of the same layout; src is in one of our buffers
-        // (otherwise it would be host memory and ggml would not call us).
+        // SAFETY: ggml passes valid tensors of the same size; src is ours only if its buffer
+        // is (otherwise it would be host memory and ggml would copy itself).
         unsafe {
             let src_buf = (*root_of(src)).buffer;
             if !is_ours(src_buf) {
                 return false;
             }
-            let n = ll::ggml_nbytes(src);
-            let mut tmp = vec![0u8; n];
-            get_tensor(src_buf, src, tmp.as_mut_ptr().cast(), 0, n);
-            set_tensor((*root_of(dst)).buffer, dst, tmp.as_ptr().cast(), 0, n);
+            let size = ll::ggml_nbytes(src);
+            let mut tmp = vec![0u8; chunk_len(src).min(size)];
+            let mut done = 0;
+            while done < size {
+                let n = tmp.len().min(size - done);
+                get_tensor(src_buf, src, tmp.as_mut_ptr().cast(), done, n);
+                ll::ggml_backend_tensor_set(dst, tmp.as_ptr().cast(), done, n);
+                done += n;
+            }
             true
         }
     })
@@ -386,18 +513,15 @@ unsafe extern "C" fn clear(buf: ll::ggml_backend_buffer_t, value: u8) {
     guard("clear", (), || {
         // SAFETY: buf is a live buffer of ours.
         let ctx = unsafe { ctx(buf) };
-        if ctx.kv.is_empty() {
+        let kv = ctx.kv.lock().unwrap_or_else(|e| e.into_inner());
+        if kv.is_empty() {
             // SAFETY: base..base+size is our mapping.
             unsafe { std::ptr::write_bytes(ctx.base, value, ctx.size) };
             return;
         }
         if value != 0 {
-            eprintln!("dspark: warning: clearing a KV buffer to {value} is treated as clearing to 0");
+            log_warn(&format!("clearing a KV buffer to {value} is treated as clearing to 0"));
         }
-        for e in &ctx.kv {
-            if let Some(s) = e.store.write().unwrap_or_else(|e| e.into_inner()).as_mut() {
-                s.clear();
-            }
-        }
+        kv.iter().for_each(|e| e.clear());
     })
 }

@@ -1,29 +1,68 @@
-//! DSPARK0's registry, device and buffer type: process-wide objects that ggml keeps raw
-//! pointers to, so they are created once and never freed.
+//! DSpark's registry and devices. ggml keeps raw pointers to them for the life of the
+//! process, so they are created once and never freed.
+//!
+//! A device is a KV configuration: every KV cache allocated from a device's buffer type gets
+//! that device's format and window, so two contexts with different formats in one process
+//! can never mix, whichever thread creates them. The first device is `DSPARK0` (the one the
+//! registry lists to ggml when it is registered); [`register`] with another configuration
+//! adds `DSPARK1`, `DSPARK2`, ... . Each device also owns the list of its live KV stores,
+//! for statistics.
 
-use std::ffi::c_char;
-use std::sync::OnceLock;
+use std::ffi::{c_char, CString};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use llama_cpp_sys_2 as ll;
 
-use super::buffer::{self, KV_BUFFERS};
+use super::buffer::{self, KvEntry};
 use super::{backend, guard, sys, Config};
 
-struct Objects {
-    reg: *mut sys::ggml_backend_reg,
-    dev: *mut sys::ggml_backend_device,
+/// What one device owns: its configuration, its buffer type, and its live KV stores.
+pub(crate) struct DeviceCtx {
+    pub config: Config,
+    name: CString,
     buft: *mut sys::ggml_backend_buffer_type,
+    /// The KV stores allocated from this device's buffers; each buffer owns its entries
+    /// (strong references) and frees them with itself.
+    kv: Mutex<Vec<Weak<KvEntry>>>,
+    /// FLASH_ATTN_EXT ops run on this device's KV.
+    pub attn_calls: AtomicU64,
 }
 
-// SAFETY: the objects are immutable after creation and only handed to ggml, which shares
-// them across threads itself.
-unsafe impl Send for Objects {}
-unsafe impl Sync for Objects {}
+impl DeviceCtx {
+    /// Adds a live KV store to the statistics (dropping entries of freed buffers).
+    pub fn track(&self, e: &Arc<KvEntry>) {
+        let mut kv = self.kv.lock().unwrap_or_else(|e| e.into_inner());
+        kv.retain(|w| w.strong_count() > 0);
+        kv.push(Arc::downgrade(e));
+    }
 
-static OBJECTS: OnceLock<Objects> = OnceLock::new();
+    /// The live KV stores (kept alive while the caller holds them).
+    pub fn entries(&self) -> Vec<Arc<KvEntry>> {
+        self.kv.lock().unwrap_or_else(|e| e.into_inner()).iter().filter_map(Weak::upgrade).collect()
+    }
+}
 
-fn objects() -> &'static Objects {
-    OBJECTS.get_or_init(|| {
+/// A device handle that may cross threads: ggml shares devices across threads itself, and
+/// a device's context is immutable apart from its mutex-guarded list.
+#[derive(Clone, Copy)]
+struct Dev(*mut sys::ggml_backend_device);
+// SAFETY: see the type's documentation.
+unsafe impl Send for Dev {}
+
+struct Registry {
+    reg: *mut sys::ggml_backend_reg,
+    devices: Mutex<Vec<Dev>>,
+}
+
+// SAFETY: `reg` is immutable after creation; the device list is behind a mutex.
+unsafe impl Send for Registry {}
+unsafe impl Sync for Registry {}
+
+static REGISTRY: OnceLock<Registry> = OnceLock::new();
+
+fn registry_obj() -> &'static Registry {
+    REGISTRY.get_or_init(|| {
         let reg = Box::into_raw(Box::new(sys::ggml_backend_reg {
             api_version: sys::GGML_BACKEND_API_VERSION as i32,
             iface: sys::ggml_backend_reg_i {
@@ -34,46 +73,74 @@ fn objects() -> &'static Objects {
             },
             context: std::ptr::null_mut(),
         }));
-        let dev = Box::into_raw(Box::new(sys::ggml_backend_device {
-            iface: device_iface(),
-            reg: reg.cast(),
-            context: std::ptr::null_mut(),
-        }));
-        let buft = Box::into_raw(Box::new(sys::ggml_backend_buffer_type {
-            iface: buffer::buft_iface(),
-            device: dev.cast(),
-            context: std::ptr::null_mut(),
-        }));
-        Objects { reg, dev, buft }
+        Registry { reg, devices: Mutex::new(Vec::new()) }
     })
 }
 
-/// DSPARK0's buffer type.
-pub(crate) fn buft() -> ll::ggml_backend_buffer_type_t {
-    objects().buft.cast()
+/// The device for `config`, created if no device has that configuration yet; the bool says
+/// whether it was created now.
+fn device_for(config: Config) -> (ll::ggml_backend_dev_t, bool) {
+    let r = registry_obj();
+    let mut devs = r.devices.lock().unwrap_or_else(|e| e.into_inner());
+    // SAFETY: every listed device was made below and is never freed.
+    if let Some(d) = devs.iter().find(|d| unsafe { dev_ctx(d.0.cast()) }.config == config) {
+        return (d.0.cast(), false);
+    }
+    let name = CString::new(format!("DSPARK{}", devs.len())).expect("no NUL in a device name");
+    let ctx = Box::into_raw(Box::new(DeviceCtx { config, name, buft: std::ptr::null_mut(), kv: Mutex::new(Vec::new()), attn_calls: AtomicU64::new(0) }));
+    let dev = Box::into_raw(Box::new(sys::ggml_backend_device { iface: device_iface(), reg: r.reg.cast(), context: ctx.cast() }));
+    let buft = Box::into_raw(Box::new(sys::ggml_backend_buffer_type { iface: buffer::buft_iface(), device: dev.cast(), context: std::ptr::null_mut() }));
+    // SAFETY: ctx was just allocated and is not shared yet.
+    unsafe { (*ctx).buft = buft };
+    devs.push(Dev(dev));
+    (dev.cast(), true)
 }
 
-/// The DSPARK0 device handle (also before registration).
-pub fn dev() -> ll::ggml_backend_dev_t {
-    objects().dev.cast()
+/// A device's context.
+///
+/// # Safety
+/// `dev` must be a device made by this module.
+pub(crate) unsafe fn dev_ctx<'a>(dev: ll::ggml_backend_dev_t) -> &'a DeviceCtx {
+    // SAFETY: our devices carry a leaked DeviceCtx as their context (caller).
+    unsafe { &*((*(dev as *mut sys::ggml_backend_device)).context as *const DeviceCtx) }
 }
 
-/// The registry handle, for the plugin entry point.
-pub(crate) fn reg() -> ll::ggml_backend_reg_t {
-    objects().reg.cast()
+/// Whether a buffer type is one of DSpark's: its device belongs to our registry.
+pub(crate) fn is_our_buft(b: ll::ggml_backend_buffer_type_t) -> bool {
+    if b.is_null() {
+        return false;
+    }
+    // SAFETY: a valid buffer type's device is NULL or a valid device.
+    unsafe {
+        let dev = (*(b as *mut sys::ggml_backend_buffer_type)).device as *mut sys::ggml_backend_device;
+        !dev.is_null() && (*dev).reg == registry_obj().reg.cast()
+    }
 }
 
-/// Registers DSPARK0 with ggml (once; later calls only update the configuration) and
-/// returns the device, to pass in `llama_model_params.devices`.
+/// The registry with its first device configured as `config` (if it has none yet), for
+/// hosts that register it themselves (the plugin entry point).
+pub(crate) fn registry(config: Config) -> ll::ggml_backend_reg_t {
+    device_for(config);
+    registry_obj().reg.cast()
+}
+
+/// Registers DSpark with ggml (the registry, once) and returns the device whose KV caches
+/// use `config`, to pass in `llama_model_params.devices`: `DSPARK0` for the first
+/// configuration, a new `DSPARKn` for each other one (listed to ggml too).
 pub fn register(config: Config) -> ll::ggml_backend_dev_t {
     static REGISTERED: std::sync::Once = std::sync::Once::new();
-    super::set_config(config);
-    crate::llama::init();
+    let (dev, created) = device_for(config);
+    let mut first = false;
     REGISTERED.call_once(|| {
-        // SAFETY: the registry object lives for the whole process.
-        unsafe { ll::ggml_backend_register(reg()) };
+        first = true;
+        // SAFETY: the registry lives for the whole process; ggml lists its devices now.
+        unsafe { ll::ggml_backend_register(registry_obj().reg.cast()) };
     });
-    dev()
+    if created && !first {
+        // SAFETY: the device lives for the whole process.
+        unsafe { ll::ggml_backend_device_register(dev) };
+    }
+    dev
 }
 
 unsafe extern "C" fn reg_name(_: ll::ggml_backend_reg_t) -> *const c_char {
@@ -81,15 +148,12 @@ unsafe extern "C" fn reg_name(_: ll::ggml_backend_reg_t) -> *const c_char {
 }
 
 unsafe extern "C" fn reg_device_count(_: ll::ggml_backend_reg_t) -> usize {
-    1
+    registry_obj().devices.lock().unwrap_or_else(|e| e.into_inner()).len()
 }
 
 unsafe extern "C" fn reg_device(_: ll::ggml_backend_reg_t, index: usize) -> ll::ggml_backend_dev_t {
-    if index == 0 {
-        dev()
-    } else {
-        std::ptr::null_mut()
-    }
+    let devs = registry_obj().devices.lock().unwrap_or_else(|e| e.into_inner());
+    devs.get(index).map_or(std::ptr::null_mut(), |d| d.0.cast())
 }
 
 fn device_iface() -> sys::ggml_backend_device_i {
@@ -112,8 +176,9 @@ fn device_iface() -> sys::ggml_backend_device_i {
     }
 }
 
-unsafe extern "C" fn dev_name(_: ll::ggml_backend_dev_t) -> *const c_char {
-    c"DSPARK0".as_ptr()
+unsafe extern "C" fn dev_name(d: ll::ggml_backend_dev_t) -> *const c_char {
+    // SAFETY: ggml passes one of our devices.
+    unsafe { dev_ctx(d) }.name.as_ptr()
 }
 
 unsafe extern "C" fn dev_description(_: ll::ggml_backend_dev_t) -> *const c_char {
@@ -134,8 +199,11 @@ fn host_memory() -> (usize, usize) {
 
 unsafe extern "C" fn dev_memory(_: ll::ggml_backend_dev_t, free: *mut usize, total: *mut usize) {
     let (f, t) = host_memory();
-    *free = f;
-    *total = t;
+    // SAFETY: ggml passes two writable out-pointers.
+    unsafe {
+        *free = f;
+        *total = t;
+    }
 }
 
 unsafe extern "C" fn dev_type(_: ll::ggml_backend_dev_t) -> ll::ggml_backend_dev_type {
@@ -146,7 +214,7 @@ unsafe extern "C" fn dev_type(_: ll::ggml_backend_dev_t) -> ll::ggml_backend_dev
 
 unsafe extern "C" fn dev_props(d: ll::ggml_backend_dev_t, props: *mut ll::ggml_backend_dev_props) {
     guard("dev_props", (), || {
-        // SAFETY: ggml passes a zeroed props struct to fill.
+        // SAFETY: ggml passes one of our devices and a zeroed props struct to fill.
         unsafe {
             let p = &mut *props;
             p.name = dev_name(d);
@@ -165,42 +233,59 @@ unsafe extern "C" fn dev_props(d: ll::ggml_backend_dev_t, props: *mut ll::ggml_b
     })
 }
 
-unsafe extern "C" fn dev_buffer_type(_: ll::ggml_backend_dev_t) -> ll::ggml_backend_buffer_type_t {
-    buft()
+unsafe extern "C" fn dev_buffer_type(d: ll::ggml_backend_dev_t) -> ll::ggml_backend_buffer_type_t {
+    // SAFETY: ggml passes one of our devices.
+    unsafe { dev_ctx(d) }.buft.cast()
 }
 
-unsafe extern "C" fn dev_supports_buft(_: ll::ggml_backend_dev_t, b: ll::ggml_backend_buffer_type_t) -> bool {
-    b == buft()
+unsafe extern "C" fn dev_supports_buft(d: ll::ggml_backend_dev_t, b: ll::ggml_backend_buffer_type_t) -> bool {
+    // SAFETY: ggml passes one of our devices.
+    b == unsafe { dev_ctx(d) }.buft.cast()
 }
 
 pub use crate::kv::Stats;
 
 impl Stats {
-    /// The figures now, all KV caches together.
+    /// The figures now, all DSpark devices together.
     pub fn now() -> Stats {
-        Self::collect(|_| true)
-    }
-
-    /// The figures of the KV caches created under one [`super::with_config`] owner id.
-    pub fn of(owner: u64) -> Stats {
-        Self::collect(|o| o == owner)
-    }
-
-    fn collect(keep: impl Fn(u64) -> bool) -> Stats {
-        let mut s = Stats { attn_calls: backend::ATTN_CALLS.load(std::sync::atomic::Ordering::Relaxed), ..Stats::default() };
-        let bufs = KV_BUFFERS.lock().unwrap_or_else(|e| e.into_inner());
-        for &addr in bufs.iter() {
-            // SAFETY: addresses are removed from KV_BUFFERS before their buffer is freed,
-            // and the lock is held while we read.
-            let ctx = unsafe { &*(addr as *const buffer::BufferCtx) };
-            for e in ctx.kv_entries().iter().filter(|e| keep(e.owner)) {
-                if let Some(store) = e.read().as_ref() {
-                    s.add_pages(store);
-                    s.cells += store.cells_in_use() as u64;
-                    s.elems += (store.cells_in_use() * store.row_len()) as u64;
-                }
-            }
+        let devs: Vec<Dev> = registry_obj().devices.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut s = Stats::default();
+        for d in devs {
+            s.merge(&Stats::of(d.0.cast()));
         }
         s
+    }
+
+    /// The figures of the KV caches allocated from one DSpark device (as [`register`]
+    /// returns it); zero for any other device.
+    pub fn of(dev: ll::ggml_backend_dev_t) -> Stats {
+        let mut s = Stats::default();
+        let ours = registry_obj().devices.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|d| d.0.cast() == dev);
+        if !ours {
+            return s;
+        }
+        // SAFETY: checked above that `dev` is one of ours.
+        let ctx = unsafe { dev_ctx(dev) };
+        s.attn_calls = ctx.attn_calls.load(Ordering::Relaxed);
+        ctx.entries().iter().for_each(|e| s.add_entry(e));
+        s
+    }
+
+    /// The figures of the KV caches in one buffer (zero for a buffer that is not DSpark's).
+    ///
+    /// # Safety
+    /// `buf` must be NULL or a live ggml buffer.
+    pub unsafe fn of_buffer(buf: ll::ggml_backend_buffer_t) -> Stats {
+        let mut s = Stats::default();
+        // SAFETY: NULL or a live buffer (caller).
+        unsafe { buffer::entries_of(buf) }.iter().for_each(|e| s.add_entry(e));
+        s
+    }
+
+    fn add_entry(&mut self, e: &KvEntry) {
+        let store = e.read();
+        self.add_pages(&store);
+        self.cells += store.cells_in_use() as u64;
+        self.elems += (store.cells_in_use() * store.row_len()) as u64;
     }
 }

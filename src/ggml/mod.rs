@@ -1,43 +1,53 @@
-//! The DSPARK0 ggml device: llama.cpp's KV cache of every offloaded layer lives in DSpark's
+//! The DSpark ggml devices: llama.cpp's KV cache of every offloaded layer lives in DSpark's
 //! compressed store, and attention over it runs on DSpark's kernels. Weights and every other
 //! op stay on llama.cpp's CPU backend, because `supports_op` declines them.
 //!
 //! - `sys`: ggml's backend interface, generated from the vendored header.
+//! - `device`: the registry and the devices (one per KV configuration: `DSPARK0`, ...).
 //! - `buffer`: the buffer type and buffers (plain memory for compute tensors, compressed
 //!   stores for the KV roots `cache_k_l<il>` / `cache_v_l<il>`).
 //! - `backend`: `supports_op` and `graph_compute` (SET_ROWS, FLASH_ATTN_EXT, ROPE K-shift).
+//! - `log`: messages through the host's ggml log callback.
 //!
 //! All raw pointers of the integration stay in this module.
 
 mod backend;
 mod buffer;
 mod device;
+mod log;
 pub mod sys;
 
-use std::sync::{Mutex, OnceLock};
-
-pub use device::{dev, register, Stats};
+pub use device::{register, Stats};
 /// The registry, for the plugin entry point (`capi::plugin`).
-pub(crate) use device::reg;
+pub(crate) use device::registry;
+pub(crate) use log::{log_error, log_warn};
 
 use crate::codec::Format;
 
-/// The name of the device as ggml lists it.
+/// The name of the first device as ggml lists it.
 pub const DEVICE_NAME: &str = "DSPARK0";
 
-/// How DSpark stores the KV cache. Read when llama.cpp allocates a KV cache, so a change
-/// applies to contexts created afterwards.
+/// How a DSpark device stores the KV cache. Each configuration is its own device (see
+/// [`register`]), so the configuration of a KV cache is fixed by the device it lives on.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Config {
     /// Compressed format; `None` keeps the KV in f16 (DSpark's paging without compression).
     pub format: Option<Format>,
     /// Most recent cells kept in f16.
     pub window: usize,
+    /// Decline FLASH_ATTN_EXT, so llama.cpp's CPU kernel runs attention and reads the KV
+    /// through `get_tensor` (decompressed). For diagnosis: it isolates the store from the
+    /// attention kernels. Default: `DSPARK_CPU_ATTENTION=1` in the environment.
+    pub cpu_attention: bool,
 }
 
 impl Default for Config {
     fn default() -> Config {
-        Config { format: Format::parse("k4v4").ok(), window: 128 }
+        Config {
+            format: Format::parse("k4v4").ok(),
+            window: 128,
+            cpu_attention: std::env::var("DSPARK_CPU_ATTENTION").is_ok_and(|v| v == "1"),
+        }
     }
 }
 
@@ -54,57 +64,55 @@ impl Config {
     }
 }
 
-/// The configuration new KV caches get, and the owner id their stores are tagged with.
-static CONFIG: OnceLock<Mutex<(Config, u64)>> = OnceLock::new();
-static NEXT_OWNER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-
-fn config_cell() -> &'static Mutex<(Config, u64)> {
-    CONFIG.get_or_init(|| Mutex::new((Config::default(), 0)))
+/// Tells the KV root behind `t` its head size, as the first attention graph that reads it
+/// does: rows written so far are re-laid out and compressed. For tests of the buffer on
+/// synthetic tensors, which have no attention graph.
+///
+/// # Safety
+/// `t` must be a valid tensor whose buffer, if any, is alive.
+#[doc(hidden)]
+pub unsafe fn shape_kv(t: *const llama_cpp_sys_2::ggml_tensor, head_dim: usize) -> Result<(), String> {
+    // SAFETY: valid tensor with a live buffer (caller).
+    let e = unsafe { buffer::kv_entry(t) }.ok_or("not a DSpark KV tensor")?;
+    e.shape(head_dim, crate::attn::Threads::serial())
 }
 
-/// The configuration new KV caches get, and their owner id.
-pub(crate) fn current() -> (Config, u64) {
-    *config_cell().lock().unwrap_or_else(|e| e.into_inner())
+/// Records a failure on the KV root behind `t`, as a failed write would: every graph that
+/// touches it fails until the cache is cleared. For tests of that path.
+///
+/// # Safety
+/// `t` must be a valid tensor whose buffer, if any, is alive.
+#[doc(hidden)]
+pub unsafe fn fail_kv(t: *const llama_cpp_sys_2::ggml_tensor, msg: &str) -> Result<(), String> {
+    // SAFETY: valid tensor with a live buffer (caller).
+    let e = unsafe { buffer::kv_entry(t) }.ok_or("not a DSpark KV tensor")?;
+    e.fail(msg);
+    Ok(())
 }
 
-/// The configuration new KV caches get.
-pub fn config() -> Config {
-    current().0
+/// Records a failure on every KV cache of a device (see [`fail_kv`]).
+///
+/// # Safety
+/// `dev` must be a device returned by [`register`].
+#[doc(hidden)]
+pub unsafe fn fail_device_kv(dev: llama_cpp_sys_2::ggml_backend_dev_t, msg: &str) {
+    // SAFETY: one of our devices (caller).
+    unsafe { device::dev_ctx(dev) }.entries().iter().for_each(|e| e.fail(msg));
 }
 
-/// Sets the configuration for KV caches allocated from now on (owner id 0).
-pub fn set_config(c: Config) {
-    *config_cell().lock().unwrap_or_else(|e| e.into_inner()) = (c, 0);
-}
-
-/// Runs `create` (which should create one llama.cpp context) with `c` as the configuration
-/// of the KV caches it allocates, holding other threads' configurations off meanwhile.
-/// Returns its result and the owner id of those caches, for [`Stats::of`].
-pub fn with_config<R>(c: Config, create: impl FnOnce() -> R) -> (R, u64) {
-    let cell = config_cell();
-    let _hold = CREATE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let id = NEXT_OWNER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let saved = std::mem::replace(&mut *cell.lock().unwrap_or_else(|e| e.into_inner()), (c, id));
-    let r = create();
-    *cell.lock().unwrap_or_else(|e| e.into_inner()) = saved;
-    (r, id)
-}
-
-static CREATE_LOCK: Mutex<()> = Mutex::new(());
-
-/// Runs `f`, turning a panic into `fallback` and an error message on stderr: no panic may
+/// Runs `f`, turning a panic into `fallback` and an error message in the log: no panic may
 /// unwind into ggml's C++ frames.
 fn guard<T>(what: &str, fallback: T, f: impl FnOnce() -> T) -> T {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(v) => v,
         Err(e) => {
-            let msg = e
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| e.downcast_ref::<&str>().copied())
-                .unwrap_or("unknown panic");
-            eprintln!("dspark: internal error in {what}: {msg}");
+            log_error(&format!("internal error in {what}: {}", panic_message(&*e)));
             fallback
         }
     }
+}
+
+/// The message of a caught panic.
+fn panic_message(e: &(dyn std::any::Any + Send)) -> &str {
+    e.downcast_ref::<String>().map(String::as_str).or_else(|| e.downcast_ref::<&str>().copied()).unwrap_or("unknown panic")
 }

@@ -9,16 +9,17 @@
 //! attention sinks, the first tokens that every query attends to), and so do the pages
 //! written within the last `window` rows of their stream; a page is compressed as a whole
 //! when it has not been written for `window` rows (recency, not position, so a context shift
-//! or a ring that reuses low cells keeps its newest rows in f16). Rows written into a page that is already compressed are encoded directly.
+//! or a ring that reuses low cells keeps its newest rows in f16). A new row written into a
+//! compressed page turns it back into f16 (its other rows as their codes decode); a row
+//! rewritten in place (a K-shift) is encoded directly.
 //! Within a page, rows are grouped by head (`[head][slot]`), so that attention reads each
 //! head's rows as one contiguous run.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use half::f16;
-use rayon::prelude::*;
 
-use crate::attn::{Rows, Segment};
+use crate::attn::{Rows, Segment, Threads};
 use crate::codec::{Quant, RowCodec};
 
 /// Cells per page.
@@ -54,6 +55,17 @@ impl Stats {
         self.pages_f16 += f as u64;
         self.pages_compressed += c as u64;
         self.pages_unseen += store.pages_unseen() as u64;
+    }
+
+    /// Adds another set's figures (statistics of several devices or caches together).
+    pub fn merge(&mut self, o: &Stats) {
+        self.kv_bytes += o.kv_bytes;
+        self.pages_f16 += o.pages_f16;
+        self.pages_compressed += o.pages_compressed;
+        self.cells += o.cells;
+        self.elems += o.elems;
+        self.attn_calls += o.attn_calls;
+        self.pages_unseen += o.pages_unseen;
     }
 
     /// Stored bits per K/V value, page metadata included (NaN with nothing stored).
@@ -280,20 +292,43 @@ impl KvStore {
         self.streams.iter_mut().for_each(|s| *s = Stream::default());
     }
 
-    /// Writes one cell (`row.len() == row_len()`, head after head).
+    /// Writes one cell (`row.len() == row_len()`, head after head): a new row, which makes
+    /// its page recent.
     pub fn write_row(&mut self, gcell: usize, row: &[f32]) {
+        self.put_row(gcell, row, true);
+    }
+
+    /// Rewrites a cell's values in place (e.g. a K-shift rotating a row that is already
+    /// there): not a new row, so recency is unchanged.
+    pub fn rewrite_row(&mut self, gcell: usize, row: &[f32]) {
+        self.put_row(gcell, row, false);
+    }
+
+    fn put_row(&mut self, gcell: usize, row: &[f32], new: bool) {
         assert_eq!(row.len(), self.row_len());
         let (s, p, slot) = self.locate(gcell);
         let (d, nh) = (self.head_dim, self.n_head);
         let codec = self.codec;
         let st = &mut self.streams[s];
-        st.clock += 1;
         st.high_water = st.high_water.max(gcell % self.cells + 1);
+        if new {
+            st.clock += 1;
+        }
         let clock = st.clock;
         let page = st.slot_mut(p);
-        page.last_write = clock;
-        if matches!(page.data, Page::Empty) {
-            page.data = Page::F16(vec![f16::ZERO; nh * PAGE * d].into_boxed_slice());
+        if new || matches!(page.data, Page::Empty) {
+            page.last_write = clock;
+        }
+        match &page.data {
+            Page::Empty => page.data = Page::F16(vec![f16::ZERO; nh * PAGE * d].into_boxed_slice()),
+            // A new row makes its page recent again (a context shift or a ring writes new
+            // tokens into freed low cells): the page goes back to f16, its other rows as
+            // their codes decode, and is compressed again when it leaves the window.
+            Page::Packed(data) if new => {
+                let codec = codec.expect("packed page without codec");
+                page.data = Page::F16(decode_page(&codec, data, d));
+            }
+            _ => {}
         }
         match &mut page.data {
             Page::F16(data) => {
@@ -340,9 +375,8 @@ impl KvStore {
     /// (never a stream's first page, which holds the attention sinks). Recency, not position:
     /// after a context shift or a ring's reuse of low cells, the newest rows stay f16 wherever
     /// they were written. Call after a batch of writes; pages are encoded on `pool` (the
-    /// caller's workers, so a context never uses more threads than it was given) or on the
-    /// calling thread.
-    pub fn compact(&mut self, pool: Option<&rayon::ThreadPool>) {
+    /// caller's workers, so a context never uses more threads than it was given).
+    pub fn compact(&mut self, threads: Threads) {
         let Some(codec) = self.codec else { return };
         let window = self.window as u64;
         let mut due: Vec<&mut Page> = Vec::new();
@@ -360,15 +394,11 @@ impl KvStore {
             return;
         }
         let (d, nh) = (self.head_dim, self.n_head);
-        let encode = |page: &mut &mut Page| {
+        threads.for_each_mut(&mut due, |page| {
             if let Page::F16(data) = &**page {
                 **page = Page::Packed(encode_page(&codec, data, d, nh));
             }
-        };
-        match pool {
-            Some(p) if due.len() > 1 => p.install(|| due.par_iter_mut().for_each(encode)),
-            _ => due.iter_mut().for_each(encode),
-        }
+        });
     }
 
     /// Records that an attention call could see cells [first, first + n) of a stream where
@@ -464,6 +494,18 @@ fn encode_page(codec: &RowCodec, data: &[f16], d: usize, nh: usize) -> Box<[u8]>
         codec.encode(&rowf, dst);
     }
     packed
+}
+
+/// Decodes a packed page (`[head][slot]` rows) into f16 rows, same order.
+fn decode_page(codec: &RowCodec, data: &[u8], d: usize) -> Box<[f16]> {
+    let rb = codec.row_bytes();
+    let mut out = vec![f16::ZERO; data.len() / rb * d].into_boxed_slice();
+    let mut rowf = vec![0.0f32; d];
+    for (src, dst) in data.chunks_exact(rb).zip(out.chunks_exact_mut(d)) {
+        codec.decode(src, &mut rowf);
+        dst.iter_mut().zip(&rowf).for_each(|(o, x)| *o = f16::from_f32(*x));
+    }
+    out
 }
 
 /// The attention segments of one KV head over cells [first, first + n) of a stream, K and V

@@ -1,0 +1,103 @@
+//! The DSpark memory layer on the real default model: a KV whose attention DSpark declines
+//! stays exact, pages of removed tokens are known, a failed KV surfaces as a failed decode
+//! and clears, and configurations never mix across contexts and threads.
+
+use dspark::cli::{model_path, text};
+use dspark::ggml::{self, Config, Stats};
+use dspark::llama::{Context, CtxParams, KvType, Model, Placement};
+
+fn prompt(model: &Model, n: usize) -> Vec<i32> {
+    let t = model.tokenize(&text::default_text().unwrap(), true).unwrap();
+    t[..n].to_vec()
+}
+
+fn dspark_model(cfg: Config) -> Model {
+    Model::load(&model_path(None), Placement::Offload(vec![ggml::register(cfg)])).unwrap()
+}
+
+fn k4v4() -> Config {
+    Config::default().with_format_name("k4v4").unwrap()
+}
+
+/// Logits of the last token after decoding `toks` in one context of 512 cells.
+fn last_logits(model: &Model, toks: &[i32]) -> Vec<f32> {
+    let mut ctx = Context::new(model, &CtxParams::new(512, 2, KvType::F16)).unwrap();
+    ctx.decode(toks, 0, 0, false).unwrap();
+    ctx.logits(-1).to_vec()
+}
+
+/// When DSpark declines attention (here forced with `cpu_attention`; an odd head size does
+/// the same), nothing tells it how K/V rows split into heads: the rows must stay exact, so
+/// llama.cpp's CPU kernel, reading them back through the buffer, computes what it computes
+/// on its own f16 cache. (Guessing a head size and compressing would change the logits.)
+#[test]
+fn kv_of_declined_attention_stays_exact_f16() {
+    let stock = Model::load(&model_path(None), Placement::Cpu).unwrap();
+    let toks = prompt(&stock, 300);
+    let want = last_logits(&stock, &toks);
+    let model = dspark_model(Config { cpu_attention: true, ..k4v4() });
+    let got = last_logits(&model, &toks);
+    assert_eq!(want, got, "k4v4 with attention declined must equal stock f16 bit for bit");
+    assert_eq!(Stats::of(model.devices()[0]).pages_compressed, 0);
+}
+
+/// llama.cpp never tells the buffer about seq_rm, but the attention mask does: the pages of
+/// removed tokens are the ones no query sees.
+#[test]
+fn pages_of_removed_tokens_are_seen_by_no_query() {
+    let model = dspark_model(Config { window: 64, ..k4v4() });
+    let dev = model.devices()[0];
+    let toks = prompt(&model, 320);
+    let mut ctx = Context::new(&model, &CtxParams::new(512, 2, KvType::F16)).unwrap();
+    ctx.decode(&toks, 0, 0, false).unwrap();
+    ctx.decode(&toks[..1], 320, 0, false).unwrap();
+    assert_eq!(Stats::of(dev).pages_unseen, 0, "every page holds live tokens");
+    // Positions 100..200 live in cells 100..200: page 2 (cells 128..191) lies inside.
+    assert!(ctx.seq_rm(0, 100, 200));
+    ctx.decode(&toks[1..2], 321, 0, false).unwrap();
+    let layers = model.n_layer() as u64;
+    assert_eq!(Stats::of(dev).pages_unseen, 2 * layers, "one K and one V page per layer");
+}
+
+/// A KV whose content can no longer be trusted makes llama_decode fail (rather than compute
+/// on wrong data) until the cache is cleared.
+#[test]
+fn a_failed_kv_fails_decode_until_cleared() {
+    let model = dspark_model(Config { window: 96, ..k4v4() });
+    let dev = model.devices()[0];
+    let toks = prompt(&model, 64);
+    let mut ctx = Context::new(&model, &CtxParams::new(256, 2, KvType::F16)).unwrap();
+    ctx.decode(&toks, 0, 0, false).unwrap();
+    // SAFETY: a device of ours with a live context.
+    unsafe { ggml::fail_device_kv(dev, "injected I/O error") };
+    assert!(ctx.decode(&toks[..1], 64, 0, false).is_err(), "decode on an unreliable KV must fail");
+    ctx.clear();
+    ctx.decode(&toks, 0, 0, false).expect("after clear the cache works again");
+}
+
+/// Two formats in one process, contexts created from two threads at once: each context's KV
+/// has its own device's format (bits per element tell them apart).
+#[test]
+fn formats_never_mix_between_contexts_created_concurrently() {
+    let (m8, m4) = (dspark_model(Config::default().with_format_name("k8v8").unwrap()), dspark_model(k4v4()));
+    let toks = prompt(&m8, 600);
+    std::thread::scope(|s| {
+        for m in [&m8, &m4] {
+            let toks = &toks;
+            s.spawn(move || {
+                for _ in 0..3 {
+                    let mut ctx = Context::new(m, &CtxParams::new(1024, 1, KvType::F16)).unwrap();
+                    ctx.decode(toks, 0, 0, false).unwrap();
+                }
+            });
+        }
+    });
+    // Contexts are gone; make one of each again and compare their measured bits.
+    let bits = |m: &Model| {
+        let mut ctx = Context::new(m, &CtxParams::new(1024, 2, KvType::F16)).unwrap();
+        ctx.decode(&toks, 0, 0, false).unwrap();
+        Stats::of(m.devices()[0]).bits_per_elem()
+    };
+    let (b8, b4) = (bits(&m8), bits(&m4));
+    assert!(b8 > 9.0 && b8 < 11.5 && b4 > 5.0 && b4 < 7.5, "k8v8 {b8} bits, k4v4 {b4} bits");
+}
