@@ -54,9 +54,10 @@ fn bench_json_shape() {
         threads: 2,
         llama_cpp: "x".into(),
         cpu_features: vec!["avx2".into()],
+        reps: 1,
         results: vec![
-            BenchResult { backend: "stock:f16".into(), depth: 512, prefill_tps: 100.0, decode_tps: 50.0, kv_bytes: 1000, kv_bits_per_elem: 16.0, peak_rss_bytes: 5 },
-            BenchResult { backend: "stock:q4_0".into(), depth: 512, prefill_tps: 50.0, decode_tps: 60.0, kv_bytes: 300, kv_bits_per_elem: 4.5, peak_rss_bytes: 5 },
+            row("stock:f16", 100.0, 50.0, 1000, 16.0, false),
+            row("stock:q4_0", 50.0, 60.0, 300, 4.5, true),
         ],
     };
     let v: serde_json::Value = serde_json::from_str(&serde_json::to_string(&report).unwrap()).unwrap();
@@ -64,10 +65,66 @@ fn bench_json_shape() {
         assert!(v.get(key).is_some(), "missing {key}");
     }
     let r0 = &v["results"][0];
-    for key in ["backend", "depth", "prefill_tps", "decode_tps", "kv_bytes", "kv_bits_per_elem", "peak_rss_bytes"] {
+    for key in [
+        "backend",
+        "depth",
+        "prefill_tps",
+        "decode_tps",
+        "kv_bytes",
+        "kv_bits_per_elem",
+        "peak_rss_bytes",
+        "prefill_tps_min",
+        "prefill_tps_max",
+        "decode_tps_min",
+        "decode_tps_max",
+        "busy",
+    ] {
         assert!(r0.get(key).is_some(), "missing results[].{key}");
     }
     // The table shows ratios against stock:f16 at the same depth.
     let t = table(&report);
     assert!(t.contains("| stock:q4_0 | 512 |") && t.contains("0.50x") && t.contains("1.20x") && t.contains("30%"), "{t}");
+    // One rep: no spread; the busy row says so.
+    assert!(!t.contains('–') && t.contains("| 30% | yes |") && t.contains("| no |"), "{t}");
+    assert_eq!(v["results"][1]["busy"], true);
+}
+
+fn row(backend: &str, prefill: f64, decode: f64, kv_bytes: u64, bits: f64, busy: bool) -> BenchResult {
+    BenchResult {
+        backend: backend.into(),
+        depth: 512,
+        prefill_tps: prefill,
+        decode_tps: decode,
+        kv_bytes,
+        kv_bits_per_elem: bits,
+        peak_rss_bytes: 5,
+        prefill_tps_min: prefill,
+        prefill_tps_max: prefill,
+        decode_tps_min: decode,
+        decode_tps_max: decode,
+        busy,
+    }
+}
+
+#[test]
+fn bench_spread_with_reps() {
+    let mut f16 = row("stock:f16", 184.0, 50.0, 1000, 16.0, false);
+    (f16.prefill_tps_min, f16.prefill_tps_max, f16.decode_tps_min, f16.decode_tps_max) = (180.0, 190.0, 48.5, 51.0);
+    let report = BenchReport {
+        model: "m.gguf".into(),
+        threads: 2,
+        llama_cpp: "x".into(),
+        cpu_features: vec![],
+        reps: 3,
+        results: vec![f16],
+    };
+    let t = table(&report);
+    assert!(t.contains("| 184.0 (180.0–190.0) | 50.0 (48.5–51.0) |"), "{t}");
+    let v: serde_json::Value = serde_json::from_str(&serde_json::to_string(&report).unwrap()).unwrap();
+    assert_eq!((v["reps"].as_u64(), v["results"][0]["prefill_tps_min"].as_f64()), (Some(3), Some(180.0)));
+    // JSON written before these fields existed still loads (no spread, not busy, one rep).
+    let old = r#"{"model":"m","threads":2,"llama_cpp":"x","cpu_features":[],"results":[
+        {"backend":"stock:f16","depth":512,"prefill_tps":1.0,"decode_tps":2.0,"kv_bytes":3,"kv_bits_per_elem":16.0,"peak_rss_bytes":4}]}"#;
+    let old: BenchReport = serde_json::from_str(old).unwrap();
+    assert!(old.reps == 1 && !old.results[0].busy);
 }

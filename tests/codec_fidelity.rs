@@ -1,15 +1,38 @@
 //! Fidelity of the codec against llama.cpp's rotated q4_0/q8_0 and against the quantizer
 //! variants that were measured and dropped (see the table in `src/codec/mod.rs`).
 //!
+//! The q4_0/q8_0 baselines are ggml's own quantizers from the linked library
+//! (`ggml_quantize_chunk`, and the type's `to_float` to dequantize), as llama.cpp stores a
+//! quantized KV cache; the Rust ports beside them only check that the test drives ggml right.
+//!
 //! `cargo test --release --test codec_fidelity -- --nocapture` prints the table.
 
 use dspark::codec::{rotate, unrotate, Quant, RowCodec};
 use half::f16;
+use llama_cpp_sys_2 as sys;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 const QK: usize = 32;
 
-/// ggml `quantize_row_q4_0_ref` + `dequantize_row_q4_0` (ggml-quants.c), on a rotated row.
+/// Quantize `x` (one row) to ggml type `t` with ggml's `ggml_quantize_chunk`, then back to f32
+/// with the type's `to_float`: what llama.cpp does to a row of a KV cache of that type.
+fn ggml_roundtrip(t: sys::ggml_type, x: &[f32], out: &mut [f32]) {
+    assert_eq!(x.len(), out.len(), "ggml_roundtrip: lengths");
+    let n = x.len() as i64;
+    // SAFETY: a pure size query for a built-in type.
+    let mut buf = vec![0u8; unsafe { sys::ggml_row_size(t, n) }];
+    // SAFETY: 1. `x` holds one row of n floats, `buf` ggml_row_size(t, n) bytes for it;
+    // 2. no importance matrix (q4_0/q8_0 do not need one); 3. the traits pointer is ggml's
+    // static table entry for `t`, and `to_float` reads that row and writes n floats to `out`.
+    unsafe {
+        let written = sys::ggml_quantize_chunk(t, x.as_ptr(), buf.as_mut_ptr().cast(), 0, 1, n, std::ptr::null());
+        assert_eq!(written, buf.len(), "ggml_quantize_chunk wrote an unexpected size");
+        let to_float = (*sys::ggml_get_type_traits(t)).to_float.expect("type without to_float");
+        to_float(buf.as_ptr().cast(), out.as_mut_ptr(), n);
+    }
+}
+
+/// Rust port of ggml `quantize_row_q4_0_ref` + `dequantize_row_q4_0` (ggml-quants.c), on a rotated row.
 fn q4_0_roundtrip(x: &[f32], out: &mut [f32]) {
     for (b, o) in x.chunks_exact(QK).zip(out.chunks_exact_mut(QK)) {
         let max = b.iter().fold(0.0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
@@ -23,7 +46,7 @@ fn q4_0_roundtrip(x: &[f32], out: &mut [f32]) {
     }
 }
 
-/// ggml `quantize_row_q8_0_ref` + dequantize, on a rotated row.
+/// Rust port of ggml `quantize_row_q8_0_ref` + dequantize, on a rotated row.
 fn q8_0_roundtrip(x: &[f32], out: &mut [f32]) {
     for (b, o) in x.chunks_exact(QK).zip(out.chunks_exact_mut(QK)) {
         let amax = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
@@ -141,10 +164,12 @@ fn variants(d: usize) -> Vec<Variant> {
     let u16l = uniform16();
     vec![
         Variant { name: "R8", bits: bpe(Quant::Q8), f: codec(Quant::Q8, d, true) },
-        Variant { name: "rotated q8_0", bits: 8.5, f: rotated(q8_0_roundtrip) },
+        Variant { name: "rotated q8_0", bits: 8.5, f: rotated(|x, o| ggml_roundtrip(sys::GGML_TYPE_Q8_0, x, o)) },
+        Variant { name: "rotated q8_0 (Rust port)", bits: 8.5, f: rotated(q8_0_roundtrip) },
         Variant { name: "R4", bits: bpe(Quant::Q4), f: codec(Quant::Q4, d, true) },
         Variant { name: "R4 absmax (no search)", bits: bpe(Quant::Q4), f: codec(Quant::Q4, d, false) },
-        Variant { name: "rotated q4_0", bits: 4.5, f: rotated(q4_0_roundtrip) },
+        Variant { name: "rotated q4_0", bits: 4.5, f: rotated(|x, o| ggml_roundtrip(sys::GGML_TYPE_Q4_0, x, o)) },
+        Variant { name: "rotated q4_0 (Rust port)", bits: 4.5, f: rotated(q4_0_roundtrip) },
         Variant {
             name: "row-scale uniform 4-bit",
             bits: 4.0 + row,
@@ -254,6 +279,12 @@ fn get<'a>(rows: &'a [(&str, f64, Fidelity)], name: &str) -> &'a Fidelity {
 fn r4_beats_rotated_q4_0_and_r8_matches_q8_0() {
     for d in [64, 128] {
         let rows = table(d);
+        // The test drives ggml's quantizers right: their error is the port's, within 1%.
+        for t in ["q4_0", "q8_0"] {
+            let (g, port) = (get(&rows, &format!("rotated {t}")), get(&rows, &format!("rotated {t} (Rust port)")));
+            let rel = (g.rel_mse / port.rel_mse - 1.0).abs();
+            assert!(rel < 0.01, "d={d}: ggml {t} rel. MSE {} vs Rust port {} ({:.2}% apart)", g.rel_mse, port.rel_mse, 100.0 * rel);
+        }
         let (r4, q4) = (get(&rows, "R4"), get(&rows, "rotated q4_0"));
         assert!(r4.rel_mse <= q4.rel_mse, "d={d}: R4 mse {} > q4_0 {}", r4.rel_mse, q4.rel_mse);
         assert!(r4.attn_err <= q4.attn_err, "d={d}: R4 attn {} > q4_0 {}", r4.attn_err, q4.attn_err);
@@ -263,4 +294,30 @@ fn r4_beats_rotated_q4_0_and_r8_matches_q8_0() {
         assert!(get(&rows, "R3").rel_mse < 0.04);
         assert!(get(&rows, "R2").rel_mse < 0.15);
     }
+}
+
+/// A known property of ggml's q4_0, on its own output: with d = max/-8 (max = the block's
+/// value of largest magnitude) and codes clamped to 15, every value is reconstructed within
+/// one step |d| = |max|/8 (half a step unless clamped), plus the f16 rounding of d (at most
+/// 8 steps × 2⁻¹¹ relative). And the block's largest value comes back exactly up to that
+/// rounding (code 0).
+#[test]
+fn ggml_q4_0_error_is_within_one_step() {
+    let mut rng = StdRng::seed_from_u64(9);
+    let x: Vec<f32> = (0..QK * 64).map(|i| gaussian(&mut rng) * (1.0 + (i / QK) as f32)).collect();
+    let mut y = vec![0.0; x.len()];
+    ggml_roundtrip(sys::GGML_TYPE_Q4_0, &x, &mut y);
+    let mut worst = 0.0f32;
+    for (b, o) in x.chunks_exact(QK).zip(y.chunks_exact(QK)) {
+        let amax = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let tol = amax / 8.0 * (1.0 + 8.0 / 2048.0) + 1e-6;
+        for (v, r) in b.iter().zip(o) {
+            assert!((v - r).abs() <= tol, "q4_0 error {} > one step {tol} (x {v}, back {r})", (v - r).abs());
+            worst = worst.max((v - r).abs() / amax);
+        }
+        let top = b.iter().zip(o).max_by(|p, q| p.0.abs().total_cmp(&q.0.abs())).unwrap();
+        assert!((top.0 - top.1).abs() <= amax * 8.0 / 2048.0 / 8.0 + 1e-6, "largest value {} came back as {}", top.0, top.1);
+    }
+    // It does quantize: some value lands about half a step away.
+    assert!(worst > 0.04, "q4_0 looks lossless (worst error {worst} of max)");
 }

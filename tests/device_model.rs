@@ -170,8 +170,30 @@ fn seq_rm_and_seq_cp_behave_as_stock() {
     }
 }
 
+/// Four sequences decoded together in one context must give each sequence what it gets
+/// alone. The check is teacher-forced: the parallel run decodes greedily, and each sequence's
+/// tokens are then fed to a single-sequence context of the same configuration, comparing the
+/// next-token distributions at every step (13 per sequence) for all four sequences.
+///
+/// Why not exact equality: the same tokens can meet different attention kernels. On AVX-512
+/// DSpark uses f32 transposed prefill kernels from 16 query rows per KV head (6 tokens × 3
+/// heads per group for this model) and int8-query decode kernels below; a prompt decoded as
+/// one batch and the same prompt split across streams take different ones. For "In 1969, the
+/// first man" (10 tokens) that moves logits by up to 0.74 and gives KL 5.3e-3 even for
+/// dspark:f16 (measured on AVX-512; under DSPARK_FORCE_ISA=avx2 or portable, and for stock
+/// f16, batched and token-by-token logits are bit-identical). The bounds below are about twice
+/// the largest such difference measured over 12 steps (KL 9.3e-3). A sequence that reads
+/// another's KV, or a wrong position, gives KL of order 1 and other tokens, and fails.
+///
+/// Why not "3 of 4 free-running continuations match" (the former check): a near-tie flipped by
+/// that kernel difference sends a free-running continuation elsewhere and hid whether the
+/// other steps agreed, so it both accepted a broken sequence and could reject a correct one.
 #[test]
 fn four_parallel_sequences_decode_like_one_at_a_time() {
+    const MAX_KL: f64 = 2e-2;
+    // Top-1 may differ only where the single-sequence reference's two best logits are closer
+    // than this (the largest logit change the kernel difference above produces, rounded up).
+    const NEAR_TIE: f32 = 1.0;
     let r = runner();
     let s = spec("dspark:k4v4");
     let prompts = ["The capital of France is", "My favourite fruit is", "In 1969, the first man", "Rust is a programming"];
@@ -179,7 +201,8 @@ fn four_parallel_sequences_decode_like_one_at_a_time() {
     p.n_seq_max = 4;
     let mut ctx = r.context_with(&s, &p).unwrap();
     let toks: Vec<Vec<i32>> = prompts.iter().map(|p| ctx.model.tokenize(p, true).unwrap()).collect();
-    // Prompts of all four sequences in one batch, then 12 greedy steps for all four at once.
+    // Prompts of all four sequences in one batch, then 12 greedy steps for all four at once,
+    // keeping each sequence's logits at every step.
     let mut entries = vec![];
     for (seq, t) in toks.iter().enumerate() {
         entries.extend(t.iter().enumerate().map(|(i, &tok)| (tok, i, seq as i32)));
@@ -187,9 +210,16 @@ fn four_parallel_sequences_decode_like_one_at_a_time() {
     ctx.decode_entries(&entries).unwrap();
     let mut last: Vec<usize> = (0..4).map(|seq| toks[..=seq].iter().map(Vec::len).sum::<usize>() - 1).collect();
     let mut out = vec![vec![]; 4];
+    let mut logits: Vec<Vec<Vec<f32>>> = vec![vec![]; 4];
     let mut pos: Vec<usize> = toks.iter().map(Vec::len).collect();
-    for _ in 0..12 {
-        let next: Vec<i32> = last.iter().map(|&i| argmax(ctx.logits(i as i32))).collect();
+    for step in 0..=12 {
+        for seq in 0..4 {
+            logits[seq].push(ctx.logits(last[seq] as i32).to_vec());
+        }
+        if step == 12 {
+            break;
+        }
+        let next: Vec<i32> = (0..4).map(|seq| argmax(&logits[seq][step])).collect();
         let e: Vec<_> = (0..4).map(|seq| (next[seq], pos[seq], seq as i32)).collect();
         ctx.decode_entries(&e).unwrap();
         for seq in 0..4 {
@@ -198,11 +228,30 @@ fn four_parallel_sequences_decode_like_one_at_a_time() {
         }
         last = (0..4).collect();
     }
-    let mut same = 0;
-    for (seq, p) in prompts.iter().enumerate() {
-        same += (greedy(&r, &s, p, 12) == out[seq]) as usize;
+    let mut failures = vec![];
+    for seq in 0..4 {
+        let mut single = r.context(&s, 512, 2).unwrap();
+        single.decode(&toks[seq], 0, 0, false).unwrap();
+        for step in 0..=12 {
+            let (want, got) = (single.logits(-1), &logits[seq][step]);
+            let k = kl(want, got);
+            let mut order: Vec<usize> = (0..want.len()).collect();
+            order.sort_by(|&a, &b| want[b].total_cmp(&want[a]));
+            let margin = want[order[0]] - want[order[1]];
+            if k > MAX_KL || (argmax(want) != argmax(got) && margin >= NEAR_TIE) {
+                failures.push(format!(
+                    "seq {seq} ({:?}) step {step}: KL {k:.2e}, top-1 alone {} vs parallel {} (margin {margin:.3})",
+                    prompts[seq],
+                    argmax(want),
+                    argmax(got)
+                ));
+            }
+            if step < 12 {
+                single.decode(&[out[seq][step]], toks[seq].len() + step, 0, false).unwrap();
+            }
+        }
     }
-    assert!(same >= 3, "only {same}/4 parallel sequences matched their single-sequence decode");
+    assert!(failures.is_empty(), "parallel decoding differs from one sequence at a time:\n{}", failures.join("\n"));
 }
 
 /// Feeds `toks` one at a time into a context of 256 cells, shifting the context like

@@ -1,11 +1,16 @@
 //! End to end on the real default model through stock llama.cpp.
 
+use std::ffi::{c_char, c_void, CStr};
 use std::path::PathBuf;
+use std::sync::{Mutex, Once};
+use std::thread::{self, ThreadId};
 
+use dspark::cli::backend::{BackendSpec, Runner};
 use dspark::cli::bench::{run_bench, BenchArgs};
 use dspark::cli::model_path;
 use dspark::cli::run::generate;
 use dspark::llama::{Context, CtxParams, KvType, Model, Placement};
+use llama_cpp_sys_2 as sys;
 
 fn model() -> Model {
     Model::load(&model_path(None), Placement::Cpu).expect("default model missing: run `bash scripts/setup.sh`")
@@ -29,6 +34,77 @@ fn greedy_decode_is_deterministic_and_sensible() {
     assert!(text.contains("Paris"), "unexpected continuation: {text:?}");
 }
 
+/// llama.cpp's log lines, with the thread that logged them (tests run in parallel threads).
+static LOG: Mutex<Vec<(ThreadId, String)>> = Mutex::new(Vec::new());
+
+/// Keeps every llama.cpp log line in [`LOG`]; shows warnings and errors as DSpark does.
+unsafe extern "C" fn capture_log(level: sys::ggml_log_level, text: *const c_char, _user: *mut c_void) {
+    if text.is_null() {
+        return;
+    }
+    // SAFETY: llama.cpp passes a NUL-terminated string that lives for this call.
+    let line = unsafe { CStr::from_ptr(text) }.to_string_lossy().into_owned();
+    if level == sys::GGML_LOG_LEVEL_WARN || level == sys::GGML_LOG_LEVEL_ERROR {
+        eprint!("{line}");
+    }
+    if let Ok(mut log) = LOG.lock() {
+        log.push((thread::current().id(), line));
+    }
+}
+
+/// The KV cache size, in MiB, that llama.cpp itself logs (`llama_kv_cache: CPU KV buffer
+/// size = X MiB`: the size of the ggml buffer it allocated, to 2 decimals) for each context
+/// that `f` creates on this thread.
+fn llama_kv_buffer_mib(f: impl FnOnce()) -> Vec<f64> {
+    static HOOK: Once = Once::new();
+    dspark::llama::init(); // DSpark installs its own callback once; replace it after that.
+    // SAFETY: a static callback that never unwinds (no panicking call in it), no user data.
+    HOOK.call_once(|| unsafe { sys::llama_log_set(Some(capture_log), std::ptr::null_mut()) });
+    let me = thread::current().id();
+    LOG.lock().unwrap().retain(|(t, _)| *t != me);
+    f();
+    let log = LOG.lock().unwrap();
+    log.iter()
+        .filter(|(t, l)| *t == me && l.contains("llama_kv_cache") && l.contains("KV buffer size ="))
+        .map(|(_, l)| {
+            let v = l.split("KV buffer size =").nth(1).and_then(|r| r.trim().strip_suffix("MiB")).map(str::trim);
+            v.and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("cannot parse {l:?}"))
+        })
+        .collect()
+}
+
+/// `bytes` matches llama.cpp's figure printed with `%.2f` MiB.
+fn matches_logged_mib(bytes: usize, logged: f64) -> bool {
+    (bytes as f64 / (1024.0 * 1024.0) - logged).abs() <= 0.005 + 1e-9
+}
+
+/// The KV bytes DSpark reports for stock configurations (Model::stock_kv_bytes through
+/// Runner::kv_bytes, the figure `dspark bench` prints) against the buffer llama.cpp itself
+/// allocates, for two KV types and two context sizes that llama.cpp pads (to 512 and 1024
+/// cells).
+#[test]
+fn stock_kv_bytes_match_llama_cpp_own_buffer() {
+    let r = Runner::new(model_path(None));
+    for kv in [KvType::F16, KvType::Q4_0] {
+        for n_ctx in [300, 1000] {
+            let spec = BackendSpec::Stock(kv);
+            r.model(&spec).unwrap(); // loading logs too; keep it out of the capture
+            let mut ours = 0;
+            let logged = llama_kv_buffer_mib(|| {
+                let ctx = r.context(&spec, n_ctx, 2).unwrap();
+                ours = r.kv_bytes(&ctx);
+            });
+            assert_eq!(logged.len(), 1, "{kv:?} n_ctx {n_ctx}: expected one KV buffer line, got {logged:?}");
+            assert!(
+                matches_logged_mib(ours, logged[0]),
+                "{kv:?} n_ctx {n_ctx}: DSpark says {ours} bytes ({:.3} MiB), llama.cpp allocated {} MiB",
+                ours as f64 / 1048576.0,
+                logged[0]
+            );
+        }
+    }
+}
+
 #[test]
 fn bench_small_depth_gives_sane_figures() {
     let args = BenchArgs {
@@ -50,8 +126,11 @@ fn bench_small_depth_gives_sane_figures() {
     }
     let f16 = &r.results[0];
     assert!((15.5..=16.5).contains(&f16.kv_bits_per_elem), "{f16:?}");
-    // 30 layers x K and V x 256 cells (n_ctx is padded to 256) x 192 values x 2 bytes.
-    assert_eq!(f16.kv_bytes, 30 * 2 * 256 * 192 * 2);
+    // What llama.cpp allocates for the bench's context (depth + decode cells, padded by it).
+    let logged = llama_kv_buffer_mib(|| {
+        Context::new(&model(), &CtxParams::new(64 + 4, 2, KvType::F16)).unwrap();
+    });
+    assert!(logged.len() == 1 && matches_logged_mib(f16.kv_bytes as usize, logged[0]), "{f16:?} vs llama.cpp {logged:?} MiB");
     let q4 = &r.results[1];
     assert!((q4.kv_bits_per_elem - 4.5).abs() < 1e-9 && q4.kv_bytes * 3 < f16.kv_bytes, "{q4:?}");
 }

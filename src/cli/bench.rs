@@ -1,5 +1,10 @@
 //! `dspark bench`: prefill and decode speed and KV memory of each backend configuration at each
 //! depth, measured in one process with the configurations interleaved, like llama-bench.
+//!
+//! Each configuration gets one untimed warm-up pass per depth before its first timed rep, so
+//! that the first one measured does not pay for page-in and start-up. The machine's load is
+//! sampled around every timed window (see [`super::load`]); rows measured while it was not
+//! idle are flagged `busy` and warned about on stderr.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -8,8 +13,9 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 use super::backend::{peak_rss_bytes, reset_peak_rss, BackendSpec, Runner};
+use super::load::{self, Load};
 use super::{default_threads, info, model_path, text};
-use crate::llama::argmax;
+use crate::llama::{argmax, CtxParams, KvType};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
@@ -29,7 +35,7 @@ pub struct BenchArgs {
     /// Threads for llama.cpp and DSpark (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Repetitions; the table shows the median.
+    /// Repetitions; the table shows the median and, with more than one, the min–max spread.
     #[arg(long, default_value_t = 1)]
     pub reps: usize,
     /// Also write the results as JSON to this file.
@@ -49,6 +55,18 @@ pub struct BenchResult {
     pub kv_bytes: u64,
     pub kv_bits_per_elem: f64,
     pub peak_rss_bytes: u64,
+    /// Spread of the reps (equal to the median with one rep).
+    #[serde(default)]
+    pub prefill_tps_min: f64,
+    #[serde(default)]
+    pub prefill_tps_max: f64,
+    #[serde(default)]
+    pub decode_tps_min: f64,
+    #[serde(default)]
+    pub decode_tps_max: f64,
+    /// Whether the machine was not idle during any rep of this row (see [`super::load`]).
+    #[serde(default)]
+    pub busy: bool,
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -57,7 +75,14 @@ pub struct BenchReport {
     pub threads: usize,
     pub llama_cpp: String,
     pub cpu_features: Vec<String>,
+    /// Timed repetitions per row.
+    #[serde(default = "one")]
+    pub reps: usize,
     pub results: Vec<BenchResult>,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// One measurement of one configuration at one depth.
@@ -67,33 +92,68 @@ struct Sample {
     kv_bytes: u64,
     kv_bits: f64,
     peak_rss: u64,
+    /// The busier of the prefill and decode windows.
+    load: Load,
+}
+
+/// Decode steps of the warm-up pass.
+const WARMUP_DECODE: usize = 4;
+
+/// The untimed warm-up pass: a context of the timed one's shape, one prefill batch (the
+/// graph shape of the timed prefill's batches) and a few decode steps. It pages in the
+/// model's weights and the code paths of this configuration before its first timed rep.
+fn warm_up(runner: &Runner, spec: &BackendSpec, prompt: &[i32], decode: usize, threads: usize) -> Result<()> {
+    let mut ctx = runner.context(spec, prompt.len() + decode, threads)?;
+    let n = prompt.len().min(CtxParams::new(0, threads, KvType::F16).n_batch as usize);
+    ctx.decode(&prompt[..n], 0, 0, false)?;
+    let mut tok = argmax(ctx.logits(-1));
+    for i in 0..WARMUP_DECODE.min(decode) {
+        ctx.decode(&[tok], n + i, 0, false)?;
+        tok = argmax(ctx.logits(-1));
+    }
+    Ok(())
+}
+
+/// Runs `f` and returns its result, its wall time and the machine's load meanwhile.
+fn timed<T>(threads: usize, f: impl FnOnce() -> Result<T>) -> Result<(T, f64, Load)> {
+    let before = load::sample();
+    let t = Instant::now();
+    let v = f()?;
+    let s = t.elapsed().as_secs_f64();
+    Ok((v, s, load::classify(before, load::sample(), s, threads, default_threads())))
 }
 
 fn measure(runner: &Runner, spec: &BackendSpec, prompt: &[i32], decode: usize, threads: usize) -> Result<Sample> {
     let mut ctx = runner.context(spec, prompt.len() + decode, threads)?;
-    // Warm-up outside the timings: the first decode allocates compute buffers.
+    // Outside the timings: the first decode of a context allocates its compute buffers.
     ctx.decode(&prompt[..prompt.len().min(8)], 0, 0, false)?;
     ctx.clear();
     reset_peak_rss();
 
-    let t = Instant::now();
-    ctx.decode(prompt, 0, 0, false)?;
-    let prefill_s = t.elapsed().as_secs_f64();
+    let ((), prefill_s, prefill_load) = timed(threads, || ctx.decode(prompt, 0, 0, false))?;
 
     let mut tok = argmax(ctx.logits(-1));
-    let t = Instant::now();
-    for i in 0..decode {
-        ctx.decode(&[tok], prompt.len() + i, 0, false)?;
-        tok = argmax(ctx.logits(-1));
-    }
-    let decode_s = t.elapsed().as_secs_f64();
+    let ((), decode_s, decode_load) = timed(threads, || {
+        for i in 0..decode {
+            ctx.decode(&[tok], prompt.len() + i, 0, false)?;
+            tok = argmax(ctx.logits(-1));
+        }
+        Ok(())
+    })?;
+    // The busy window if there is one (prefill first), else the decode window when it ran.
+    let load = if prefill_load.busy() || decode == 0 { prefill_load } else { decode_load };
     Ok(Sample {
         prefill_tps: prompt.len() as f64 / prefill_s,
         decode_tps: if decode > 0 { decode as f64 / decode_s } else { 0.0 },
         kv_bytes: runner.kv_bytes(&ctx) as u64,
         kv_bits: runner.kv_bits_per_elem(&ctx),
         peak_rss: peak_rss_bytes(),
+        load,
     })
+}
+
+fn min_max(v: impl Iterator<Item = f64>) -> (f64, f64) {
+    v.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| (lo.min(x), hi.max(x)))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -131,9 +191,21 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchReport> {
             let prompt = text::prompt_tokens(runner.model(&specs[0])?, &text, depth)?;
             for (si, spec) in specs.iter().enumerate() {
                 done += 1;
-                eprint!("[{done}/{total}] {spec} depth {depth} rep {}/{} ... ", rep + 1, args.reps);
+                eprint!("[{done}/{total}] {spec} depth {depth} ");
+                if rep == 0 {
+                    eprint!("warm-up, ");
+                    warm_up(&runner, spec, &prompt, args.decode, threads)?;
+                }
+                eprint!("rep {}/{} ... ", rep + 1, args.reps);
                 let s = measure(&runner, spec, &prompt, args.decode, threads)?;
                 eprintln!("prefill {:.1} t/s, decode {:.1} t/s", s.prefill_tps, s.decode_tps);
+                if s.load.busy() {
+                    eprintln!(
+                        "warning: the machine was busy during {spec} depth {depth} rep {} ({}); its figures, and ratios against it, are unreliable",
+                        rep + 1,
+                        s.load.describe()
+                    );
+                }
                 samples[di][si].push(s);
             }
         }
@@ -143,6 +215,8 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchReport> {
     for (di, &depth) in args.depths.iter().enumerate() {
         for (si, spec) in specs.iter().enumerate() {
             let ss = &samples[di][si];
+            let (prefill_tps_min, prefill_tps_max) = min_max(ss.iter().map(|s| s.prefill_tps));
+            let (decode_tps_min, decode_tps_max) = min_max(ss.iter().map(|s| s.decode_tps));
             results.push(BenchResult {
                 backend: spec.to_string(),
                 depth,
@@ -151,6 +225,11 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchReport> {
                 kv_bytes: ss.iter().map(|s| s.kv_bytes).max().unwrap_or(0),
                 kv_bits_per_elem: ss.last().map_or(f64::NAN, |s| s.kv_bits),
                 peak_rss_bytes: ss.iter().map(|s| s.peak_rss).max().unwrap_or(0),
+                prefill_tps_min,
+                prefill_tps_max,
+                decode_tps_min,
+                decode_tps_max,
+                busy: ss.iter().any(|s| s.load.busy()),
             });
         }
     }
@@ -159,16 +238,26 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchReport> {
         threads,
         llama_cpp: info::llama_cpp_version(),
         cpu_features: info::cpu_features().into_iter().map(String::from).collect(),
+        reps: args.reps,
         results,
     })
 }
 
 /// The markdown table, with ratios against stock:f16 at the same depth when it was measured.
+/// With more than one rep, speeds show the median and the min–max spread, e.g. `184.0
+/// (180.2–190.1)`. The last column says whether the machine was busy during the row.
 pub fn table(r: &BenchReport) -> String {
     let mut s = String::from(
-        "| backend | depth | prefill t/s | decode t/s | KV MiB | bits/elem | peak RSS MiB | prefill vs f16 | decode vs f16 | KV vs f16 |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| backend | depth | prefill t/s | decode t/s | KV MiB | bits/elem | peak RSS MiB | prefill vs f16 | decode vs f16 | KV vs f16 | busy |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
     );
+    let speed = |med: f64, lo: f64, hi: f64| {
+        if r.reps > 1 {
+            format!("{med:.1} ({lo:.1}–{hi:.1})")
+        } else {
+            format!("{med:.1}")
+        }
+    };
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     for x in &r.results {
         let base = r.results.iter().find(|b| b.depth == x.depth && b.backend == "stock:f16");
@@ -182,17 +271,18 @@ pub fn table(r: &BenchReport) -> String {
             None => ("-".into(), "-".into(), "-".into()),
         };
         s += &format!(
-            "| {} | {} | {:.1} | {:.1} | {:.2} | {:.2} | {:.0} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {:.2} | {:.2} | {:.0} | {} | {} | {} | {} |\n",
             x.backend,
             x.depth,
-            x.prefill_tps,
-            x.decode_tps,
+            speed(x.prefill_tps, x.prefill_tps_min, x.prefill_tps_max),
+            speed(x.decode_tps, x.decode_tps_min, x.decode_tps_max),
             mib(x.kv_bytes),
             x.kv_bits_per_elem,
             mib(x.peak_rss_bytes),
             rp,
             rd,
-            rk
+            rk,
+            if x.busy { "yes" } else { "no" }
         );
     }
     s
@@ -202,6 +292,13 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let report = run_bench(&args)?;
     println!("model: {}, threads: {}\nllama.cpp: {}\n", report.model, report.threads, report.llama_cpp);
     print!("{}", table(&report));
+    let busy = report.results.iter().filter(|x| x.busy).count();
+    if busy > 0 {
+        eprintln!(
+            "warning: {busy} of {} rows were measured while the machine was busy (busy = yes); rerun them on an idle machine before comparing",
+            report.results.len()
+        );
+    }
     if let Some(p) = &args.json {
         std::fs::write(p, serde_json::to_string_pretty(&report)?)?;
         eprintln!("wrote {}", p.display());

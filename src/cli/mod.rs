@@ -4,6 +4,7 @@ pub mod backend;
 pub mod bench;
 pub mod eval;
 pub mod info;
+pub mod load;
 pub mod run;
 pub mod text;
 
