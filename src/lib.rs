@@ -7,6 +7,8 @@
 //! - `llama`: a small safe wrapper over llama.cpp's C API.
 //! - `cli`: the `dspark` command line.
 
+#![deny(unsafe_op_in_unsafe_fn)]
+
 pub mod attn;
 pub mod capi;
 pub mod cli;

@@ -30,6 +30,8 @@ pub fn init() {
     });
 }
 
+/// # Safety
+/// llama.cpp log callback: `text` is NULL or a NUL-terminated string valid for the call.
 unsafe extern "C" fn log_callback(
     level: sys::ggml_log_level,
     text: *const std::os::raw::c_char,
@@ -38,7 +40,7 @@ unsafe extern "C" fn log_callback(
     let loud = level == sys::GGML_LOG_LEVEL_WARN || level == sys::GGML_LOG_LEVEL_ERROR;
     if (loud || *VERBOSE.get().unwrap_or(&false)) && !text.is_null() {
         // SAFETY: llama.cpp passes a NUL-terminated string that lives for this call.
-        eprint!("{}", CStr::from_ptr(text).to_string_lossy());
+        eprint!("{}", unsafe { CStr::from_ptr(text) }.to_string_lossy());
     }
 }
 
@@ -356,6 +358,9 @@ impl<'m> Context<'m> {
             // Quantized V needs flash attention, and DSpark is built for it.
             c.flash_attn_type = if p.flash_attn { sys::LLAMA_FLASH_ATTN_TYPE_ENABLED } else { sys::LLAMA_FLASH_ATTN_TYPE_DISABLED };
             c.offload_kqv = true;
+            // As llama.cpp's own tools (common_params): sliding-window layers keep only their
+            // window. llama_context_default_params() says true, which sizes them for n_ctx.
+            c.swa_full = false;
             c.no_perf = true;
             sys::llama_init_from_model(model.raw(), c)
         };

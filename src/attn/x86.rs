@@ -253,7 +253,6 @@ pub fn scores_t_avx512(qt: &[f32], mp: usize, k: &[f32], nj: usize, d: usize, st
 /// `0..m`. `R` rows × `C` 16-lane chunks (`d = 16·C`) stay in registers for the whole tile.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 pub fn accumulate_t_avx512(pt: &[f32], mp: usize, v: &[f32], nj: usize, d: usize, m: usize, acc: &mut [f32]) {
-    assert!(pt.len() >= nj * mp && v.len() >= nj * d && acc.len() >= m * d && m <= mp, "accumulate_t_avx512: sizes");
     match d {
         64 => acc_rows::<4, 4>(pt, mp, v, nj, d, m, acc),
         128 => acc_rows::<2, 8>(pt, mp, v, nj, d, m, acc),
@@ -268,6 +267,8 @@ pub fn accumulate_t_avx512(pt: &[f32], mp: usize, v: &[f32], nj: usize, d: usize
 #[allow(clippy::too_many_arguments)]
 fn acc_rows<const R: usize, const C: usize>(pt: &[f32], mp: usize, v: &[f32], nj: usize, d: usize, m: usize, acc: &mut [f32]) {
     let w = 16 * C;
+    // The unchecked loads below rely on these (checked once per tile, not per load).
+    assert!(pt.len() >= nj * mp && v.len() >= nj * d && acc.len() >= m * d && m <= mp && d % w == 0, "accumulate_t_avx512: sizes");
     let mut r0 = 0;
     while r0 < m {
         let nr = (m - r0).min(R);
@@ -275,14 +276,14 @@ fn acc_rows<const R: usize, const C: usize>(pt: &[f32], mp: usize, v: &[f32], nj
             let mut a = [[_mm512_setzero_ps(); C]; R];
             for (i, row) in a.iter_mut().enumerate().take(nr) {
                 for (c, x) in row.iter_mut().enumerate() {
-                    // SAFETY: (r0 + i)·d + c0 + 16c + 16 <= m·d <= acc.len() (asserted by caller).
+                    // SAFETY: (r0 + i)·d + c0 + 16c + 16 <= m·d <= acc.len() (asserted above).
                     *x = unsafe { _mm512_loadu_ps(acc.as_ptr().add((r0 + i) * d + c0 + 16 * c)) };
                 }
             }
             for j in 0..nj {
                 let mut vv = [_mm512_setzero_ps(); C];
                 for (c, x) in vv.iter_mut().enumerate() {
-                    // SAFETY: j·d + c0 + 16c + 16 <= nj·d <= v.len() (asserted by caller).
+                    // SAFETY: j·d + c0 + 16c + 16 <= nj·d <= v.len() (asserted above).
                     *x = unsafe { _mm512_loadu_ps(v.as_ptr().add(j * d + c0 + 16 * c)) };
                 }
                 for (i, row) in a.iter_mut().enumerate().take(nr) {

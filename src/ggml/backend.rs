@@ -43,6 +43,8 @@ impl BackendCtx {
 
 static GUID: [u8; 16] = *b"DSpark-KV-v1\0\0\0\0";
 
+/// # Safety
+/// ggml callback: `dev` is a device made by `device.rs`.
 pub(crate) unsafe extern "C" fn init_backend(dev: ll::ggml_backend_dev_t, _params: *const c_char) -> ll::ggml_backend_t {
     guard("init_backend", std::ptr::null_mut(), || {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -88,11 +90,15 @@ unsafe fn backend_ctx<'a>(b: ll::ggml_backend_t) -> &'a BackendCtx {
     unsafe { &*((*(b as *mut sys::ggml_backend)).context as *const BackendCtx) }
 }
 
+/// # Safety
+/// ggml callback: `b` is a live backend made by `init_backend`; graphs and tensors are valid.
 unsafe extern "C" fn backend_name(b: ll::ggml_backend_t) -> *const c_char {
     // SAFETY: ggml passes a live backend of ours; device names are static strings.
     unsafe { ll::ggml_backend_dev_name((*(b as *mut sys::ggml_backend)).device) }
 }
 
+/// # Safety
+/// ggml callback: `b` is a live backend made by `init_backend`; graphs and tensors are valid.
 unsafe extern "C" fn backend_free(b: ll::ggml_backend_t) {
     guard("backend_free", (), || {
         // SAFETY: ggml frees each backend once; we created both boxes in init_backend.
@@ -103,11 +109,15 @@ unsafe extern "C" fn backend_free(b: ll::ggml_backend_t) {
     })
 }
 
+/// # Safety
+/// ggml callback: `b` is a live backend made by `init_backend`; graphs and tensors are valid.
 unsafe extern "C" fn set_n_threads(b: ll::ggml_backend_t, n: i32) {
     // SAFETY: ggml passes a live backend of ours (it found this function in our registry).
     unsafe { backend_ctx(b) }.n_threads.store(n.max(1) as usize, Ordering::Relaxed);
 }
 
+/// # Safety
+/// ggml callback: `name` is NULL or a NUL-terminated string.
 pub(crate) unsafe extern "C" fn proc_address(_: ll::ggml_backend_reg_t, name: *const c_char) -> *mut c_void {
     if name.is_null() {
         return std::ptr::null_mut();
@@ -141,6 +151,8 @@ unsafe fn f32_param(t: *const ll::ggml_tensor, i: usize) -> f32 {
     f32::from_bits(unsafe { (*t).op_params[i] } as u32)
 }
 
+/// # Safety
+/// ggml callback: `dev` is a device made by `device.rs`; `op` and its srcs are valid tensors.
 pub(crate) unsafe extern "C" fn supports_op(dev: ll::ggml_backend_dev_t, op: *const ll::ggml_tensor) -> bool {
     guard("supports_op", false, || {
         // SAFETY: ggml passes one of our devices and a valid op whose srcs are valid tensors.
@@ -175,6 +187,8 @@ fn warn_once(why: &str) {
     }
 }
 
+/// # Safety
+/// ggml callback: `b` is a live backend made by `init_backend`; graphs and tensors are valid.
 unsafe extern "C" fn graph_compute(b: ll::ggml_backend_t, g: *mut ll::ggml_cgraph) -> ll::ggml_status {
     guard("graph_compute", ll::GGML_STATUS_FAILED, || {
         // SAFETY: ggml passes our live backend and a graph whose nodes and srcs are valid

@@ -199,15 +199,21 @@ unsafe fn buft_dev(buft: ll::ggml_backend_buffer_type_t) -> &'static DeviceCtx {
     unsafe { dev_ctx((*(buft as *mut sys::ggml_backend_buffer_type)).device.cast()) }
 }
 
+/// # Safety
+/// ggml callback: `buft` is a buffer type made by `device.rs`.
 unsafe extern "C" fn buft_name(buft: ll::ggml_backend_buffer_type_t) -> *const c_char {
     // SAFETY: ggml passes our buffer type; the device's name is a static string.
     unsafe { ll::ggml_backend_dev_name((*(buft as *mut sys::ggml_backend_buffer_type)).device.cast()) }
 }
 
+/// # Safety
+/// ggml callback: the argument is a buffer type made by `device.rs`.
 unsafe extern "C" fn get_alignment(_: ll::ggml_backend_buffer_type_t) -> usize {
     ALIGNMENT
 }
 
+/// # Safety
+/// ggml callback: `buft` is a buffer type made by `device.rs`.
 unsafe extern "C" fn alloc_buffer(buft: ll::ggml_backend_buffer_type_t, size: usize) -> ll::ggml_backend_buffer_t {
     guard("alloc_buffer", std::ptr::null_mut(), || {
         let len = size.max(ALIGNMENT);
@@ -244,6 +250,8 @@ unsafe fn ctx<'a>(buf: ll::ggml_backend_buffer_t) -> &'a BufferCtx {
     unsafe { &*((*(buf as *mut sys::ggml_backend_buffer)).context as *const BufferCtx) }
 }
 
+/// # Safety
+/// ggml callback: `buf` is a live buffer made by `alloc_buffer`; tensors are valid, placed in it, and byte ranges lie inside them (ggml checks them before calling).
 unsafe extern "C" fn free_buffer(buf: ll::ggml_backend_buffer_t) {
     guard("free_buffer", (), || {
         // SAFETY: ggml calls this once, with a buffer we created; we take the context back.
@@ -254,6 +262,8 @@ unsafe extern "C" fn free_buffer(buf: ll::ggml_backend_buffer_t) {
     })
 }
 
+/// # Safety
+/// ggml callback: `buf` is a live buffer made by `alloc_buffer`; tensors are valid, placed in it, and byte ranges lie inside them (ggml checks them before calling).
 unsafe extern "C" fn get_base(buf: ll::ggml_backend_buffer_t) -> *mut c_void {
     // SAFETY: ggml passes a live buffer of ours.
     unsafe { ctx(buf) }.base.cast()
@@ -274,6 +284,8 @@ pub(crate) unsafe fn tensor_name(t: *const ll::ggml_tensor) -> String {
     unsafe { std::ffi::CStr::from_ptr((*t).name.as_ptr()) }.to_string_lossy().into_owned()
 }
 
+/// # Safety
+/// ggml callback: `buf` is a live buffer made by `alloc_buffer`; tensors are valid, placed in it, and byte ranges lie inside them (ggml checks them before calling).
 unsafe extern "C" fn init_tensor(buf: ll::ggml_backend_buffer_t, t: *mut ll::ggml_tensor) -> ll::ggml_status {
     guard("init_tensor", ll::GGML_STATUS_FAILED, || {
         // SAFETY: ggml passes a valid tensor placed in our live buffer.
@@ -436,6 +448,8 @@ unsafe fn chunk_len(t: *const ll::ggml_tensor) -> usize {
     }
 }
 
+/// # Safety
+/// ggml callback: `buf` is a live buffer made by `alloc_buffer`; tensors are valid, placed in it, and byte ranges lie inside them (ggml checks them before calling).
 unsafe extern "C" fn set_tensor(_buf: ll::ggml_backend_buffer_t, t: *mut ll::ggml_tensor, data: *const c_void, offset: usize, size: usize) {
     guard("set_tensor", (), || {
         // SAFETY: ggml guarantees offset + size <= nbytes(t) and that data holds size bytes.
@@ -450,6 +464,8 @@ unsafe extern "C" fn set_tensor(_buf: ll::ggml_backend_buffer_t, t: *mut ll::ggm
     })
 }
 
+/// # Safety
+/// ggml callback: `buf` is a live buffer made by `alloc_buffer`; tensors are valid, placed in it, and byte ranges lie inside them (ggml checks them before calling).
 unsafe extern "C" fn get_tensor(_buf: ll::ggml_backend_buffer_t, t: *const ll::ggml_tensor, data: *mut c_void, offset: usize, size: usize) {
     guard("get_tensor", (), || {
         // SAFETY: as in set_tensor; data has room for size bytes.
@@ -471,6 +487,8 @@ unsafe extern "C" fn get_tensor(_buf: ll::ggml_backend_buffer_t, t: *const ll::g
     })
 }
 
+/// # Safety
+/// ggml callback: `buf` is a live buffer made by `alloc_buffer`; tensors are valid, placed in it, and byte ranges lie inside them (ggml checks them before calling).
 unsafe extern "C" fn memset_tensor(buf: ll::ggml_backend_buffer_t, t: *mut ll::ggml_tensor, value: u8, offset: usize, size: usize) {
     guard("memset_tensor", (), || {
         // SAFETY: t is a valid tensor of ours; offset + size <= nbytes(t) (ggml).
@@ -486,6 +504,8 @@ unsafe extern "C" fn memset_tensor(buf: ll::ggml_backend_buffer_t, t: *mut ll::g
     })
 }
 
+/// # Safety
+/// ggml callback: `buf` is a live buffer made by `alloc_buffer`; tensors are valid, placed in it, and byte ranges lie inside them (ggml checks them before calling).
 unsafe extern "C" fn cpy_tensor(_buf: ll::ggml_backend_buffer_t, src: *const ll::ggml_tensor, dst: *mut ll::ggml_tensor) -> bool {
     guard("cpy_tensor", false, || {
         // SAFETY: ggml passes valid tensors of the same size; src is ours only if its buffer
@@ -509,6 +529,8 @@ unsafe extern "C" fn cpy_tensor(_buf: ll::ggml_backend_buffer_t, src: *const ll:
     })
 }
 
+/// # Safety
+/// ggml callback: `buf` is a live buffer made by `alloc_buffer`; tensors are valid, placed in it, and byte ranges lie inside them (ggml checks them before calling).
 unsafe extern "C" fn clear(buf: ll::ggml_backend_buffer_t, value: u8) {
     guard("clear", (), || {
         // SAFETY: buf is a live buffer of ours.

@@ -143,14 +143,20 @@ pub fn register(config: Config) -> ll::ggml_backend_dev_t {
     dev
 }
 
+/// # Safety
+/// ggml callback: the registry is the one made by `device.rs`.
 unsafe extern "C" fn reg_name(_: ll::ggml_backend_reg_t) -> *const c_char {
     c"DSPARK".as_ptr()
 }
 
+/// # Safety
+/// ggml callback: the registry is the one made by `device.rs`.
 unsafe extern "C" fn reg_device_count(_: ll::ggml_backend_reg_t) -> usize {
     registry_obj().devices.lock().unwrap_or_else(|e| e.into_inner()).len()
 }
 
+/// # Safety
+/// ggml callback: the registry is the one made by `device.rs`.
 unsafe extern "C" fn reg_device(_: ll::ggml_backend_reg_t, index: usize) -> ll::ggml_backend_dev_t {
     let devs = registry_obj().devices.lock().unwrap_or_else(|e| e.into_inner());
     devs.get(index).map_or(std::ptr::null_mut(), |d| d.0.cast())
@@ -176,11 +182,15 @@ fn device_iface() -> sys::ggml_backend_device_i {
     }
 }
 
+/// # Safety
+/// ggml callback: `d` is a device made by `device.rs`; out-pointers are writable.
 unsafe extern "C" fn dev_name(d: ll::ggml_backend_dev_t) -> *const c_char {
     // SAFETY: ggml passes one of our devices.
     unsafe { dev_ctx(d) }.name.as_ptr()
 }
 
+/// # Safety
+/// ggml callback: `d` is a device made by `device.rs`; out-pointers are writable.
 unsafe extern "C" fn dev_description(_: ll::ggml_backend_dev_t) -> *const c_char {
     c"DSpark compressed KV cache and attention (CPU)".as_ptr()
 }
@@ -197,6 +207,8 @@ fn host_memory() -> (usize, usize) {
     (field("MemAvailable:"), field("MemTotal:"))
 }
 
+/// # Safety
+/// ggml callback: `d` is a device made by `device.rs`; out-pointers are writable.
 unsafe extern "C" fn dev_memory(_: ll::ggml_backend_dev_t, free: *mut usize, total: *mut usize) {
     let (f, t) = host_memory();
     // SAFETY: ggml passes two writable out-pointers.
@@ -206,12 +218,16 @@ unsafe extern "C" fn dev_memory(_: ll::ggml_backend_dev_t, free: *mut usize, tot
     }
 }
 
+/// # Safety
+/// ggml callback: `d` is a device made by `device.rs`; out-pointers are writable.
 unsafe extern "C" fn dev_type(_: ll::ggml_backend_dev_t) -> ll::ggml_backend_dev_type {
     // GPU: the only type whose device can own a layer's KV cache (ACCEL cannot, CPU would
     // be taken for the CPU itself).
     ll::GGML_BACKEND_DEVICE_TYPE_GPU
 }
 
+/// # Safety
+/// ggml callback: `d` is a device made by `device.rs`; out-pointers are writable.
 unsafe extern "C" fn dev_props(d: ll::ggml_backend_dev_t, props: *mut ll::ggml_backend_dev_props) {
     guard("dev_props", (), || {
         // SAFETY: ggml passes one of our devices and a zeroed props struct to fill.
@@ -233,11 +249,15 @@ unsafe extern "C" fn dev_props(d: ll::ggml_backend_dev_t, props: *mut ll::ggml_b
     })
 }
 
+/// # Safety
+/// ggml callback: `d` is a device made by `device.rs`; out-pointers are writable.
 unsafe extern "C" fn dev_buffer_type(d: ll::ggml_backend_dev_t) -> ll::ggml_backend_buffer_type_t {
     // SAFETY: ggml passes one of our devices.
     unsafe { dev_ctx(d) }.buft.cast()
 }
 
+/// # Safety
+/// ggml callback: `d` is a device made by `device.rs`; out-pointers are writable.
 unsafe extern "C" fn dev_supports_buft(d: ll::ggml_backend_dev_t, b: ll::ggml_backend_buffer_type_t) -> bool {
     // SAFETY: ggml passes one of our devices.
     b == unsafe { dev_ctx(d) }.buft.cast()
