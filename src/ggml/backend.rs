@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use half::f16;
 use llama_cpp_sys_2 as ll;
 
-use super::buffer::{kv_entry, root_of, KvEntry};
+use super::buffer::{kv_entry, kv_root, root_of, KvEntry, KvRoot};
 use super::device::{dev_ctx, DeviceCtx};
 use super::{guard, log_error, log_warn, sys};
 use crate::attn::{self, FaParams, Mask, Workers};
@@ -239,8 +239,9 @@ unsafe fn compute_nodes(dev: &DeviceCtx, nodes: &[*mut ll::ggml_tensor], workers
             if (*node).op == ll::GGML_OP_FLASH_ATTN_EXT {
                 let (k, v) = flash_attn_check(node).map_err(|e| format!("{}: {e}", name(node)))?;
                 let d = (*(*node).src[1]).ne[0] as usize;
-                k.entry.shape(d, workers.all())?;
-                v.entry.shape(d, workers.all())?;
+                for kv in [k.root, v.root] {
+                    kv.entry().ok_or("KV has no store")?.shape(d, workers.all())?;
+                }
             }
         }
     }
@@ -279,15 +280,15 @@ unsafe fn kv_failure(node: *const ll::ggml_tensor) -> Option<String> {
 // ---------------------------------------------------------------------------------------
 // SET_ROWS: compress rows into the KV store.
 
-/// Checks a SET_ROWS node and returns its KV entry and whether it writes whole KV rows
+/// Checks a SET_ROWS node and returns its KV root and whether it writes whole KV rows
 /// (the fast path; otherwise, e.g. into a transposed V, rows go through the byte path).
 ///
 /// # Safety
 /// `op` and its srcs must be valid tensors.
-unsafe fn set_rows_check<'a>(op: *const ll::ggml_tensor) -> Result<(&'a KvEntry, bool), String> {
+unsafe fn set_rows_check(op: *const ll::ggml_tensor) -> Result<(KvRoot, bool), String> {
     // SAFETY: valid op and srcs (caller).
     unsafe {
-        let e = kv_entry(op).ok_or("destination is not a DSpark KV tensor")?;
+        let kv = kv_root(op).ok_or("destination is not a DSpark KV tensor")?;
         let (src, idx) = ((*op).src[0], (*op).src[1]);
         if src.is_null() || idx.is_null() {
             return Err("missing sources".into());
@@ -295,9 +296,9 @@ unsafe fn set_rows_check<'a>(op: *const ll::ggml_tensor) -> Result<(&'a KvEntry,
         if !matches!((*src).type_, ll::GGML_TYPE_F32 | ll::GGML_TYPE_F16) || !matches!((*idx).type_, ll::GGML_TYPE_I64 | ll::GGML_TYPE_I32) {
             return Err("unsupported source or index type".into());
         }
-        let row_bytes = e.row_len() * 2;
-        let whole = (*op).ne[0] as usize == e.row_len() && (*op).nb[1] == row_bytes && offs(op) % row_bytes == 0;
-        Ok((e, whole))
+        let row_bytes = kv.row_len * 2;
+        let whole = (*op).ne[0] as usize == kv.row_len && (*op).nb[1] == row_bytes && offs(op) % row_bytes == 0;
+        Ok((kv, whole))
     }
 }
 
@@ -305,7 +306,8 @@ unsafe fn set_rows_check<'a>(op: *const ll::ggml_tensor) -> Result<(&'a KvEntry,
 /// `node` is a SET_ROWS node handed to this backend: valid, with its srcs' data readable.
 unsafe fn set_rows(node: *mut ll::ggml_tensor, workers: &Workers) -> Result<(), String> {
     // SAFETY: valid node (caller).
-    let (e, whole) = unsafe { set_rows_check(node) }?;
+    let (kv, whole) = unsafe { set_rows_check(node) }?;
+    let e = kv.entry().ok_or("KV has no store")?;
     // SAFETY: checked non-null by set_rows_check; valid tensors (caller).
     let (src, idx, n) = unsafe { (&*(*node).src[0], &*(*node).src[1], &*node) };
     let ne0 = src.ne[0] as usize;
@@ -372,8 +374,8 @@ unsafe fn read_row(p: *const u8, ty: ll::ggml_type, out: &mut [f32]) {
 // FLASH_ATTN_EXT on the compressed pages.
 
 /// Where a K or V view of FLASH_ATTN_EXT starts in its store.
-struct KvView<'a> {
-    entry: &'a KvEntry,
+struct KvView {
+    root: KvRoot,
     /// First global cell of view stream 0.
     cell0: usize,
     /// Global cells between view streams.
@@ -385,25 +387,22 @@ struct KvView<'a> {
 ///
 /// # Safety
 /// `t` must be a valid tensor.
-unsafe fn kv_view<'a>(t: *const ll::ggml_tensor) -> Result<KvView<'a>, String> {
+unsafe fn kv_view(t: *const ll::ggml_tensor) -> Result<KvView, String> {
     // SAFETY: valid tensor and root (caller).
-    let (e, t, off, cells) = unsafe {
-        let e = kv_entry(t).ok_or("K/V is not a DSpark KV tensor")?;
-        (e, &*t, offs(t), (*root_of(t)).ne[1] as usize)
-    };
-    let rb = e.row_len() * 2;
+    let (kv, t, off) = unsafe { (kv_root(t).ok_or("K/V is not a DSpark KV tensor")?, &*t, offs(t)) };
+    let rb = kv.row_len * 2;
     let (d, n_kv, nh) = (t.ne[0] as usize, t.ne[1] as usize, t.ne[2] as usize);
     if t.type_ != ll::GGML_TYPE_F16 || t.nb[0] != 2 || t.nb[1] != rb || t.nb[2] != d * 2 || t.nb[3] % rb != 0 || off % rb != 0 {
         return Err("unexpected K/V view layout".into());
     }
-    if nh * d != e.row_len() {
-        return Err(format!("K/V view covers {nh} heads of {d}, but a row holds {} values", e.row_len()));
+    if nh * d != kv.row_len {
+        return Err(format!("K/V view covers {nh} heads of {d}, but a row holds {} values", kv.row_len));
     }
     let cell0 = off / rb;
-    if cell0 % cells + n_kv > cells {
+    if cell0 % kv.cells + n_kv > kv.cells {
         return Err("K/V view crosses a stream boundary".into());
     }
-    Ok(KvView { entry: e, cell0, stream_step: t.nb[3] / rb })
+    Ok(KvView { root: kv, cell0, stream_step: t.nb[3] / rb })
 }
 
 /// Checks that DSpark's kernels can run this attention on its KV (without changing
@@ -411,14 +410,14 @@ unsafe fn kv_view<'a>(t: *const ll::ggml_tensor) -> Result<KvView<'a>, String> {
 ///
 /// # Safety
 /// `op` and its srcs must be valid tensors.
-unsafe fn flash_attn_check<'a>(op: *const ll::ggml_tensor) -> Result<(KvView<'a>, KvView<'a>), String> {
+unsafe fn flash_attn_check(op: *const ll::ggml_tensor) -> Result<(KvView, KvView), String> {
     // SAFETY: valid op and srcs (caller); q, k, v are never NULL for FLASH_ATTN_EXT.
     unsafe {
         let s = &(*op).src;
         let (q, k, v, mask, sinks) = (s[0], s[1], s[2], s[3], s[4]);
         let kv = kv_view(k)?;
         let vv = kv_view(v)?;
-        if !kv.entry.is_k() || vv.entry.is_k() {
+        if !kv.root.is_k || vv.root.is_k {
             return Err("K and V views do not read cache_k and cache_v".into());
         }
         let d = (*k).ne[0] as usize;
@@ -428,8 +427,8 @@ unsafe fn flash_attn_check<'a>(op: *const ll::ggml_tensor) -> Result<(KvView<'a>
         if d % crate::codec::GROUP != 0 {
             return Err(format!("head size {d} is not a multiple of {}", crate::codec::GROUP));
         }
-        kv.entry.can_shape(d)?;
-        vv.entry.can_shape(d)?;
+        kv.root.can_shape(d)?;
+        vv.root.can_shape(d)?;
         if (*q).ne[2] % (*k).ne[2] != 0 || (*q).ne[3] % (*k).ne[3] != 0 || (*k).ne[1] != (*v).ne[1] {
             return Err("unsupported head or stream broadcast".into());
         }
@@ -464,7 +463,8 @@ unsafe fn flash_attn(node: *mut ll::ggml_tensor, workers: &Workers) -> Result<()
     // SAFETY: sinks hold one F32 per query head.
     let sinks = sinks.map(|s| unsafe { std::slice::from_raw_parts(s.data as *const f32, n_head) });
 
-    let (ks, vs) = (kview.entry.read(), vview.entry.read());
+    let (ke, ve) = (kview.root.entry().ok_or("K has no store")?, vview.root.entry().ok_or("V has no store")?);
+    let (ks, vs) = (ke.read(), ve.read());
     if ks.head_dim() != d || vs.head_dim() != d {
         return Err("K/V store not shaped for this attention".into());
     }
@@ -528,22 +528,22 @@ fn attn_threads(n_threads: usize, row_visits: usize) -> usize {
 
 /// # Safety
 /// `op` and its srcs must be valid tensors.
-unsafe fn rope_check<'a>(op: *const ll::ggml_tensor) -> Result<&'a KvEntry, String> {
+unsafe fn rope_check(op: *const ll::ggml_tensor) -> Result<KvRoot, String> {
     // SAFETY: valid op and srcs (caller).
     unsafe {
-        let e = kv_entry(op).ok_or("ROPE target is not a DSpark KV tensor")?;
+        let kv = kv_root(op).ok_or("ROPE target is not a DSpark KV tensor")?;
         let src = (*op).src[0];
-        if (*op).view_src.is_null() || src.is_null() || kv_entry(src).map(|s| s as *const KvEntry) != Some(e as *const KvEntry) {
+        if (*op).view_src.is_null() || src.is_null() || !kv_root(src).is_some_and(|s| s.same_as(&kv)) {
             return Err("ROPE is not in place on K".into());
         }
         let mode = (*op).op_params[2];
-        if !e.is_k() || !matches!(mode, ROPE_TYPE_NORMAL | ROPE_TYPE_NEOX) || (*(*op).src[1]).type_ != ll::GGML_TYPE_I32 {
+        if !kv.is_k || !matches!(mode, ROPE_TYPE_NORMAL | ROPE_TYPE_NEOX) || (*(*op).src[1]).type_ != ll::GGML_TYPE_I32 {
             return Err("unsupported ROPE".into());
         }
-        if (*op).nb[2] != e.row_len() * 2 || (*op).nb[0] != 2 || offs(op) != offs(src) {
+        if (*op).nb[2] != kv.row_len * 2 || (*op).nb[0] != 2 || offs(op) != offs(src) {
             return Err("unexpected ROPE view layout".into());
         }
-        Ok(e)
+        Ok(kv)
     }
 }
 
@@ -555,7 +555,7 @@ unsafe fn rope_check<'a>(op: *const ll::ggml_tensor) -> Result<&'a KvEntry, Stri
 /// `node` is a ROPE node handed to this backend: valid, with its srcs' data readable.
 unsafe fn rope_shift(node: *mut ll::ggml_tensor) -> Result<(), String> {
     // SAFETY: valid node (caller).
-    let e = unsafe { rope_check(node) }?;
+    let e = unsafe { rope_check(node) }?.entry().ok_or("K has no store")?;
     // SAFETY: valid node; src[1] holds ne[2] I32 positions; src[2] is NULL or n_dims/2 F32.
     let (n, pos, freq_factors, off) = unsafe {
         let n = &*node;

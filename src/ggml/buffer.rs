@@ -38,7 +38,6 @@ const CHUNK_BYTES: usize = 1 << 20;
 
 /// The store behind one KV root tensor, [row_len, cells, streams].
 pub(crate) struct KvEntry {
-    is_k: bool,
     row_len: usize,
     cells: usize,
     streams: usize,
@@ -51,9 +50,8 @@ pub(crate) struct KvEntry {
 }
 
 impl KvEntry {
-    fn new(is_k: bool, row_len: usize, cells: usize, streams: usize, cfg: StoreConfig) -> Result<KvEntry, String> {
+    fn new(row_len: usize, cells: usize, streams: usize, cfg: StoreConfig) -> Result<KvEntry, String> {
         Ok(KvEntry {
-            is_k,
             row_len,
             cells,
             streams,
@@ -120,10 +118,6 @@ impl KvEntry {
 
     pub fn row_len(&self) -> usize {
         self.row_len
-    }
-
-    pub fn is_k(&self) -> bool {
-        self.is_k
     }
 
     /// Records that the store's content can no longer be trusted (and logs it).
@@ -297,12 +291,14 @@ unsafe extern "C" fn init_tensor(buf: ll::ggml_backend_buffer_t, t: *mut ll::ggm
         }
         let Some(is_k) = is_kv_name(&name) else { return ll::GGML_STATUS_SUCCESS };
         if tr.type_ != ll::GGML_TYPE_F16 || tr.ne[3] != 1 {
-            log_warn(&format!("KV tensor {name} is not a 3-D F16 tensor; kept uncompressed"));
-            return ll::GGML_STATUS_SUCCESS;
+            // SAFETY: ggml_type_name returns a static string for any type.
+            let ty = unsafe { std::ffi::CStr::from_ptr(ll::ggml_type_name(tr.type_)) }.to_string_lossy();
+            log_error(&format!("{name}: DSpark takes the KV cache as 3-D F16 (it compresses it itself), got {ty}: use KV type f16 (-ctk f16 -ctv f16)"));
+            return ll::GGML_STATUS_FAILED;
         }
         let c = ctx.dev.config;
         let cfg = StoreConfig { quant: c.format.map(|f| if is_k { f.k } else { f.v }), window: c.window };
-        let entry = match KvEntry::new(is_k, tr.ne[0] as usize, tr.ne[1] as usize, tr.ne[2] as usize, cfg) {
+        let entry = match KvEntry::new(tr.ne[0] as usize, tr.ne[1] as usize, tr.ne[2] as usize, cfg) {
             Ok(e) => Arc::new(e),
             Err(e) => {
                 log_error(&format!("{name}: {e}"));
@@ -316,13 +312,70 @@ unsafe extern "C" fn init_tensor(buf: ll::ggml_backend_buffer_t, t: *mut ll::ggm
     })
 }
 
+/// A KV root in one of our buffers as its tensor describes it, with or without a store:
+/// llama.cpp's parameter fitting (`--fit`, on by default in its tools) puts the KV tensors in
+/// a zero-size placeholder buffer that has no stores, and asks `supports_op` about them.
+#[derive(Clone, Copy)]
+pub(crate) struct KvRoot {
+    root: *const ll::ggml_tensor,
+    pub is_k: bool,
+    pub row_len: usize,
+    /// Cells per stream.
+    pub cells: usize,
+    quant: Option<crate::codec::Quant>,
+}
+
+impl KvRoot {
+    /// The store behind the root; `None` in a placeholder buffer.
+    pub fn entry<'a>(&self) -> Option<&'a KvEntry> {
+        // SAFETY: `root` was valid when this KvRoot was made, and ggml keeps tensors alive
+        // for the duration of the op that made it.
+        unsafe { kv_entry(self.root) }
+    }
+
+    /// Whether the root's rows split into heads of `head_dim` that the format can encode
+    /// (and, once a store has a head size, that it is this one).
+    pub fn can_shape(&self, head_dim: usize) -> Result<(), String> {
+        match self.entry() {
+            Some(e) => e.can_shape(head_dim),
+            None if head_dim == 0 || self.row_len % head_dim != 0 => {
+                Err(format!("row of {} values does not split into heads of {head_dim}", self.row_len))
+            }
+            None => self.quant.map(|q| crate::codec::RowCodec::new(q, head_dim)).transpose().map(|_| ()),
+        }
+    }
+
+    pub fn same_as(&self, o: &KvRoot) -> bool {
+        std::ptr::eq(self.root, o.root)
+    }
+}
+
+/// The KV root behind `t` (a root or a view of one) if it lives in one of our buffers.
+///
+/// # Safety
+/// `t` must point to a valid tensor whose buffer, if any, is alive.
+pub(crate) unsafe fn kv_root(t: *const ll::ggml_tensor) -> Option<KvRoot> {
+    // SAFETY: valid tensor and root (caller); a buffer's type is valid.
+    unsafe {
+        let root = root_of(t);
+        let r = &*root;
+        if !is_ours(r.buffer) || r.type_ != ll::GGML_TYPE_F16 || r.ne[3] != 1 {
+            return None;
+        }
+        let is_k = is_kv_name(&tensor_name(root))?;
+        let cfg = buft_dev((*(r.buffer as *mut sys::ggml_backend_buffer)).buft).config;
+        let quant = cfg.format.map(|f| if is_k { f.k } else { f.v });
+        Some(KvRoot { root, is_k, row_len: r.ne[0] as usize, cells: r.ne[1] as usize, quant })
+    }
+}
+
 /// The KV entries of a buffer (none if it is NULL or not ours).
 ///
 /// # Safety
 /// `buf` must be NULL or a live buffer.
 pub(crate) unsafe fn entries_of(buf: ll::ggml_backend_buffer_t) -> Vec<Arc<KvEntry>> {
-    // SAFETY: NULL or a live buffer (caller); ours carry a BufferCtx.
-    if !unsafe { is_ours(buf) } {
+    // SAFETY: NULL or a live buffer (caller); ours carry a BufferCtx, placeholders none.
+    if !unsafe { is_ours(buf) } || unsafe { (*(buf as *mut sys::ggml_backend_buffer)).context.is_null() } {
         return Vec::new();
     }
     // SAFETY: as above.
