@@ -4,7 +4,8 @@
 //! version, and that every declared function is exported.
 //!
 //! The C compiler is `$CC` or `cc`. Set `DSPARK_SKIP_C_TESTS=1` to skip on a machine
-//! without one (the tests then print why and pass).
+//! without one (the tests then print why and pass). Under `CI=true` nothing skips: the skip
+//! variable, a toolchain without AddressSanitizer or a missing `nm` fail the test instead.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -44,6 +45,18 @@ fn static_lib() -> PathBuf {
         lib
     })
     .clone()
+}
+
+/// Whether this is a CI run (`CI=true`, as GitHub Actions and most CI services set it).
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
+}
+
+/// Skips a test for `why` on a developer machine; under CI a skip is a failure, so that a
+/// misconfigured runner cannot pass by testing nothing.
+fn skip_because(why: &str) {
+    assert!(!in_ci(), "CI=true, so this test may not skip, but: {why}");
+    println!("skipped: {why}");
 }
 
 fn skip() -> Option<&'static str> {
@@ -111,7 +124,7 @@ fn run_c_test(exe: &Path, env: &[(&str, &str)]) {
 #[test]
 fn c_program_passes() {
     if let Some(why) = skip() {
-        println!("skipped: {why}");
+        skip_because(why);
         return;
     }
     run_c_test(&plain_exe(), &[]);
@@ -120,10 +133,11 @@ fn c_program_passes() {
 #[test]
 fn c_program_passes_under_asan() {
     if let Some(why) = skip() {
-        println!("skipped: {why}");
+        skip_because(why);
         return;
     }
-    // Probe the toolchain first: no ASan runtime is a skip, not a failure.
+    // Probe the toolchain first: no ASan runtime is a skip on a developer machine, a failure
+    // under CI (setup installs libasan).
     let probe_src = out_dir().join("asan_probe.c");
     std::fs::write(&probe_src, "int main(void) { return 0; }\n").unwrap();
     let probe = out_dir().join("asan_probe");
@@ -135,7 +149,7 @@ fn c_program_passes_under_asan() {
         .is_ok_and(|s| s.success())
         && Command::new(&probe).status().is_ok_and(|s| s.success());
     if !ok {
-        println!("skipped: {} cannot build and run a -fsanitize=address program here", cc());
+        skip_because(&format!("{} cannot build and run a -fsanitize=address program here (install libasan)", cc()));
         return;
     }
     let exe = compile("capi_test_asan", &["-fsanitize=address", "-fno-omit-frame-pointer"])
@@ -147,7 +161,7 @@ fn c_program_passes_under_asan() {
 #[test]
 fn struct_layouts_match_the_header() {
     if let Some(why) = skip() {
-        println!("skipped: {why}");
+        skip_because(why);
         return;
     }
     let out = Command::new(plain_exe()).arg("--layout").output().unwrap();
@@ -232,7 +246,7 @@ fn every_declared_function_is_exported() {
     let out = match Command::new("nm").args(["-D", "--defined-only"]).arg(&so).output() {
         Ok(o) if o.status.success() => o,
         _ => {
-            println!("skipped: `nm -D` is not available");
+            skip_because("`nm -D` is not available");
             return;
         }
     };
