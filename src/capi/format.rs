@@ -417,8 +417,8 @@ fn check_packed_rows(page: &[u8], q: Quant, head_dim: usize) -> std::result::Res
     let groups = head_dim / layout::GROUP;
     for (i, row) in page.chunks_exact(rb).enumerate() {
         let s = layout::row_scale(row);
-        // `!(s <= MAX)` also refuses NaN; the sign bit refuses -0 and negatives.
-        if row[1] & 0x80 != 0 || !(s <= MAX_ROW_SCALE) {
+        // The sign bit refuses -0 and negatives (NaN included); then NaN, +inf and big values.
+        if row[1] & 0x80 != 0 || s.is_nan() || s > MAX_ROW_SCALE {
             return Err(format!("row {i} has scale {s}, outside 0..={MAX_ROW_SCALE}"));
         }
         if let Some(g) = row[layout::HEADER..layout::HEADER + groups].iter().position(|&m| m == 0x80) {

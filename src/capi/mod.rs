@@ -158,7 +158,7 @@ fn check_ptr<T>(p: *const T, len: usize, what: &str) -> Result<()> {
     if !p.is_aligned() {
         return fail(DSPARK_ERR_ARG, format!("{what} is not aligned for its element type"));
     }
-    if len.checked_mul(std::mem::size_of::<T>()).map_or(true, |b| b > isize::MAX as usize) {
+    if len.checked_mul(std::mem::size_of::<T>()).is_none_or(|b| b > isize::MAX as usize) {
         return fail(DSPARK_ERR_ARG, format!("{what}: {len} elements is too large"));
     }
     Ok(())

@@ -64,10 +64,10 @@ impl Shape {
                 return fail(DSPARK_ERR_ARG, format!("{name} must be at least 1"));
             }
         }
-        if s.n_head % s.n_head_kv != 0 {
+        if !s.n_head.is_multiple_of(s.n_head_kv) {
             return fail(DSPARK_ERR_ARG, format!("n_head {} is not a multiple of n_head_kv {}", s.n_head, s.n_head_kv));
         }
-        if s.head_dim % 32 != 0 || s.head_dim > crate::codec::MAX_HEAD_DIM {
+        if !s.head_dim.is_multiple_of(32) || s.head_dim > crate::codec::MAX_HEAD_DIM {
             return fail(DSPARK_ERR_ARG, format!("head_dim {} is not a multiple of 32 up to {}", s.head_dim, crate::codec::MAX_HEAD_DIM));
         }
         // Cells of all sequences are addressed with one usize, and positions are i32 in the API.
