@@ -37,9 +37,10 @@ use crate::codec::{layout, Quant};
 use crate::kv::{KvStore, PageView, F16_MAX, PAGE};
 
 /// Largest packed-row scale a correct writer produces, with margin. Stored values are within
-/// the f16 range (`KvStore::write_row` saturates), the rotation is orthonormal over blocks of
-/// at most 64 values, so a rotated value is below 64 x 65504; the row scale is the largest
-/// group step over 127 and a step at most that over 2^(bits-1) >= 2: below 64 x 65504 /
+/// the f16 range (`KvStore::write_row` saturates) and the rotation is orthonormal (signs, then
+/// a normalised Hadamard transform over blocks of at most 4096 values), so a rotated value is
+/// at most its block's L2 norm, sqrt(4096) x 65504 = 64 x 65504; the row scale is the largest
+/// group step over 127, and a step is at most that over 2^(bits-1) >= 2: below 64 x 65504 /
 /// (2 x 127) < 2^14, rounded up to bf16. 2^16 leaves margin, and keeps every decoded value
 /// (scale x 127 x 128 at most) and every product with a finite query far from overflow.
 pub const MAX_ROW_SCALE: f32 = 65536.0;
@@ -426,4 +427,53 @@ fn check_packed_rows(page: &[u8], q: Quant, head_dim: usize) -> std::result::Res
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::RowCodec;
+
+    /// The row checks never refuse what the codec writes for values in the f16 range, down
+    /// to the worst case: a row that the rotation concentrates into one value of 64 x 65504.
+    #[test]
+    fn packed_row_checks_accept_every_row_the_codec_writes() {
+        for d in [32, 64, 96, 128, 4096] {
+            let mut worst = vec![0.0f32; d];
+            worst[0] = (crate::codec::block_len(d) as f32).sqrt() * F16_MAX;
+            crate::codec::unrotate(&mut worst);
+            assert!(worst.iter().all(|x| x.abs() <= F16_MAX * 1.0001), "d {d}");
+            let worst: Vec<f32> = worst.iter().map(|x| x.clamp(-F16_MAX, F16_MAX)).collect();
+            let alternating: Vec<f32> = (0..d).map(|i| if i % 3 == 0 { -F16_MAX } else { F16_MAX }).collect();
+            let tiny: Vec<f32> = (0..d).map(|i| 1e-7 * i as f32).collect();
+            for q in [Quant::Q8, Quant::Q4, Quant::Q3, Quant::Q2] {
+                let c = RowCodec::new(q, d).unwrap();
+                let mut row = vec![0u8; c.row_bytes()];
+                for x in [&worst, &alternating, &tiny, &vec![0.0; d]] {
+                    c.encode(x, &mut row);
+                    check_packed_rows(&row, q, d).unwrap_or_else(|e| panic!("d {d}, {q:?}: {e}"));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn packed_row_checks_refuse_bad_scales_and_multipliers() {
+        let q = Quant::Q4;
+        let c = RowCodec::new(q, 64).unwrap();
+        let mut row = vec![0u8; c.row_bytes()];
+        c.encode(&[1.0; 64], &mut row);
+        assert!(check_packed_rows(&row, q, 64).is_ok());
+        let bf16 = |x: f32| u16::try_from(x.to_bits() >> 16).unwrap().to_le_bytes();
+        for (scale, ok) in [(MAX_ROW_SCALE, true), (MAX_ROW_SCALE * 1.01, false), (-0.0, false), (-1.0, false), (f32::INFINITY, false), (f32::NAN, false)] {
+            let mut r = row.clone();
+            r[..2].copy_from_slice(&bf16(scale));
+            assert_eq!(check_packed_rows(&r, q, 64).is_ok(), ok, "scale {scale}");
+        }
+        let mut r = row.clone();
+        r[3] = 0x80;
+        assert!(check_packed_rows(&r, q, 64).is_err());
+        r[3] = 0x81; // -127
+        assert!(check_packed_rows(&r, q, 64).is_ok());
+    }
 }

@@ -1029,6 +1029,8 @@ static void test_huge_empty(void) {
     size_t size = 0;
     OK(dspark_cache_save_size(c, &size));
     CHECK(size < 1024, "the image of an empty cache is %zu bytes", size);
+    printf("empty cache of 2^30 positions x %d layers: %ld kB resident, %zu-byte image\n", N_LAYER,
+           before >= 0 ? after - before : -1L, size);
     /* Some tokens: the image grows by the pages, and round-trips. */
     float *k = random_rows((size_t)200 * ROW);
     for (int l = 0; l < N_LAYER; l += 10) OK(dspark_cache_append(c, (uint32_t)l, 0, k, k, 200));
