@@ -5,7 +5,8 @@
 //!
 //! The C compiler is `$CC` or `cc`. Set `DSPARK_SKIP_C_TESTS=1` to skip on a machine
 //! without one (the tests then print why and pass). Under `CI=true` nothing skips: the skip
-//! variable, a toolchain without AddressSanitizer or a missing `nm` fail the test instead.
+//! variable, a toolchain without AddressSanitizer or a missing `nm` fail the test instead
+//! (`ci_turns_skips_into_failures` checks that).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -262,4 +263,34 @@ fn every_declared_function_is_exported() {
     let undeclared: Vec<_> = exported.iter().filter(|e| !declared.contains(e)).collect();
     assert!(missing.is_empty(), "declared in dspark.h but not exported: {missing:?}");
     assert!(undeclared.is_empty(), "exported but not declared in dspark.h: {undeclared:?}");
+}
+
+/// Under `CI=true` a skip is a failure: this runs the skipping tests of this binary again,
+/// alone, with the conditions that make them skip (`DSPARK_SKIP_C_TESTS=1`; a C compiler
+/// that cannot build an ASan program), with and without `CI=true`.
+#[test]
+fn ci_turns_skips_into_failures() {
+    let run = |test: &str, env: &[(&str, &str)]| {
+        let out = Command::new(std::env::current_exe().expect("current_exe"))
+            .args(["--exact", test, "--nocapture", "--test-threads=1"])
+            .env_remove("CI")
+            .env_remove("DSPARK_SKIP_C_TESTS")
+            .envs(env.iter().copied())
+            .output()
+            .expect("run this test binary");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), text)
+    };
+    let no_cc = "/nonexistent/dspark-test-cc";
+    for (test, env) in [
+        ("c_program_passes", [("DSPARK_SKIP_C_TESTS", "1")]),
+        ("struct_layouts_match_the_header", [("DSPARK_SKIP_C_TESTS", "1")]),
+        ("c_program_passes_under_asan", [("CC", no_cc)]),
+    ] {
+        let (ok, text) = run(test, &env);
+        assert!(ok && text.contains("skipped: "), "{test} should skip outside CI:\n{text}");
+        let with_ci = [env[0], ("CI", "true")];
+        let (ok, text) = run(test, &with_ci);
+        assert!(!ok && text.contains("may not skip"), "{test} should fail under CI=true:\n{text}");
+    }
 }
