@@ -223,7 +223,8 @@ dspark_status dspark_stats_get(dspark_stats *out);
  * positions (the attention sinks) and the most recently written `window` tokens stay in f16;
  * older ones are compressed in pages of 64 positions. Memory, page tables included, is
  * allocated page by page as tokens arrive and freed when tokens are removed: an empty cache
- * costs about 150 bytes per (layer, sequence), whatever its max_tokens.
+ * costs about 256 x head_dim bytes per layer plus 160 bytes per (layer, sequence), whatever
+ * its max_tokens.
  *
  * Create with dspark_cache_new(), release with dspark_cache_delete(). See the Conventions
  * (top of this file) for thread safety.
@@ -270,8 +271,8 @@ dspark_status dspark_cache_params_init(dspark_cache_params *params);
  * \param out Receives the new handle, owned by the caller: release it with
  *        dspark_cache_delete(). Must not be NULL.
  * \return #DSPARK_OK; #DSPARK_ERR_NULL, #DSPARK_ERR_SIZE, #DSPARK_ERR_ARG (a shape field is 0
- *         or inconsistent, max_tokens is above INT32_MAX, or n_layer x n_seq_max is above
- *         262144) or #DSPARK_ERR_FORMAT.
+ *         or inconsistent, max_tokens is above INT32_MAX, or the empty cache alone would
+ *         take more than 256 MiB: see dspark_cache_t) or #DSPARK_ERR_FORMAT.
  */
 dspark_status dspark_cache_new(const dspark_cache_params *params, dspark_cache_t **out);
 

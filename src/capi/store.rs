@@ -17,11 +17,15 @@ use crate::attn::{self, FaParams, Mask};
 use crate::codec::{Format, RowCodec};
 use crate::kv::{KvStore, PageView, StoreConfig, PAGE};
 
-/// Most (layer, sequence) lanes a cache may have. Each costs a fixed ~150 bytes (a lane and a
-/// K and a V stream) whatever `max_tokens` is: page tables grow as tokens arrive, so only
-/// this product bounds the memory of an empty cache (2^18 lanes: under 40 MB). Real models
-/// need at most a few hundred layers x 256 sequences.
-pub const MAX_LANES: usize = 1 << 18;
+/// Most memory an empty cache may take (256 MiB). Pages and page tables grow as tokens
+/// arrive, so an empty cache costs the same whatever `max_tokens` is: see
+/// [`Shape::fixed_bytes`]. Real models (a few hundred layers x 256 sequences, head_dim up
+/// to 512) need a few MiB; a shape above the budget is a typo, not a model.
+pub const MAX_FIXED_BYTES: u128 = 256 << 20;
+
+/// Fixed bytes of one (layer, sequence) lane: its [`Lane`] and a K and a V stream (a page
+/// table header, a clock and a high-water mark), rounded up.
+const LANE_BYTES: u128 = 160;
 
 /// Most threads one attention call may use.
 pub const MAX_THREADS: usize = 256;
@@ -75,11 +79,23 @@ impl Shape {
         if s.max_tokens > i32::MAX as usize || cells.is_none() {
             return fail(DSPARK_ERR_ARG, "max_tokens x n_seq_max is too large");
         }
-        // Pages and page tables grow as tokens arrive; only the lanes cost memory up front.
-        if s.n_layer.checked_mul(s.n_seq_max).is_none_or(|n| n > MAX_LANES) {
-            return fail(DSPARK_ERR_ARG, format!("n_layer x n_seq_max is {} x {}, more than {MAX_LANES}", s.n_layer, s.n_seq_max));
+        let fixed = s.fixed_bytes();
+        if fixed > MAX_FIXED_BYTES {
+            return fail(
+                DSPARK_ERR_ARG,
+                format!("n_layer {} x n_seq_max {} (head_dim {}): an empty cache would take {fixed} bytes, more than {MAX_FIXED_BYTES}", s.n_layer, s.n_seq_max, s.head_dim),
+            );
         }
         Ok(())
+    }
+
+    /// About the bytes of an empty cache of this shape: per layer, a K and a V store with a
+    /// page of zeros for one head (`PAGE x head_dim` f16 values, what never-written cells
+    /// read as), and per (layer, sequence) [`LANE_BYTES`].
+    #[must_use]
+    pub fn fixed_bytes(&self) -> u128 {
+        let per_layer = 2 * (PAGE as u128 * self.head_dim as u128 * 2 + 256);
+        self.n_layer as u128 * (per_layer + self.n_seq_max as u128 * LANE_BYTES)
     }
 
     /// Values per cell (all KV heads).
@@ -775,6 +791,21 @@ mod tests {
         for bad in [" k4v4", "k4v4 ", "k04v4", "k+4v4", "k4v+4", "K4V4", "k4V4", "F16", "f16 ", "k4v4\n", ""] {
             assert_eq!(parse_format(bad).unwrap_err().code, DSPARK_ERR_FORMAT, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn empty_cache_budget() {
+        let s = |n_layer, n_seq_max, head_dim| Shape { n_layer, n_seq_max, head_dim, max_tokens: i32::MAX as usize, ..shape("k4v4") };
+        // 2^31 positions, real shapes: fine; the budget counts layers and lanes, not positions.
+        assert!(s(200, 256, 128).validate().is_ok());
+        assert!(s(126, 1, 4096).validate().is_ok());
+        assert_eq!(s(10_000, 1000, 64).validate().unwrap_err().code, DSPARK_ERR_ARG);
+        assert_eq!(s(1000, 1, 4096).validate().unwrap_err().code, DSPARK_ERR_ARG);
+        // The estimate covers what an empty cache really holds per layer.
+        let shape = s(30, 1, 64);
+        let c = Cache::new(shape, 128, 1).unwrap();
+        assert_eq!(c.stats().kv_bytes, 0);
+        assert!(shape.fixed_bytes() >= 30 * 2 * (PAGE as u128 * 64 * 2));
     }
 
     #[test]

@@ -309,8 +309,10 @@ static void test_create_errors(void) {
     EXPECT(DSPARK_ERR_ARG, dspark_cache_new(&q, &c));
     q = p; q.head_dim = 8192;
     EXPECT(DSPARK_ERR_ARG, dspark_cache_new(&q, &c));
-    q = p; q.n_layer = 1000; q.n_seq_max = 1000; q.max_tokens = 0x7fffffff;
-    EXPECT(DSPARK_ERR_ARG, dspark_cache_new(&q, &c)); /* 10^6 lanes: more than 262144 */
+    q = p; q.n_layer = 10000; q.n_seq_max = 1000; q.max_tokens = 0x7fffffff;
+    EXPECT(DSPARK_ERR_ARG, dspark_cache_new(&q, &c)); /* 10^7 lanes: over 1 GB when empty */
+    q = p; q.n_layer = 1000; q.head_dim = 4096;
+    EXPECT(DSPARK_ERR_ARG, dspark_cache_new(&q, &c)); /* 1000 x 1 MB of zero pages */
     q = p; q.max_tokens = 0x80000000u;
     EXPECT(DSPARK_ERR_ARG, dspark_cache_new(&q, &c)); /* positions are int32_t */
     /* Names are exact and lowercase: no spaces, signs, leading zeros or capitals. */
