@@ -413,7 +413,7 @@ dspark_status dspark_cache_seq_rm(dspark_cache_t *cache, int32_t seq, int32_t p0
  * Each token at position p in [p0, p1) gets position p + delta; its K and V rows move with
  * it, as stored (compressed rows are copied, not re-encoded; where a page ends up holding
  * rows from both f16 and compressed pages, its f16 rows are compressed, as they would be
- * later, except in the first page, which stays f16 and decodes its compressed rows).
+ * later; the first page stays f16 and decodes compressed rows moved into it).
  * Positions are cells here: the cache does not apply RoPE, so K rows keep the rotation they
  * were appended with. A caller whose K carries RoPE and who wants exact attention after the
  * shift re-appends re-rotated rows; otherwise attention sees the old rotations (the usual

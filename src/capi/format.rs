@@ -40,8 +40,8 @@ use crate::kv::{KvStore, PageView, F16_MAX, PAGE};
 /// the f16 range (`KvStore::write_row` saturates) and the rotation is orthonormal (signs, then
 /// a normalised Hadamard transform over blocks of at most 4096 values), so a rotated value is
 /// at most its block's L2 norm, sqrt(4096) x 65504 = 64 x 65504; the row scale is the largest
-/// group step over 127, and a step is at most that over 2^(bits-1) >= 2: below 64 x 65504 /
-/// (2 x 127) < 2^14, rounded up to bf16. 2^16 leaves margin, and keeps every decoded value
+/// group step over 127, and a step is at most that over 2^(bits-1) >= 2: at most 64 x 65504 /
+/// (2 x 127) = 16505, 16640 once rounded up to bf16. 2^16 leaves margin, and keeps every decoded value
 /// (scale x 127 x 128 at most) and every product with a finite query far from overflow.
 pub const MAX_ROW_SCALE: f32 = 65536.0;
 
@@ -281,7 +281,7 @@ pub fn parse(bytes: &[u8], shape: &Shape, window: usize) -> Result<State> {
     if version == 1 {
         return fail(
             DSPARK_ERR_VERSION,
-            format!("file-format version 1 is no longer read (this library reads version {VERSION}): save the cache again with this library"),
+            format!("file-format version 1 (DSpark before C API version 2) is no longer read; this library reads version {VERSION}"),
         );
     }
     if version != VERSION || le_u32(bytes, 12) as usize != HEADER {

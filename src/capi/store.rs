@@ -667,8 +667,9 @@ impl ShiftPlan {
 /// of the plan's span from the old rows, as stored. A page whose rows all come from
 /// compressed pages is compressed (rows copied byte for byte), one whose rows all come from
 /// f16 pages is f16 (values copied); a page that mixes both is compressed (its f16 rows
-/// encoded, as compaction would), except the stream's first page, which stays f16 (it holds
-/// the attention sinks; its compressed rows are decoded). A page without tokens is freed.
+/// encoded, as compaction would). The stream's first page is always f16, as compaction
+/// keeps it (it holds the attention sinks): compressed rows moved into it are decoded. A
+/// page without tokens is freed.
 fn shift_pages(store: &mut KvStore, quant: Option<crate::codec::Quant>, s: usize, plan: &ShiftPlan) {
     let (d, nh) = (store.head_dim(), store.n_head());
     let codec = quant.map(|q| RowCodec::new(q, d).expect("head_dim checked at creation"));
@@ -682,11 +683,10 @@ fn shift_pages(store: &mut KvStore, quant: Option<crate::codec::Quant>, s: usize
     let mut new_pages = Vec::new();
     for p in span.start / PAGE..span.end.div_ceil(PAGE) {
         let srcs: Vec<Option<usize>> = (0..PAGE).map(|slot| plan.source(p * PAGE + slot)).collect();
-        let kind = |want: fn(&PageView) -> bool| srcs.iter().flatten().any(|&c| want(&store.page(s, c / PAGE)));
-        let (any_packed, any_f16) = (kind(|v| matches!(v, PageView::Packed(_))), kind(|v| matches!(v, PageView::F16(_))));
+        let any_packed = srcs.iter().flatten().any(|&c| matches!(store.page(s, c / PAGE), PageView::Packed(_)));
         let page = if srcs.iter().all(Option::is_none) {
             OwnedPage::Empty
-        } else if let Some(c) = codec.filter(|_| any_packed && (!any_f16 || p != 0)) {
+        } else if let Some(c) = codec.filter(|_| any_packed && p != 0) {
             let mut out = vec![0u8; nh * PAGE * rb];
             for (slot, src) in srcs.iter().enumerate() {
                 for h in 0..nh {
@@ -806,6 +806,25 @@ mod tests {
         let c = Cache::new(shape, 128, 1).unwrap();
         assert_eq!(c.stats().kv_bytes, 0);
         assert!(shape.fixed_bytes() >= 30 * 2 * (PAGE as u128 * 64 * 2));
+    }
+
+    #[test]
+    fn shifts_move_rows_as_stored_and_keep_the_first_page_f16() {
+        let c = Cache::new(Shape { n_layer: 1, n_seq_max: 1, ..shape("k4v4") }, 0, 1).unwrap();
+        let rl = c.shape.row_len();
+        c.append(0, 0, &rows(200, rl, 1), &rows(200, rl, 2), 200).unwrap();
+        c.seq_rm(Some(0), 0, Some(64)).unwrap();
+        let q = rows(3, 4 * 32, 3);
+        let (mut before, mut after) = (vec![0.0; q.len()], vec![0.0; q.len()]);
+        c.attn(0, 0, &q, 3, &args(), &mut before).unwrap();
+        c.seq_add(Some(0), 64, None, -64).unwrap();
+        assert_eq!(c.seq_len(0, 0).unwrap(), 136);
+        // Page 0 <- page 1 (compressed, decoded into f16), pages 1, 2 <- 2, 3 (bytes copied).
+        let s = c.stats();
+        assert_eq!((s.pages_f16, s.pages_compressed, s.cells), (2, 4, 2 * 136));
+        c.attn(0, 0, &q, 3, &args(), &mut after).unwrap();
+        let err = before.iter().zip(&after).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(err < 1e-2, "the same tokens at new positions attend differently: {err}");
     }
 
     #[test]
