@@ -62,7 +62,7 @@ extern "C" {
 #define DSPARK_VERSION \
     (DSPARK_VERSION_MAJOR * 1000000 + DSPARK_VERSION_MINOR * 1000 + DSPARK_VERSION_PATCH)
 /** Version of the C API itself; it grows when a function or struct field is added. */
-#define DSPARK_API_VERSION 1
+#define DSPARK_API_VERSION 2
 
 /**
  * \brief The version of the linked library, encoded like #DSPARK_VERSION.
@@ -100,7 +100,8 @@ typedef enum dspark_status {
     DSPARK_ERR_IO = -8,          /**< A file could not be opened, read or written. */
     DSPARK_ERR_CORRUPT = -9,     /**< Saved data is truncated, corrupt or not a DSpark cache. */
     DSPARK_ERR_MISMATCH = -10,   /**< Saved data is valid but for another shape or format. */
-    DSPARK_ERR_VERSION = -11,    /**< Saved data was written by a newer file-format version. */
+    DSPARK_ERR_VERSION = -11,    /**< Saved data has a file-format version this library does
+                                      not read (a newer one, or an older one no longer read). */
     DSPARK_ERR_BUFFER = -12,     /**< The caller's output buffer is too small. */
     DSPARK_ERR_INTERNAL = -13    /**< An internal error (a bug); the call had no effect or
                                       its effect is documented as unspecified. */
@@ -139,8 +140,9 @@ typedef struct dspark_config {
     /** Set to `sizeof(dspark_config)` (dspark_config_init() does). */
     size_t size;
     /** KV format name: "f16" (paged, uncompressed) or "k<b>v<b>" with b in {8, 4, 3, 2}
-     *  (bits per K and V code), e.g. "k4v4". NULL means "k4v4". Copied; the library does
-     *  not keep the pointer. */
+     *  (bits per K and V code), e.g. "k4v4". Names are exact and lowercase: nothing else is
+     *  accepted (not "K4V4", "F16", " k4v4", "k04v4" or "k+4v4"). NULL means "k4v4". Copied;
+     *  the library does not keep the pointer. */
     const char *format;
     /** Most recent tokens of each sequence kept in f16 before they are compressed (rounded
      *  up to whole 64-token pages). Default 128. */
@@ -171,7 +173,9 @@ dspark_status dspark_register(const dspark_config *config, struct ggml_backend_d
 
 /** Live figures of a KV cache (see dspark_stats() and dspark_cache_stats()). */
 typedef struct dspark_stats {
-    /** Set to `sizeof(dspark_stats)` before the call; only fields that fit are written. */
+    /** Set before the call, usually to `sizeof(dspark_stats)`; at least `sizeof(size_t)`.
+     *  Only the fields that fit whole in `size` bytes are written (an older, smaller struct
+     *  gets its fields); bytes beyond this library's struct are zeroed. */
     size_t size;
     /** Bytes held by KV pages (K and V, all layers), page metadata included. */
     uint64_t kv_bytes;
@@ -195,9 +199,9 @@ typedef struct dspark_stats {
 
 /**
  * \brief Live figures of all KV caches held by the DSPARK0 device (all llama.cpp contexts).
- * \param out Receives the figures; set `out->size = sizeof(dspark_stats)` first. Must not
- *        be NULL.
- * \return #DSPARK_OK; #DSPARK_ERR_NULL or #DSPARK_ERR_SIZE.
+ * \param out Receives the figures; set `out->size` first (see dspark_stats). Must not be
+ *        NULL.
+ * \return #DSPARK_OK; #DSPARK_ERR_NULL or #DSPARK_ERR_SIZE (`size` below `sizeof(size_t)`).
  */
 dspark_status dspark_stats_get(dspark_stats *out);
 
@@ -211,12 +215,16 @@ dspark_status dspark_stats_get(dspark_stats *out);
 /**
  * \brief A compressed KV cache for every layer of one model, with `n_seq_max` sequences.
  *
- * Each (layer, sequence) holds a list of tokens at positions 0, 1, 2, ...: the K and V rows
- * of a token, `n_head_kv x head_dim` values each. Rows are appended in order; position p of
- * a sequence is its p-th appended token. The first 64 tokens of a sequence (the attention
- * sinks) and the most recent `window` tokens stay in f16; older ones are compressed in pages
- * of 64 tokens. Memory is allocated page by page as tokens arrive, and freed when tokens are
- * removed.
+ * Each (layer, sequence) holds tokens at positions 0 .. max_tokens - 1: the K and V rows of
+ * a token, `n_head_kv x head_dim` values each. Rows are appended at the end (the position
+ * after the last one, see dspark_cache_seq_len()); dspark_cache_seq_rm() removes positions
+ * and dspark_cache_seq_add() moves tokens to other positions, so a sliding window or context
+ * shift fits in a cache sized for the window, not for the whole stream. The first 64
+ * positions (the attention sinks) and the most recently written `window` tokens stay in f16;
+ * older ones are compressed in pages of 64 positions. Memory, page tables included, is
+ * allocated page by page as tokens arrive and freed when tokens are removed: an empty cache
+ * costs about 256 x head_dim bytes per layer plus 160 bytes per (layer, sequence), whatever
+ * its max_tokens.
  *
  * Create with dspark_cache_new(), release with dspark_cache_delete(). See the Conventions
  * (top of this file) for thread safety.
@@ -236,7 +244,7 @@ typedef struct dspark_cache_params {
     uint32_t n_head;
     /** Values per head row: a multiple of 32, at most 4096. */
     uint32_t head_dim;
-    /** Tokens each sequence can hold (per layer). >= 1. */
+    /** Positions of each sequence (per layer): 1 .. INT32_MAX. */
     uint32_t max_tokens;
     /** Sequences: ids 0 .. n_seq_max - 1. >= 1. Default 1. */
     uint32_t n_seq_max;
@@ -263,8 +271,8 @@ dspark_status dspark_cache_params_init(dspark_cache_params *params);
  * \param out Receives the new handle, owned by the caller: release it with
  *        dspark_cache_delete(). Must not be NULL.
  * \return #DSPARK_OK; #DSPARK_ERR_NULL, #DSPARK_ERR_SIZE, #DSPARK_ERR_ARG (a shape field is 0
- *         or inconsistent, or n_layer x n_seq_max x max_tokens is beyond 2^31 tokens in
- *         all) or #DSPARK_ERR_FORMAT.
+ *         or inconsistent, max_tokens is above INT32_MAX, or the empty cache alone would
+ *         take more than 256 MiB: see dspark_cache_t) or #DSPARK_ERR_FORMAT.
  */
 dspark_status dspark_cache_new(const dspark_cache_params *params, dspark_cache_t **out);
 
@@ -284,7 +292,9 @@ dspark_status dspark_cache_delete(dspark_cache_t *cache);
  * \param cache The cache.
  * \param layer Layer, 0 .. n_layer - 1.
  * \param seq Sequence, 0 .. n_seq_max - 1.
- * \param k Keys, `[n_tokens][n_head_kv][head_dim]` f32. Non-finite values are stored as 0.
+ * \param k Keys, `[n_tokens][n_head_kv][head_dim]` f32, stored as an f16 KV cache holds
+ *        them: finite values beyond the f16 range saturate to +-65504, non-finite values are
+ *        stored as 0 (in compressed pages too).
  * \param v Values, same shape as `k`.
  * \param n_tokens Tokens to append. 0 does nothing (k and v may then be NULL).
  * \return #DSPARK_OK; #DSPARK_ERR_HANDLE, #DSPARK_ERR_NULL, #DSPARK_ERR_RANGE, or
@@ -387,12 +397,46 @@ dspark_status dspark_cache_attn(const dspark_cache_t *cache, uint32_t layer, uin
  * entirely inside a hole are freed.
  * \param cache The cache.
  * \param seq Sequence, 0 .. n_seq_max - 1, or -1 for every sequence.
- * \param p0 First position removed (>= 0).
- * \param p1 One past the last position removed, or -1 for "to the end". p1 <= p0 does
- *        nothing.
- * \return #DSPARK_OK; #DSPARK_ERR_HANDLE, #DSPARK_ERR_RANGE (seq or p0 negative or too large).
+ * \param p0 First position removed, 0 .. max_tokens.
+ * \param p1 One past the last position removed; any negative value means "to the end" (as
+ *        in llama.cpp's llama_memory_seq_rm). Otherwise p1 <= p0 does nothing, and positions
+ *        at or past a layer's length are not tokens (removing them does nothing).
+ * \return #DSPARK_OK; #DSPARK_ERR_HANDLE, #DSPARK_ERR_RANGE (seq out of range, p0 negative or
+ *         above max_tokens); nothing is removed on error.
  */
 dspark_status dspark_cache_seq_rm(dspark_cache_t *cache, int32_t seq, int32_t p0, int32_t p1);
+
+/**
+ * \brief Moves the tokens at positions [p0, p1) of a sequence by `delta` positions, in every
+ *        layer (llama.cpp's llama_memory_seq_add, for a context shift or sliding window).
+ *
+ * Each token at position p in [p0, p1) gets position p + delta; its K and V rows move with
+ * it, as stored (compressed rows are copied, not re-encoded; where a page ends up holding
+ * rows from both f16 and compressed pages, its f16 rows are compressed, as they would be
+ * later; the first page stays f16 and decodes compressed rows moved into it).
+ * Positions are cells here: the cache does not apply RoPE, so K rows keep the rotation they
+ * were appended with. A caller whose K carries RoPE and who wants exact attention after the
+ * shift re-appends re-rotated rows; otherwise attention sees the old rotations (the usual
+ * approximation of a context shift without a K shift).
+ *
+ * The positions the tokens leave become holes (attention skips them), except past the last
+ * moved token when [p0, p1) reached the end of a layer: that layer's length then moves by
+ * `delta` too, and the next appended token follows the moved ones. Example, a sliding window
+ * that keeps the first 4 tokens and drops the next n: `seq_rm(c, s, 4, 4 + n)` then
+ * `seq_add(c, s, 4 + n, -1, -n)`.
+ * \param cache The cache.
+ * \param seq Sequence, 0 .. n_seq_max - 1, or -1 for every sequence.
+ * \param p0 First position moved, 0 .. max_tokens.
+ * \param p1 One past the last position moved; any negative value means "to the end".
+ *        p1 <= p0 or delta == 0 does nothing.
+ * \param delta Positions to add (negative: towards 0).
+ * \return #DSPARK_OK; #DSPARK_ERR_HANDLE, #DSPARK_ERR_RANGE (seq out of range, p0 negative or
+ *         above max_tokens, or a token would move below 0 or to max_tokens or beyond), or
+ *         #DSPARK_ERR_ARG (in some layer, [p0 + delta, p1 + delta) holds a token that is not
+ *         moved). All or nothing: on error no layer or sequence is changed.
+ */
+dspark_status dspark_cache_seq_add(dspark_cache_t *cache, int32_t seq, int32_t p0, int32_t p1,
+                                   int32_t delta);
 
 /**
  * \brief Makes sequence `dst` an exact copy of sequence `src` (every layer, lengths and holes
@@ -416,8 +460,8 @@ dspark_status dspark_cache_seq_keep(dspark_cache_t *cache, uint32_t seq);
 /**
  * \brief Live figures of one cache (kv_bytes, pages, bits per element, attention calls).
  * \param cache The cache.
- * \param out Receives the figures; set `out->size = sizeof(dspark_stats)` first. Must not
- *        be NULL.
+ * \param out Receives the figures; set `out->size` first (see dspark_stats). Must not be
+ *        NULL.
  * \return #DSPARK_OK; #DSPARK_ERR_HANDLE, #DSPARK_ERR_NULL or #DSPARK_ERR_SIZE.
  */
 dspark_status dspark_cache_stats(const dspark_cache_t *cache, dspark_stats *out);
@@ -430,12 +474,16 @@ dspark_status dspark_cache_stats(const dspark_cache_t *cache, dspark_stats *out)
 /**@{*/
 
 /*
- * Saved caches are the compressed pages as stored (no re-encoding, so a loaded cache gives
- * bit-identical attention), with a header (magic "DSPARKKV", file-format version, shape,
+ * Saved caches are the allocated pages as stored (no re-encoding, so a loaded cache gives
+ * bit-identical attention; an empty cache saves to a few bytes per layer and sequence,
+ * whatever its max_tokens), with a header (magic "DSPARKKV", file-format version 2, shape,
  * format) and a CRC-32 over everything. A load parses and checks the whole input into a new
- * cache before replacing the old content, so a truncated, corrupt, foreign or mismatched
- * input is refused and leaves the cache untouched. The window and thread count are not
- * saved: the cache loaded into keeps its own.
+ * cache before replacing the old content: beyond the CRC, every length, hole, page index and
+ * tag, every f16 value (finite) and every compressed row's scale (finite, non-negative, in
+ * the range the codec writes) is checked, so a truncated, corrupt, crafted, foreign or
+ * mismatched input is refused and leaves the cache untouched. The window and thread count
+ * are not saved: the cache loaded into keeps its own. Images of file-format version 1
+ * (DSpark before API version 2) are refused with #DSPARK_ERR_VERSION.
  */
 
 /**
@@ -467,8 +515,9 @@ dspark_status dspark_cache_save_mem(const dspark_cache_t *cache, void *buf, size
  * \param buf The bytes written by dspark_cache_save_mem() or dspark_cache_save_file(). Not
  *        retained. Must not be NULL unless len is 0.
  * \param len Their number.
- * \return #DSPARK_OK; #DSPARK_ERR_HANDLE, #DSPARK_ERR_NULL, #DSPARK_ERR_CORRUPT,
- *         #DSPARK_ERR_VERSION or #DSPARK_ERR_MISMATCH. On error the cache is unchanged.
+ * \return #DSPARK_OK; #DSPARK_ERR_HANDLE, #DSPARK_ERR_NULL, #DSPARK_ERR_CORRUPT (truncated,
+ *         damaged, or holding values no correct writer writes), #DSPARK_ERR_VERSION or
+ *         #DSPARK_ERR_MISMATCH. On error the cache is unchanged.
  */
 dspark_status dspark_cache_load_mem(dspark_cache_t *cache, const void *buf, size_t len);
 

@@ -4,7 +4,9 @@
 //! version, and that every declared function is exported.
 //!
 //! The C compiler is `$CC` or `cc`. Set `DSPARK_SKIP_C_TESTS=1` to skip on a machine
-//! without one (the tests then print why and pass).
+//! without one (the tests then print why and pass). Under `CI=true` nothing skips: the skip
+//! variable, a toolchain without AddressSanitizer or a missing `nm` fail the test instead
+//! (`ci_turns_skips_into_failures` checks that).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -44,6 +46,18 @@ fn static_lib() -> PathBuf {
         lib
     })
     .clone()
+}
+
+/// Whether this is a CI run (`CI=true`, as GitHub Actions and most CI services set it).
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
+}
+
+/// Skips a test for `why` on a developer machine; under CI a skip is a failure, so that a
+/// misconfigured runner cannot pass by testing nothing.
+fn skip_because(why: &str) {
+    assert!(!in_ci(), "CI=true, so this test may not skip, but: {why}");
+    println!("skipped: {why}");
 }
 
 fn skip() -> Option<&'static str> {
@@ -111,7 +125,7 @@ fn run_c_test(exe: &Path, env: &[(&str, &str)]) {
 #[test]
 fn c_program_passes() {
     if let Some(why) = skip() {
-        println!("skipped: {why}");
+        skip_because(why);
         return;
     }
     run_c_test(&plain_exe(), &[]);
@@ -120,10 +134,11 @@ fn c_program_passes() {
 #[test]
 fn c_program_passes_under_asan() {
     if let Some(why) = skip() {
-        println!("skipped: {why}");
+        skip_because(why);
         return;
     }
-    // Probe the toolchain first: no ASan runtime is a skip, not a failure.
+    // Probe the toolchain first: no ASan runtime is a skip on a developer machine, a failure
+    // under CI (setup installs libasan).
     let probe_src = out_dir().join("asan_probe.c");
     std::fs::write(&probe_src, "int main(void) { return 0; }\n").unwrap();
     let probe = out_dir().join("asan_probe");
@@ -135,7 +150,7 @@ fn c_program_passes_under_asan() {
         .is_ok_and(|s| s.success())
         && Command::new(&probe).status().is_ok_and(|s| s.success());
     if !ok {
-        println!("skipped: {} cannot build and run a -fsanitize=address program here", cc());
+        skip_because(&format!("{} cannot build and run a -fsanitize=address program here (install libasan)", cc()));
         return;
     }
     let exe = compile("capi_test_asan", &["-fsanitize=address", "-fno-omit-frame-pointer"])
@@ -147,7 +162,7 @@ fn c_program_passes_under_asan() {
 #[test]
 fn struct_layouts_match_the_header() {
     if let Some(why) = skip() {
-        println!("skipped: {why}");
+        skip_because(why);
         return;
     }
     let out = Command::new(plain_exe()).arg("--layout").output().unwrap();
@@ -232,7 +247,7 @@ fn every_declared_function_is_exported() {
     let out = match Command::new("nm").args(["-D", "--defined-only"]).arg(&so).output() {
         Ok(o) if o.status.success() => o,
         _ => {
-            println!("skipped: `nm -D` is not available");
+            skip_because("`nm -D` is not available");
             return;
         }
     };
@@ -248,4 +263,34 @@ fn every_declared_function_is_exported() {
     let undeclared: Vec<_> = exported.iter().filter(|e| !declared.contains(e)).collect();
     assert!(missing.is_empty(), "declared in dspark.h but not exported: {missing:?}");
     assert!(undeclared.is_empty(), "exported but not declared in dspark.h: {undeclared:?}");
+}
+
+/// Under `CI=true` a skip is a failure: this runs the skipping tests of this binary again,
+/// alone, with the conditions that make them skip (`DSPARK_SKIP_C_TESTS=1`; a C compiler
+/// that cannot build an ASan program), with and without `CI=true`.
+#[test]
+fn ci_turns_skips_into_failures() {
+    let run = |test: &str, env: &[(&str, &str)]| {
+        let out = Command::new(std::env::current_exe().expect("current_exe"))
+            .args(["--exact", test, "--nocapture", "--test-threads=1"])
+            .env_remove("CI")
+            .env_remove("DSPARK_SKIP_C_TESTS")
+            .envs(env.iter().copied())
+            .output()
+            .expect("run this test binary");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), text)
+    };
+    let no_cc = "/nonexistent/dspark-test-cc";
+    for (test, env) in [
+        ("c_program_passes", [("DSPARK_SKIP_C_TESTS", "1")]),
+        ("struct_layouts_match_the_header", [("DSPARK_SKIP_C_TESTS", "1")]),
+        ("c_program_passes_under_asan", [("CC", no_cc)]),
+    ] {
+        let (ok, text) = run(test, &env);
+        assert!(ok && text.contains("skipped: "), "{test} should skip outside CI:\n{text}");
+        let with_ci = [env[0], ("CI", "true")];
+        let (ok, text) = run(test, &with_ci);
+        assert!(!ok && text.contains("may not skip"), "{test} should fail under CI=true:\n{text}");
+    }
 }

@@ -321,31 +321,47 @@ fn seq_arg(seq: i32, n_seq_max: usize) -> super::Result<Option<usize>> {
     }
 }
 
+/// Converts the C positions of `seq_rm` / `seq_add`: `p0` must not be negative; a negative
+/// `p1` means "to the end" (llama.cpp's convention).
+fn range_args(p0: i32, p1: i32) -> super::Result<(usize, Option<usize>)> {
+    let Ok(p0) = usize::try_from(p0) else {
+        return fail(DSPARK_ERR_RANGE, format!("p0 {p0} is negative"));
+    };
+    Ok((p0, usize::try_from(p1).ok()))
+}
+
 /// Removes positions; see dspark.h.
 ///
 /// # Safety
-/// None beyond the C signature.
+/// None beyond the C signature: the handle is only looked up, never dereferenced.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn dspark_cache_seq_rm(cache: *mut dspark_cache, seq: i32, p0: i32, p1: i32) -> dspark_status {
     guard("dspark_cache_seq_rm", || {
         let c = handles::get(cache)?;
         let s = seq_arg(seq, c.shape.n_seq_max)?;
-        let Ok(p0) = usize::try_from(p0) else {
-            return fail(DSPARK_ERR_RANGE, format!("p0 {p0} is negative"));
-        };
-        let p1 = match (p1, usize::try_from(p1)) {
-            (-1, _) => None,
-            (_, Ok(x)) => Some(x),
-            (x, Err(_)) => return fail(DSPARK_ERR_RANGE, format!("p1 {x} is negative (use -1 for the end)")),
-        };
+        let (p0, p1) = range_args(p0, p1)?;
         c.seq_rm(s, p0, p1)
+    })
+}
+
+/// Moves positions; see dspark.h.
+///
+/// # Safety
+/// None beyond the C signature: the handle is only looked up, never dereferenced.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dspark_cache_seq_add(cache: *mut dspark_cache, seq: i32, p0: i32, p1: i32, delta: i32) -> dspark_status {
+    guard("dspark_cache_seq_add", || {
+        let c = handles::get(cache)?;
+        let s = seq_arg(seq, c.shape.n_seq_max)?;
+        let (p0, p1) = range_args(p0, p1)?;
+        c.seq_add(s, p0, p1, i64::from(delta))
     })
 }
 
 /// Copies a sequence; see dspark.h.
 ///
 /// # Safety
-/// None beyond the C signature.
+/// None beyond the C signature: the handle is only looked up, never dereferenced.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn dspark_cache_seq_cp(cache: *mut dspark_cache, src: u32, dst: u32) -> dspark_status {
     guard("dspark_cache_seq_cp", || handles::get(cache)?.seq_cp(u(src), u(dst)))
@@ -354,7 +370,7 @@ pub unsafe extern "C" fn dspark_cache_seq_cp(cache: *mut dspark_cache, src: u32,
 /// Keeps one sequence; see dspark.h.
 ///
 /// # Safety
-/// None beyond the C signature.
+/// None beyond the C signature: the handle is only looked up, never dereferenced.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn dspark_cache_seq_keep(cache: *mut dspark_cache, seq: u32) -> dspark_status {
     guard("dspark_cache_seq_keep", || handles::get(cache)?.seq_keep(u(seq)))

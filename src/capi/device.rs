@@ -58,9 +58,24 @@ pub struct dspark_stats {
 
 // SAFETY: repr(C), starts with size_t, fields are integers and floats.
 unsafe impl Versioned for dspark_stats {
-    const MIN_SIZE: usize = std::mem::size_of::<dspark_stats>();
+    /// An output struct: any size that holds the `size` field; the fields that fit are written.
+    const MIN_SIZE: usize = std::mem::size_of::<usize>();
     fn defaults() -> Self {
         dspark_stats { size: std::mem::size_of::<Self>(), ..dspark_stats::default() }
+    }
+    fn whole_fields(size: usize) -> usize {
+        use std::mem::{offset_of, size_of};
+        let ends = [
+            offset_of!(dspark_stats, kv_bytes) + size_of::<u64>(),
+            offset_of!(dspark_stats, pages_f16) + size_of::<u64>(),
+            offset_of!(dspark_stats, pages_compressed) + size_of::<u64>(),
+            offset_of!(dspark_stats, cells) + size_of::<u64>(),
+            offset_of!(dspark_stats, elems) + size_of::<u64>(),
+            offset_of!(dspark_stats, bits_per_elem) + size_of::<f64>(),
+            offset_of!(dspark_stats, compression_ratio) + size_of::<f64>(),
+            offset_of!(dspark_stats, attn_calls) + size_of::<u64>(),
+        ];
+        ends.into_iter().filter(|&e| e <= size).max().unwrap_or(size_of::<usize>())
     }
 }
 

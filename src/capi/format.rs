@@ -1,4 +1,4 @@
-//! The saved form of a standalone cache (file-format version 1), in safe Rust.
+//! The saved form of a standalone cache (file-format version 2), in safe Rust.
 //!
 //! All integers little-endian. A 64-byte header, the payload, then a CRC-32 (IEEE) of every
 //! byte before it:
@@ -6,7 +6,7 @@
 //! | offset | field |
 //! |---:|---|
 //! | 0 | magic `DSPARKKV` |
-//! | 8 | u32 file-format version (1) |
+//! | 8 | u32 file-format version (2) |
 //! | 12 | u32 header bytes (64) |
 //! | 16 | u32 n_layer, n_head_kv, n_head, head_dim, max_tokens, n_seq_max |
 //! | 40 | u8 K bits, u8 V bits (0 = f16), u16 cells per page (64) |
@@ -15,32 +15,47 @@
 //! | 56 | u64 reserved (0) |
 //!
 //! Payload: for each sequence, for each layer: u32 length, u32 hole count, then (u32 p0,
-//! u32 p1) per hole. Then for each layer, for K then V, for each sequence: u32 high-water
-//! mark, then per page a u8 tag (0 empty, 1 f16, 2 packed) followed by the page's bytes as
-//! stored (f16 values, or the codec's packed rows). Pages are saved as stored, so a loaded
-//! cache gives bit-identical attention; empty pages cost one byte.
+//! u32 p1) per hole. Then for each layer, for K then V, for each sequence: u32 count of
+//! allocated pages, then per allocated page, in increasing page order: u32 page index, u8
+//! tag (1 f16, 2 packed) and the page's bytes as stored (f16 values, or the codec's packed
+//! rows). Pages are saved as stored, so a loaded cache gives bit-identical attention; only
+//! allocated pages are written, so an image costs what the cache holds, whatever its
+//! `max_tokens` (version 1 wrote one tag per possible page, and is not read any more).
 //!
 //! [`parse`] checks everything (length, magic, version, CRC, shape, then every field of the
-//! payload) and builds a new [`State`]; nothing is changed until it returns `Ok`.
+//! payload: lengths, holes, page counts, indices and tags, every f16 value finite, every packed
+//! row's scale and multipliers in the range the codec writes) and builds a new [`State`];
+//! nothing is changed until it returns `Ok`. The CRC only proves that the bytes are what
+//! some writer wrote; the payload checks refuse what no correct writer writes.
 #![forbid(unsafe_code)]
 
 use half::f16;
 
 use super::error::{fail, Result, DSPARK_ERR_CORRUPT, DSPARK_ERR_MISMATCH, DSPARK_ERR_VERSION};
 use super::store::{Lane, Shape, State};
-use crate::codec::Quant;
-use crate::kv::{KvStore, PageView, PAGE};
+use crate::codec::{layout, Quant};
+use crate::kv::{KvStore, PageView, F16_MAX, PAGE};
+
+/// Largest packed-row scale a correct writer produces, with margin. Stored values are within
+/// the f16 range (`KvStore::write_row` saturates) and the rotation is orthonormal (signs, then
+/// a normalised Hadamard transform over blocks of at most 4096 values), so a rotated value is
+/// at most its block's L2 norm, sqrt(4096) x 65504 = 64 x 65504; the row scale is the largest
+/// group step over 127, and a step is at most that over 2^(bits-1) >= 2: at most 64 x 65504 /
+/// (2 x 127) = 16505, 16640 once rounded up to bf16. 2^16 leaves margin, and keeps every decoded value
+/// (scale x 127 x 128 at most) and every product with a finite query far from overflow.
+pub const MAX_ROW_SCALE: f32 = 65536.0;
+
+const _: () = assert!(64.0 * F16_MAX / (2.0 * 127.0) * 1.01 < MAX_ROW_SCALE);
 
 /// First bytes of every saved cache.
 pub const MAGIC: &[u8; 8] = b"DSPARKKV";
-/// The file-format version written.
-pub const VERSION: u32 = 1;
-/// Header bytes in version 1.
+/// The file-format version written, and the only one read.
+pub const VERSION: u32 = 2;
+/// Header bytes in version 2.
 pub const HEADER: usize = 64;
 /// Trailer (CRC-32) bytes.
 pub const TRAILER: usize = 4;
 
-const TAG_EMPTY: u8 = 0;
 const TAG_F16: u8 = 1;
 const TAG_PACKED: u8 = 2;
 
@@ -150,10 +165,13 @@ fn payload(shape: &Shape, st: &State, s: &mut impl Sink) {
     for lk in &st.layers {
         for store in [&lk.k, &lk.v] {
             for seq in 0..shape.n_seq_max {
-                put_u32(s, store.high_water(seq));
-                for p in 0..shape.pages_per_seq() {
+                let span = store.pages_allocated_span(seq);
+                let allocated = || (0..span).filter(|&p| !matches!(store.page(seq, p), PageView::Empty));
+                put_u32(s, allocated().count());
+                for p in allocated() {
+                    put_u32(s, p);
                     match store.page(seq, p) {
-                        PageView::Empty => s.put(&[TAG_EMPTY]),
+                        PageView::Empty => unreachable!("filtered out"),
                         PageView::F16(d) => {
                             s.put(&[TAG_F16]);
                             s.put_f16(d);
@@ -222,6 +240,10 @@ impl<'a> Reader<'a> {
         }
     }
 
+    fn left(&self) -> usize {
+        self.b.len() - self.pos
+    }
+
     fn u8(&mut self) -> Result<u8> {
         Ok(self.take(1)?[0])
     }
@@ -256,7 +278,13 @@ pub fn parse(bytes: &[u8], shape: &Shape, window: usize) -> Result<State> {
     if version > VERSION {
         return fail(DSPARK_ERR_VERSION, format!("file-format version {version} is newer than this library's ({VERSION})"));
     }
-    if version == 0 || le_u32(bytes, 12) as usize != HEADER {
+    if version == 1 {
+        return fail(
+            DSPARK_ERR_VERSION,
+            format!("file-format version 1 (DSpark before C API version 2) is no longer read; this library reads version {VERSION}"),
+        );
+    }
+    if version != VERSION || le_u32(bytes, 12) as usize != HEADER {
         return corrupt(format!("bad header (version {version}, header size {})", le_u32(bytes, 12)));
     }
     let payload_len = le_u64(bytes, 48);
@@ -289,29 +317,18 @@ pub fn parse(bytes: &[u8], shape: &Shape, window: usize) -> Result<State> {
     let mut r = Reader { b: &bytes[HEADER..body], pos: 0 };
     for lanes in &mut st.lanes {
         for lane in lanes.iter_mut() {
-            let len = r.u32()?;
-            let n_holes = r.u32()?;
-            if len > shape.max_tokens || n_holes > len {
-                return corrupt(format!("lane of {len} tokens with {n_holes} holes"));
-            }
-            let mut holes = Vec::with_capacity(n_holes);
-            let mut prev_end = None;
-            for _ in 0..n_holes {
-                let (a, b) = (r.u32()?, r.u32()?);
-                if a >= b || b > len || prev_end.is_some_and(|e| a <= e) {
-                    return corrupt(format!("bad hole [{a}, {b}) in a lane of {len} tokens"));
-                }
-                prev_end = Some(b);
-                holes.push((a, b));
-            }
-            *lane = Lane { len, holes };
+            *lane = read_lane(&mut r, shape)?;
         }
     }
-    let packed_bytes = |q: Option<Quant>| q.map(|q| shape.page_bytes(Some(q)));
     let f16_vals = shape.page_bytes(None) / 2;
-    for lk in &mut st.layers {
+    for (layer, lk) in st.layers.iter_mut().enumerate() {
         for (store, q) in [(&mut lk.k, shape.format.map(|f| f.k)), (&mut lk.v, shape.format.map(|f| f.v))] {
-            read_store(&mut r, store, shape, f16_vals, packed_bytes(q))?;
+            let packed = q.map(|q| (q, shape.page_bytes(Some(q))));
+            for seq in 0..shape.n_seq_max {
+                let len = st.lanes[seq][layer].len;
+                read_pages(&mut r, store, seq, len, shape, f16_vals, packed)?;
+                store.set_high_water(seq, len);
+            }
         }
     }
     if r.pos != r.b.len() {
@@ -320,34 +337,143 @@ pub fn parse(bytes: &[u8], shape: &Shape, window: usize) -> Result<State> {
     Ok(st)
 }
 
-fn read_store(r: &mut Reader, store: &mut KvStore, shape: &Shape, f16_vals: usize, packed: Option<usize>) -> Result<()> {
-    let mut vals = vec![f16::ZERO; f16_vals];
-    for seq in 0..shape.n_seq_max {
-        let hw = r.u32()?;
-        if hw > shape.max_tokens {
-            return corrupt(format!("high-water mark {hw} beyond max_tokens"));
+/// One lane: its length and holes (sorted, disjoint, not touching, below the length).
+fn read_lane(r: &mut Reader, shape: &Shape) -> Result<Lane> {
+    let len = r.u32()?;
+    let n_holes = r.u32()?;
+    // Holes neither overlap nor touch, so at most every other position starts one; each
+    // takes 8 bytes, so a count the input cannot hold is refused before any allocation.
+    if len > shape.max_tokens || n_holes > len.div_ceil(2) || n_holes * 8 > r.left() {
+        return corrupt(format!("lane of {len} tokens with {n_holes} holes"));
+    }
+    let mut holes = Vec::with_capacity(n_holes);
+    let mut prev_end = None;
+    for _ in 0..n_holes {
+        let (a, b) = (r.u32()?, r.u32()?);
+        if a >= b || b > len || prev_end.is_some_and(|e| a <= e) {
+            return corrupt(format!("bad hole [{a}, {b}) in a lane of {len} tokens"));
         }
-        store.set_high_water(seq, hw);
-        for p in 0..shape.pages_per_seq() {
-            let view = match r.u8()? {
-                TAG_EMPTY => PageView::Empty,
-                TAG_F16 => {
-                    let b = r.take(f16_vals * 2)?;
-                    for (o, x) in vals.iter_mut().zip(b.chunks_exact(2)) {
-                        *o = f16::from_bits(u16::from_le_bytes([x[0], x[1]]));
+        prev_end = Some(b);
+        holes.push((a, b));
+    }
+    Ok(Lane { len, holes })
+}
+
+/// The allocated pages of one stream of a store, whose lane holds `len` tokens.
+fn read_pages(
+    r: &mut Reader,
+    store: &mut KvStore,
+    seq: usize,
+    len: usize,
+    shape: &Shape,
+    f16_vals: usize,
+    packed: Option<(Quant, usize)>,
+) -> Result<()> {
+    let limit = len.div_ceil(PAGE);
+    let n_pages = r.u32()?;
+    if n_pages > limit {
+        return corrupt(format!("{n_pages} pages for a sequence of {len} tokens"));
+    }
+    let mut vals = vec![f16::ZERO; f16_vals];
+    let mut prev = None;
+    for _ in 0..n_pages {
+        let p = r.u32()?;
+        if p >= limit || prev.is_some_and(|q| p <= q) {
+            return corrupt(format!("page {p} out of order or beyond a sequence of {len} tokens"));
+        }
+        prev = Some(p);
+        let view = match r.u8()? {
+            TAG_F16 => {
+                let b = r.take(f16_vals * 2)?;
+                for (o, x) in vals.iter_mut().zip(b.chunks_exact(2)) {
+                    *o = f16::from_bits(u16::from_le_bytes([x[0], x[1]]));
+                    if !o.is_finite() {
+                        return corrupt(format!("non-finite f16 value in page {p}"));
                     }
-                    PageView::F16(&vals)
                 }
-                TAG_PACKED => match packed {
-                    Some(n) => PageView::Packed(r.take(n)?),
-                    None => return corrupt("packed page in an f16 store"),
-                },
-                t => return corrupt(format!("bad page tag {t}")),
-            };
-            if let Err(e) = store.set_page(seq, p, view) {
-                return corrupt(e);
+                PageView::F16(&vals)
             }
+            TAG_PACKED => match packed {
+                Some((q, n)) => {
+                    let b = r.take(n)?;
+                    check_packed_rows(b, q, shape.head_dim).or_else(|e| corrupt(format!("page {p}: {e}")))?;
+                    PageView::Packed(b)
+                }
+                None => return corrupt("packed page in an f16 store"),
+            },
+            t => return corrupt(format!("bad page tag {t}")),
+        };
+        if let Err(e) = store.set_page(seq, p, view) {
+            return corrupt(e);
         }
     }
     Ok(())
+}
+
+/// Checks every row of a packed page: a row scale that is a non-negative finite bf16 up to
+/// [`MAX_ROW_SCALE`], and group multipliers in -127..=127 (the codec never writes -128).
+/// Codes need no check: every bit pattern is a code.
+fn check_packed_rows(page: &[u8], q: Quant, head_dim: usize) -> std::result::Result<(), String> {
+    let rb = layout::row_bytes(q.bits(), head_dim);
+    let groups = head_dim / layout::GROUP;
+    for (i, row) in page.chunks_exact(rb).enumerate() {
+        let s = layout::row_scale(row);
+        // The sign bit refuses -0 and negatives (NaN included); then NaN, +inf and big values.
+        if row[1] & 0x80 != 0 || s.is_nan() || s > MAX_ROW_SCALE {
+            return Err(format!("row {i} has scale {s}, outside 0..={MAX_ROW_SCALE}"));
+        }
+        if let Some(g) = row[layout::HEADER..layout::HEADER + groups].iter().position(|&m| m == 0x80) {
+            return Err(format!("row {i} has group multiplier -128 in group {g}"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::RowCodec;
+
+    /// The row checks never refuse what the codec writes for values in the f16 range, down
+    /// to the worst case: a row that the rotation concentrates into one value of 64 x 65504.
+    #[test]
+    fn packed_row_checks_accept_every_row_the_codec_writes() {
+        for d in [32, 64, 96, 128, 4096] {
+            let mut worst = vec![0.0f32; d];
+            worst[0] = (crate::codec::block_len(d) as f32).sqrt() * F16_MAX;
+            crate::codec::unrotate(&mut worst);
+            assert!(worst.iter().all(|x| x.abs() <= F16_MAX * 1.0001), "d {d}");
+            let worst: Vec<f32> = worst.iter().map(|x| x.clamp(-F16_MAX, F16_MAX)).collect();
+            let alternating: Vec<f32> = (0..d).map(|i| if i % 3 == 0 { -F16_MAX } else { F16_MAX }).collect();
+            let tiny: Vec<f32> = (0..d).map(|i| 1e-7 * i as f32).collect();
+            for q in [Quant::Q8, Quant::Q4, Quant::Q3, Quant::Q2] {
+                let c = RowCodec::new(q, d).unwrap();
+                let mut row = vec![0u8; c.row_bytes()];
+                for x in [&worst, &alternating, &tiny, &vec![0.0; d]] {
+                    c.encode(x, &mut row);
+                    check_packed_rows(&row, q, d).unwrap_or_else(|e| panic!("d {d}, {q:?}: {e}"));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn packed_row_checks_refuse_bad_scales_and_multipliers() {
+        let q = Quant::Q4;
+        let c = RowCodec::new(q, 64).unwrap();
+        let mut row = vec![0u8; c.row_bytes()];
+        c.encode(&[1.0; 64], &mut row);
+        assert!(check_packed_rows(&row, q, 64).is_ok());
+        let bf16 = |x: f32| u16::try_from(x.to_bits() >> 16).unwrap().to_le_bytes();
+        for (scale, ok) in [(MAX_ROW_SCALE, true), (MAX_ROW_SCALE * 1.01, false), (-0.0, false), (-1.0, false), (f32::INFINITY, false), (f32::NAN, false)] {
+            let mut r = row.clone();
+            r[..2].copy_from_slice(&bf16(scale));
+            assert_eq!(check_packed_rows(&r, q, 64).is_ok(), ok, "scale {scale}");
+        }
+        let mut r = row.clone();
+        r[3] = 0x80;
+        assert!(check_packed_rows(&r, q, 64).is_err());
+        r[3] = 0x81; // -127
+        assert!(check_packed_rows(&r, q, 64).is_ok());
+    }
 }

@@ -45,6 +45,12 @@ pub(crate) unsafe trait Versioned: Copy {
     const MIN_SIZE: usize;
     /// The struct's defaults, `size` set.
     fn defaults() -> Self;
+    /// Bytes of this library's struct that a caller's struct of `size` bytes holds as whole
+    /// fields (what [`write_versioned`] writes). The default suits structs whose `MIN_SIZE`
+    /// is their full size; output structs that accept smaller sizes round down to a field.
+    fn whole_fields(size: usize) -> usize {
+        size.min(std::mem::size_of::<Self>())
+    }
 }
 
 /// Reads a caller's versioned struct: `size` must be at least `T::MIN_SIZE`; bytes beyond
@@ -71,8 +77,9 @@ pub(crate) unsafe fn read_versioned<T: Versioned>(p: *const T, what: &str) -> Re
     Ok(out)
 }
 
-/// Writes `value` into a caller's versioned struct: only the fields that fit in the caller's
-/// `size` are written, bytes beyond this library's struct are zeroed, `size` is kept.
+/// Writes `value` into a caller's versioned struct: only the fields that fit whole in the
+/// caller's `size` are written (a field cut by `size` is left untouched), bytes beyond this
+/// library's struct are zeroed, `size` is kept.
 ///
 /// # Safety
 /// `p` is NULL or points to a writable struct whose first field is an initialised `size_t`
@@ -83,10 +90,12 @@ pub(crate) unsafe fn write_versioned<T: Versioned>(p: *mut T, value: &T, what: &
     let ours = std::mem::size_of::<T>();
     let dst = p.cast::<u8>();
     let skip = std::mem::size_of::<usize>();
-    // SAFETY: 1. `size` bytes at p are writable (caller); we write bytes skip..min(size,
-    // ours) from `value` and zero bytes ours..size. 2. `value` is a distinct Rust object.
+    let whole = T::whole_fields(size).clamp(skip, ours);
+    // SAFETY: 1. `size` bytes at p are writable (caller); we write bytes skip..whole (whole
+    // <= min(size, ours)) from `value` and zero bytes ours..size. 2. `value` is a distinct
+    // Rust object.
     unsafe {
-        std::ptr::copy_nonoverlapping(std::ptr::from_ref(value).cast::<u8>().add(skip), dst.add(skip), size.min(ours) - skip);
+        std::ptr::copy_nonoverlapping(std::ptr::from_ref(value).cast::<u8>().add(skip), dst.add(skip), whole - skip);
         if size > ours {
             std::ptr::write_bytes(dst.add(ours), 0, size - ours);
         }
@@ -149,7 +158,7 @@ fn check_ptr<T>(p: *const T, len: usize, what: &str) -> Result<()> {
     if !p.is_aligned() {
         return fail(DSPARK_ERR_ARG, format!("{what} is not aligned for its element type"));
     }
-    if len.checked_mul(std::mem::size_of::<T>()).map_or(true, |b| b > isize::MAX as usize) {
+    if len.checked_mul(std::mem::size_of::<T>()).is_none_or(|b| b > isize::MAX as usize) {
         return fail(DSPARK_ERR_ARG, format!("{what}: {len} elements is too large"));
     }
     Ok(())

@@ -93,11 +93,38 @@ mod tests {
         assert!(config_from_env(env(&[("DSPARK_WINDOW", "-1")])).unwrap_err().contains("DSPARK_WINDOW"));
     }
 
+    unsafe extern "C" {
+        /// `ffi/abi_check.c`: GGML_BACKEND_API_VERSION as the C compiler reads it from the
+        /// vendored ggml-backend-impl.h.
+        fn dspark_abi_check_api_version() -> c_int;
+    }
+
+    /// The api_version of a registry object (ggml's `struct ggml_backend_reg`).
+    ///
+    /// # Safety
+    /// `reg` is a live `ggml_backend_reg_t`.
+    unsafe fn api_version(reg: ll::ggml_backend_reg_t) -> i32 {
+        assert!(!reg.is_null(), "NULL registry");
+        // SAFETY: non-null, and the caller guarantees a live registry object, whose layout
+        // ggml::sys mirrors from ggml-backend-impl.h.
+        unsafe { (*reg.cast::<ggml::sys::ggml_backend_reg>()).api_version }
+    }
+
+    /// The registry the plugin hands to the host carries the version that ggml itself was
+    /// built with: the CPU backend's registry, which ggml fills from its own
+    /// GGML_BACKEND_API_VERSION, is the host's side of the check that ggml's loader makes
+    /// (`reg->api_version != GGML_BACKEND_API_VERSION` refuses a plugin). The C compiler's
+    /// reading of the vendored header must agree too.
     #[test]
     fn registry_has_the_host_api_version() {
         let reg = plugin_init().expect("default environment");
-        // SAFETY: the registry object lives for the whole process.
-        let v = unsafe { (*reg.cast::<ggml::sys::ggml_backend_reg>()).api_version };
-        assert_eq!(v, ggml::sys::GGML_BACKEND_API_VERSION as i32);
+        // SAFETY: plugin_init returns DSpark's registry, which lives for the whole process.
+        let ours = unsafe { api_version(reg) };
+        // SAFETY: ggml_backend_cpu_reg takes no arguments and returns ggml's static registry.
+        let ggml_cpu = unsafe { api_version(ll::ggml_backend_cpu_reg()) };
+        // SAFETY: a C function without arguments (ffi/abi_check.c).
+        let header = unsafe { dspark_abi_check_api_version() };
+        assert_eq!(ours, ggml_cpu, "DSpark's registry has api_version {ours}, ggml's CPU registry {ggml_cpu}");
+        assert_eq!(ours, header, "DSpark's registry has api_version {ours}, ggml-backend-impl.h says {header}");
     }
 }

@@ -12,14 +12,20 @@ use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use half::f16;
 
-use super::error::{fail, Result, DSPARK_ERR_ARG, DSPARK_ERR_FORMAT, DSPARK_ERR_FULL, DSPARK_ERR_RANGE};
+use super::error::{fail, Error, Result, DSPARK_ERR_ARG, DSPARK_ERR_FORMAT, DSPARK_ERR_FULL, DSPARK_ERR_RANGE};
 use crate::attn::{self, FaParams, Mask};
 use crate::codec::{Format, RowCodec};
 use crate::kv::{KvStore, PageView, StoreConfig, PAGE};
 
-/// Largest page-table footprint a shape may need (1 GiB): about 2^31 tokens x layers x
-/// sequences in total.
-const MAX_TABLE_BYTES: u128 = 1 << 30;
+/// Most memory an empty cache may take (256 MiB). Pages and page tables grow as tokens
+/// arrive, so an empty cache costs the same whatever `max_tokens` is: see
+/// [`Shape::fixed_bytes`]. Real models (a few hundred layers x 256 sequences, head_dim up
+/// to 512) need a few MiB; a shape above the budget is a typo, not a model.
+pub const MAX_FIXED_BYTES: u128 = 256 << 20;
+
+/// Fixed bytes of one (layer, sequence) lane: its [`Lane`] and a K and a V stream (a page
+/// table header, a clock and a high-water mark), rounded up.
+const LANE_BYTES: u128 = 160;
 
 /// Most threads one attention call may use.
 pub const MAX_THREADS: usize = 256;
@@ -62,10 +68,10 @@ impl Shape {
                 return fail(DSPARK_ERR_ARG, format!("{name} must be at least 1"));
             }
         }
-        if s.n_head % s.n_head_kv != 0 {
+        if !s.n_head.is_multiple_of(s.n_head_kv) {
             return fail(DSPARK_ERR_ARG, format!("n_head {} is not a multiple of n_head_kv {}", s.n_head, s.n_head_kv));
         }
-        if s.head_dim % 32 != 0 || s.head_dim > crate::codec::MAX_HEAD_DIM {
+        if !s.head_dim.is_multiple_of(32) || s.head_dim > crate::codec::MAX_HEAD_DIM {
             return fail(DSPARK_ERR_ARG, format!("head_dim {} is not a multiple of 32 up to {}", s.head_dim, crate::codec::MAX_HEAD_DIM));
         }
         // Cells of all sequences are addressed with one usize, and positions are i32 in the API.
@@ -73,13 +79,23 @@ impl Shape {
         if s.max_tokens > i32::MAX as usize || cells.is_none() {
             return fail(DSPARK_ERR_ARG, "max_tokens x n_seq_max is too large");
         }
-        // Pages are allocated as tokens arrive, but the page tables are not: refuse shapes
-        // whose tables alone would take more than MAX_TABLE_BYTES (a typo, not a model).
-        let tables = (s.pages_per_seq() as u128) * (s.n_seq_max as u128) * (s.n_layer as u128) * 2 * 32;
-        if tables > MAX_TABLE_BYTES {
-            return fail(DSPARK_ERR_ARG, format!("n_layer x n_seq_max x max_tokens is too large (page tables of {tables} bytes)"));
+        let fixed = s.fixed_bytes();
+        if fixed > MAX_FIXED_BYTES {
+            return fail(
+                DSPARK_ERR_ARG,
+                format!("n_layer {} x n_seq_max {} (head_dim {}): an empty cache would take {fixed} bytes, more than {MAX_FIXED_BYTES}", s.n_layer, s.n_seq_max, s.head_dim),
+            );
         }
         Ok(())
+    }
+
+    /// About the bytes of an empty cache of this shape: per layer, a K and a V store with a
+    /// page of zeros for one head (`PAGE x head_dim` f16 values, what never-written cells
+    /// read as), and per (layer, sequence) [`LANE_BYTES`].
+    #[must_use]
+    pub fn fixed_bytes(&self) -> u128 {
+        let per_layer = 2 * (PAGE as u128 * self.head_dim as u128 * 2 + 256);
+        self.n_layer as u128 * (per_layer + self.n_seq_max as u128 * LANE_BYTES)
     }
 
     /// Values per cell (all KV heads).
@@ -142,6 +158,43 @@ impl Lane {
                 _ => self.holes.push((a, b)),
             }
         }
+    }
+
+    /// Whether position `p` holds a token (below the length, not in a hole).
+    fn is_live(&self, p: usize) -> bool {
+        p < self.len && !self.is_hole(p)
+    }
+
+    /// The runs of positions that hold tokens: the complement of the holes in `[0, len)`.
+    fn live_runs(&self) -> Vec<(usize, usize)> {
+        let mut runs = Vec::with_capacity(self.holes.len() + 1);
+        let mut at = 0;
+        for &(a, b) in &self.holes {
+            if at < a {
+                runs.push((at, a));
+            }
+            at = b;
+        }
+        if at < self.len {
+            runs.push((at, self.len));
+        }
+        runs
+    }
+
+    /// The lane of `len` positions whose tokens are `runs` (sorted, disjoint).
+    fn from_runs(len: usize, runs: &[(usize, usize)]) -> Lane {
+        let mut holes = Vec::new();
+        let mut at = 0;
+        for &(a, b) in runs {
+            if at < a {
+                holes.push((at, a));
+            }
+            at = at.max(b);
+        }
+        if at < len {
+            holes.push((at, len));
+        }
+        Lane { len, holes }
     }
 
     /// Drops positions from `p0` on.
@@ -400,12 +453,16 @@ impl Cache {
     }
 
     /// Removes positions `[p0, p1)` (`p1 = None`: to the end) of `seq` (`None`: all).
+    /// `p1 <= p0` does nothing.
     ///
     /// # Errors
-    /// `DSPARK_ERR_RANGE`.
+    /// `DSPARK_ERR_RANGE` for a sequence out of range or `p0 > max_tokens`.
     pub fn seq_rm(&self, seq: Option<usize>, p0: usize, p1: Option<usize>) -> Result<()> {
         if let Some(s) = seq {
             check_range("sequence", s, self.shape.n_seq_max)?;
+        }
+        if p0 > self.shape.max_tokens {
+            return fail(DSPARK_ERR_RANGE, format!("p0 {p0} is beyond max_tokens {}", self.shape.max_tokens));
         }
         let sh = self.shape;
         let mut st = self.write();
@@ -420,7 +477,8 @@ impl Cache {
                     lane.truncate(p0);
                     let lk = &mut st.layers[layer];
                     for store in [&mut lk.k, &mut lk.v] {
-                        for p in p0.div_ceil(PAGE)..sh.pages_per_seq() {
+                        // Only the pages the table holds: pages beyond it are empty already.
+                        for p in p0.div_ceil(PAGE)..store.pages_allocated_span(s) {
                             store.set_page(s, p, PageView::Empty).expect("page in range");
                         }
                         let hw = store.high_water(s).min(p0);
@@ -432,12 +490,53 @@ impl Cache {
                     let first = a.div_ceil(PAGE);
                     let lk = &mut st.layers[layer];
                     for store in [&mut lk.k, &mut lk.v] {
-                        for p in first..b / PAGE {
+                        for p in first..(b / PAGE).min(store.pages_allocated_span(s)) {
                             store.set_page(s, p, PageView::Empty).expect("page in range");
                         }
                     }
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Moves the tokens at positions `[p0, p1)` (`p1 = None`: to the end) of `seq` (`None`:
+    /// all) to positions `p + delta`, in every layer: their rows move to the cells of the new
+    /// positions as stored (see [`shift_pages`]). The positions they leave become holes, or
+    /// past the end when the range reached the end (the length then moves by `delta`).
+    /// `p1 <= p0` or `delta == 0` does nothing. All or nothing: every lane is checked first.
+    ///
+    /// # Errors
+    /// `DSPARK_ERR_RANGE` for a sequence out of range, `p0 > max_tokens`, or a token moved
+    /// below 0 or to `max_tokens` or beyond; `DSPARK_ERR_ARG` if `[p0 + delta, p1 + delta)`
+    /// holds a token that is not moved.
+    pub fn seq_add(&self, seq: Option<usize>, p0: usize, p1: Option<usize>, delta: i64) -> Result<()> {
+        if let Some(s) = seq {
+            check_range("sequence", s, self.shape.n_seq_max)?;
+        }
+        let sh = self.shape;
+        if p0 > sh.max_tokens {
+            return fail(DSPARK_ERR_RANGE, format!("p0 {p0} is beyond max_tokens {}", sh.max_tokens));
+        }
+        let mut st = self.write();
+        // Plan every lane first, so that a refusal changes nothing.
+        let mut plans = Vec::new();
+        for s in seq.map_or(0..sh.n_seq_max, |s| s..s + 1) {
+            for layer in 0..sh.n_layer {
+                if let Some(plan) = plan_shift(&st.lanes[s][layer], p0, p1, delta, sh.max_tokens)
+                    .map_err(|e| Error::new(e.code, format!("sequence {s}, layer {layer}: {}", e.msg)))?
+                {
+                    plans.push((s, layer, plan));
+                }
+            }
+        }
+        for (s, layer, plan) in plans {
+            let lk = &mut st.layers[layer];
+            for (store, q) in [(&mut lk.k, sh.format.map(|f| f.k)), (&mut lk.v, sh.format.map(|f| f.v))] {
+                shift_pages(store, q, s, &plan);
+                store.set_high_water(s, plan.lane.len);
+            }
+            st.lanes[s][layer] = plan.lane;
         }
         Ok(())
     }
@@ -452,11 +551,11 @@ impl Cache {
         if src == dst {
             return Ok(());
         }
-        let pps = self.shape.pages_per_seq();
         let mut st = self.write();
         for lk in &mut st.layers {
             for store in [&mut lk.k, &mut lk.v] {
-                for p in 0..pps {
+                // Pages beyond both tables are empty in both streams.
+                for p in 0..store.pages_allocated_span(src).max(store.pages_allocated_span(dst)) {
                     let owned = OwnedPage::of(store.page(src, p));
                     store.set_page(dst, p, owned.view()).expect("same store, same page size");
                 }
@@ -498,6 +597,142 @@ impl Cache {
         }
         s.elems = s.cells * self.shape.row_len() as u64;
         s
+    }
+}
+
+/// A planned move of one lane's tokens (see [`Cache::seq_add`]).
+#[derive(Debug)]
+struct ShiftPlan {
+    /// First position moved.
+    p0: usize,
+    /// One past the last position moved (at most the lane's length).
+    end: usize,
+    /// How far they move.
+    delta: i64,
+    /// The lane after the move.
+    lane: Lane,
+}
+
+/// Checks a move of `lane`'s positions `[p0, p1)` by `delta` and plans it; `None` when it
+/// moves nothing.
+fn plan_shift(lane: &Lane, p0: usize, p1: Option<usize>, delta: i64, max_tokens: usize) -> Result<Option<ShiftPlan>> {
+    let len = lane.len;
+    let end = p1.unwrap_or(usize::MAX).min(len);
+    if delta == 0 || p0 >= end {
+        return Ok(None);
+    }
+    // Positions fit i32 (checked at creation), so these cannot overflow an i64.
+    let (d0, d1) = (p0 as i64 + delta, end as i64 + delta);
+    if d0 < 0 || d1 > max_tokens as i64 {
+        return fail(DSPARK_ERR_RANGE, format!("positions [{p0}, {end}) would move to [{d0}, {d1}), outside 0..{max_tokens}"));
+    }
+    let (d0, d1) = (d0 as usize, d1 as usize);
+    let mut runs = Vec::new();
+    for (a, b) in lane.live_runs() {
+        for (x, y) in [(a, b.min(p0)), (a.max(end), b)] {
+            if x < y {
+                if x < d1 && d0 < y {
+                    return fail(DSPARK_ERR_ARG, format!("positions [{x}, {y}) hold tokens that are not moved, inside the target [{d0}, {d1})"));
+                }
+                runs.push((x, y));
+            }
+        }
+        let (x, y) = (a.max(p0), b.min(end));
+        if x < y {
+            runs.push(((x as i64 + delta) as usize, (y as i64 + delta) as usize));
+        }
+    }
+    runs.sort_unstable();
+    let new_len = if end == len { d1 } else { len.max(d1) };
+    Ok(Some(ShiftPlan { p0, end, delta, lane: Lane::from_runs(new_len, &runs) }))
+}
+
+impl ShiftPlan {
+    /// The old cell whose row cell `c` holds after the move (`None`: no token there).
+    fn source(&self, c: usize) -> Option<usize> {
+        if !self.lane.is_live(c) {
+            return None;
+        }
+        let from = c as i64 - self.delta;
+        Some(if (self.p0 as i64..self.end as i64).contains(&from) { from as usize } else { c })
+    }
+
+    /// Cells whose content may change.
+    fn span(&self) -> std::ops::Range<usize> {
+        let moved = |p: usize| (p as i64 + self.delta) as usize;
+        self.p0.min(moved(self.p0))..self.end.max(moved(self.end))
+    }
+}
+
+/// Applies `plan` to one stream of a store whose code width is `quant`: rebuilds every page
+/// of the plan's span from the old rows, as stored. A page whose rows all come from
+/// compressed pages is compressed (rows copied byte for byte), one whose rows all come from
+/// f16 pages is f16 (values copied); a page that mixes both is compressed (its f16 rows
+/// encoded, as compaction would). The stream's first page is always f16, as compaction
+/// keeps it (it holds the attention sinks): compressed rows moved into it are decoded. A
+/// page without tokens is freed.
+fn shift_pages(store: &mut KvStore, quant: Option<crate::codec::Quant>, s: usize, plan: &ShiftPlan) {
+    let (d, nh) = (store.head_dim(), store.n_head());
+    let codec = quant.map(|q| RowCodec::new(q, d).expect("head_dim checked at creation"));
+    let rb = codec.map_or(0, |c| c.row_bytes());
+    let mut zero_row = vec![0u8; rb];
+    if let Some(c) = codec {
+        c.encode(&vec![0.0; d], &mut zero_row);
+    }
+    let mut tmp = vec![0.0f32; d];
+    let span = plan.span();
+    let mut new_pages = Vec::new();
+    for p in span.start / PAGE..span.end.div_ceil(PAGE) {
+        let srcs: Vec<Option<usize>> = (0..PAGE).map(|slot| plan.source(p * PAGE + slot)).collect();
+        let any_packed = srcs.iter().flatten().any(|&c| matches!(store.page(s, c / PAGE), PageView::Packed(_)));
+        let page = if srcs.iter().all(Option::is_none) {
+            OwnedPage::Empty
+        } else if let Some(c) = codec.filter(|_| any_packed && p != 0) {
+            let mut out = vec![0u8; nh * PAGE * rb];
+            for (slot, src) in srcs.iter().enumerate() {
+                for h in 0..nh {
+                    let dst = &mut out[(h * PAGE + slot) * rb..][..rb];
+                    let Some(cell) = *src else {
+                        dst.copy_from_slice(&zero_row);
+                        continue;
+                    };
+                    let ss = cell % PAGE;
+                    match store.page(s, cell / PAGE) {
+                        PageView::Packed(data) => dst.copy_from_slice(&data[(h * PAGE + ss) * rb..][..rb]),
+                        PageView::F16(data) => {
+                            tmp.iter_mut().zip(&data[(h * PAGE + ss) * d..][..d]).for_each(|(o, x)| *o = x.to_f32());
+                            c.encode(&tmp, dst);
+                        }
+                        PageView::Empty => dst.copy_from_slice(&zero_row),
+                    }
+                }
+            }
+            OwnedPage::Packed(out)
+        } else {
+            let mut out = vec![f16::ZERO; nh * PAGE * d];
+            for (slot, src) in srcs.iter().enumerate() {
+                let Some(cell) = *src else { continue };
+                let ss = cell % PAGE;
+                for h in 0..nh {
+                    let dst = &mut out[(h * PAGE + slot) * d..][..d];
+                    match store.page(s, cell / PAGE) {
+                        PageView::F16(data) => dst.copy_from_slice(&data[(h * PAGE + ss) * d..][..d]),
+                        PageView::Packed(data) => {
+                            let c = codec.expect("a packed page has a codec");
+                            c.decode(&data[(h * PAGE + ss) * rb..][..rb], &mut tmp);
+                            let sat = crate::kv::F16_MAX;
+                            dst.iter_mut().zip(&tmp).for_each(|(o, &x)| *o = f16::from_f32(x.clamp(-sat, sat)));
+                        }
+                        PageView::Empty => {}
+                    }
+                }
+            }
+            OwnedPage::F16(out)
+        };
+        new_pages.push((p, page));
+    }
+    for (p, page) in new_pages {
+        store.set_page(s, p, page.view()).expect("pages built for this store");
     }
 }
 
@@ -548,6 +783,67 @@ mod tests {
 
     fn args() -> AttnArgs<'static> {
         AttnArgs { scale: 0.2, max_bias: 0.0, softcap: 0.0, causal: true, mask: None, sinks: None, n_threads: 1 }
+    }
+
+    #[test]
+    fn format_names_are_exact_and_lowercase() {
+        assert_eq!(parse_format("f16").unwrap(), None);
+        assert_eq!(parse_format("k4v3").unwrap().unwrap().name(), "k4v3");
+        for bad in [" k4v4", "k4v4 ", "k04v4", "k+4v4", "k4v+4", "K4V4", "k4V4", "F16", "f16 ", "k4v4\n", ""] {
+            assert_eq!(parse_format(bad).unwrap_err().code, DSPARK_ERR_FORMAT, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn empty_cache_budget() {
+        let s = |n_layer, n_seq_max, head_dim| Shape { n_layer, n_seq_max, head_dim, max_tokens: i32::MAX as usize, ..shape("k4v4") };
+        // 2^31 positions, real shapes: fine; the budget counts layers and lanes, not positions.
+        assert!(s(200, 256, 128).validate().is_ok());
+        assert!(s(126, 1, 4096).validate().is_ok());
+        assert_eq!(s(10_000, 1000, 64).validate().unwrap_err().code, DSPARK_ERR_ARG);
+        assert_eq!(s(1000, 1, 4096).validate().unwrap_err().code, DSPARK_ERR_ARG);
+        // The estimate covers what an empty cache really holds per layer.
+        let shape = s(30, 1, 64);
+        let c = Cache::new(shape, 128, 1).unwrap();
+        assert_eq!(c.stats().kv_bytes, 0);
+        assert!(shape.fixed_bytes() >= 30 * 2 * (PAGE as u128 * 64 * 2));
+    }
+
+    #[test]
+    fn shifts_move_rows_as_stored_and_keep_the_first_page_f16() {
+        let c = Cache::new(Shape { n_layer: 1, n_seq_max: 1, ..shape("k4v4") }, 0, 1).unwrap();
+        let rl = c.shape.row_len();
+        c.append(0, 0, &rows(200, rl, 1), &rows(200, rl, 2), 200).unwrap();
+        c.seq_rm(Some(0), 0, Some(64)).unwrap();
+        let q = rows(3, 4 * 32, 3);
+        let (mut before, mut after) = (vec![0.0; q.len()], vec![0.0; q.len()]);
+        c.attn(0, 0, &q, 3, &args(), &mut before).unwrap();
+        c.seq_add(Some(0), 64, None, -64).unwrap();
+        assert_eq!(c.seq_len(0, 0).unwrap(), 136);
+        // Page 0 <- page 1 (compressed, decoded into f16), pages 1, 2 <- 2, 3 (bytes copied).
+        let s = c.stats();
+        assert_eq!((s.pages_f16, s.pages_compressed, s.cells), (2, 4, 2 * 136));
+        c.attn(0, 0, &q, 3, &args(), &mut after).unwrap();
+        let err = before.iter().zip(&after).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(err < 1e-2, "the same tokens at new positions attend differently: {err}");
+    }
+
+    #[test]
+    fn shift_plans() {
+        let lane = Lane { len: 200, holes: vec![(4, 104)] };
+        let p = plan_shift(&lane, 104, None, -100, 256).unwrap().unwrap();
+        assert_eq!(p.lane, Lane { len: 100, holes: vec![] });
+        assert_eq!((p.source(3), p.source(4), p.source(99), p.source(100)), (Some(3), Some(104), Some(199), None));
+        let up = plan_shift(&Lane { len: 50, holes: vec![] }, 40, None, 6, 256).unwrap().unwrap();
+        assert_eq!(up.lane, Lane { len: 56, holes: vec![(40, 46)] });
+        assert!(plan_shift(&lane, 0, Some(3), 0, 256).unwrap().is_none());
+        assert!(plan_shift(&lane, 200, None, -5, 256).unwrap().is_none());
+        assert_eq!(plan_shift(&lane, 0, None, -1, 256).unwrap_err().code, DSPARK_ERR_RANGE);
+        assert_eq!(plan_shift(&lane, 150, None, 57, 256).unwrap_err().code, DSPARK_ERR_RANGE);
+        assert_eq!(plan_shift(&lane, 120, Some(150), -10, 256).unwrap_err().code, DSPARK_ERR_ARG);
+        // Into a hole, in the middle: fine.
+        let mid = plan_shift(&lane, 104, Some(120), -50, 256).unwrap().unwrap();
+        assert_eq!(mid.lane, Lane { len: 200, holes: vec![(4, 54), (70, 120)] });
     }
 
     #[test]

@@ -128,21 +128,20 @@ impl Format {
         Format { k: Quant::Q4, v: Quant::Q2 },
     ];
 
-    /// Parses a name like `k4v3`.
+    /// Parses a name like `k4v3`: exactly `k<b>v<b>` with each `<b>` one digit of 8, 4, 3, 2,
+    /// lowercase, nothing around it (no spaces, signs or leading zeros), so that a name is
+    /// accepted if and only if it is some format's [`Format::name`].
     ///
     /// # Errors
     /// If the name is not `k{8,4,3,2}v{8,4,3,2}`.
     pub fn parse(name: &str) -> Result<Format, String> {
-        let bad = || format!("bad KV format {name:?}: expected k{{8,4,3,2}}v{{8,4,3,2}}, e.g. k4v4");
-        let rest = name.trim().to_ascii_lowercase();
-        let rest = rest.strip_prefix('k').ok_or_else(bad)?;
-        let (k, v) = rest.split_once('v').ok_or_else(bad)?;
-        let k = k.parse::<u32>().map_err(|_| bad())?;
-        let v = v.parse::<u32>().map_err(|_| bad())?;
-        Ok(Format {
-            k: Quant::from_bits(k).map_err(|_| bad())?,
-            v: Quant::from_bits(v).map_err(|_| bad())?,
-        })
+        let bad = || format!("bad KV format {name:?}: expected k{{8,4,3,2}}v{{8,4,3,2}} in lowercase, e.g. k4v4");
+        // One byte per width: from_bits accepts 8, 4, 3, 2 and refuses every other byte.
+        let width = |c: &u8| Quant::from_bits(u32::from(c.wrapping_sub(b'0'))).map_err(|_| bad());
+        match name.as_bytes() {
+            [b'k', k, b'v', v] => Ok(Format { k: width(k)?, v: width(v)? }),
+            _ => Err(bad()),
+        }
     }
 
     /// The canonical name, e.g. `k4v3`.

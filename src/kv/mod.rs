@@ -25,6 +25,9 @@ use crate::codec::{Quant, RowCodec};
 /// Cells per page.
 pub const PAGE: usize = 64;
 
+/// Largest finite f16 value: what [`KvStore::write_row`] saturates to.
+pub const F16_MAX: f32 = 65504.0;
+
 /// Figures of a set of KV stores: a llama.cpp context's (`ggml::Stats`) or a standalone
 /// cache's (C API).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -293,7 +296,9 @@ impl KvStore {
     }
 
     /// Writes one cell (`row.len() == row_len()`, head after head): a new row, which makes
-    /// its page recent.
+    /// its page recent. Values are stored as an
+    /// f16 KV cache holds them: finite values beyond the f16 range saturate to ±65504 and
+    /// non-finite values are stored as 0, in f16 and in compressed pages alike.
     pub fn write_row(&mut self, gcell: usize, row: &[f32]) {
         self.put_row(gcell, row, true);
     }
@@ -306,6 +311,13 @@ impl KvStore {
 
     fn put_row(&mut self, gcell: usize, row: &[f32], new: bool) {
         assert_eq!(row.len(), self.row_len());
+        let clamped: Vec<f32>;
+        let row = if row.iter().all(|x| x.abs() <= F16_MAX) {
+            row
+        } else {
+            clamped = row.iter().map(|&x| if x.is_finite() { x.clamp(-F16_MAX, F16_MAX) } else { 0.0 }).collect();
+            &clamped
+        };
         let (s, p, slot) = self.locate(gcell);
         let (d, nh) = (self.head_dim, self.n_head);
         let codec = self.codec;

@@ -309,17 +309,22 @@ static void test_create_errors(void) {
     EXPECT(DSPARK_ERR_ARG, dspark_cache_new(&q, &c));
     q = p; q.head_dim = 8192;
     EXPECT(DSPARK_ERR_ARG, dspark_cache_new(&q, &c));
-    q = p; q.n_layer = 1000; q.n_seq_max = 1000; q.max_tokens = 0x7fffffff;
-    EXPECT(DSPARK_ERR_ARG, dspark_cache_new(&q, &c)); /* page tables alone would be huge */
+    q = p; q.n_layer = 10000; q.n_seq_max = 1000; q.max_tokens = 0x7fffffff;
+    EXPECT(DSPARK_ERR_ARG, dspark_cache_new(&q, &c)); /* 10^7 lanes: over 1 GB when empty */
+    q = p; q.n_layer = 1000; q.head_dim = 4096;
+    EXPECT(DSPARK_ERR_ARG, dspark_cache_new(&q, &c)); /* 1000 x 1 MB of zero pages */
     q = p; q.max_tokens = 0x80000000u;
     EXPECT(DSPARK_ERR_ARG, dspark_cache_new(&q, &c)); /* positions are int32_t */
-    const char *bad[] = {"k5v4", "", "f32", "k4", "q4_0", "k4v4x"};
+    /* Names are exact and lowercase: no spaces, signs, leading zeros or capitals. */
+    const char *bad[] = {"k5v4", "", "f32", "k4", "q4_0", "k4v4x", " k4v4", "k4v4 ", "k04v4",
+                         "k+4v4", "k4v+4", "k4v04", "K4V4", "K3V3", "k4V4", "F16", " f16",
+                         "f16 ", "f016"};
     for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
         q = p; q.format = bad[i];
         EXPECT(DSPARK_ERR_FORMAT, dspark_cache_new(&q, &c));
     }
     CHECK(c == (dspark_cache_t *)0x1, "out written on failure");
-    const char *good[] = {"f16", "k8v8", "k4v4", "k4v2", "K3V3"};
+    const char *good[] = {"f16", "k8v8", "k4v4", "k4v2", "k3v3", "k2v8"};
     for (size_t i = 0; i < sizeof good / sizeof *good; i++) {
         q = p; q.format = good[i];
         dspark_cache_t *g = NULL;
@@ -565,14 +570,26 @@ static void test_sequences(void) {
         CHECK(e < 1e-5, "with holes rel err %g at layer %d", e, l);
     }
     /* Removing a range beyond the end or empty ranges does nothing. */
-    OK(dspark_cache_seq_rm(c, 0, 500, -1));
+    OK(dspark_cache_seq_rm(c, 0, 250, -1));
     OK(dspark_cache_seq_rm(c, 0, 30, 30));
     OK(dspark_cache_seq_len(c, 0, 0, &len0));
     CHECK(len0 == (uint32_t)T, "len %u", len0);
     EXPECT(DSPARK_ERR_RANGE, dspark_cache_seq_rm(c, 3, 0, -1));
     EXPECT(DSPARK_ERR_RANGE, dspark_cache_seq_rm(c, -2, 0, -1));
     EXPECT(DSPARK_ERR_RANGE, dspark_cache_seq_rm(c, 0, -1, -1));
-    EXPECT(DSPARK_ERR_RANGE, dspark_cache_seq_rm(c, 0, 0, -5));
+    /* p0 is a position 0 .. max_tokens (256 here); a negative p1 means "to the end", as in
+     * llama.cpp, and p1 <= p0 otherwise does nothing. */
+    EXPECT(DSPARK_ERR_RANGE, dspark_cache_seq_rm(c, 0, 257, -1));
+    EXPECT(DSPARK_ERR_RANGE, dspark_cache_seq_rm(c, 0, 0x7fffffff, 10));
+    OK(dspark_cache_seq_rm(c, 0, 256, -1));
+    OK(dspark_cache_seq_rm(c, 0, 40, 30));
+    OK(dspark_cache_seq_len(c, 0, 0, &len0));
+    CHECK(len0 == (uint32_t)T, "len %u after empty removals", len0);
+    OK(dspark_cache_append(c, 3, 2, k, v, 9));
+    OK(dspark_cache_seq_rm(c, 2, 3, -5));
+    OK(dspark_cache_seq_len(c, 3, 2, &len0));
+    CHECK(len0 == 3, "seq_rm(p1 = -5) left %u tokens, want 3 (to the end)", len0);
+    OK(dspark_cache_seq_rm(c, 2, 0, -1));
 
     /* seq_keep: the others are emptied. */
     OK(dspark_cache_seq_keep(c, 1));
@@ -694,7 +711,7 @@ static void test_persistence(const char *tmpdir) {
               "flipped byte %zu: %s", flips[i], dspark_status_name(st));
     }
     memcpy(bad, buf, written); /* a newer version */
-    bad[8] = 2;
+    bad[8] = 3;
     EXPECT(DSPARK_ERR_VERSION, dspark_cache_load_mem(d, bad, written));
     memcpy(bad, buf, written); /* trailing garbage */
     memset(bad + written, 0, 8);
@@ -752,9 +769,11 @@ static void test_save_size(void) {
     dspark_stats s;
     s.size = sizeof s;
     OK(dspark_cache_stats(c, &s));
-    /* Pages as stored: 4.5-bit rows, plus the f16 first page and recent window. */
-    CHECK(size > s.kv_bytes && size < s.kv_bytes + 8192, "saved %zu bytes for %llu held", size,
-          (unsigned long long)s.kv_bytes);
+    /* Pages as stored (4.5-bit rows, plus the f16 first page and recent window), each with a
+     * 4-byte index and a tag; per lane a length and a hole count, per stream a page count. */
+    size_t want = (size_t)s.kv_bytes + 64 + 4 + (size_t)L * 8 + (size_t)2 * L * 4 +
+                  5 * (size_t)(s.pages_f16 + s.pages_compressed);
+    CHECK(size == want, "saved %zu bytes for %llu held, want %zu", size, (unsigned long long)s.kv_bytes, want);
     printf("k4v4 save, %d tokens x %d layers, window 128: %zu bytes = %.0f bytes/token "
            "(%.3f bits/elem; f16 KV: %d bytes/token)\n",
            T, L, size, (double)size / T, 8.0 * size / ((double)T * L * 2 * ROW), L * 2 * ROW * 2);
@@ -873,6 +892,10 @@ static void test_register(void) {
     dspark_config bad = cfg;
     bad.format = "k9v9";
     EXPECT(DSPARK_ERR_FORMAT, dspark_register(&bad, &dev));
+    bad.format = "K4V4";
+    EXPECT(DSPARK_ERR_FORMAT, dspark_register(&bad, &dev));
+    bad.format = "k4v4 ";
+    EXPECT(DSPARK_ERR_FORMAT, dspark_register(&bad, &dev));
     CHECK(dev == NULL, "dev written on failure");
     bad = cfg;
     bad.size = 1;
@@ -892,6 +915,400 @@ static void test_register(void) {
     OK(dspark_stats_get(&s));
     CHECK(s.kv_bytes == 0 && s.bits_per_elem == 0.0, "no llama.cpp context yet, but %llu bytes",
           (unsigned long long)s.kv_bytes);
+}
+
+/* Finite values beyond the f16 range saturate to +-65504; non-finite ones are stored as 0,
+ * in f16 pages and in compressed pages. */
+static void test_saturation(void) {
+    float k[ROW] = {0}, v[ROW] = {0}, q[N_HEAD * HEAD_DIM] = {0}, out[N_HEAD * HEAD_DIM];
+    v[0] = 70000.0f;
+    v[1] = -1e6f;
+    v[2] = 65519.0f;
+    v[3] = INFINITY;
+    v[4] = NAN;
+    v[5] = 1.0f;
+    k[0] = 1e30f;
+    dspark_cache_t *c = make_cache("f16", 128, 64, 1, 1);
+    OK(dspark_cache_append(c, 0, 0, k, v, 1));
+    OK(dspark_cache_attn(c, 0, 0, q, 1, NULL, out)); /* one token: out = its V row */
+    CHECK(out[0] == 65504.0f && out[1] == -65504.0f && out[2] == 65504.0f, "f16 page: %g %g %g, want +-65504",
+          out[0], out[1], out[2]);
+    CHECK(out[3] == 0.0f && out[4] == 0.0f && out[5] == 1.0f, "f16 page: %g %g %g, want 0 0 1", out[3],
+          out[4], out[5]);
+    OK(dspark_cache_delete(c));
+
+    /* Window 0: the page of positions 64.. is compressed as soon as it is written. A mask
+     * keeps position 64 only, so the output is its decoded V row. */
+    c = make_cache("k4v4", 0, 256, 1, 1);
+    float *rows = calloc((size_t)65 * ROW, sizeof *rows);
+    memcpy(rows + (size_t)64 * ROW, v, sizeof v);
+    OK(dspark_cache_append(c, 0, 0, rows, rows, 65));
+    dspark_stats s;
+    s.size = sizeof s;
+    OK(dspark_cache_stats(c, &s));
+    CHECK(s.pages_compressed == 2, "%llu compressed pages, want 2", (unsigned long long)s.pages_compressed);
+    float mask[65];
+    for (int i = 0; i < 65; i++) mask[i] = i == 64 ? 0.0f : -INFINITY;
+    dspark_attn_params ap;
+    OK(dspark_attn_params_init(&ap));
+    ap.flags = 0;
+    ap.mask = mask;
+    OK(dspark_cache_attn(c, 0, 0, q, 1, &ap, out));
+    int finite = 1;
+    for (int i = 0; i < N_HEAD * HEAD_DIM; i++) finite &= isfinite(out[i]) != 0;
+    CHECK(finite && out[0] > 50000.0f && out[1] < -50000.0f, "compressed page: %g %g, want about +-65504",
+          out[0], out[1]);
+    OK(dspark_cache_delete(c));
+    free(rows);
+}
+
+/* "Only fields that fit are written": any size from sizeof(size_t) on is accepted. */
+static void test_stats_sizes(void) {
+    dspark_cache_t *c = make_cache("k4v4", 128, 256, 1, 2);
+    float *k = random_rows((size_t)10 * ROW);
+    OK(dspark_cache_append(c, 1, 0, k, k, 10));
+    dspark_stats full;
+    full.size = sizeof full;
+    OK(dspark_cache_stats(c, &full));
+    CHECK(full.kv_bytes > 0, "no bytes");
+    size_t sizes[] = {sizeof(size_t), 12, 16, 20, 24, offsetof(dspark_stats, attn_calls)};
+    for (size_t i = 0; i < sizeof sizes / sizeof *sizes; i++) {
+        for (int dev = 0; dev < 2; dev++) {
+            dspark_stats s;
+            memset(&s, 0xab, sizeof s);
+            s.size = sizes[i];
+            if (dev)
+                OK(dspark_stats_get(&s));
+            else
+                OK(dspark_cache_stats(c, &s));
+            unsigned char fresh[sizeof s];
+            memset(fresh, 0xab, sizeof fresh);
+            int kv_written = sizes[i] >= offsetof(dspark_stats, kv_bytes) + sizeof s.kv_bytes;
+            if (!dev)
+                CHECK(kv_written ? s.kv_bytes == full.kv_bytes : memcmp(&s.kv_bytes, fresh, 8) == 0,
+                      "size %zu: kv_bytes %llu", sizes[i], (unsigned long long)s.kv_bytes);
+            /* Bytes from the first field that does not fit whole on are untouched. */
+            size_t first_cut = sizes[i] < sizeof s ? sizes[i] : sizeof s;
+            size_t f = offsetof(dspark_stats, kv_bytes);
+            while (f + 8 <= first_cut) f += 8;
+            CHECK(memcmp((unsigned char *)&s + f, fresh, sizeof s - f) == 0,
+                  "size %zu (%s): bytes from %zu on were written", sizes[i], dev ? "device" : "cache", f);
+            CHECK(s.size == sizes[i], "size changed");
+        }
+    }
+    dspark_stats s;
+    s.size = sizeof(size_t) - 1;
+    EXPECT(DSPARK_ERR_SIZE, dspark_cache_stats(c, &s));
+    EXPECT(DSPARK_ERR_SIZE, dspark_stats_get(&s));
+    OK(dspark_cache_delete(c));
+    free(k);
+}
+
+/* Resident memory of the process in kB (Linux), or -1. */
+static long rss_kb(void) {
+    FILE *f = fopen("/proc/self/status", "r");
+    if (!f) return -1;
+    char line[256];
+    long kb = -1;
+    while (fgets(line, sizeof line, f))
+        if (strncmp(line, "VmRSS:", 6) == 0) kb = strtol(line + 6, NULL, 10);
+    fclose(f);
+    return kb;
+}
+
+/* An empty cache costs what it holds, not what max_tokens could hold: 2^30 positions x 30
+ * layers, in memory and in its save image. */
+static void test_huge_empty(void) {
+    long before = rss_kb();
+    dspark_cache_t *c = make_cache("k4v4", 128, 1u << 30, 1, N_LAYER);
+    long after = rss_kb();
+    if (before >= 0)
+        CHECK(after - before < 8 * 1024, "an empty 2^30-token cache took %ld kB", after - before);
+    dspark_stats s;
+    s.size = sizeof s;
+    OK(dspark_cache_stats(c, &s));
+    CHECK(s.kv_bytes == 0, "empty cache holds %llu bytes", (unsigned long long)s.kv_bytes);
+    size_t size = 0;
+    OK(dspark_cache_save_size(c, &size));
+    CHECK(size < 1024, "the image of an empty cache is %zu bytes", size);
+    printf("empty cache of 2^30 positions x %d layers: %ld kB resident, %zu-byte image\n", N_LAYER,
+           before >= 0 ? after - before : -1L, size);
+    /* Some tokens: the image grows by the pages, and round-trips. */
+    float *k = random_rows((size_t)200 * ROW);
+    for (int l = 0; l < N_LAYER; l += 10) OK(dspark_cache_append(c, (uint32_t)l, 0, k, k, 200));
+    OK(dspark_cache_seq_rm(c, 0, 100, 150));
+    OK(dspark_cache_save_size(c, &size));
+    OK(dspark_cache_stats(c, &s));
+    CHECK(size > s.kv_bytes && size < s.kv_bytes + 2048, "image %zu bytes for %llu held", size,
+          (unsigned long long)s.kv_bytes);
+    unsigned char *buf = malloc(size);
+    OK(dspark_cache_save_mem(c, buf, size, NULL));
+    dspark_cache_t *d = make_cache("k4v4", 128, 1u << 30, 1, N_LAYER);
+    OK(dspark_cache_load_mem(d, buf, size));
+    float *q = random_rows((size_t)2 * N_HEAD * HEAD_DIM);
+    float a[2 * N_HEAD * HEAD_DIM], b[2 * N_HEAD * HEAD_DIM];
+    OK(dspark_cache_attn(c, 10, 0, q, 2, NULL, a));
+    OK(dspark_cache_attn(d, 10, 0, q, 2, NULL, b));
+    CHECK(memcmp(a, b, sizeof a) == 0, "round trip of a 2^30-token cache differs");
+    /* Whole-sequence edits cost what the sequence holds. */
+    OK(dspark_cache_seq_cp(d, 0, 0));
+    OK(dspark_cache_seq_rm(d, 0, 0, -1));
+    OK(dspark_cache_stats(d, &s));
+    CHECK(s.kv_bytes == 0, "%llu bytes after removing everything", (unsigned long long)s.kv_bytes);
+    OK(dspark_cache_delete(c));
+    OK(dspark_cache_delete(d));
+    free(k);
+    free(q);
+    free(buf);
+}
+
+/* Position shifts: a sliding window in a cache sized for the window. */
+static void test_seq_add(void) {
+    const int T = 200, L = 2, NQ = 3, n = 100;
+    dspark_cache_t *c = make_cache("f16", 64, 256, 2, L);
+    float *k = random_rows((size_t)(T + 200) * ROW), *v = random_rows((size_t)(T + 200) * ROW);
+    for (int l = 0; l < L; l++) OK(dspark_cache_append(c, (uint32_t)l, 0, k, v, (uint32_t)T));
+    float *q = random_rows((size_t)NQ * N_HEAD * HEAD_DIM);
+    ref_args ra = default_ref();
+    /* Without a shift the stream does not fit: 200 + 150 > 256. */
+    EXPECT(DSPARK_ERR_FULL, dspark_cache_append(c, 0, 0, k, v, 150));
+    /* Keep the first 4 tokens, drop the next n, move the rest down. */
+    OK(dspark_cache_seq_rm(c, 0, 4, 4 + n));
+    OK(dspark_cache_seq_add(c, 0, 4 + n, -1, -n));
+    uint32_t len = 0;
+    OK(dspark_cache_seq_len(c, 1, 0, &len));
+    CHECK(len == (uint32_t)(T - n), "len %u after the shift, want %d", len, T - n);
+    /* Reference rows: 0..4, then 104..200, then 150 new ones. */
+    float *rk = malloc((size_t)250 * ROW * sizeof *rk), *rv = malloc((size_t)250 * ROW * sizeof *rv);
+    memcpy(rk, k, (size_t)4 * ROW * sizeof *rk);
+    memcpy(rv, v, (size_t)4 * ROW * sizeof *rv);
+    memcpy(rk + (size_t)4 * ROW, k + (size_t)(4 + n) * ROW, (size_t)(T - n - 4) * ROW * sizeof *rk);
+    memcpy(rv + (size_t)4 * ROW, v + (size_t)(4 + n) * ROW, (size_t)(T - n - 4) * ROW * sizeof *rv);
+    double e = attn_vs_ref(c, 1, 0, q, NQ, NULL, rk, rv, T - n, &ra, 1);
+    CHECK(e < 1e-5, "after a shift rel err %g", e);
+    for (int l = 0; l < L; l++) OK(dspark_cache_append(c, (uint32_t)l, 0, k + (size_t)T * ROW, v + (size_t)T * ROW, 150));
+    memcpy(rk + (size_t)(T - n) * ROW, k + (size_t)T * ROW, (size_t)150 * ROW * sizeof *rk);
+    memcpy(rv + (size_t)(T - n) * ROW, v + (size_t)T * ROW, (size_t)150 * ROW * sizeof *rv);
+    e = attn_vs_ref(c, 0, 0, q, NQ, NULL, rk, rv, T - n + 150, &ra, 1);
+    CHECK(e < 1e-5, "after a shift and appends rel err %g", e);
+
+    /* A move up leaves a hole. */
+    OK(dspark_cache_seq_rm(c, 0, 240, -1));
+    OK(dspark_cache_seq_add(c, 0, 230, -1, 6)); /* 230..240 -> 236..246, hole 230..236 */
+    OK(dspark_cache_seq_len(c, 0, 0, &len));
+    CHECK(len == 246, "len %u after a move up", len);
+    float *sk = malloc((size_t)246 * ROW * sizeof *sk), *sv = malloc((size_t)246 * ROW * sizeof *sv);
+    memcpy(sk, rk, (size_t)230 * ROW * sizeof *sk);
+    memcpy(sv, rv, (size_t)230 * ROW * sizeof *sv);
+    memcpy(sk + (size_t)236 * ROW, rk + (size_t)230 * ROW, (size_t)10 * ROW * sizeof *sk);
+    memcpy(sv + (size_t)236 * ROW, rv + (size_t)230 * ROW, (size_t)10 * ROW * sizeof *sv);
+    memset(sk + (size_t)230 * ROW, 0, (size_t)6 * ROW * sizeof *sk);
+    memset(sv + (size_t)230 * ROW, 0, (size_t)6 * ROW * sizeof *sv);
+    unsigned char gone[246] = {0};
+    for (int p = 230; p < 236; p++) gone[p] = 1;
+    ref_args rh = ra;
+    rh.gone = gone;
+    e = attn_vs_ref(c, 0, 0, q, NQ, NULL, sk, sv, 246, &rh, 1);
+    CHECK(e < 1e-5, "after a move up rel err %g", e);
+
+    /* Errors change nothing. */
+    EXPECT(DSPARK_ERR_RANGE, dspark_cache_seq_add(c, 0, 0, -1, -1));   /* position 0 -> -1 */
+    EXPECT(DSPARK_ERR_RANGE, dspark_cache_seq_add(c, 0, 200, -1, 11)); /* 246 + 11 > 256 */
+    EXPECT(DSPARK_ERR_ARG, dspark_cache_seq_add(c, 0, 10, 20, 5));     /* onto 20..25 */
+    EXPECT(DSPARK_ERR_RANGE, dspark_cache_seq_add(c, 2, 0, -1, 1));
+    EXPECT(DSPARK_ERR_RANGE, dspark_cache_seq_add(c, -2, 0, -1, 1));
+    EXPECT(DSPARK_ERR_RANGE, dspark_cache_seq_add(c, 0, -1, -1, 1));
+    EXPECT(DSPARK_ERR_RANGE, dspark_cache_seq_add(c, 0, 257, -1, 1));
+    EXPECT(DSPARK_ERR_HANDLE, dspark_cache_seq_add((dspark_cache_t *)&len, 0, 0, -1, 1));
+    OK(dspark_cache_seq_add(c, 0, 10, 20, 0));
+    OK(dspark_cache_seq_add(c, 0, 20, 10, -5));
+    OK(dspark_cache_seq_add(c, 0, 246, -1, -5)); /* nothing at or past the end */
+    /* All or nothing across layers: in sequence 1, layer 0 (30 tokens) could move 25..30 to
+     * 30..35, layer 1 (50 tokens) cannot; the refusal changes neither. */
+    OK(dspark_cache_append(c, 0, 1, k, v, 30));
+    OK(dspark_cache_append(c, 1, 1, k, v, 50));
+    EXPECT(DSPARK_ERR_ARG, dspark_cache_seq_add(c, 1, 25, 30, 5));
+    OK(dspark_cache_seq_len(c, 0, 1, &len));
+    CHECK(len == 30, "a refused seq_add changed layer 0 (len %u)", len);
+    EXPECT(DSPARK_ERR_ARG, dspark_cache_seq_add(c, -1, 10, 20, 5)); /* sequence 0 collides */
+    OK(dspark_cache_seq_len(c, 0, 0, &len));
+    e = attn_vs_ref(c, 0, 0, q, NQ, NULL, sk, sv, 246, &rh, 1);
+    CHECK(len == 246 && e < 1e-5, "a refused seq_add changed sequence 0 (len %u, rel err %g)", len, e);
+    OK(dspark_cache_seq_add(c, 1, 20, -1, 5));
+    OK(dspark_cache_seq_len(c, 1, 1, &len));
+    CHECK(len == 55, "len %u after moving a tail up", len);
+    OK(dspark_cache_delete(c));
+
+    /* Compressed pages: rows move as stored; the result stays within the format's error. */
+    c = make_cache("k4v4", 0, 512, 1, 1);
+    OK(dspark_cache_append(c, 0, 0, k, v, 300));
+    OK(dspark_cache_seq_rm(c, 0, 4, 4 + 90));
+    OK(dspark_cache_seq_add(c, 0, 4 + 90, -1, -90));
+    memcpy(rk, k, (size_t)4 * ROW * sizeof *rk);
+    memcpy(rv, v, (size_t)4 * ROW * sizeof *rv);
+    memcpy(rk + (size_t)4 * ROW, k + (size_t)94 * ROW, (size_t)206 * ROW * sizeof *rk);
+    memcpy(rv + (size_t)4 * ROW, v + (size_t)94 * ROW, (size_t)206 * ROW * sizeof *rv);
+    dspark_attn_params ap;
+    OK(dspark_attn_params_init(&ap));
+    ap.scale = 0.25f;
+    ref_args rp = default_ref();
+    rp.scale = 0.25f;
+    e = attn_vs_ref(c, 0, 0, q, NQ, &ap, rk, rv, 210, &rp, 0);
+    CHECK(e < 0.25, "k4v4 after a shift rel err %g", e);
+    dspark_stats s;
+    s.size = sizeof s;
+    OK(dspark_cache_stats(c, &s));
+    CHECK(s.pages_f16 == 2 && s.pages_compressed == 6, "k4v4 after a shift: %llu f16, %llu compressed pages",
+          (unsigned long long)s.pages_f16, (unsigned long long)s.pages_compressed);
+    OK(dspark_cache_delete(c));
+    free(k); free(v); free(q); free(rk); free(rv); free(sk); free(sv);
+}
+
+/* CRC-32 (IEEE, reflected), as the save format uses. */
+static uint32_t crc32_ieee(const unsigned char *p, size_t n) {
+    uint32_t c = 0xffffffffu;
+    for (size_t i = 0; i < n; i++) {
+        c ^= p[i];
+        for (int b = 0; b < 8; b++) c = (c >> 1) ^ (0xedb88320u & (0u - (c & 1u)));
+    }
+    return ~c;
+}
+
+static uint32_t get32(const unsigned char *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static void put32(unsigned char *p, uint32_t x) {
+    for (int i = 0; i < 4; i++) p[i] = (unsigned char)(x >> (8 * i));
+}
+
+/* Recomputes the trailing CRC, so that only the payload checks can refuse the image. */
+static void fix_crc(unsigned char *b, size_t n) { put32(b + n - 4, crc32_ieee(b, n - 4)); }
+
+/* Where the fields of a saved image of 1 layer, 1 sequence are (file-format version 2). */
+typedef struct image_map {
+    size_t len, n_holes, hole0;    /* the lane */
+    size_t n_pages[2];             /* K, V: page count */
+    size_t page[2][8], tag[2][8];  /* offsets of each page's index and tag */
+    size_t data[2][8], bytes[2][8];
+} image_map;
+
+static image_map map_image(const unsigned char *b, size_t n, size_t row_bytes) {
+    image_map m;
+    memset(&m, 0, sizeof m);
+    size_t at = 64;
+    m.len = at;
+    m.n_holes = at + 4;
+    m.hole0 = at + 8;
+    at += 8 + 8 * get32(b + m.n_holes);
+    for (int s = 0; s < 2; s++) {
+        m.n_pages[s] = at;
+        uint32_t np = get32(b + at);
+        at += 4;
+        for (uint32_t i = 0; i < np && i < 8; i++) {
+            m.page[s][i] = at;
+            m.tag[s][i] = at + 4;
+            m.data[s][i] = at + 5;
+            m.bytes[s][i] = b[at + 4] == 1 ? (size_t)N_HEAD_KV * 64 * HEAD_DIM * 2 : (size_t)N_HEAD_KV * 64 * row_bytes;
+            at += 5 + m.bytes[s][i];
+        }
+    }
+    CHECK(at + 4 == n, "image map: %zu + 4 != %zu", at, n);
+    return m;
+}
+
+/* Payload checks after the CRC: mutate one field, recompute the CRC, expect a refusal that
+ * leaves the target cache as it was. */
+static void test_payload_checks(void) {
+    /* 1 layer, window 0: page 0 f16 (sinks), pages 1 and 2 compressed; a hole at 70..80. */
+    dspark_cache_t *a = make_cache("k4v4", 0, 256, 1, 1);
+    float *k = random_rows((size_t)150 * ROW), *v = random_rows((size_t)150 * ROW);
+    OK(dspark_cache_append(a, 0, 0, k, v, 150));
+    OK(dspark_cache_seq_rm(a, 0, 70, 80));
+    size_t n = 0;
+    OK(dspark_cache_save_size(a, &n));
+    unsigned char *img = malloc(n), *bad = malloc(n);
+    OK(dspark_cache_save_mem(a, img, n, NULL));
+    const size_t rb = 2 + 2 + 2 * 16; /* k4, head dim 64: scale, 2 multipliers, 2 x 16 code bytes */
+    image_map m = map_image(img, n, rb);
+    CHECK(get32(img + m.len) == 150 && get32(img + m.n_holes) == 1 && get32(img + m.n_pages[0]) == 3 &&
+              img[m.tag[0][0]] == 1 && img[m.tag[0][1]] == 2 && img[m.tag[0][2]] == 2,
+          "unexpected image layout");
+    /* The target holds other content, and keeps it. */
+    dspark_cache_t *d = make_cache("k4v4", 0, 256, 1, 1);
+    OK(dspark_cache_append(d, 0, 0, v, k, 100));
+    float *q = random_rows((size_t)2 * N_HEAD * HEAD_DIM);
+    float before[2 * N_HEAD * HEAD_DIM], after[2 * N_HEAD * HEAD_DIM];
+    OK(dspark_cache_attn(d, 0, 0, q, 2, NULL, before));
+    /* The image itself, CRC recomputed, loads (the CRC code agrees with the library's). */
+    memcpy(bad, img, n);
+    fix_crc(bad, n);
+    CHECK(memcmp(bad, img, n) == 0, "CRC-32 differs from the library's");
+
+    size_t p1 = m.data[0][1], p0 = m.data[0][0], vp1 = m.data[1][1];
+    struct { const char *what; size_t at; int byte; uint32_t word; } cases[] = {
+        /* Packed row scales (bf16, high byte at +1): the 0x3b -> 0x7e, and friends. */
+        {"K scale high byte 0x7e", p1 + 1, 0x7e, 0},
+        {"V scale high byte 0x7e", vp1 + 5 * rb + 1, 0x7e, 0},
+        {"scale +inf", p1 + 1, 0x7f, 0x80},
+        {"scale negative", p1 + 1, -2, 0},
+        {"scale NaN", p1 + 1, 0xff, 0xc0},
+        {"multiplier -128", p1 + 2, 0x80, 0},
+        {"multiplier -128, last row", m.data[0][2] + (N_HEAD_KV * 64 - 1) * rb + 3, 0x80, 0},
+        /* f16 page values. */
+        {"f16 +inf", p0 + 1, 0x7c, 0},
+        {"f16 NaN", p0 + 2 * 777 + 1, 0x7e, 0},
+        {"f16 -inf", m.data[1][0] + 1, 0xfc, 0},
+        /* Lengths, holes, counts, indices, tags. */
+        {"length above max_tokens", m.len, -1, 257},
+        {"length below the pages", m.len, -1, 120},
+        {"hole count huge", m.n_holes, -1, 0xffffffffu},
+        {"hole count 2", m.n_holes, -1, 2},
+        {"hole start after end", m.hole0, -1, 85},
+        {"hole end beyond length", m.hole0 + 4, -1, 151},
+        {"empty hole", m.hole0 + 4, -1, 70},
+        {"page count 4", m.n_pages[0], -1, 4},
+        {"page count huge", m.n_pages[0], -1, 0x7fffffffu},
+        {"page index repeated", m.page[0][1], -1, 0},
+        {"page index beyond length", m.page[0][2], -1, 3},
+        {"page tag 0", m.tag[0][1], 0, 0},
+        {"page tag 3", m.tag[0][1], 3, 0},
+        {"page tag f16 for packed", m.tag[0][1], 1, 0},
+        {"page tag packed for f16", m.tag[0][0], 2, 0},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        memcpy(bad, img, n);
+        if (cases[i].byte == -1) {
+            put32(bad + cases[i].at, cases[i].word);
+        } else if (cases[i].byte == -2) {
+            bad[cases[i].at] |= 0x80;
+        } else {
+            bad[cases[i].at] = (unsigned char)cases[i].byte;
+            if (cases[i].word) bad[cases[i].at - 1] = (unsigned char)cases[i].word;
+        }
+        fix_crc(bad, n);
+        int st = dspark_cache_load_mem(d, bad, n);
+        CHECK(st == DSPARK_ERR_CORRUPT, "%s: %s (%s)", cases[i].what, dspark_status_name(st), dspark_last_error());
+    }
+    /* Versions: 1 is no longer read, 3 is newer, 0 is not a version. */
+    uint32_t versions[] = {1, 3, 0};
+    int want[] = {DSPARK_ERR_VERSION, DSPARK_ERR_VERSION, DSPARK_ERR_CORRUPT};
+    for (int i = 0; i < 3; i++) {
+        memcpy(bad, img, n);
+        put32(bad + 8, versions[i]);
+        fix_crc(bad, n);
+        EXPECT(want[i], dspark_cache_load_mem(d, bad, n));
+    }
+    OK(dspark_cache_attn(d, 0, 0, q, 2, NULL, after));
+    CHECK(memcmp(before, after, sizeof before) == 0, "a refused load changed the cache");
+    OK(dspark_cache_load_mem(d, img, n));
+    OK(dspark_cache_attn(d, 0, 0, q, 2, NULL, after));
+    int finite = 1;
+    for (size_t i = 0; i < sizeof after / sizeof *after; i++) finite &= isfinite(after[i]) != 0;
+    CHECK(finite, "the intact image gives non-finite attention");
+    OK(dspark_cache_delete(a));
+    OK(dspark_cache_delete(d));
+    free(img); free(bad); free(k); free(v); free(q);
 }
 
 static void print_layout(void) {
@@ -935,6 +1352,11 @@ int main(int argc, char **argv) {
     test_handles();
     test_threads();
     test_register();
+    test_saturation();
+    test_stats_sizes();
+    test_huge_empty();
+    test_seq_add();
+    test_payload_checks();
     printf("%d checks, %d failures\n", g_checks, g_failures);
     return g_failures ? 1 : 0;
 }
