@@ -252,8 +252,9 @@ typedef struct dspark_cache_params {
     const char *format;
     /** Most recent tokens kept in f16 (rounded up to 64-token pages). Default 128. */
     uint32_t window;
-    /** Threads dspark_cache_attn() uses when its params say 0. 0 means one per CPU core.
-     *  At most 256 are used. Default 0. */
+    /** Worker threads the cache owns for dspark_cache_attn() (created on the first call
+     *  that needs them, freed with the cache). 0 means one per CPU core. At most 256.
+     *  Default 0. */
     uint32_t n_threads;
 } dspark_cache_params;
 
@@ -351,9 +352,9 @@ typedef struct dspark_attn_params {
     /** Optional attention sinks, `[n_head]` f32 logits: each enters the softmax denominator
      *  of its head only (gpt-oss style). NULL: none. */
     const float *sinks;
-    /** Threads (at most 256 are used); 0 uses the cache's default
-     *  (dspark_cache_params.n_threads). Threads come from a pool kept for the process, one
-     *  pool per thread count: a call never spawns threads after the first. */
+    /** Threads for this call, at most the cache's dspark_cache_params.n_threads; 0 uses
+     *  all of them. They come from the cache's own workers: a call never spawns threads
+     *  after the first. */
     uint32_t n_threads;
 } dspark_attn_params;
 

@@ -447,3 +447,29 @@ fn statistics_can_be_read_while_other_threads_create_and_free_kv_caches() {
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
     });
 }
+
+/// DSpark never replaces the host's log callback, and its messages reach it.
+#[test]
+fn registering_keeps_the_host_log_callback_and_logs_through_it() {
+    static SEEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    /// # Safety
+    /// llama.cpp log callback: `text` is NULL or a NUL-terminated string.
+    unsafe extern "C" fn host_log(_: ll::ggml_log_level, text: *const std::ffi::c_char, _: *mut std::ffi::c_void) {
+        if !text.is_null() {
+            // SAFETY: NUL-terminated (ggml's contract).
+            let t = unsafe { std::ffi::CStr::from_ptr(text) }.to_string_lossy().into_owned();
+            SEEN.lock().unwrap().push(t);
+        }
+    }
+    let tag = 0x5eed as *mut std::ffi::c_void;
+    // SAFETY: a static callback; the tag is never dereferenced.
+    unsafe { ll::llama_log_set(Some(host_log), tag) };
+    let kv = alloc("k8v4");
+    let (mut cb, mut user) = (None, std::ptr::null_mut());
+    // SAFETY: two valid out-pointers.
+    unsafe { ll::ggml_log_get(&mut cb, &mut user) };
+    assert!(cb.is_some() && user == tag, "registering DSpark replaced the host's log callback");
+    // SAFETY: a live KV tensor of ours.
+    unsafe { ggml::fail_kv(kv.k, "message for the host log") }.unwrap();
+    assert!(SEEN.lock().unwrap().iter().any(|t| t.contains("dspark: message for the host log")));
+}

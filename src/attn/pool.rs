@@ -42,6 +42,12 @@ impl Workers {
     }
 }
 
+impl std::fmt::Debug for Workers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Workers({})", self.n)
+    }
+}
+
 /// The threads one call may use: a share of a [`Workers`] set, or the caller's thread alone.
 #[derive(Clone, Copy)]
 pub struct Threads<'a> {

@@ -46,11 +46,11 @@ pub(crate) fn plugin_init() -> Option<ll::ggml_backend_reg_t> {
     match std::panic::catch_unwind(run) {
         Ok(Ok(reg)) => Some(reg),
         Ok(Err(e)) => {
-            eprintln!("[dspark::ggml_backend_init] {e}; DSpark is not loaded");
+            ggml::log_error(&format!("ggml_backend_init: {e}; DSpark is not loaded"));
             None
         }
         Err(_) => {
-            eprintln!("[dspark::ggml_backend_init] internal error; DSpark is not loaded");
+            ggml::log_error("ggml_backend_init: internal error; DSpark is not loaded");
             None
         }
     }

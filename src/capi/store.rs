@@ -27,6 +27,9 @@ pub const MAX_FIXED_BYTES: u128 = 256 << 20;
 /// table header, a clock and a high-water mark), rounded up.
 const LANE_BYTES: u128 = 160;
 
+/// Most mask values one attention call holds at once (query rows × sequence length).
+const MASK_BLOCK_VALUES: usize = 1 << 20;
+
 /// Most threads one attention call may use.
 pub const MAX_THREADS: usize = 256;
 
@@ -296,6 +299,8 @@ pub struct Cache {
     pub n_threads: usize,
     state: RwLock<State>,
     attn_calls: AtomicU64,
+    /// The cache's worker threads (`n_threads`), made on the first call that needs them.
+    workers: std::sync::OnceLock<attn::Workers>,
 }
 
 /// Figures of one cache.
@@ -318,7 +323,7 @@ impl Cache {
         shape.validate()?;
         let n_threads = if n_threads == 0 { std::thread::available_parallelism().map_or(1, usize::from) } else { n_threads };
         let n_threads = n_threads.min(MAX_THREADS);
-        Ok(Cache { state: RwLock::new(State::empty(&shape, window)?), shape, window, n_threads, attn_calls: AtomicU64::new(0) })
+        Ok(Cache { state: RwLock::new(State::empty(&shape, window)?), shape, window, n_threads, attn_calls: AtomicU64::new(0), workers: std::sync::OnceLock::new() })
     }
 
     /// Shared access to the state (a panic in another call never poisons the cache for good:
@@ -423,13 +428,23 @@ impl Cache {
         if n_q == 0 {
             return Ok(());
         }
-        // One f16 mask for all heads, as ggml's op takes it, only when something is masked.
-        let causal_masks = a.causal && n_q > 1;
-        let mask_buf: Option<Vec<f16>> = (causal_masks || !lane.holes.is_empty() || a.mask.is_some()).then(|| {
-            let mut m = vec![f16::ZERO; n_q * len];
-            for (i, row) in m.chunks_exact_mut(len.max(1)).enumerate().take(n_q) {
+        let lk = &st.layers[layer];
+        let kv: Vec<_> = (0..sh.n_head_kv).map(|h| crate::kv::segments(&lk.k, &lk.v, seq, 0, len, h)).collect();
+        let p = FaParams { scale: a.scale, max_bias: a.max_bias, softcap: a.softcap };
+        let workers = self.workers();
+        let threads = workers.take(if a.n_threads == 0 { self.n_threads } else { a.n_threads });
+        // One f16 mask for all heads, as ggml's op takes it, only when something is masked;
+        // built for a block of queries at a time, so a long batch over a long sequence never
+        // holds an n_q x len mask.
+        let masked = (a.causal && n_q > 1) || !lane.holes.is_empty() || a.mask.is_some();
+        let block = if masked { (MASK_BLOCK_VALUES / len.max(1)).clamp(1, n_q) } else { n_q };
+        let row = nh * d;
+        let mut mask_buf = vec![f16::ZERO; if masked { block * len } else { 0 }];
+        for i0 in (0..n_q).step_by(block) {
+            let i1 = (i0 + block).min(n_q);
+            for (i, mrow) in (i0..i1).zip(mask_buf.chunks_exact_mut(len.max(1))) {
                 let pos = len - n_q + i; // only read when causal, where n_q <= len
-                for (c, x) in row.iter_mut().enumerate().take(len) {
+                for (c, x) in mrow.iter_mut().enumerate() {
                     *x = if (a.causal && c > pos) || lane.is_hole(c) {
                         f16::NEG_INFINITY
                     } else if let Some((um, stride)) = a.mask {
@@ -439,17 +454,15 @@ impl Cache {
                     };
                 }
             }
-            m
-        });
-        let mask = mask_buf.as_deref().filter(|_| len > 0).map(|data| Mask { data, stride: len });
-        let lk = &st.layers[layer];
-        let kv: Vec<_> = (0..sh.n_head_kv).map(|h| crate::kv::segments(&lk.k, &lk.v, seq, 0, len, h)).collect();
-        let p = FaParams { scale: a.scale, max_bias: a.max_bias, softcap: a.softcap };
-        let threads = if a.n_threads == 0 { self.n_threads } else { a.n_threads.min(MAX_THREADS) };
-        let workers = attn::Workers::new(threads); // TODO(merge): per-cache workers
-        attn::flash_attn(q, n_q, nh, d, &kv, mask, a.sinks, &p, workers.all(), out);
+            let mask = (masked && len > 0).then(|| Mask { data: &mask_buf[..(i1 - i0) * len], stride: len });
+            attn::flash_attn(&q[i0 * row..i1 * row], i1 - i0, nh, d, &kv, mask, a.sinks, &p, threads, &mut out[i0 * row..i1 * row]);
+        }
         self.attn_calls.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    fn workers(&self) -> &attn::Workers {
+        self.workers.get_or_init(|| attn::Workers::new(self.n_threads))
     }
 
     /// Removes positions `[p0, p1)` (`p1 = None`: to the end) of `seq` (`None`: all).
