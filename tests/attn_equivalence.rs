@@ -439,3 +439,52 @@ fn int8_query_error() {
         }
     }
 }
+
+/// A batch of queries must give each query, bit for bit, what it gets when it runs alone
+/// (f16 rows, every kernel set). On AVX-512, 16 or more query rows per KV head (6 tokens of
+/// the default model: 9 heads, 3 KV heads, d 64) take the transposed prefill kernels; they
+/// used to sum scores and softmax weights in another order than the decode kernels, a
+/// one-ulp difference that the model turns into logit changes of ~1 (a prompt decoded as one
+/// batch disagreed with the same prompt fed token by token, KL ~5e-3 even for dspark:f16).
+/// Shapes as llama.cpp feeds them: 256 cells in pages of 64, only the first `l` written and
+/// visible (the rest −∞), causal inside the batch, mask rows longer than the cells.
+#[test]
+fn batched_queries_equal_queries_alone() {
+    let (d, n_kv, group, cells, stride) = (64usize, 3usize, 3usize, 256usize, 260usize);
+    let n_head = n_kv * group;
+    for (l, n_q) in [(20usize, 6usize), (33, 7), (100, 11), (131, 16), (200, 32), (45, 45)] {
+        let mut rng = StdRng::seed_from_u64((l * 100 + n_q) as u64);
+        let kv: Vec<Vec<SegData>> = (0..n_kv)
+            .map(|_| {
+                (0..cells / 64)
+                    .map(|p| {
+                        let mut f = |s: f32| -> Store { Store::F16((0..64 * d).map(|_| f16::from_f32(gaussian(&mut rng) * s)).collect()) };
+                        SegData { first_cell: 64 * p, n: 64, k: f(3.0), v: f(1.0) }
+                    })
+                    .collect()
+            })
+            .collect();
+        let mask: Vec<f16> = (0..n_q)
+            .flat_map(|i| (0..stride).map(move |c| if c + n_q <= l + i && c < cells { f16::ZERO } else { f16::NEG_INFINITY }))
+            .collect();
+        let q: Vec<f32> = (0..n_q * n_head * d).map(|_| gaussian(&mut rng) * 3.0).collect();
+        let p = FaParams { scale: 0.125, max_bias: 0.0, softcap: 0.0 };
+        let batch = Case { d, n_head, n_q, q, kv, mask: Some((mask, stride)), sinks: None, p };
+        check(&batch).unwrap();
+        for isa in attn::available_isas() {
+            let got = run_fast(&batch, isa, 1);
+            for i in 0..n_q {
+                let row = n_head * d;
+                let one = Case {
+                    n_q: 1,
+                    q: batch.q[i * row..(i + 1) * row].to_vec(),
+                    mask: Some((batch.mask.as_ref().unwrap().0[i * stride..(i + 1) * stride].to_vec(), stride)),
+                    ..batch.clone()
+                };
+                let alone = run_fast(&one, isa, 1);
+                let diff = got[i * row..(i + 1) * row].iter().zip(&alone).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+                assert_eq!(diff, 0, "{isa}: l={l} n_q={n_q}: query {i} differs from the same query alone in {diff} of {row} values");
+            }
+        }
+    }
+}

@@ -175,81 +175,90 @@ fn seq_rm_and_seq_cp_behave_as_stock() {
 /// tokens are then fed to a single-sequence context of the same configuration, comparing the
 /// next-token distributions at every step (13 per sequence) for all four sequences.
 ///
-/// Why not exact equality: the same tokens can meet different attention kernels. On AVX-512
-/// DSpark uses f32 transposed prefill kernels from 16 query rows per KV head (6 tokens × 3
-/// heads per group for this model) and int8-query decode kernels below; a prompt decoded as
-/// one batch and the same prompt split across streams take different ones. For "In 1969, the
-/// first man" (10 tokens) that moves logits by up to 0.74 and gives KL 5.3e-3 even for
-/// dspark:f16 (measured on AVX-512; under DSPARK_FORCE_ISA=avx2 or portable, and for stock
-/// f16, batched and token-by-token logits are bit-identical). The bounds below are about twice
-/// the largest such difference measured over 12 steps (KL 9.3e-3). A sequence that reads
-/// another's KV, or a wrong position, gives KL of order 1 and other tokens, and fails.
+/// The same tokens meet different batch shapes (four prompts in one batch against one prompt
+/// alone, then one token per sequence), so on AVX-512 they meet different kernels (the
+/// transposed prefill kernels from 16 query rows per KV head, the decode kernels below).
+/// Those compute each query row in the same order, so every step is bit-identical: KL 0 and
+/// logit difference 0 measured for dspark:f16 and dspark:k4v4 on AVX-512 VNNI. The bounds
+/// only leave room for last-bit effects. The model turns any one-ulp difference in an
+/// attention output into logit changes of ~1: when the prefill kernels summed in another
+/// order, this test measured KL 9.3e-3 and a logit difference of 0.95, and needed bounds of
+/// 2e-2 and 1 logit. A sequence that reads another's KV, or a wrong position, gives KL of
+/// order 1 and other tokens, and fails. (dspark:k4v4 then gave exactly dspark:f16's figures:
+/// these contexts are too short for it to compress any row, so its run checks that
+/// configuration's per-sequence paths, not its codec; packed rows take other decode kernels.)
 ///
 /// Why not "3 of 4 free-running continuations match" (the former check): a near-tie flipped by
-/// that kernel difference sends a free-running continuation elsewhere and hid whether the
+/// a kernel difference sends a free-running continuation elsewhere and hid whether the
 /// other steps agreed, so it both accepted a broken sequence and could reject a correct one.
 #[test]
 fn four_parallel_sequences_decode_like_one_at_a_time() {
-    const MAX_KL: f64 = 2e-2;
+    const MAX_KL: f64 = 1e-6;
     // Top-1 may differ only where the single-sequence reference's two best logits are closer
-    // than this (the largest logit change the kernel difference above produces, rounded up).
-    const NEAR_TIE: f32 = 1.0;
+    // than this.
+    const NEAR_TIE: f32 = 1e-3;
     let r = runner();
-    let s = spec("dspark:k4v4");
     let prompts = ["The capital of France is", "My favourite fruit is", "In 1969, the first man", "Rust is a programming"];
-    let mut p = CtxParams::new(1024, 2, KvType::F16);
-    p.n_seq_max = 4;
-    let mut ctx = r.context_with(&s, &p).unwrap();
-    let toks: Vec<Vec<i32>> = prompts.iter().map(|p| ctx.model.tokenize(p, true).unwrap()).collect();
-    // Prompts of all four sequences in one batch, then 12 greedy steps for all four at once,
-    // keeping each sequence's logits at every step.
-    let mut entries = vec![];
-    for (seq, t) in toks.iter().enumerate() {
-        entries.extend(t.iter().enumerate().map(|(i, &tok)| (tok, i, seq as i32)));
-    }
-    ctx.decode_entries(&entries).unwrap();
-    let mut last: Vec<usize> = (0..4).map(|seq| toks[..=seq].iter().map(Vec::len).sum::<usize>() - 1).collect();
-    let mut out = vec![vec![]; 4];
-    let mut logits: Vec<Vec<Vec<f32>>> = vec![vec![]; 4];
-    let mut pos: Vec<usize> = toks.iter().map(Vec::len).collect();
-    for step in 0..=12 {
-        for seq in 0..4 {
-            logits[seq].push(ctx.logits(last[seq] as i32).to_vec());
-        }
-        if step == 12 {
-            break;
-        }
-        let next: Vec<i32> = (0..4).map(|seq| argmax(&logits[seq][step])).collect();
-        let e: Vec<_> = (0..4).map(|seq| (next[seq], pos[seq], seq as i32)).collect();
-        ctx.decode_entries(&e).unwrap();
-        for seq in 0..4 {
-            out[seq].push(next[seq]);
-            pos[seq] += 1;
-        }
-        last = (0..4).collect();
-    }
     let mut failures = vec![];
-    for seq in 0..4 {
-        let mut single = r.context(&s, 512, 2).unwrap();
-        single.decode(&toks[seq], 0, 0, false).unwrap();
+    for name in ["dspark:f16", "dspark:k4v4"] {
+        let s = spec(name);
+        let mut p = CtxParams::new(1024, 2, KvType::F16);
+        p.n_seq_max = 4;
+        let mut ctx = r.context_with(&s, &p).unwrap();
+        let toks: Vec<Vec<i32>> = prompts.iter().map(|p| ctx.model.tokenize(p, true).unwrap()).collect();
+        // Prompts of all four sequences in one batch, then 12 greedy steps for all four at
+        // once, keeping each sequence's logits at every step.
+        let mut entries = vec![];
+        for (seq, t) in toks.iter().enumerate() {
+            entries.extend(t.iter().enumerate().map(|(i, &tok)| (tok, i, seq as i32)));
+        }
+        ctx.decode_entries(&entries).unwrap();
+        let mut last: Vec<usize> = (0..4).map(|seq| toks[..=seq].iter().map(Vec::len).sum::<usize>() - 1).collect();
+        let mut out = vec![vec![]; 4];
+        let mut logits: Vec<Vec<Vec<f32>>> = vec![vec![]; 4];
+        let mut pos: Vec<usize> = toks.iter().map(Vec::len).collect();
         for step in 0..=12 {
-            let (want, got) = (single.logits(-1), &logits[seq][step]);
-            let k = kl(want, got);
-            let mut order: Vec<usize> = (0..want.len()).collect();
-            order.sort_by(|&a, &b| want[b].total_cmp(&want[a]));
-            let margin = want[order[0]] - want[order[1]];
-            if k > MAX_KL || (argmax(want) != argmax(got) && margin >= NEAR_TIE) {
-                failures.push(format!(
-                    "seq {seq} ({:?}) step {step}: KL {k:.2e}, top-1 alone {} vs parallel {} (margin {margin:.3})",
-                    prompts[seq],
-                    argmax(want),
-                    argmax(got)
-                ));
+            for seq in 0..4 {
+                logits[seq].push(ctx.logits(last[seq] as i32).to_vec());
             }
-            if step < 12 {
-                single.decode(&[out[seq][step]], toks[seq].len() + step, 0, false).unwrap();
+            if step == 12 {
+                break;
+            }
+            let next: Vec<i32> = (0..4).map(|seq| argmax(&logits[seq][step])).collect();
+            let e: Vec<_> = (0..4).map(|seq| (next[seq], pos[seq], seq as i32)).collect();
+            ctx.decode_entries(&e).unwrap();
+            for seq in 0..4 {
+                out[seq].push(next[seq]);
+                pos[seq] += 1;
+            }
+            last = (0..4).collect();
+        }
+        let (mut worst_kl, mut worst_diff) = (0.0f64, 0.0f32);
+        for seq in 0..4 {
+            let mut single = r.context(&s, 512, 2).unwrap();
+            single.decode(&toks[seq], 0, 0, false).unwrap();
+            for step in 0..=12 {
+                let (want, got) = (single.logits(-1), &logits[seq][step]);
+                let k = kl(want, got);
+                worst_kl = worst_kl.max(k);
+                worst_diff = want.iter().zip(got).fold(worst_diff, |m, (a, b)| m.max((a - b).abs()));
+                let mut order: Vec<usize> = (0..want.len()).collect();
+                order.sort_by(|&a, &b| want[b].total_cmp(&want[a]));
+                let margin = want[order[0]] - want[order[1]];
+                if k > MAX_KL || (argmax(want) != argmax(got) && margin >= NEAR_TIE) {
+                    failures.push(format!(
+                        "{name} seq {seq} ({:?}) step {step}: KL {k:.2e}, top-1 alone {} vs parallel {} (margin {margin:.3})",
+                        prompts[seq],
+                        argmax(want),
+                        argmax(got)
+                    ));
+                }
+                if step < 12 {
+                    single.decode(&[out[seq][step]], toks[seq].len() + step, 0, false).unwrap();
+                }
             }
         }
+        eprintln!("{name}: parallel vs alone, worst KL {worst_kl:.2e}, worst logit difference {worst_diff:.2e}");
     }
     assert!(failures.is_empty(), "parallel decoding differs from one sequence at a time:\n{}", failures.join("\n"));
 }
@@ -304,3 +313,4 @@ fn flash_attention_off_falls_back_to_exact_cpu_attention() {
     };
     assert_eq!(run("stock:f16"), run("dspark:f16"));
 }
+

@@ -552,15 +552,27 @@ fn softmax_update_t<F: Flavor>(w: &mut Work, nj: usize) -> bool {
     if !any {
         return false;
     }
-    let mut sums = vec![0.0f32; mp];
-    for row in st.chunks_exact_mut(mp) {
-        for ((x, s), acc) in row.iter_mut().zip(&sub).zip(sums.iter_mut()) {
+    // Each row's sum in the order of `kernels::sum_lanes` (what the decode path uses): key
+    // `j` goes to partial `j % LANES`, then `hsum`'s tree. A row then gets the same bits as
+    // when it is decoded alone (see `scores_t_avx512` for why that matters).
+    let mut part = vec![0.0f32; kernels::LANES * mp];
+    for (j, row) in st.chunks_exact_mut(mp).enumerate() {
+        let acc = &mut part[(j % kernels::LANES) * mp..][..mp];
+        for ((x, s), a) in row.iter_mut().zip(&sub).zip(acc.iter_mut()) {
             *x = kernels::exp::<F>(*x - s);
-            *acc += *x;
+            *a += *x;
         }
     }
+    let mut lanes = kernels::LANES / 2;
+    while lanes > 0 {
+        let (lo, hi) = part.split_at_mut(lanes * mp);
+        for (a, b) in lo.iter_mut().zip(&hi[..lanes * mp]) {
+            *a += *b;
+        }
+        lanes /= 2;
+    }
     for r in 0..m {
-        w.st.sum[r] += sums[r];
+        w.st.sum[r] += part[r];
     }
     true
 }

@@ -207,45 +207,50 @@ pub fn f16_rows_avx2(src: &[f16], out: &mut [f32]) {
 }
 
 /// Transposed scores for prefill (AVX-512): `st[j·mp + r] = Σ_x qt[x·mp + r] · k[j·d + x]`
-/// for all `mp` (a multiple of 16) query rows and `nj` keys. Four keys × 32 query rows per
-/// register block: every q load feeds four FMAs, every key value is one broadcast.
+/// for all `mp` (a multiple of 16) query rows and `nj` keys, one key × 16 query rows per
+/// register block.
+///
+/// Each score is summed in exactly the order of the decode path (`kernels::dot_rows`): 16
+/// partial sums, partial `l` taking elements `x ≡ l (mod 16)` in increasing `x` by FMA, then
+/// `hsum`'s tree (`t[l] += t[l + w]`, `w` = 8, 4, 2, 1). So a query row gets bit for bit the
+/// score it gets when decoded alone. A sequential sum over `x` (the former kernel) differs
+/// in the last bit, and the model turns one-ulp differences in attention outputs into
+/// logit changes of ~1 (measured: scaling them by 1 + 1e-7 does it; likely through the
+/// 8-bit quantization of activations in its matmuls): a prompt decoded as one batch then
+/// disagreed with the same prompt fed token by token (KL ~5e-3, dspark:f16).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 pub fn scores_t_avx512(qt: &[f32], mp: usize, k: &[f32], nj: usize, d: usize, st: &mut [f32]) {
-    assert!(mp % 16 == 0 && qt.len() >= d * mp && k.len() >= nj * d && st.len() >= nj * mp, "scores_t_avx512: sizes");
-    let mut j = 0;
-    while j < nj {
-        let nk = (nj - j).min(4);
+    assert!(
+        mp % 16 == 0 && d % 16 == 0 && qt.len() >= d * mp && k.len() >= nj * d && st.len() >= nj * mp,
+        "scores_t_avx512: sizes"
+    );
+    for j in 0..nj {
         let mut r = 0;
         while r < mp {
-            let two = mp - r >= 32;
-            let mut acc = [[_mm512_setzero_ps(); 2]; 4];
-            for x in 0..d {
-                // SAFETY: x < d and r + 16·(1 + two) <= mp, so both loads lie in `qt`
-                // (length >= d·mp, asserted); keys j + t < nj lie in `k` (asserted).
-                unsafe {
-                    let q0 = _mm512_loadu_ps(qt.as_ptr().add(x * mp + r));
-                    let q1 = if two { _mm512_loadu_ps(qt.as_ptr().add(x * mp + r + 16)) } else { q0 };
-                    for t in 0..4 {
-                        if t < nk {
-                            let kb = _mm512_set1_ps(*k.get_unchecked((j + t) * d + x));
-                            acc[t][0] = _mm512_fmadd_ps(q0, kb, acc[t][0]);
-                            acc[t][1] = _mm512_fmadd_ps(q1, kb, acc[t][1]);
-                        }
+            let mut acc = [_mm512_setzero_ps(); 16];
+            for c in 0..d / 16 {
+                for (l, a) in acc.iter_mut().enumerate() {
+                    let x = 16 * c + l;
+                    // SAFETY: x < d and r + 16 <= mp, so the load lies in `qt` (length >=
+                    // d·mp, asserted); j < nj, so the key value lies in `k` (asserted).
+                    unsafe {
+                        let q = _mm512_loadu_ps(qt.as_ptr().add(x * mp + r));
+                        let kb = _mm512_set1_ps(*k.get_unchecked(j * d + x));
+                        *a = _mm512_fmadd_ps(q, kb, *a);
                     }
                 }
             }
-            for (t, a) in acc.iter().enumerate().take(nk) {
-                // SAFETY: (j + t)·mp + r + 16·(1 + two) <= nj·mp <= st.len() (asserted).
-                unsafe {
-                    _mm512_storeu_ps(st.as_mut_ptr().add((j + t) * mp + r), a[0]);
-                    if two {
-                        _mm512_storeu_ps(st.as_mut_ptr().add((j + t) * mp + r + 16), a[1]);
-                    }
+            let mut w = 8;
+            while w > 0 {
+                for l in 0..w {
+                    acc[l] = _mm512_add_ps(acc[l], acc[l + w]);
                 }
+                w /= 2;
             }
-            r += if two { 32 } else { 16 };
+            // SAFETY: j·mp + r + 16 <= nj·mp <= st.len() (asserted).
+            unsafe { _mm512_storeu_ps(st.as_mut_ptr().add(j * mp + r), acc[0]) };
+            r += 16;
         }
-        j += nk;
     }
 }
 
