@@ -135,7 +135,7 @@ const char *dspark_status_name(int status);
  * so that this header does not need ggml's headers. */
 struct ggml_backend_device;
 
-/** How the DSPARK0 device stores the KV caches that llama.cpp allocates on it. */
+/** How a DSpark device stores the KV caches that llama.cpp allocates on it. */
 typedef struct dspark_config {
     /** Set to `sizeof(dspark_config)` (dspark_config_init() does). */
     size_t size;
@@ -157,11 +157,15 @@ typedef struct dspark_config {
 dspark_status dspark_config_init(dspark_config *config);
 
 /**
- * \brief Registers the DSPARK0 device with ggml and returns it.
+ * \brief Registers DSpark with ggml and returns the device for a configuration.
  *
- * Registers once per process; later calls only change the configuration, which applies to
- * KV caches (llama.cpp contexts) created afterwards. Initialises llama.cpp's backend
- * (`llama_backend_init`) if needed. Pass the device in `llama_model_params.devices` (a
+ * Each configuration is its own device, so the format of a KV cache is fixed by the device
+ * its model was loaded with and two formats in one process never mix. The first
+ * configuration gets `DSPARK0` (the registry is registered with ggml once per process); a
+ * call with another configuration returns a new device (`DSPARK1`, ...), also listed by
+ * ggml; a call with a configuration already seen returns that device again. It touches no
+ * other state of the host: llama.cpp's log callback stays the host's, and DSpark's
+ * messages go through it. Pass the device in `llama_model_params.devices` (a
  * NULL-terminated array) with `offload_kqv` and flash attention enabled and the KV types left
  * at f16: DSpark compresses the KV itself.
  * \param config The configuration, or NULL for the defaults. Not retained.
@@ -198,7 +202,7 @@ typedef struct dspark_stats {
 } dspark_stats;
 
 /**
- * \brief Live figures of all KV caches held by the DSPARK0 device (all llama.cpp contexts).
+ * \brief Live figures of all KV caches held by DSpark devices (all llama.cpp contexts).
  * \param out Receives the figures; set `out->size` first (see dspark_stats). Must not be
  *        NULL.
  * \return #DSPARK_OK; #DSPARK_ERR_NULL or #DSPARK_ERR_SIZE (`size` below `sizeof(size_t)`).

@@ -904,9 +904,11 @@ static void test_register(void) {
     cfg.window = 256;
     OK(dspark_register(&cfg, &dev));
     CHECK(dev != NULL, "no device");
-    struct ggml_backend_device *dev2 = NULL;
+    struct ggml_backend_device *dev2 = NULL, *dev3 = NULL;
     OK(dspark_register(NULL, &dev2));
-    CHECK(dev2 == dev, "a second registration gave another device");
+    CHECK(dev2 != NULL && dev2 != dev, "another configuration must get its own device");
+    OK(dspark_register(&cfg, &dev3));
+    CHECK(dev3 == dev, "the same configuration must get the same device");
     dspark_stats s;
     EXPECT(DSPARK_ERR_NULL, dspark_stats_get(NULL));
     s.size = 0;
