@@ -72,10 +72,7 @@ impl KvEntry {
         if let Some(&d) = self.head_dim.get() {
             return if d == head_dim { Ok(()) } else { Err(format!("KV already shaped with head size {d}")) };
         }
-        if head_dim == 0 || self.row_len % head_dim != 0 {
-            return Err(format!("row of {} values does not split into heads of {head_dim}", self.row_len));
-        }
-        self.cfg.quant.map(|q| crate::codec::RowCodec::new(q, head_dim)).transpose().map(|_| ())
+        head_dim_fits(self.row_len, self.cfg.quant, head_dim)
     }
 
     /// Sets the head size: re-lays the rows written so far into `head_dim`-sized heads and
@@ -145,6 +142,14 @@ impl KvEntry {
             self.fail(&format!("{what}: {msg}"));
         }
     }
+}
+
+/// Whether rows of `row_len` values split into heads of `head_dim` that `quant` can encode.
+fn head_dim_fits(row_len: usize, quant: Option<crate::codec::Quant>, head_dim: usize) -> Result<(), String> {
+    if head_dim == 0 || row_len % head_dim != 0 {
+        return Err(format!("row of {row_len} values does not split into heads of {head_dim}"));
+    }
+    quant.map(|q| crate::codec::RowCodec::new(q, head_dim)).transpose().map(|_| ())
 }
 
 /// Per-buffer state: the reserved memory, the device it belongs to, and the KV stores of the
@@ -338,10 +343,7 @@ impl KvRoot {
     pub fn can_shape(&self, head_dim: usize) -> Result<(), String> {
         match self.entry() {
             Some(e) => e.can_shape(head_dim),
-            None if head_dim == 0 || self.row_len % head_dim != 0 => {
-                Err(format!("row of {} values does not split into heads of {head_dim}", self.row_len))
-            }
-            None => self.quant.map(|q| crate::codec::RowCodec::new(q, head_dim)).transpose().map(|_| ()),
+            None => head_dim_fits(self.row_len, self.quant, head_dim),
         }
     }
 
