@@ -37,8 +37,28 @@ fn main() {
         .layout_tests(true)
         .generate()
         .expect("bindgen could not read ggml-backend-impl.h");
-    let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("ggml_backend_impl.rs");
-    bindings.write_to_file(&out).expect("cannot write bindings");
+    let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
+    bindings.write_to_file(out.join("ggml_backend_impl.rs")).expect("cannot write bindings");
+
+    // ggml-impl.h: the layout of `ggml_cgraph` (opaque in ggml.h), so that DSPARK0 can hand
+    // runs of a graph's nodes to the embedded CPU backend as views, as `ggml_graph_view`
+    // makes them (that function is internal: a shared libggml-base does not export it).
+    let graph_h = src.join("ggml/src/ggml-impl.h");
+    println!("cargo:rerun-if-changed={}", graph_h.display());
+    bindgen::Builder::default()
+        .header(graph_h.to_string_lossy())
+        .clang_arg(format!("-I{}", inc.display()))
+        .allowlist_type("ggml_cgraph")
+        .allowlist_type("ggml_hash_set")
+        .allowlist_type("ggml_bitset_t")
+        .allowlist_type("ggml_cgraph_eval_order")
+        .allowlist_recursively(false)
+        .raw_line("#[allow(unused_imports)] use llama_cpp_sys_2::ggml_tensor;")
+        .layout_tests(true)
+        .generate()
+        .expect("bindgen could not read ggml-impl.h")
+        .write_to_file(out.join("ggml_graph.rs"))
+        .expect("cannot write bindings");
 }
 
 /// The llama.cpp source folder that llama-cpp-sys-2 built. Its build script exports the

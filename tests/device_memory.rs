@@ -134,3 +134,24 @@ fn parameter_fitting_with_placeholder_kv_buffers_works() {
         ll::llama_model_free(model);
     }
 }
+
+/// DSPARK0 runs whole graphs: every op that does not touch the KV runs on its embedded CPU
+/// backend, reading the weights where llama.cpp keeps them, so llama.cpp's scheduler makes
+/// one split per ubatch (it made two per layer when DSPARK0 took only the KV ops).
+#[test]
+fn a_prefill_and_a_decode_ubatch_are_one_split_each() {
+    // A window of its own: a device of its own, whose counters no other test moves.
+    let model = dspark_model(Config { window: 112, ..k4v4() });
+    let dev = model.devices()[0];
+    let toks = prompt(&model, 300);
+    let mut ctx = Context::new(&model, &CtxParams::new(512, 2, KvType::F16)).unwrap();
+    let before = Stats::of(dev);
+    ctx.decode(&toks, 0, 0, false).unwrap();
+    let prefill = Stats::of(dev);
+    ctx.decode(&toks[..1], 300, 0, false).unwrap();
+    let decode = Stats::of(dev);
+    let layers = model.n_layer() as u64;
+    assert_eq!(prefill.attn_calls - before.attn_calls, layers, "DSpark's attention ran on every layer");
+    assert_eq!(prefill.graphs - before.graphs, 1, "a 300-token prefill ubatch is one split");
+    assert_eq!(decode.graphs - prefill.graphs, 1, "a decode ubatch is one split");
+}

@@ -33,7 +33,7 @@ mod fast;
 mod isa;
 mod kernels;
 mod pool;
-pub use pool::{Threads, Workers};
+pub use pool::{Executor, Threads, Workers};
 mod reference;
 #[cfg(target_arch = "x86_64")]
 mod x86;

@@ -1,13 +1,16 @@
 //! DSPARK0's backend (stream): which ops it accepts and how it runs them.
 //!
-//! It accepts only what touches the KV cache: the view ops on KV tensors, SET_ROWS into the
-//! KV (compress), FLASH_ATTN_EXT reading it (attention on the compressed pages) and an
-//! in-place ROPE on K (the K-shift of context shifting: decompress, rotate, recompress).
-//! Everything else is declined and runs on llama.cpp's CPU backend.
+//! On the KV cache it runs its own kernels: the view ops on KV tensors, SET_ROWS into the KV
+//! (compress), FLASH_ATTN_EXT reading it (attention on the compressed pages) and an in-place
+//! ROPE on K (the K-shift of context shifting: decompress, rotate, recompress); any other op
+//! on the KV is declined and runs on llama.cpp's CPU backend, reading the KV through the
+//! buffer's byte interface. Every op that does not touch the KV is accepted when ggml's CPU
+//! backend accepts it, and runs on an embedded instance of it (`cpu.rs`), so a layer is one
+//! split, not two.
 
 use std::ffi::{c_char, c_void};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use half::f16;
 use llama_cpp_sys_2 as ll;
@@ -15,30 +18,19 @@ use llama_cpp_sys_2 as ll;
 use super::buffer::{kv_entry, kv_root, root_of, KvEntry, KvRoot};
 use super::device::{dev_ctx, DeviceCtx};
 use super::{guard, log_error, log_warn, sys};
-use crate::attn::{self, FaParams, Mask, Workers};
+use super::cpu::{self, CpuBackend};
+use crate::attn::{self, FaParams, Mask, Threads};
 use crate::kv::{segments, KvStore};
 
 const ROPE_TYPE_NORMAL: i32 = 0;
 const ROPE_TYPE_NEOX: i32 = 2;
 
-/// One DSpark backend (llama.cpp makes one per context): the context's thread count and
-/// the workers its ops run on, rebuilt when llama.cpp changes the count.
+/// One DSpark backend (llama.cpp makes one per context): the context's thread count and the
+/// embedded CPU backend whose threads run every op of its graphs (see `cpu.rs`).
 struct BackendCtx {
     dev: &'static DeviceCtx,
     n_threads: AtomicUsize,
-    workers: Mutex<Arc<Workers>>,
-}
-
-impl BackendCtx {
-    /// The workers for the context's current thread count.
-    fn workers(&self) -> Arc<Workers> {
-        let n = self.n_threads.load(Ordering::Relaxed);
-        let mut w = self.workers.lock().unwrap_or_else(|e| e.into_inner());
-        if w.len() != n {
-            *w = Arc::new(Workers::new(n));
-        }
-        Arc::clone(&w)
-    }
+    cpu: CpuBackend,
 }
 
 static GUID: [u8; 16] = *b"DSpark-KV-v1\0\0\0\0";
@@ -50,8 +42,15 @@ pub(crate) unsafe extern "C" fn init_backend(dev: ll::ggml_backend_dev_t, _param
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         // SAFETY: ggml passes one of our devices.
         let dev_ctx = unsafe { dev_ctx(dev) };
-        // Workers are built on first use, after llama.cpp has set the context's count.
-        let ctx = Box::new(BackendCtx { dev: dev_ctx, n_threads: AtomicUsize::new(threads), workers: Mutex::new(Arc::new(Workers::new(1))) });
+        let cpu = match CpuBackend::new() {
+            Ok(c) => c,
+            Err(why) => {
+                log_error(&format!("DSPARK0 cannot start: {why}"));
+                return std::ptr::null_mut();
+            }
+        };
+        // The pool is built on first use, after llama.cpp has set the context's count.
+        let ctx = Box::new(BackendCtx { dev: dev_ctx, n_threads: AtomicUsize::new(threads), cpu });
         let b = Box::new(sys::ggml_backend {
             guid: GUID.as_ptr() as ll::ggml_guid_t,
             iface: backend_iface(),
@@ -157,24 +156,55 @@ pub(crate) unsafe extern "C" fn supports_op(dev: ll::ggml_backend_dev_t, op: *co
     guard("supports_op", false, || {
         // SAFETY: ggml passes one of our devices and a valid op whose srcs are valid tensors.
         unsafe {
-            match (*op).op {
-                ll::GGML_OP_NONE | ll::GGML_OP_VIEW | ll::GGML_OP_RESHAPE | ll::GGML_OP_PERMUTE | ll::GGML_OP_TRANSPOSE => {
-                    super::buffer::is_ours((*root_of(op)).buffer)
-                }
-                ll::GGML_OP_SET_ROWS => set_rows_check(op).is_ok(),
-                ll::GGML_OP_FLASH_ATTN_EXT if dev_ctx(dev).config.cpu_attention => false,
-                ll::GGML_OP_FLASH_ATTN_EXT => match flash_attn_check(op) {
-                    Ok(_) => true,
-                    Err(why) => {
-                        warn_once(&why);
-                        false
-                    }
-                },
-                ll::GGML_OP_ROPE => rope_check(op).is_ok(),
-                _ => false,
+            if touches_kv(op, |t| kv_root(t).is_some()) {
+                return supports_kv_op(dev, op);
             }
+            // A weight in a DSpark buffer (llama.cpp asks this when it places weights) would
+            // be held uncompressed in our buffer for no gain: weights stay where the CPU
+            // backend reads them, and DSPARK0 reads them there.
+            let elsewhere = |t: *const ll::ggml_tensor| {
+                let b = (*root_of(t)).buffer;
+                !super::buffer::is_ours(b) || (*(b as *mut sys::ggml_backend_buffer)).usage == ll::GGML_BACKEND_BUFFER_USAGE_COMPUTE
+            };
+            if !(*op).src.iter().filter(|s| !s.is_null()).all(|&s| elsewhere(s)) {
+                return false;
+            }
+            cpu::device().is_some_and(|cpu_dev| cpu::supports_op(cpu_dev, op))
         }
     })
+}
+
+/// Whether `op` or one of its sources lives in a KV root that `is_kv` recognises.
+///
+/// # Safety
+/// `op` and its srcs must be valid tensors.
+unsafe fn touches_kv(op: *const ll::ggml_tensor, is_kv: impl Fn(*const ll::ggml_tensor) -> bool) -> bool {
+    // SAFETY: valid op and srcs (caller).
+    unsafe { is_kv(op) || (*op).src.iter().any(|&s| !s.is_null() && is_kv(s)) }
+}
+
+/// The ops on the KV that DSpark runs with its own kernels.
+///
+/// # Safety
+/// ggml callback arguments as [`supports_op`]; `op` touches a KV root.
+unsafe fn supports_kv_op(dev: ll::ggml_backend_dev_t, op: *const ll::ggml_tensor) -> bool {
+    // SAFETY: as above.
+    unsafe {
+        match (*op).op {
+            ll::GGML_OP_NONE | ll::GGML_OP_VIEW | ll::GGML_OP_RESHAPE | ll::GGML_OP_PERMUTE | ll::GGML_OP_TRANSPOSE => true,
+            ll::GGML_OP_SET_ROWS => set_rows_check(op).is_ok(),
+            ll::GGML_OP_FLASH_ATTN_EXT if dev_ctx(dev).config.cpu_attention => false,
+            ll::GGML_OP_FLASH_ATTN_EXT => match flash_attn_check(op) {
+                Ok(_) => true,
+                Err(why) => {
+                    warn_once(&why);
+                    false
+                }
+            },
+            ll::GGML_OP_ROPE => rope_check(op).is_ok(),
+            _ => false,
+        }
+    }
 }
 
 /// Prints a reason for falling back to the stock path, once per distinct reason.
@@ -191,12 +221,12 @@ fn warn_once(why: &str) {
 /// ggml callback: `b` is a live backend made by `init_backend`; graphs and tensors are valid.
 unsafe extern "C" fn graph_compute(b: ll::ggml_backend_t, g: *mut ll::ggml_cgraph) -> ll::ggml_status {
     guard("graph_compute", ll::GGML_STATUS_FAILED, || {
-        // SAFETY: ggml passes our live backend and a graph whose nodes and srcs are valid
-        // and whose srcs live in our buffers (copies of CPU tensors included).
-        let (ctx, nodes) = unsafe { (backend_ctx(b), graph_nodes(g)) };
-        let workers = ctx.workers();
-        // SAFETY: as above.
-        match unsafe { compute_nodes(ctx.dev, &nodes, &workers) } {
+        // SAFETY: ggml passes our live backend and a graph whose nodes and srcs are valid,
+        // with data in host memory or our buffers (copies of other devices' tensors included).
+        let ctx = unsafe { backend_ctx(b) };
+        ctx.dev.graphs.fetch_add(1, Ordering::Relaxed);
+        let r = ctx.cpu.set_threads(ctx.n_threads.load(Ordering::Relaxed)).and_then(|()| unsafe { compute_graph(ctx, g) });
+        match r {
             Ok(()) => ll::GGML_STATUS_SUCCESS,
             Err(msg) => {
                 log_error(&msg);
@@ -206,31 +236,31 @@ unsafe extern "C" fn graph_compute(b: ll::ggml_backend_t, g: *mut ll::ggml_cgrap
     })
 }
 
-/// The nodes of a graph that have to be computed (empty ops and nodes without the COMPUTE
-/// flag skipped).
+/// Whether a graph node reads or writes a KV store (so DSpark's kernels run it).
 ///
 /// # Safety
-/// `g` must be a valid graph.
-unsafe fn graph_nodes(g: *mut ll::ggml_cgraph) -> Vec<*mut ll::ggml_tensor> {
-    // SAFETY: indices below n_nodes are valid nodes of a valid graph (caller).
-    unsafe {
-        (0..ll::ggml_graph_n_nodes(g))
-            .map(|i| ll::ggml_graph_node(g, i))
-            .filter(|&n| (*n).flags & ll::GGML_TENSOR_FLAG_COMPUTE as i32 != 0)
-            .collect()
-    }
+/// `node` and its srcs must be valid tensors.
+unsafe fn is_kv_node(node: *const ll::ggml_tensor) -> bool {
+    // SAFETY: valid node and srcs (caller).
+    unsafe { touches_kv(node, |t| kv_entry(t).is_some()) }
 }
 
-/// Runs the nodes of one split. First, the attention nodes say the head size of the KV they
-/// read, so that rows written by this split's SET_ROWS are compressed in the right shape; a
-/// KV with a recorded failure fails the split.
+/// Runs a graph: the nodes on the KV with DSpark's kernels, every run of other nodes on the
+/// embedded CPU backend. First, the attention nodes say the head size of the KV they read,
+/// so that rows written by this graph's SET_ROWS are compressed in the right shape; a KV with
+/// a recorded failure fails the graph.
 ///
 /// # Safety
-/// `nodes` are valid nodes of a graph handed to this backend.
-unsafe fn compute_nodes(dev: &DeviceCtx, nodes: &[*mut ll::ggml_tensor], workers: &Workers) -> Result<(), String> {
+/// `g` is a valid graph handed to this backend.
+unsafe fn compute_graph(ctx: &BackendCtx, g: *mut ll::ggml_cgraph) -> Result<(), String> {
+    // SAFETY: indices below n_nodes are valid nodes of a valid graph (caller).
+    let nodes: Vec<*mut ll::ggml_tensor> = unsafe { (0..ll::ggml_graph_n_nodes(g)).map(|i| ll::ggml_graph_node(g, i)).collect() };
+    // SAFETY: valid nodes and srcs (caller).
+    let kv: Vec<bool> = nodes.iter().map(|&n| unsafe { is_kv_node(n) }).collect();
+    let threads = Threads::on(&ctx.cpu);
     // SAFETY: valid nodes (caller).
     let name = |n| unsafe { super::buffer::tensor_name(n) };
-    for &node in nodes {
+    for (&node, _) in nodes.iter().zip(&kv).filter(|(&n, &k)| k && unsafe { (*n).flags } & ll::GGML_TENSOR_FLAG_COMPUTE as i32 != 0) {
         // SAFETY: valid nodes and srcs (caller).
         unsafe {
             if let Some(why) = kv_failure(node) {
@@ -240,26 +270,38 @@ unsafe fn compute_nodes(dev: &DeviceCtx, nodes: &[*mut ll::ggml_tensor], workers
                 let (k, v) = flash_attn_check(node).map_err(|e| format!("{}: {e}", name(node)))?;
                 let d = (*(*node).src[1]).ne[0] as usize;
                 for kv in [k.root, v.root] {
-                    kv.entry().ok_or("KV has no store")?.shape(d, workers.all())?;
+                    kv.entry().ok_or("KV has no store")?.shape(d, threads)?;
                 }
             }
         }
     }
-    for &node in nodes {
+    let mut i = 0;
+    while i < nodes.len() {
+        if !kv[i] {
+            let j = (i..nodes.len()).find(|&j| kv[j]).unwrap_or(nodes.len());
+            // SAFETY: nodes i..j do not touch the KV: their srcs and outputs are host memory
+            // or plain bytes of our compute buffers (caller).
+            unsafe { ctx.cpu.compute(g, i, j) }?;
+            i = j;
+            continue;
+        }
+        let node = nodes[i];
         // SAFETY: valid nodes and srcs (caller).
         let r = unsafe {
             match (*node).op {
+                _ if (*node).flags & ll::GGML_TENSOR_FLAG_COMPUTE as i32 == 0 => Ok(()),
                 ll::GGML_OP_NONE | ll::GGML_OP_VIEW | ll::GGML_OP_RESHAPE | ll::GGML_OP_PERMUTE | ll::GGML_OP_TRANSPOSE => Ok(()),
-                ll::GGML_OP_SET_ROWS => set_rows(node, workers),
+                ll::GGML_OP_SET_ROWS => set_rows(node, threads),
                 ll::GGML_OP_FLASH_ATTN_EXT => {
-                    dev.attn_calls.fetch_add(1, Ordering::Relaxed);
-                    flash_attn(node, workers)
+                    ctx.dev.attn_calls.fetch_add(1, Ordering::Relaxed);
+                    flash_attn(node, threads)
                 }
                 ll::GGML_OP_ROPE => rope_shift(node),
-                op => Err(format!("op {op} was not accepted by DSPARK0")),
+                op => Err(format!("op {op} on the KV was not accepted by DSPARK0")),
             }
         };
         r.map_err(|msg| format!("{}: {msg}", name(node)))?;
+        i += 1;
     }
     Ok(())
 }
@@ -304,7 +346,7 @@ unsafe fn set_rows_check(op: *const ll::ggml_tensor) -> Result<(KvRoot, bool), S
 
 /// # Safety
 /// `node` is a SET_ROWS node handed to this backend: valid, with its srcs' data readable.
-unsafe fn set_rows(node: *mut ll::ggml_tensor, workers: &Workers) -> Result<(), String> {
+unsafe fn set_rows(node: *mut ll::ggml_tensor, threads: Threads) -> Result<(), String> {
     // SAFETY: valid node (caller).
     let (kv, whole) = unsafe { set_rows_check(node) }?;
     let e = kv.entry().ok_or("KV has no store")?;
@@ -350,7 +392,7 @@ unsafe fn set_rows(node: *mut ll::ggml_tensor, workers: &Workers) -> Result<(), 
         unsafe { read_row(sp, src.type_, &mut row) };
         store.write_row(off / (e.row_len() * 2), &row);
     }
-    store.compact(workers.all());
+    store.compact(threads);
     Ok(())
 }
 
@@ -448,7 +490,7 @@ unsafe fn flash_attn_check(op: *const ll::ggml_tensor) -> Result<(KvView, KvView
 /// # Safety
 /// `node` is a FLASH_ATTN_EXT node handed to this backend, its KV shaped: valid, with its
 /// srcs' data readable and its own data writable.
-unsafe fn flash_attn(node: *mut ll::ggml_tensor, workers: &Workers) -> Result<(), String> {
+unsafe fn flash_attn(node: *mut ll::ggml_tensor, threads: Threads) -> Result<(), String> {
     // SAFETY: valid node (caller).
     let (kview, vview) = unsafe { flash_attn_check(node) }?;
     // SAFETY: q and k are valid; mask and sinks are NULL or valid (caller).
@@ -468,7 +510,7 @@ unsafe fn flash_attn(node: *mut ll::ggml_tensor, workers: &Workers) -> Result<()
     if ks.head_dim() != d || vs.head_dim() != d {
         return Err("K/V store not shaped for this attention".into());
     }
-    let threads = workers.take(attn_threads(workers.len(), n_q * n_kv * n_head_kv));
+    let threads = threads.at_most(attn_threads(threads.count(), n_q * n_kv * n_head_kv));
     let mut qbuf = vec![0.0f32; n_q * n_head * d];
     for seq in 0..n_seq {
         let kv_seq = seq / (n_seq / n_kv_seq);

@@ -27,6 +27,7 @@ pub(crate) struct DeviceCtx {
     kv: Mutex<Vec<Weak<KvEntry>>>,
     /// FLASH_ATTN_EXT ops run on this device's KV.
     pub attn_calls: AtomicU64,
+    pub graphs: AtomicU64,
 }
 
 impl DeviceCtx {
@@ -87,7 +88,7 @@ fn device_for(config: Config) -> (ll::ggml_backend_dev_t, bool) {
         return (d.0.cast(), false);
     }
     let name = CString::new(format!("DSPARK{}", devs.len())).expect("no NUL in a device name");
-    let ctx = Box::into_raw(Box::new(DeviceCtx { config, name, buft: std::ptr::null_mut(), kv: Mutex::new(Vec::new()), attn_calls: AtomicU64::new(0) }));
+    let ctx = Box::into_raw(Box::new(DeviceCtx { config, name, buft: std::ptr::null_mut(), kv: Mutex::new(Vec::new()), attn_calls: AtomicU64::new(0), graphs: AtomicU64::new(0) }));
     let dev = Box::into_raw(Box::new(sys::ggml_backend_device { iface: device_iface(), reg: r.reg.cast(), context: ctx.cast() }));
     let buft = Box::into_raw(Box::new(sys::ggml_backend_buffer_type { iface: buffer::buft_iface(), device: dev.cast(), context: std::ptr::null_mut() }));
     // SAFETY: ctx was just allocated and is not shared yet.
@@ -260,7 +261,9 @@ unsafe extern "C" fn dev_buffer_type(d: ll::ggml_backend_dev_t) -> ll::ggml_back
 /// ggml callback: `d` is a device made by `device.rs`; out-pointers are writable.
 unsafe extern "C" fn dev_supports_buft(d: ll::ggml_backend_dev_t, b: ll::ggml_backend_buffer_type_t) -> bool {
     // SAFETY: ggml passes one of our devices.
-    b == unsafe { dev_ctx(d) }.buft.cast()
+    // Ours (the KV and compute buffers) and the CPU's (weights, inputs), which DSPARK0 reads
+    // in place (see cpu.rs).
+    b == unsafe { dev_ctx(d) }.buft.cast() || super::cpu::supports_buft(b)
 }
 
 pub use crate::kv::Stats;
@@ -287,6 +290,7 @@ impl Stats {
         // SAFETY: checked above that `dev` is one of ours.
         let ctx = unsafe { dev_ctx(dev) };
         s.attn_calls = ctx.attn_calls.load(Ordering::Relaxed);
+        s.graphs = ctx.graphs.load(Ordering::Relaxed);
         ctx.entries().iter().for_each(|e| s.add_entry(e));
         s
     }

@@ -13,6 +13,7 @@
 
 mod backend;
 mod buffer;
+mod cpu;
 mod device;
 mod log;
 pub mod sys;

@@ -3,3 +3,9 @@
 //! pointers; cast them to the structs defined here to reach their fields.
 #![allow(non_camel_case_types, non_upper_case_globals, non_snake_case, dead_code, clippy::all)]
 include!(concat!(env!("OUT_DIR"), "/ggml_backend_impl.rs"));
+
+/// ggml's graph struct (`ggml-impl.h`), for views of a graph's nodes.
+pub mod graph {
+    #![allow(non_camel_case_types, dead_code, clippy::all)]
+    include!(concat!(env!("OUT_DIR"), "/ggml_graph.rs"));
+}

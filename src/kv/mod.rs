@@ -44,6 +44,9 @@ pub struct Stats {
     pub elems: u64,
     /// Attention calls.
     pub attn_calls: u64,
+    /// Graphs (scheduler splits) a DSpark device has run: one per ubatch when a whole model
+    /// runs on it.
+    pub graphs: u64,
     /// Allocated pages that the latest attention call over their store could not see
     /// (e.g. pages of tokens removed with `seq_rm`, which llama.cpp never reports).
     pub pages_unseen: u64,
@@ -68,6 +71,7 @@ impl Stats {
         self.cells += o.cells;
         self.elems += o.elems;
         self.attn_calls += o.attn_calls;
+        self.graphs += o.graphs;
         self.pages_unseen += o.pages_unseen;
     }
 

@@ -1,0 +1,260 @@
+//! The CPU backend embedded in each DSpark backend, so that DSPARK0 runs whole graphs.
+//!
+//! llama.cpp's scheduler cuts a graph wherever the backend changes. If DSPARK0 ran only the
+//! ops that touch the KV cache, every layer would be two splits, with q, k, v and the mask
+//! copied in and the attention output copied back, and llama.cpp's CPU thread pool would wake
+//! (or spin, when it polls as llama.cpp's tools make it) while DSpark's threads work. Instead
+//! DSPARK0 accepts every op the CPU backend accepts, reads the weights where llama.cpp keeps
+//! them (host and CPU "extra" buffer types, so repacked layouts stay), and hands the nodes
+//! that do not touch the KV to an instance of ggml's own CPU backend, in runs of consecutive
+//! nodes. The instance comes from ggml's registry, so in the plugin case it is the host's CPU
+//! backend module, the one llama.cpp itself would use.
+//!
+//! DSpark's own kernels run on the same thread pool, as a ggml custom op (see
+//! [`CpuBackend::run`]): one set of threads does all the work of a graph, and a polling pool
+//! never spins against DSpark's workers.
+
+use std::ffi::{c_int, c_void, CStr};
+use std::sync::Mutex;
+
+use llama_cpp_sys_2 as ll;
+
+use super::sys;
+use crate::attn::Executor;
+
+/// How long the pool's threads spin for new work before they sleep: llama.cpp's tools'
+/// default (`common_params::cpuparams.poll`), so that back-to-back runs of a graph do not pay
+/// a wake-up each.
+const POLL: u32 = 50;
+
+type ThreadpoolNew = unsafe extern "C" fn(*mut ll::ggml_threadpool_params) -> *mut ll::ggml_threadpool;
+type ThreadpoolFree = unsafe extern "C" fn(*mut ll::ggml_threadpool);
+type SetThreadpool = unsafe extern "C" fn(ll::ggml_backend_t, *mut ll::ggml_threadpool);
+type SetNThreads = unsafe extern "C" fn(ll::ggml_backend_t, c_int);
+
+/// ggml's CPU device, if one is registered (looked up when first needed: in the plugin case
+/// the host registers it).
+pub(crate) fn device() -> Option<ll::ggml_backend_dev_t> {
+    // SAFETY: reads ggml's device registry.
+    let d = unsafe { ll::ggml_backend_dev_by_type(ll::GGML_BACKEND_DEVICE_TYPE_CPU) };
+    (!d.is_null()).then_some(d)
+}
+
+/// An instance of ggml's CPU backend with a persistent thread pool of the context's size.
+pub(crate) struct CpuBackend {
+    backend: ll::ggml_backend_t,
+    threadpool_new: ThreadpoolNew,
+    threadpool_free: ThreadpoolFree,
+    set_threadpool: SetThreadpool,
+    set_n_threads: SetNThreads,
+    /// The pool and its size; rebuilt when llama.cpp changes the thread count.
+    pool: Mutex<(*mut ll::ggml_threadpool, usize)>,
+}
+
+// SAFETY: the backend and pool are used under `pool`'s lock or from the one thread that runs
+// the owning DSpark backend's graphs (ggml never computes two graphs of a backend at once).
+unsafe impl Send for CpuBackend {}
+// SAFETY: as above.
+unsafe impl Sync for CpuBackend {}
+
+impl CpuBackend {
+    /// A new instance of ggml's CPU backend, or why there is none.
+    pub fn new() -> Result<CpuBackend, String> {
+        let dev = device().ok_or("no ggml CPU backend is registered")?;
+        // SAFETY: dev is a registered device; the names are NUL-terminated; the functions
+        // found under these names have the signatures of ggml-cpu.h (ggml-cpu.cpp's
+        // get_proc_address returns exactly these functions).
+        unsafe {
+            let reg = ll::ggml_backend_dev_backend_reg(dev);
+            let find = |name: &CStr| {
+                let f = ll::ggml_backend_reg_get_proc_address(reg, name.as_ptr());
+                if f.is_null() {
+                    Err(format!("ggml's CPU backend does not export {}", name.to_string_lossy()))
+                } else {
+                    Ok(f)
+                }
+            };
+            let threadpool_new: ThreadpoolNew = std::mem::transmute(find(c"ggml_threadpool_new")?);
+            let threadpool_free: ThreadpoolFree = std::mem::transmute(find(c"ggml_threadpool_free")?);
+            let set_threadpool: SetThreadpool = std::mem::transmute(find(c"ggml_backend_cpu_set_threadpool")?);
+            let set_n_threads: SetNThreads = std::mem::transmute(find(c"ggml_backend_set_n_threads")?);
+            let backend = ll::ggml_backend_dev_init(dev, std::ptr::null());
+            if backend.is_null() {
+                return Err("ggml's CPU backend could not be started".into());
+            }
+            Ok(CpuBackend { backend, threadpool_new, threadpool_free, set_threadpool, set_n_threads, pool: Mutex::new((std::ptr::null_mut(), 0)) })
+        }
+    }
+
+    /// Makes the pool `n` threads (the context's count; ggml sets it before each graph).
+    pub fn set_threads(&self, n: usize) -> Result<(), String> {
+        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        if pool.1 == n && !pool.0.is_null() {
+            return Ok(());
+        }
+        // SAFETY: plain-data params; the old pool is detached from the backend before it is
+        // freed, and no graph runs meanwhile (graphs run on the thread calling this).
+        unsafe {
+            let mut p = ll::ggml_threadpool_params_default(n as c_int);
+            p.poll = POLL;
+            let new = (self.threadpool_new)(&mut p);
+            if new.is_null() {
+                return Err(format!("ggml could not start a pool of {n} threads"));
+            }
+            (self.set_threadpool)(self.backend, new);
+            (self.set_n_threads)(self.backend, n as c_int);
+            if !pool.0.is_null() {
+                (self.threadpool_free)(pool.0);
+            }
+            *pool = (new, n);
+        }
+        Ok(())
+    }
+
+    fn threads(&self) -> usize {
+        self.pool.lock().unwrap_or_else(|e| e.into_inner()).1.max(1)
+    }
+
+    /// Computes nodes `i0..i1` of `g` with ggml's CPU kernels.
+    ///
+    /// # Safety
+    /// `g` must be a valid graph whose nodes' sources are readable and whose destinations are
+    /// writable host memory, and `i0 <= i1 <= n_nodes`.
+    pub unsafe fn compute(&self, g: *mut ll::ggml_cgraph, i0: usize, i1: usize) -> Result<(), String> {
+        // SAFETY: a view of nodes i0..i1, as ggml_graph_view makes it (caller: valid graph
+        // and range); it borrows the graph's arrays for the duration of the call.
+        let status = unsafe {
+            let mut view = *(g as *const sys::graph::ggml_cgraph);
+            view.size = 0;
+            view.n_nodes = (i1 - i0) as c_int;
+            view.n_leafs = 0;
+            view.nodes = view.nodes.add(i0);
+            view.grads = std::ptr::null_mut();
+            view.grad_accs = std::ptr::null_mut();
+            view.leafs = std::ptr::null_mut();
+            view.uid = 0;
+            ll::ggml_backend_graph_compute(self.backend, (&mut view as *mut sys::graph::ggml_cgraph).cast())
+        };
+        if status == ll::GGML_STATUS_SUCCESS {
+            Ok(())
+        } else {
+            Err(format!("ggml's CPU backend failed (status {status})"))
+        }
+    }
+}
+
+impl Drop for CpuBackend {
+    fn drop(&mut self) {
+        let pool = self.pool.get_mut().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: we own the backend and the pool; the backend is freed first, so it never
+        // holds a freed pool.
+        unsafe {
+            ll::ggml_backend_free(self.backend);
+            if !pool.0.is_null() {
+                (self.threadpool_free)(pool.0);
+            }
+        }
+    }
+}
+
+/// A job for [`custom_op`]: the closure and whether any call of it panicked.
+struct Job<'a> {
+    f: &'a (dyn Fn(usize, usize) + Sync),
+    panicked: std::sync::atomic::AtomicBool,
+}
+
+/// The custom op's body, called by each of ggml's threads with its index.
+///
+/// # Safety
+/// ggml callback: `userdata` is the `Job` that [`CpuBackend::run`] keeps alive until the
+/// graph has been computed.
+unsafe extern "C" fn custom_op(_dst: *mut ll::ggml_tensor, ith: c_int, nth: c_int, userdata: *mut c_void) {
+    // SAFETY: see above.
+    let job = unsafe { &*(userdata as *const Job) };
+    let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (job.f)(ith as usize, nth as usize))).is_ok();
+    if !ok {
+        job.panicked.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Executor for CpuBackend {
+    fn threads(&self) -> usize {
+        CpuBackend::threads(self)
+    }
+
+    /// Runs `f(i, n)` on each of the pool's `n` threads: a one-node graph whose node is a
+    /// ggml custom op, computed by this CPU backend.
+    fn run(&self, f: &(dyn Fn(usize, usize) + Sync)) -> Result<(), String> {
+        let job = Job { f, panicked: false.into() };
+        // Room for the node and a one-node graph, without tensor data (no_alloc).
+        // SAFETY: plain size computations.
+        let mem = unsafe { ll::ggml_tensor_overhead() + ll::ggml_graph_overhead_custom(1, false) } + 256;
+        let mut arena = vec![0u8; mem];
+        let params = ll::ggml_init_params { mem_size: mem, mem_buffer: arena.as_mut_ptr().cast(), no_alloc: true };
+        // SAFETY: the context lives in `arena` for this call; the custom node has no sources
+        // and no data; `job` outlives the compute call that reads it.
+        let status = unsafe {
+            let ctx = ll::ggml_init(params);
+            if ctx.is_null() {
+                return Err("ggml_init failed".into());
+            }
+            let node = ll::ggml_custom_4d(
+                ctx,
+                ll::GGML_TYPE_F32,
+                1,
+                1,
+                1,
+                1,
+                std::ptr::null_mut(),
+                0,
+                Some(custom_op),
+                -1, // GGML_N_TASKS_MAX: every thread of the pool
+                (&job as *const Job).cast_mut().cast(),
+            );
+            let graph = ll::ggml_new_graph_custom(ctx, 1, false);
+            ll::ggml_build_forward_expand(graph, node);
+            let s = ll::ggml_backend_graph_compute(self.backend, graph);
+            ll::ggml_free(ctx);
+            s
+        };
+        if job.panicked.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err("a DSpark kernel panicked on a ggml thread".into());
+        }
+        if status != ll::GGML_STATUS_SUCCESS {
+            return Err(format!("ggml's CPU backend failed (status {status})"));
+        }
+        Ok(())
+    }
+}
+
+/// Whether ggml's CPU backend runs `op`, judged as if every source that lives in a DSpark
+/// buffer were plain host memory (DSpark's compute buffers are; its buffer type says "not
+/// host" only because of the KV, which never gets here).
+///
+/// # Safety
+/// `op` and its sources must be valid tensors.
+pub(crate) unsafe fn supports_op(dev: ll::ggml_backend_dev_t, op: *const ll::ggml_tensor) -> bool {
+    // SAFETY: copies of valid tensors (caller); the copies live for this call only and the
+    // CPU backend's check reads fields, never data.
+    unsafe {
+        let mut copy = *op;
+        // Capacity for every source, so the element addresses stay put.
+        let mut srcs: Vec<ll::ggml_tensor> = Vec::with_capacity(copy.src.len());
+        for s in copy.src.iter_mut().filter(|s| !s.is_null()) {
+            srcs.push(**s);
+            let c = srcs.last_mut().expect("just pushed");
+            if super::buffer::is_ours(c.buffer) {
+                c.buffer = std::ptr::null_mut();
+            }
+            *s = c;
+        }
+        ll::ggml_backend_dev_supports_op(dev, &copy)
+    }
+}
+
+/// Whether ggml's CPU backend reads buffers of type `buft` (host memory and its repacked
+/// "extra" types).
+pub(crate) fn supports_buft(buft: ll::ggml_backend_buffer_type_t) -> bool {
+    // SAFETY: dev is a registered device; buft is a buffer type ggml handed us.
+    device().is_some_and(|dev| unsafe { ll::ggml_backend_dev_supports_buft(dev, buft) })
+}
