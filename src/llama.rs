@@ -324,11 +324,14 @@ pub struct CtxParams {
     /// Flash attention (default on). Off stores V transposed; DSpark then works, slowly,
     /// through its generic byte path while llama.cpp's CPU attention reads the KV.
     pub flash_attn: bool,
+    /// Polling level (0–100) of the CPU thread pool attached to the context: how long its
+    /// threads spin for the next graph before they sleep. 50, as llama.cpp's tools.
+    pub poll: u32,
 }
 
 impl CtxParams {
     pub fn new(n_ctx: u32, n_threads: usize, kv: KvType) -> CtxParams {
-        CtxParams { n_ctx, n_batch: 512, n_threads: n_threads as i32, kv, n_seq_max: 1, flash_attn: true }
+        CtxParams { n_ctx, n_batch: 512, n_threads: n_threads as i32, kv, n_seq_max: 1, flash_attn: true, poll: 50 }
     }
 }
 
@@ -365,13 +368,13 @@ impl<'m> Context<'m> {
             sys::llama_init_from_model(model.raw(), c)
         };
         let ptr = NonNull::new(ptr).context("llama.cpp could not create a context (out of memory or bad parameters?)")?;
-        // A persistent CPU thread pool, as llama-cli attaches one. Without it ggml starts and
-        // joins its threads on every graph split. Its workers sleep between graphs (poll 0)
-        // instead of spinning, so they leave the cores to DSpark's kernels in between.
+        // A persistent CPU thread pool with the polling level of llama.cpp's tools, attached as
+        // they attach it (common_threadpools::init). Without it ggml starts and joins its
+        // threads on every graph. When DSpark runs the whole graph this pool has no work.
         // SAFETY: plain-data params; the pool is freed in Drop after the context.
         let threadpool = unsafe {
             let mut tp = sys::ggml_threadpool_params_default(p.n_threads);
-            tp.poll = 0;
+            tp.poll = p.poll;
             let pool = sys::ggml_threadpool_new(&mut tp);
             if !pool.is_null() {
                 sys::llama_attach_threadpool(ptr.as_ptr(), pool, pool);

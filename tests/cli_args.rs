@@ -55,6 +55,8 @@ fn bench_json_shape() {
         llama_cpp: "x".into(),
         cpu_features: vec!["avx2".into()],
         reps: 1,
+        prompt_at_depth: 0,
+        poll: 50,
         results: vec![
             row("stock:f16", 100.0, 50.0, 1000, 16.0, false),
             row("stock:q4_0", 50.0, 60.0, 300, 4.5, true),
@@ -89,12 +91,37 @@ fn bench_json_shape() {
     assert_eq!(v["results"][1]["busy"], true);
 }
 
+/// With the prefill on top of the depth measured, the table gains its speed and ratio, named
+/// as llama-bench names the test.
+#[test]
+fn bench_table_with_prompt_at_depth() {
+    let mut f16 = row("stock:f16", 100.0, 50.0, 1000, 16.0, false);
+    let mut k4 = row("dspark:k4v4", 90.0, 80.0, 300, 4.8, false);
+    (f16.prompt_at_depth_tps, k4.prompt_at_depth_tps) = (40.0, 60.0);
+    let report = BenchReport {
+        model: "m.gguf".into(),
+        threads: 2,
+        llama_cpp: "x".into(),
+        cpu_features: vec![],
+        reps: 1,
+        prompt_at_depth: 512,
+        poll: 50,
+        results: vec![f16, k4],
+    };
+    let t = table(&report);
+    assert!(t.contains("| pp512@d t/s |") && t.contains("| pp512@d vs f16 |"), "{t}");
+    assert!(t.contains("| dspark:k4v4 | 512 | 90.0 | 80.0 | 60.0 |") && t.contains("| 0.90x | 1.60x | 1.50x | 30% | no |"), "{t}");
+    let v: serde_json::Value = serde_json::from_str(&serde_json::to_string(&report).unwrap()).unwrap();
+    assert_eq!((v["prompt_at_depth"].as_u64(), v["poll"].as_u64(), v["results"][1]["prompt_at_depth_tps"].as_f64()), (Some(512), Some(50), Some(60.0)));
+}
+
 fn row(backend: &str, prefill: f64, decode: f64, kv_bytes: u64, bits: f64, busy: bool) -> BenchResult {
     BenchResult {
         backend: backend.into(),
         depth: 512,
         prefill_tps: prefill,
         decode_tps: decode,
+        prompt_at_depth_tps: 0.0,
         kv_bytes,
         kv_bits_per_elem: bits,
         peak_rss_bytes: 5,
@@ -116,6 +143,8 @@ fn bench_spread_with_reps() {
         llama_cpp: "x".into(),
         cpu_features: vec![],
         reps: 3,
+        prompt_at_depth: 0,
+        poll: 50,
         results: vec![f16],
     };
     let t = table(&report);

@@ -92,7 +92,7 @@ fn stock_kv_bytes_match_llama_cpp_own_buffer() {
             let mut ours = 0;
             let logged = llama_kv_buffer_mib(|| {
                 let ctx = r.context(&spec, n_ctx, 2).unwrap();
-                ours = r.kv_bytes(&ctx);
+                ours = r.kv_bytes(&ctx, ctx.n_ctx());
             });
             assert_eq!(logged.len(), 1, "{kv:?} n_ctx {n_ctx}: expected one KV buffer line, got {logged:?}");
             assert!(
@@ -112,6 +112,8 @@ fn bench_small_depth_gives_sane_figures() {
         backends: "stock:f16,stock:q4_0".into(),
         depths: vec![64],
         decode: 4,
+        prompt_at_depth: 16,
+        poll: 50,
         threads: Some(2),
         reps: 1,
         json: None,
@@ -122,6 +124,7 @@ fn bench_small_depth_gives_sane_figures() {
     for x in &r.results {
         assert!(x.prefill_tps > 0.0 && x.prefill_tps.is_finite(), "{x:?}");
         assert!(x.decode_tps > 0.0 && x.decode_tps.is_finite(), "{x:?}");
+        assert!(x.prompt_at_depth_tps > 0.0 && x.prompt_at_depth_tps.is_finite(), "{x:?}");
         assert!(x.kv_bytes > 0 && x.peak_rss_bytes > x.kv_bytes, "{x:?}");
     }
     let f16 = &r.results[0];

@@ -115,10 +115,13 @@ impl Runner {
     }
 
     /// Memory held for the KV cache of `ctx` right now (for DSpark: its pages).
-    pub fn kv_bytes(&self, ctx: &Context) -> usize {
+    /// For stock, the bytes llama.cpp allocates for a context of `n_cells` cells (usually
+    /// `ctx.n_ctx()`; a benchmark whose context holds room for a later step passes the cells
+    /// its figure is about).
+    pub fn kv_bytes(&self, ctx: &Context, n_cells: usize) -> usize {
         match ctx.model.devices().first() {
             Some(&dev) => ggml::Stats::of(dev).kv_bytes as usize,
-            None => ctx.model.stock_kv_bytes(ctx.kv_type(), ctx.n_ctx()),
+            None => ctx.model.stock_kv_bytes(ctx.kv_type(), n_cells),
         }
     }
 

@@ -32,6 +32,14 @@ pub struct BenchArgs {
     /// Single-token decode steps timed after each prompt.
     #[arg(long, default_value_t = 32)]
     pub decode: usize,
+    /// Also time a prefill of this many tokens on top of each depth, the shape of
+    /// llama-bench's `pp512 @ dN` (the depth's prompt is already in the cache); 0: off.
+    #[arg(long, default_value_t = 512)]
+    pub prompt_at_depth: usize,
+    /// Polling level of the CPU thread pool attached to every context, 0 (threads sleep
+    /// between graphs) to 100, as llama.cpp's `--poll`; llama.cpp's tools default to 50.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub poll: u32,
     /// Threads for llama.cpp and DSpark (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -52,6 +60,9 @@ pub struct BenchResult {
     pub depth: usize,
     pub prefill_tps: f64,
     pub decode_tps: f64,
+    /// Prefill speed of `prompt_at_depth` tokens on top of `depth` (0 when not measured).
+    #[serde(default)]
+    pub prompt_at_depth_tps: f64,
     pub kv_bytes: u64,
     pub kv_bits_per_elem: f64,
     pub peak_rss_bytes: u64,
@@ -78,6 +89,12 @@ pub struct BenchReport {
     /// Timed repetitions per row.
     #[serde(default = "one")]
     pub reps: usize,
+    /// Tokens of the prefill timed on top of each depth (0: not measured).
+    #[serde(default)]
+    pub prompt_at_depth: usize,
+    /// Polling level of the contexts' CPU thread pools.
+    #[serde(default)]
+    pub poll: u32,
     pub results: Vec<BenchResult>,
 }
 
@@ -89,6 +106,7 @@ fn one() -> usize {
 struct Sample {
     prefill_tps: f64,
     decode_tps: f64,
+    prompt_at_depth_tps: f64,
     kv_bytes: u64,
     kv_bits: f64,
     peak_rss: u64,
@@ -99,15 +117,36 @@ struct Sample {
 /// Decode steps of the warm-up pass.
 const WARMUP_DECODE: usize = 4;
 
+/// What one measurement runs: the prompt (the depth), the tokens prefilled on top of it
+/// (may be empty), the decode steps, and the contexts' threads and polling level.
+struct Shape<'a> {
+    prompt: &'a [i32],
+    at_depth: &'a [i32],
+    decode: usize,
+    threads: usize,
+    poll: u32,
+}
+
+impl Shape<'_> {
+    /// A context with room for every step: stock allocates it all, DSpark what is written.
+    fn context<'r>(&self, runner: &'r Runner, spec: &BackendSpec) -> Result<crate::llama::Context<'r>> {
+        let n_ctx = self.prompt.len() + self.decode.max(self.at_depth.len());
+        let mut p = CtxParams::new(n_ctx as u32, self.threads, KvType::F16);
+        p.poll = self.poll;
+        runner.context_with(spec, &p)
+    }
+}
+
 /// The untimed warm-up pass: a context of the timed one's shape, one prefill batch (the
 /// graph shape of the timed prefill's batches) and a few decode steps. It pages in the
 /// model's weights and the code paths of this configuration before its first timed rep.
-fn warm_up(runner: &Runner, spec: &BackendSpec, prompt: &[i32], decode: usize, threads: usize) -> Result<()> {
-    let mut ctx = runner.context(spec, prompt.len() + decode, threads)?;
-    let n = prompt.len().min(CtxParams::new(0, threads, KvType::F16).n_batch as usize);
+fn warm_up(runner: &Runner, spec: &BackendSpec, shape: &Shape) -> Result<()> {
+    let mut ctx = shape.context(runner, spec)?;
+    let prompt = shape.prompt;
+    let n = prompt.len().min(CtxParams::new(0, shape.threads, KvType::F16).n_batch as usize);
     ctx.decode(&prompt[..n], 0, 0, false)?;
     let mut tok = argmax(ctx.logits(-1));
-    for i in 0..WARMUP_DECODE.min(decode) {
+    for i in 0..WARMUP_DECODE.min(shape.decode) {
         ctx.decode(&[tok], n + i, 0, false)?;
         tok = argmax(ctx.logits(-1));
     }
@@ -123,8 +162,11 @@ fn timed<T>(threads: usize, f: impl FnOnce() -> Result<T>) -> Result<(T, f64, Lo
     Ok((v, s, load::classify(before, load::sample(), s, threads, default_threads())))
 }
 
-fn measure(runner: &Runner, spec: &BackendSpec, prompt: &[i32], decode: usize, threads: usize) -> Result<Sample> {
-    let mut ctx = runner.context(spec, prompt.len() + decode, threads)?;
+/// Prefill of the prompt, decode steps after it, then (the decoded tokens removed) a prefill
+/// of `at_depth` on top of the prompt. KV and memory figures are taken after the decode.
+fn measure(runner: &Runner, spec: &BackendSpec, shape: &Shape) -> Result<Sample> {
+    let (prompt, decode, threads) = (shape.prompt, shape.decode, shape.threads);
+    let mut ctx = shape.context(runner, spec)?;
     // Outside the timings: the first decode of a context allocates its compute buffers.
     ctx.decode(&prompt[..prompt.len().min(8)], 0, 0, false)?;
     ctx.clear();
@@ -140,14 +182,31 @@ fn measure(runner: &Runner, spec: &BackendSpec, prompt: &[i32], decode: usize, t
         }
         Ok(())
     })?;
-    // The busy window if there is one (prefill first), else the decode window when it ran.
-    let load = if prefill_load.busy() || decode == 0 { prefill_load } else { decode_load };
+    // Stock's KV as llama.cpp sizes a context for prompt and decode (cells padded to 256),
+    // though this one has room for the prefill on top of the depth.
+    let kv_bytes = runner.kv_bytes(&ctx, (prompt.len() + decode).next_multiple_of(256)) as u64;
+    let (kv_bits, peak_rss) = (runner.kv_bits_per_elem(&ctx), peak_rss_bytes());
+
+    let mut loads = vec![prefill_load];
+    if decode > 0 {
+        loads.push(decode_load);
+    }
+    let mut prompt_at_depth_tps = 0.0;
+    if !shape.at_depth.is_empty() {
+        ctx.seq_rm(0, prompt.len() as i32, -1);
+        let ((), s, load) = timed(threads, || ctx.decode(shape.at_depth, prompt.len(), 0, false))?;
+        prompt_at_depth_tps = shape.at_depth.len() as f64 / s;
+        loads.push(load);
+    }
+    // The first busy window if there is one, else the last window.
+    let load = *loads.iter().find(|l| l.busy()).unwrap_or(loads.last().expect("prefill"));
     Ok(Sample {
         prefill_tps: prompt.len() as f64 / prefill_s,
         decode_tps: if decode > 0 { decode as f64 / decode_s } else { 0.0 },
-        kv_bytes: runner.kv_bytes(&ctx) as u64,
-        kv_bits: runner.kv_bits_per_elem(&ctx),
-        peak_rss: peak_rss_bytes(),
+        prompt_at_depth_tps,
+        kv_bytes,
+        kv_bits,
+        peak_rss,
         load,
     })
 }
@@ -188,17 +247,23 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchReport> {
     let mut done = 0;
     for rep in 0..args.reps {
         for (di, &depth) in args.depths.iter().enumerate() {
-            let prompt = text::prompt_tokens(runner.model(&specs[0])?, &text, depth)?;
+            let tokens = text::prompt_tokens(runner.model(&specs[0])?, &text, depth + args.prompt_at_depth)?;
+            let (prompt, at_depth) = tokens.split_at(depth);
+            let shape = Shape { prompt, at_depth, decode: args.decode, threads, poll: args.poll };
             for (si, spec) in specs.iter().enumerate() {
                 done += 1;
                 eprint!("[{done}/{total}] {spec} depth {depth} ");
                 if rep == 0 {
                     eprint!("warm-up, ");
-                    warm_up(&runner, spec, &prompt, args.decode, threads)?;
+                    warm_up(&runner, spec, &shape)?;
                 }
                 eprint!("rep {}/{} ... ", rep + 1, args.reps);
-                let s = measure(&runner, spec, &prompt, args.decode, threads)?;
-                eprintln!("prefill {:.1} t/s, decode {:.1} t/s", s.prefill_tps, s.decode_tps);
+                let s = measure(&runner, spec, &shape)?;
+                eprint!("prefill {:.1} t/s, decode {:.1} t/s", s.prefill_tps, s.decode_tps);
+                if !at_depth.is_empty() {
+                    eprint!(", prefill of {} at depth {:.1} t/s", at_depth.len(), s.prompt_at_depth_tps);
+                }
+                eprintln!();
                 if s.load.busy() {
                     eprintln!(
                         "warning: the machine was busy during {spec} depth {depth} rep {} ({}); its figures, and ratios against it, are unreliable",
@@ -222,6 +287,7 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchReport> {
                 depth,
                 prefill_tps: median(ss.iter().map(|s| s.prefill_tps).collect()),
                 decode_tps: median(ss.iter().map(|s| s.decode_tps).collect()),
+                prompt_at_depth_tps: median(ss.iter().map(|s| s.prompt_at_depth_tps).collect()),
                 kv_bytes: ss.iter().map(|s| s.kv_bytes).max().unwrap_or(0),
                 kv_bits_per_elem: ss.last().map_or(f64::NAN, |s| s.kv_bits),
                 peak_rss_bytes: ss.iter().map(|s| s.peak_rss).max().unwrap_or(0),
@@ -239,6 +305,8 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchReport> {
         llama_cpp: info::llama_cpp_version(),
         cpu_features: info::cpu_features().into_iter().map(String::from).collect(),
         reps: args.reps,
+        prompt_at_depth: args.prompt_at_depth,
+        poll: args.poll,
         results,
     })
 }
@@ -247,10 +315,19 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchReport> {
 /// With more than one rep, speeds show the median and the min–max spread, e.g. `184.0
 /// (180.2–190.1)`. The last column says whether the machine was busy during the row.
 pub fn table(r: &BenchReport) -> String {
-    let mut s = String::from(
-        "| backend | depth | prefill t/s | decode t/s | KV MiB | bits/elem | peak RSS MiB | prefill vs f16 | decode vs f16 | KV vs f16 | busy |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
-    );
+    // The prefill on top of the depth, when it was measured: `pp512@d` as llama-bench names it.
+    let pp = (r.prompt_at_depth > 0).then(|| format!("pp{}@d", r.prompt_at_depth));
+    let mut head = vec!["backend", "depth", "prefill t/s", "decode t/s"];
+    let pp_head = pp.as_ref().map(|p| (format!("{p} t/s"), format!("{p} vs f16")));
+    if let Some((h, _)) = &pp_head {
+        head.push(h);
+    }
+    head.extend(["KV MiB", "bits/elem", "peak RSS MiB", "prefill vs f16", "decode vs f16"]);
+    if let Some((_, h)) = &pp_head {
+        head.push(h);
+    }
+    head.extend(["KV vs f16", "busy"]);
+    let mut s = format!("| {} |\n|---|{}---|\n", head.join(" | "), "---:|".repeat(head.len() - 2));
     let speed = |med: f64, lo: f64, hi: f64| {
         if r.reps > 1 {
             format!("{med:.1} ({lo:.1}–{hi:.1})")
@@ -261,29 +338,30 @@ pub fn table(r: &BenchReport) -> String {
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     for x in &r.results {
         let base = r.results.iter().find(|b| b.depth == x.depth && b.backend == "stock:f16");
-        let ratio = |a: f64, b: f64| if b > 0.0 { format!("{:.2}x", a / b) } else { "-".into() };
-        let (rp, rd, rk) = match base {
-            Some(b) => (
-                ratio(x.prefill_tps, b.prefill_tps),
-                ratio(x.decode_tps, b.decode_tps),
-                if b.kv_bytes > 0 { format!("{:.0}%", 100.0 * x.kv_bytes as f64 / b.kv_bytes as f64) } else { "-".into() },
-            ),
-            None => ("-".into(), "-".into(), "-".into()),
+        let ratio = |f: fn(&BenchResult) -> f64| match base {
+            Some(b) if f(b) > 0.0 => format!("{:.2}x", f(x) / f(b)),
+            _ => "-".into(),
         };
-        s += &format!(
-            "| {} | {} | {} | {} | {:.2} | {:.2} | {:.0} | {} | {} | {} | {} |\n",
-            x.backend,
-            x.depth,
+        let kv = match base {
+            Some(b) if b.kv_bytes > 0 => format!("{:.0}%", 100.0 * x.kv_bytes as f64 / b.kv_bytes as f64),
+            _ => "-".into(),
+        };
+        let mut row = vec![
+            x.backend.clone(),
+            x.depth.to_string(),
             speed(x.prefill_tps, x.prefill_tps_min, x.prefill_tps_max),
             speed(x.decode_tps, x.decode_tps_min, x.decode_tps_max),
-            mib(x.kv_bytes),
-            x.kv_bits_per_elem,
-            mib(x.peak_rss_bytes),
-            rp,
-            rd,
-            rk,
-            if x.busy { "yes" } else { "no" }
-        );
+        ];
+        if pp.is_some() {
+            row.push(format!("{:.1}", x.prompt_at_depth_tps));
+        }
+        row.extend([format!("{:.2}", mib(x.kv_bytes)), format!("{:.2}", x.kv_bits_per_elem), format!("{:.0}", mib(x.peak_rss_bytes))]);
+        row.extend([ratio(|b| b.prefill_tps), ratio(|b| b.decode_tps)]);
+        if pp.is_some() {
+            row.push(ratio(|b| b.prompt_at_depth_tps));
+        }
+        row.extend([kv, (if x.busy { "yes" } else { "no" }).to_string()]);
+        s += &format!("| {} |\n", row.join(" | "));
     }
     s
 }

@@ -103,7 +103,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         toks.len(),
         secs,
         (prompt.len() + toks.len()) as f64 / secs,
-        runner.kv_bytes(&ctx) as f64 / 1048576.0,
+        runner.kv_bytes(&ctx, ctx.n_ctx()) as f64 / 1048576.0,
         runner.kv_bits_per_elem(&ctx)
     );
     Ok(())
