@@ -15,6 +15,7 @@ fn main() {
     println!("cargo:rerun-if-changed=ffi/abi_check.c");
     println!("cargo:rerun-if-changed=build.rs");
     let inc = src.join("ggml/include");
+    println!("cargo:rustc-env=DSPARK_GGML_VERSION={}", ggml_version(&src));
 
     cc::Build::new()
         .file("ffi/abi_check.c")
@@ -59,6 +60,20 @@ fn main() {
         .expect("bindgen could not read ggml-impl.h")
         .write_to_file(out.join("ggml_graph.rs"))
         .expect("cannot write bindings");
+}
+
+/// ggml's version ("0.26.0") from the tree's ggml/CMakeLists.txt: the plugin refuses to load
+/// into a program whose ggml reports another one.
+fn ggml_version(src: &Path) -> String {
+    let cmake = src.join("ggml/CMakeLists.txt");
+    println!("cargo:rerun-if-changed={}", cmake.display());
+    let text = std::fs::read_to_string(&cmake).expect("cannot read ggml/CMakeLists.txt");
+    let part = |name: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(&format!("set(GGML_VERSION_{name} "))?.strip_suffix(')').map(str::to_string))
+            .unwrap_or_else(|| panic!("GGML_VERSION_{name} missing from {}", cmake.display()))
+    };
+    format!("{}.{}.{}", part("MAJOR"), part("MINOR"), part("PATCH"))
 }
 
 /// The llama.cpp source folder that llama-cpp-sys-2 built. Its build script exports the

@@ -35,11 +35,30 @@ pub fn config_from_env(get: impl Fn(&str) -> Option<String>) -> Result<ggml::Con
     Ok(c)
 }
 
-/// What `ggml_backend_init` does: configure, and hand out the registry (the host registers
-/// it). `None` (with a message on stderr) refuses the load.
+/// The ggml version DSpark was built against (from the vendored tree, by build.rs).
+pub const GGML_VERSION: &str = env!("DSPARK_GGML_VERSION");
+
+/// Whether a host whose ggml reports `host` may load this plugin: ggml's backend interface
+/// is not ABI-stable, so only the exact version DSpark was built against is accepted (ggml's
+/// loader checks only the backend API version, which changes less often than the structs).
+pub fn check_host_ggml(host: &str) -> Result<(), String> {
+    if host == GGML_VERSION {
+        return Ok(());
+    }
+    Err(format!(
+        "this program uses ggml {host}, but DSpark was built against ggml {GGML_VERSION} (the llama.cpp that \
+         llama-cpp-sys-2 {} vendors); build DSpark against the llama.cpp you run, or run that llama.cpp",
+        crate::llama::LLAMA_CPP_SYS_VERSION
+    ))
+}
+
+/// What `ggml_backend_init` does: check the host's ggml, configure, and hand out the registry
+/// (the host registers it). `None` (with a message on stderr) refuses the load.
 #[cfg_attr(not(feature = "plugin"), allow(dead_code))] // exported only by the plugin build
 pub(crate) fn plugin_init() -> Option<ll::ggml_backend_reg_t> {
     let run = || -> Result<ll::ggml_backend_reg_t, String> {
+        // SAFETY: ggml_version returns a static NUL-terminated string.
+        check_host_ggml(&unsafe { std::ffi::CStr::from_ptr(ll::ggml_version()) }.to_string_lossy())?;
         let c = config_from_env(|k| std::env::var(k).ok())?;
         Ok(ggml::registry(c))
     };
@@ -91,6 +110,16 @@ mod tests {
         assert_eq!(config_from_env(env(&[("DSPARK_FORMAT", "f16")])).unwrap().format, None);
         assert!(config_from_env(env(&[("DSPARK_FORMAT", "q4_0")])).unwrap_err().contains("DSPARK_FORMAT"));
         assert!(config_from_env(env(&[("DSPARK_WINDOW", "-1")])).unwrap_err().contains("DSPARK_WINDOW"));
+    }
+
+    #[test]
+    fn only_the_ggml_built_against_may_host_the_plugin() {
+        // SAFETY: ggml_version returns a static NUL-terminated string.
+        let linked = unsafe { std::ffi::CStr::from_ptr(ll::ggml_version()) }.to_string_lossy().into_owned();
+        assert_eq!(linked, GGML_VERSION);
+        assert!(check_host_ggml(&linked).is_ok());
+        let e = check_host_ggml("0.27.0").unwrap_err();
+        assert!(e.contains("ggml 0.27.0") && e.contains(&format!("ggml {GGML_VERSION}")), "{e}");
     }
 
     unsafe extern "C" {
