@@ -10,8 +10,8 @@
  *    dspark_cache_t for a model shape, append K/V rows, run attention on the compressed rows,
  *    edit sequences, save and load.
  *
- * Link with `libdspark.a` (static; it contains llama.cpp and ggml, so also link
- * `-lstdc++ -lm -lpthread -ldl`) or `libdspark.so`.
+ * Link with `libdspark.a` (static; it contains llama.cpp and ggml, built with
+ * OpenMP, so also link `-lstdc++ -lm -lpthread -ldl -lgomp`) or `libdspark.so`.
  *
  * \par Conventions
  *  - **Errors.** Every fallible function returns a ::dspark_status: #DSPARK_OK (0) on success,

@@ -89,7 +89,7 @@ fn compile(name: &str, extra: &[&str]) -> Result<PathBuf, String> {
         .arg(root().join("include"))
         .arg(&src)
         .arg(static_lib())
-        .args(["-lstdc++", "-lm", "-lpthread", "-ldl", "-o"])
+        .args(["-lstdc++", "-lm", "-lpthread", "-ldl", "-lgomp", "-o"])
         .arg(&exe)
         .output()
         .map_err(|e| format!("cannot run {}: {e}", cc()))?;

@@ -72,7 +72,7 @@ fn plugin_decodes_like_static_registration() {
     let mut c = Command::new(cc());
     c.args(["-std=c99", "-Wall", "-Wextra", "-Werror", "-O1", "-DDSPARK_STATIC"]);
     includes(&mut c);
-    c.arg(&c_src).arg(profile_dir().join("libdspark.a")).args(["-lstdc++", "-lm", "-lpthread", "-ldl", "-o"]).arg(&host_static);
+    c.arg(&c_src).arg(profile_dir().join("libdspark.a")).args(["-lstdc++", "-lm", "-lpthread", "-ldl", "-lgomp", "-o"]).arg(&host_static);
     let mut build_static = cargo();
     build_static.args(["build", "--lib", "--quiet", "--target-dir"]).arg(&target).current_dir(root());
     if release() {

@@ -50,13 +50,23 @@ pub fn plugin_tests_enabled() -> bool {
 /// shared; the main build's is static) and returns the target folder's profile dir.
 pub fn build_plugin() -> PathBuf {
     let plugin_target = profile_dir().parent().unwrap().join("plugin");
+    let dir = plugin_target.join(if release() { "release" } else { "debug" });
+    // llama-cpp-sys-2's build script, when it reruns (an environment change), links its shared
+    // libraries into these folders again and fails on the links it left, now dangling.
+    for sub in ["", "deps", "examples"] {
+        for e in std::fs::read_dir(dir.join(sub)).into_iter().flatten().flatten() {
+            if e.file_type().is_ok_and(|t| t.is_symlink()) && std::fs::metadata(e.path()).is_err() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
     let mut b = cargo();
     b.args(["build", "--lib", "--features", "plugin", "--target-dir"]).arg(&plugin_target).current_dir(root());
     if release() {
         b.arg("--release");
     }
     run(&mut b, "cargo build --features plugin");
-    plugin_target.join(if release() { "release" } else { "debug" })
+    dir
 }
 
 /// The folder of stock llama.cpp's tools and shared libraries for the pinned llama.cpp, built
