@@ -64,6 +64,13 @@ fn text_file(name: &str, chars: usize) -> PathBuf {
     p
 }
 
+/// A prompt long enough (~330 tokens) that DSpark compresses pages of it: past the 64 sink
+/// cells and the 128-cell f16 window.
+fn long_prompt() -> String {
+    let text = dspark::cli::text::default_text().expect("default text");
+    text.split_whitespace().take(240).collect::<Vec<_>>().join(" ")
+}
+
 /// `llama-completion` with its default flags (greedy sampling asked for, as `dspark run` is
 /// greedy) generates with DSPARK0 exactly the text `dspark run` generates with the same format.
 #[test]
@@ -73,7 +80,7 @@ fn llama_completion_with_default_flags_generates_as_dspark_run() {
     }
     let s = setup();
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let prompt = "The GNU General Public License is a free, copyleft license for";
+    let prompt = &long_prompt();
     for format in ["k4v4", "k8v8"] {
         let out = tool(s, "llama-completion", format)
             .arg("-m")
@@ -90,6 +97,46 @@ fn llama_completion_with_default_flags_generates_as_dspark_run() {
         assert!(ours.status.success(), "dspark run failed:\n{}", String::from_utf8_lossy(&ours.stderr));
         assert_eq!(stdout.trim(), String::from_utf8_lossy(&ours.stdout).trim(), "dspark:{format}: llama-completion and dspark run differ");
     }
+}
+
+/// A stock `ggml-rpc-server` loads DSpark through `GGML_BACKEND_PATH` and serves DSPARK0 to
+/// `llama-completion --rpc`, which generates correctly. ggml-rpc rebuilds tensors for each
+/// command and never initialises f16 ones on the server, so DSpark's buffer there never sees
+/// the KV tensors: the KV stays plain f16 (the server runs the graph on DSPARK0's embedded CPU
+/// backend) and DSpark says so, rather than compressing silently wrong or not at all unsaid.
+#[test]
+fn ggml_rpc_server_serves_dspark0_and_says_the_kv_is_uncompressed() {
+    if !plugin_tests_enabled() {
+        return;
+    }
+    let s = setup();
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let port = free_port();
+    let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("rpc-server.log");
+    let child = tool(s, "ggml-rpc-server", "k4v4")
+        .args(["-d", "DSPARK0", "-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("start ggml-rpc-server");
+    let _server = Server(child);
+    let start = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(start.elapsed() < Duration::from_secs(60), "ggml-rpc-server not listening after 60 s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let prompt = long_prompt();
+    let generate = |c: &mut Command| {
+        let out = c.arg("-m").arg(model()).args(["-no-cnv", "-p", &prompt, "-n", "24", "--temp", "0"]).output().unwrap();
+        assert!(out.status.success(), "llama-completion failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let remote = generate(stock_tool(s, "llama-completion").args(["--rpc", &format!("127.0.0.1:{port}")]));
+    let local = generate(&mut stock_tool(s, "llama-completion"));
+    assert_eq!(remote.trim(), local.trim(), "through ggml-rpc and DSPARK0 vs stock, both with f16 KV");
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(log.contains("loaded DSPARK backend"), "the server did not load DSpark:\n{log}");
+    assert!(log.contains("has no DSpark store"), "DSpark did not say the remote KV is uncompressed:\n{log}");
 }
 
 /// One HTTP/1.1 request on a fresh connection; returns the status code and the body.

@@ -245,6 +245,18 @@ unsafe fn is_kv_node(node: *const ll::ggml_tensor) -> bool {
     unsafe { touches_kv(node, |t| kv_entry(t).is_some()) }
 }
 
+/// Whether `node` is an attention over a KV cache in a DSpark buffer that has no store: the
+/// buffer's callbacks never saw the tensor (ggml-rpc's server rebuilds tensors for each
+/// command and skips `init_tensor` for f16 ones), so its bytes are plain f16 and the CPU
+/// backend runs the attention, correctly but without compression.
+///
+/// # Safety
+/// `node` and its srcs must be valid tensors.
+unsafe fn is_unmanaged_kv_attention(node: *const ll::ggml_tensor) -> bool {
+    // SAFETY: valid node and srcs (caller).
+    unsafe { (*node).op == ll::GGML_OP_FLASH_ATTN_EXT && !(*node).src[1].is_null() && kv_root((*node).src[1]).is_some() }
+}
+
 /// Runs a graph: the nodes on the KV with DSpark's kernels, every run of other nodes on the
 /// embedded CPU backend. First, the attention nodes say the head size of the KV they read,
 /// so that rows written by this graph's SET_ROWS are compressed in the right shape; a KV with
@@ -274,6 +286,10 @@ unsafe fn compute_graph(ctx: &BackendCtx, g: *mut ll::ggml_cgraph) -> Result<(),
                 }
             }
         }
+    }
+    // SAFETY: valid nodes (caller).
+    if nodes.iter().zip(&kv).any(|(&n, &k)| !k && unsafe { is_unmanaged_kv_attention(n) }) {
+        warn_once("a KV cache in DSpark's buffer has no DSpark store (a ggml-rpc server does not initialise f16 tensors), so it is kept uncompressed");
     }
     let mut i = 0;
     while i < nodes.len() {
