@@ -17,11 +17,17 @@ bin=$work/build/bin
 if [ -f "$work/done" ] && [ -x "$bin/llama-completion" ]; then
     echo "llama-tools: cached in $work" >&2
 else
-    echo "llama-tools: building into $work (llama.cpp tools for llama-cpp-sys-2 $crate; several minutes)" >&2
+    log=$work.log
+    echo "llama-tools: building into $work (llama.cpp tools for llama-cpp-sys-2 $crate; several minutes; log: $log)" >&2
     cargo fetch --quiet
     rm -rf "$work"
     mkdir -p "$work"
-    WORK=$work bash "$here/build.sh" >&2
+    if ! WORK=$work bash "$here/build.sh" > "$log" 2>&1; then
+        tail -n 40 "$log" >&2
+        echo "llama-tools: the build failed; the whole log is $log" >&2
+        exit 1
+    fi
+    grep '^== built in' "$log" >&2 || true
     rm -rf "$work/src/.git" "$work/tools-src"
     touch "$work/done"
 fi

@@ -103,7 +103,7 @@ fn llama_completion_with_default_flags_generates_as_dspark_run() {
 /// `llama-completion --rpc`, which generates correctly. ggml-rpc rebuilds tensors for each
 /// command and never initialises f16 ones on the server, so DSpark's buffer there never sees
 /// the KV tensors: the KV stays plain f16 (the server runs the graph on DSPARK0's embedded CPU
-/// backend) and DSpark says so, rather than compressing silently wrong or not at all unsaid.
+/// backend), and DSpark says so in the server's log instead of leaving it unsaid.
 #[test]
 fn ggml_rpc_server_serves_dspark0_and_says_the_kv_is_uncompressed() {
     if !plugin_tests_enabled() {
@@ -111,15 +111,7 @@ fn ggml_rpc_server_serves_dspark0_and_says_the_kv_is_uncompressed() {
     }
     let s = setup();
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let port = free_port();
-    let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("rpc-server.log");
-    let child = tool(s, "ggml-rpc-server", "k4v4")
-        .args(["-d", "DSPARK0", "-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("start ggml-rpc-server");
-    let _server = Server(child);
+    let (_server, port, log) = spawn_server(s, "ggml-rpc-server", |port| vec!["-d".into(), "DSPARK0".into(), "-H".into(), "127.0.0.1".into(), "-p".into(), port]);
     let start = Instant::now();
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(start.elapsed() < Duration::from_secs(60), "ggml-rpc-server not listening after 60 s");
@@ -185,6 +177,20 @@ fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// Starts a stock server tool with DSpark (k4v4) on a free port of 127.0.0.1 (`args` gets the
+/// port), its stderr in a log file; returns the server, the port and the log's path.
+fn spawn_server(s: &Setup, name: &str, args: impl FnOnce(String) -> Vec<String>) -> (Server, u16, PathBuf) {
+    let port = free_port();
+    let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.log"));
+    let child = tool(s, name, "k4v4")
+        .args(args(port.to_string()))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {name}: {e}"));
+    (Server(child), port, log)
+}
+
 /// `/completion` with greedy sampling; returns the parsed response.
 fn complete(port: u16, prompt: &str, n: usize) -> serde_json::Value {
     let body = serde_json::json!({ "prompt": prompt, "n_predict": n, "temperature": 0.0, "cache_prompt": true }).to_string();
@@ -203,18 +209,11 @@ fn llama_server_serves_concurrent_requests_and_reuses_prompts() {
     }
     let s = setup();
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let port = free_port();
-    let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("llama-server.log");
-    let child = tool(s, "llama-server", "k4v4")
-        .arg("-m")
-        .arg(model())
-        // -v: llama.cpp's own log, which names the KV cache's device.
-        .args(["-np", "4", "--host", "127.0.0.1", "--port", &port.to_string(), "-v"])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("start llama-server");
-    let mut server = Server(child);
+    // -v: llama.cpp's own log, which names the KV cache's device.
+    let (mut server, port, log) = spawn_server(s, "llama-server", |port| {
+        let m = model().to_string_lossy().into_owned();
+        vec!["-m".into(), m, "-np".into(), "4".into(), "--host".into(), "127.0.0.1".into(), "--port".into(), port, "-v".into()]
+    });
     let start = Instant::now();
     loop {
         if let Ok((200, _)) = http(port, "GET", "/health", "", Duration::from_secs(5)) {

@@ -398,9 +398,15 @@ fn packed_rows<F: Flavor>(w: &mut Work, seg: &Segment, r0: usize, r1: usize) -> 
     }
     let pb = w.ctx.pb;
     let (krb, vrb) = (kc.row_bytes(), vc.row_bytes());
-    let masks: Vec<&[half::f16]> = pb.mask.map_or_else(Vec::new, |mk| {
-        (w.it.q0..w.it.q1).map(|q| &mk.data[q * mk.stride + seg.first_cell + r0..][..n]).collect()
-    });
+    // One mask row per query of the item (at most QUERY_ROWS), on the stack: this runs once
+    // per page.
+    let mut masks: [&[half::f16]; QUERY_ROWS] = [&[]; QUERY_ROWS];
+    let nq = w.it.q1 - w.it.q0;
+    if let Some(mk) = pb.mask {
+        for (m, q) in masks.iter_mut().zip(w.it.q0..w.it.q1) {
+            *m = &mk.data[q * mk.stride + seg.first_cell + r0..][..n];
+        }
+    }
     let job = DecodeJob {
         d: pb.d,
         m: w.m,
@@ -415,7 +421,7 @@ fn packed_rows<F: Flavor>(w: &mut Work, seg: &Segment, r0: usize, r1: usize) -> 
         q32: &iq.q32,
         qstep: &iq.step,
         qsum: &iq.sum,
-        mask: pb.mask.map(|_| masks.as_slice()),
+        mask: pb.mask.map(|_| &masks[..nq]),
         slopes: &w.row_slopes,
         softcap: pb.p.softcap,
     };

@@ -28,11 +28,38 @@ use super::fast::DecodeJob;
 use super::kernels::PACKED_BLOCK;
 use crate::codec::layout::{group_code_bytes, row_bytes, GROUP, HEADER};
 use std::arch::x86_64::*;
+use std::mem::MaybeUninit;
 
 const B: usize = PACKED_BLOCK;
 
 /// Query rows of one V pass (accumulators: 4 rows × 64 columns = 16 registers).
 const HB: usize = 4;
+
+/// Scratch sizes kept on the stack: query rows (the packed path takes fewer than 16), groups
+/// of 32 values (head size 512), V weights (m·ng·16 floats; 3 rows × 2 groups = 96 here).
+const ROWS_STACK: usize = 16;
+const NG_STACK: usize = 16;
+const AW_STACK: usize = 1024;
+
+fn uninit<T, const N: usize>() -> [MaybeUninit<T>; N] {
+    [const { MaybeUninit::uninit() }; N]
+}
+
+/// The first `n` elements of `stack`, or of `heap` grown to `n` when `stack` is too short,
+/// set to `fill`. Only those `n` are written: zeroing the whole stack array on every call
+/// would cost what the allocation did.
+fn scratch<'a, T: Copy, const N: usize>(stack: &'a mut [MaybeUninit<T>; N], heap: &'a mut Vec<T>, n: usize, fill: T) -> &'a mut [T] {
+    if n > N {
+        heap.clear();
+        heap.resize(n, fill);
+        return heap;
+    }
+    for x in &mut stack[..n] {
+        x.write(fill);
+    }
+    // SAFETY: the first n elements were just written, and MaybeUninit<T> has T's layout.
+    unsafe { std::slice::from_raw_parts_mut(stack.as_mut_ptr().cast::<T>(), n) }
+}
 
 /// Decode attention over `job.n` packed rows (see the module docs). `max`, `sum` and `acc`
 /// (`m × d`, rotated space) are the online-softmax state of the job's `m` query rows;
@@ -63,14 +90,23 @@ pub fn decode_packed_avx512(job: &DecodeJob, max: &mut [f32], sum: &mut [f32], a
     let vidx = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(i32::try_from(job.vrb).expect("row bytes")));
 
     let zero = _mm512_setzero_ps();
+    // Scratch on the stack (the heap only for shapes beyond the default model's): this runs
+    // once per page of 64 rows, where allocations cost as much as the work (perf: ~10% of a
+    // decode step at depth 4096 went to malloc/free).
+    let (mut h1, mut h2, mut h3, mut h4, mut h5, mut h6) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut s1, mut s2, mut s3) = (uninit::<__m512, ROWS_STACK>(), uninit::<__m512, ROWS_STACK>(), uninit::<f32, ROWS_STACK>());
+    let (mut s4, mut s5, mut s6) = (uninit::<f32, AW_STACK>(), uninit::<__m512i, NG_STACK>(), uninit::<__m512, NG_STACK>());
     // Per query row: score accumulator, running sum (vector), rescale factor of the block.
-    let mut sacc = vec![zero; m];
-    let mut svec: Vec<__m512> = sum[..m].iter().map(|s| _mm512_mask_mov_ps(zero, 1, _mm512_set1_ps(*s))).collect();
-    let mut alpha = vec![1.0f32; m];
+    let sacc = scratch(&mut s1, &mut h1, m, zero);
+    let svec = scratch(&mut s2, &mut h2, m, zero);
+    for (v, s) in svec.iter_mut().zip(&sum[..m]) {
+        *v = _mm512_mask_mov_ps(zero, 1, _mm512_set1_ps(*s));
+    }
+    let alpha = scratch(&mut s3, &mut h3, m, 1.0);
     // V weights `[m][ng][16]`, and the multipliers of the block's rows.
-    let mut aw = vec![0.0f32; m * ng * B];
-    let mut kc = vec![_mm512_setzero_si512(); ng];
-    let mut vc = vec![zero; ng];
+    let aw = scratch(&mut s4, &mut h4, m * ng * B, 0.0);
+    let kc = scratch(&mut s5, &mut h5, ng, _mm512_setzero_si512());
+    let vc = scratch(&mut s6, &mut h6, ng, zero);
 
     for blk in 0..n / B {
         let r0 = blk * B;
@@ -87,9 +123,9 @@ pub fn decode_packed_avx512(job: &DecodeJob, max: &mut [f32], sum: &mut [f32], a
         // SAFETY: rows r0..r0+16 lie in `job.k` / `job.v` (n·row_bytes bytes, asserted).
         let (kp, vp) = unsafe { (job.k.as_ptr().add(r0 * job.krb), job.v.as_ptr().add(r0 * job.vrb)) };
         // SAFETY: the gathers read dwords inside rows of the block (see above).
-        let sk = unsafe { headers(kp, job.krb, kidx, ng, &mut kc, false, &mut []) };
+        let sk = unsafe { headers(kp, job.krb, kidx, ng, kc, false, &mut []) };
         // SAFETY: as above.
-        let sv = unsafe { headers(vp, job.vrb, vidx, ng, &mut [], true, &mut vc) };
+        let sv = unsafe { headers(vp, job.vrb, vidx, ng, &mut [], true, vc) };
 
         // 1. K scores, up to 4 query rows per pass over the codes.
         let mut h0 = 0;
@@ -98,14 +134,14 @@ pub fn decode_packed_avx512(job: &DecodeJob, max: &mut [f32], sum: &mut [f32], a
             // SAFETY: `kp` points at 16 rows of `krb` bytes (see above).
             unsafe {
                 match (job.kbits, hb) {
-                    (4, 4) => k_scores::<4, 4>(kp, job, h0, &kc, &mut sacc),
-                    (4, 3) => k_scores::<4, 3>(kp, job, h0, &kc, &mut sacc),
-                    (4, 2) => k_scores::<4, 2>(kp, job, h0, &kc, &mut sacc),
-                    (4, _) => k_scores::<4, 1>(kp, job, h0, &kc, &mut sacc),
-                    (_, 4) => k_scores::<8, 4>(kp, job, h0, &kc, &mut sacc),
-                    (_, 3) => k_scores::<8, 3>(kp, job, h0, &kc, &mut sacc),
-                    (_, 2) => k_scores::<8, 2>(kp, job, h0, &kc, &mut sacc),
-                    (_, _) => k_scores::<8, 1>(kp, job, h0, &kc, &mut sacc),
+                    (4, 4) => k_scores::<4, 4>(kp, job, h0, kc, sacc),
+                    (4, 3) => k_scores::<4, 3>(kp, job, h0, kc, sacc),
+                    (4, 2) => k_scores::<4, 2>(kp, job, h0, kc, sacc),
+                    (4, _) => k_scores::<4, 1>(kp, job, h0, kc, sacc),
+                    (_, 4) => k_scores::<8, 4>(kp, job, h0, kc, sacc),
+                    (_, 3) => k_scores::<8, 3>(kp, job, h0, kc, sacc),
+                    (_, 2) => k_scores::<8, 2>(kp, job, h0, kc, sacc),
+                    (_, _) => k_scores::<8, 1>(kp, job, h0, kc, sacc),
                 }
             }
             h0 += hb;
@@ -154,14 +190,14 @@ pub fn decode_packed_avx512(job: &DecodeJob, max: &mut [f32], sum: &mut [f32], a
                 let cg = if ng - g0 >= 2 { 2 } else { 1 };
                 // SAFETY: `vp` points at 16 rows of `vrb` bytes; `acc` has m·d floats and the
                 // pass touches rows h0..h0+hb, columns 32·g0 .. 32·(g0 + cg) <= d.
-                unsafe { v_pass(job.vbits, hb, cg, vp, job.vrb, ng, d, h0, g0, &aw, &alpha, acc.as_mut_ptr()) };
+                unsafe { v_pass(job.vbits, hb, cg, vp, job.vrb, ng, d, h0, g0, aw, alpha, acc.as_mut_ptr()) };
                 g0 += cg;
             }
             h0 += hb;
         }
     }
-    for h in 0..m {
-        sum[h] = _mm512_reduce_add_ps(svec[h]);
+    for (s, v) in sum[..m].iter_mut().zip(svec.iter()) {
+        *s = _mm512_reduce_add_ps(*v);
     }
 }
 
