@@ -37,7 +37,9 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 512)]
     pub prompt_at_depth: usize,
     /// Polling level of the CPU thread pool attached to every context, 0 (threads sleep
-    /// between graphs) to 100, as llama.cpp's `--poll`; llama.cpp's tools default to 50.
+    /// between graphs) to 100, as llama.cpp's `--poll`; llama.cpp's tools default to 50. Only
+    /// ggml's own thread pool polls: with OpenMP (this build, and llama.cpp's default build)
+    /// the OpenMP runtime decides (OMP_WAIT_POLICY) and this changes nothing.
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=100))]
     pub poll: u32,
     /// Threads for llama.cpp and DSpark (default: all cores).

@@ -24,7 +24,8 @@ use crate::attn::Executor;
 
 /// How long the pool's threads spin for new work before they sleep: llama.cpp's tools'
 /// default (`common_params::cpuparams.poll`), so that back-to-back runs of a graph do not pay
-/// a wake-up each.
+/// a wake-up each. A ggml built with OpenMP ignores it (the OpenMP runtime spins by its own
+/// rules, OMP_WAIT_POLICY).
 const POLL: u32 = 50;
 
 type ThreadpoolNew = unsafe extern "C" fn(*mut ll::ggml_threadpool_params) -> *mut ll::ggml_threadpool;
