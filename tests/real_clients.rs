@@ -16,7 +16,7 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::{build_plugin, llama_tools, model, plugin_tests_enabled, run};
@@ -35,6 +35,16 @@ fn setup() -> &'static Setup {
     SETUP.get_or_init(|| {
         Setup { bin: llama_tools(), plugin: build_plugin().join("libdspark.so") }
     })
+}
+
+/// The gate, the shared builds, and this test's turn on the cores; `None` when the plugin
+/// tests are off.
+fn begin() -> Option<(&'static Setup, MutexGuard<'static, ()>)> {
+    if !plugin_tests_enabled() {
+        return None;
+    }
+    let s = setup();
+    Some((s, ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())))
 }
 
 /// A stock tool with DSpark's plugin and format in its environment.
@@ -75,11 +85,7 @@ fn long_prompt() -> String {
 /// greedy) generates with DSPARK0 exactly the text `dspark run` generates with the same format.
 #[test]
 fn llama_completion_with_default_flags_generates_as_dspark_run() {
-    if !plugin_tests_enabled() {
-        return;
-    }
-    let s = setup();
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((s, _turn)) = begin() else { return };
     let prompt = &long_prompt();
     for format in ["k4v4", "k8v8"] {
         let out = tool(s, "llama-completion", format)
@@ -106,11 +112,7 @@ fn llama_completion_with_default_flags_generates_as_dspark_run() {
 /// backend), and DSpark says so in the server's log instead of leaving it unsaid.
 #[test]
 fn ggml_rpc_server_serves_dspark0_and_says_the_kv_is_uncompressed() {
-    if !plugin_tests_enabled() {
-        return;
-    }
-    let s = setup();
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((s, _turn)) = begin() else { return };
     let (_server, port, log) = spawn_server(s, "ggml-rpc-server", |port| vec!["-d".into(), "DSPARK0".into(), "-H".into(), "127.0.0.1".into(), "-p".into(), port]);
     let start = Instant::now();
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -204,11 +206,7 @@ fn complete(port: u16, prompt: &str, n: usize) -> serde_json::Value {
 /// stays healthy.
 #[test]
 fn llama_server_serves_concurrent_requests_and_reuses_prompts() {
-    if !plugin_tests_enabled() {
-        return;
-    }
-    let s = setup();
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((s, _turn)) = begin() else { return };
     // -v: llama.cpp's own log, which names the KV cache's device.
     let (mut server, port, log) = spawn_server(s, "llama-server", |port| {
         let m = model().to_string_lossy().into_owned();
@@ -286,11 +284,7 @@ fn mean_kld(out: &str) -> f64 {
 /// comes out lower (0.041 against 0.052 here).
 #[test]
 fn llama_perplexity_kld_agrees_with_dspark_eval() {
-    if !plugin_tests_enabled() {
-        return;
-    }
-    let s = setup();
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((s, _turn)) = begin() else { return };
     let text = text_file("kld-text.txt", 40_000);
     let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
     let base = tmp.join("kld-base.bin");
