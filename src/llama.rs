@@ -325,7 +325,8 @@ pub struct CtxParams {
     /// through its generic byte path while llama.cpp's CPU attention reads the KV.
     pub flash_attn: bool,
     /// Polling level (0–100) of the CPU thread pool attached to the context: how long its
-    /// threads spin for the next graph before they sleep. 50, as llama.cpp's tools.
+    /// threads spin for the next graph before they sleep. 50, as llama.cpp's tools. A ggml
+    /// built with OpenMP (this one) ignores it.
     pub poll: u32,
 }
 

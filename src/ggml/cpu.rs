@@ -15,6 +15,7 @@
 //! never spins against DSpark's workers.
 
 use std::ffi::{c_int, c_void, CStr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use llama_cpp_sys_2 as ll;
@@ -112,10 +113,6 @@ impl CpuBackend {
         Ok(())
     }
 
-    fn threads(&self) -> usize {
-        self.pool.lock().unwrap_or_else(|e| e.into_inner()).1.max(1)
-    }
-
     /// Computes nodes `i0..i1` of `g` with ggml's CPU kernels.
     ///
     /// # Safety
@@ -136,11 +133,7 @@ impl CpuBackend {
             view.uid = 0;
             ll::ggml_backend_graph_compute(self.backend, (&mut view as *mut sys::graph::ggml_cgraph).cast())
         };
-        if status == ll::GGML_STATUS_SUCCESS {
-            Ok(())
-        } else {
-            Err(format!("ggml's CPU backend failed (status {status})"))
-        }
+        checked(status)
     }
 }
 
@@ -161,7 +154,7 @@ impl Drop for CpuBackend {
 /// A job for [`custom_op`]: the closure and whether any call of it panicked.
 struct Job<'a> {
     f: &'a (dyn Fn(usize, usize) + Sync),
-    panicked: std::sync::atomic::AtomicBool,
+    panicked: AtomicBool,
 }
 
 /// The custom op's body, called by each of ggml's threads with its index.
@@ -174,13 +167,13 @@ unsafe extern "C" fn custom_op(_dst: *mut ll::ggml_tensor, ith: c_int, nth: c_in
     let job = unsafe { &*(userdata as *const Job) };
     let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (job.f)(ith as usize, nth as usize))).is_ok();
     if !ok {
-        job.panicked.store(true, std::sync::atomic::Ordering::Relaxed);
+        job.panicked.store(true, Ordering::Relaxed);
     }
 }
 
 impl Executor for CpuBackend {
     fn threads(&self) -> usize {
-        CpuBackend::threads(self)
+        self.pool.lock().unwrap_or_else(|e| e.into_inner()).1.max(1)
     }
 
     /// Runs `f(i, n)` on each of the pool's `n` threads: a one-node graph whose node is a
@@ -218,13 +211,19 @@ impl Executor for CpuBackend {
             ll::ggml_free(ctx);
             s
         };
-        if job.panicked.load(std::sync::atomic::Ordering::Relaxed) {
+        if job.panicked.load(Ordering::Relaxed) {
             return Err("a DSpark kernel panicked on a ggml thread".into());
         }
-        if status != ll::GGML_STATUS_SUCCESS {
-            return Err(format!("ggml's CPU backend failed (status {status})"));
-        }
+        checked(status)
+    }
+}
+
+/// A graph computation's status as a result.
+fn checked(status: ll::ggml_status) -> Result<(), String> {
+    if status == ll::GGML_STATUS_SUCCESS {
         Ok(())
+    } else {
+        Err(format!("ggml's CPU backend failed (status {status})"))
     }
 }
 

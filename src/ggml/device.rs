@@ -27,6 +27,7 @@ pub(crate) struct DeviceCtx {
     kv: Mutex<Vec<Weak<KvEntry>>>,
     /// FLASH_ATTN_EXT ops run on this device's KV.
     pub attn_calls: AtomicU64,
+    /// Graphs (scheduler splits) run by this device's backends.
     pub graphs: AtomicU64,
 }
 
