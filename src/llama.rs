@@ -3,6 +3,7 @@
 //! It holds just what DSpark's CLI and tests need: load a model, tokenize, create a context
 //! with a chosen KV type, decode batches and read logits. Every raw pointer stays in this file.
 
+use std::cell::RefCell;
 use std::ffi::{CStr, CString};
 use std::path::Path;
 use std::ptr::NonNull;
@@ -16,6 +17,29 @@ pub const LLAMA_CPP_SYS_VERSION: &str = "0.1.161";
 
 static INIT: Once = Once::new();
 static VERBOSE: OnceLock<bool> = OnceLock::new();
+
+thread_local! {
+    /// Log lines llama.cpp writes on this thread while [`capture_log`] runs.
+    static CAPTURE: RefCell<Option<Vec<String>>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` and returns what llama.cpp logged on this thread meanwhile, at any level. llama.cpp
+/// reports some facts only in its log (the KV caches it allocated, for one).
+/// Captures nest: an outer capture also gets the lines of an inner one.
+pub fn capture_log<T>(f: impl FnOnce() -> T) -> (T, Vec<String>) {
+    let outer = CAPTURE.with(|c| c.borrow_mut().replace(Vec::new()));
+    let v = f();
+    let lines = CAPTURE.with(|c| {
+        let mut c = c.borrow_mut();
+        let lines = c.take().unwrap_or_default();
+        *c = outer.map(|mut o| {
+            o.extend(lines.iter().cloned());
+            o
+        });
+        lines
+    });
+    (v, lines)
+}
 
 /// Initialises llama.cpp once. Its log goes to stderr only when `DSPARK_VERBOSE` is set,
 /// apart from warnings and errors, which are always shown.
@@ -37,10 +61,16 @@ unsafe extern "C" fn log_callback(
     text: *const std::os::raw::c_char,
     _user: *mut std::os::raw::c_void,
 ) {
+    if text.is_null() {
+        return;
+    }
+    // SAFETY: llama.cpp passes a NUL-terminated string that lives for this call.
+    let text = unsafe { CStr::from_ptr(text) }.to_string_lossy();
+    // try_with: the callback may run while this thread's locals are being torn down.
+    let _ = CAPTURE.try_with(|c| c.borrow_mut().as_mut().map(|lines| lines.push(text.to_string())));
     let loud = level == sys::GGML_LOG_LEVEL_WARN || level == sys::GGML_LOG_LEVEL_ERROR;
-    if (loud || *VERBOSE.get().unwrap_or(&false)) && !text.is_null() {
-        // SAFETY: llama.cpp passes a NUL-terminated string that lives for this call.
-        eprint!("{}", unsafe { CStr::from_ptr(text) }.to_string_lossy());
+    if loud || *VERBOSE.get().unwrap_or(&false) {
+        eprint!("{text}");
     }
 }
 
@@ -317,7 +347,10 @@ fn check_model_file(path: &Path) -> Result<()> {
 #[derive(Clone, Debug)]
 pub struct CtxParams {
     pub n_ctx: u32,
+    /// Most tokens one `llama_decode` takes (2048, as llama.cpp's tools); llama.cpp splits a
+    /// batch into ubatches of at most `n_ubatch` (512) tokens, the graphs it computes.
     pub n_batch: u32,
+    pub n_ubatch: u32,
     pub n_threads: i32,
     pub kv: KvType,
     pub n_seq_max: u32,
@@ -332,7 +365,7 @@ pub struct CtxParams {
 
 impl CtxParams {
     pub fn new(n_ctx: u32, n_threads: usize, kv: KvType) -> CtxParams {
-        CtxParams { n_ctx, n_batch: 512, n_threads: n_threads as i32, kv, n_seq_max: 1, flash_attn: true, poll: 50 }
+        CtxParams { n_ctx, n_batch: 2048, n_ubatch: 512, n_threads: n_threads as i32, kv, n_seq_max: 1, flash_attn: true, poll: 50 }
     }
 }
 
@@ -344,16 +377,47 @@ pub struct Context<'m> {
     pub model: &'m Model,
     batch: sys::llama_batch,
     batch_cap: usize,
+    kv_caches: Vec<KvCacheShape>,
+}
+
+/// One KV cache llama.cpp allocated for a context, as its log reports it: a model with
+/// sliding-window layers gets two, the full-context layers' and the windowed layers' ring.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct KvCacheShape {
+    pub bytes: f64,
+    pub cells: usize,
+    pub layers: usize,
+}
+
+impl KvCacheShape {
+    /// Reads llama.cpp's `llama_kv_cache: size = 40.50 MiB (  2304 cells,  18 layers, 1/1
+    /// seqs), K (f16): ...` lines.
+    fn parse_log(lines: &[String]) -> Vec<KvCacheShape> {
+        lines
+            .iter()
+            .filter_map(|l| {
+                let rest = l.split_once("llama_kv_cache: size =")?.1;
+                let (mib, rest) = rest.split_once("MiB (")?;
+                let (cells, rest) = rest.split_once("cells,")?;
+                let layers = rest.split_once("layers")?.0;
+                Some(KvCacheShape {
+                    bytes: mib.trim().parse::<f64>().ok()? * 1024.0 * 1024.0,
+                    cells: cells.trim().parse().ok()?,
+                    layers: layers.trim().parse().ok()?,
+                })
+            })
+            .collect()
+    }
 }
 
 impl<'m> Context<'m> {
     pub fn new(model: &'m Model, p: &CtxParams) -> Result<Context<'m>> {
         // SAFETY: default params are plain data; the model outlives the context ('m).
-        let ptr = unsafe {
+        let (ptr, log) = capture_log(|| unsafe {
             let mut c = sys::llama_context_default_params();
             c.n_ctx = p.n_ctx;
             c.n_batch = p.n_batch;
-            c.n_ubatch = p.n_batch;
+            c.n_ubatch = p.n_ubatch;
             c.n_seq_max = p.n_seq_max;
             c.n_threads = p.n_threads;
             c.n_threads_batch = p.n_threads;
@@ -367,7 +431,7 @@ impl<'m> Context<'m> {
             c.swa_full = false;
             c.no_perf = true;
             sys::llama_init_from_model(model.raw(), c)
-        };
+        });
         let ptr = NonNull::new(ptr).context("llama.cpp could not create a context (out of memory or bad parameters?)")?;
         // A persistent CPU thread pool with the polling level of llama.cpp's tools, attached as
         // they attach it (common_threadpools::init). Without it ggml starts and joins its
@@ -385,7 +449,7 @@ impl<'m> Context<'m> {
         let batch_cap = p.n_batch as usize;
         // SAFETY: allocates a batch of batch_cap tokens with one seq id each.
         let batch = unsafe { sys::llama_batch_init(batch_cap as i32, 0, 1) };
-        Ok(Context { ptr, kv: p.kv, threadpool, model, batch, batch_cap })
+        Ok(Context { ptr, kv: p.kv, threadpool, model, batch, batch_cap, kv_caches: KvCacheShape::parse_log(&log) })
     }
 
     pub(crate) fn raw(&self) -> *mut sys::llama_context {
@@ -395,6 +459,16 @@ impl<'m> Context<'m> {
     /// The KV element type llama.cpp was given.
     pub fn kv_type(&self) -> KvType {
         self.kv
+    }
+
+    /// Bytes llama.cpp allocates for the KV of a context of `n_cells` cells (its n_ctx padded to
+    /// 256) with this one's other parameters, from the caches it allocated for this context: a
+    /// sliding-window cache of fewer cells keeps its size. None when llama.cpp reported none.
+    pub fn kv_cache_bytes(&self, n_cells: usize) -> Option<u64> {
+        if self.kv_caches.is_empty() {
+            return None;
+        }
+        Some(self.kv_caches.iter().map(|c| c.bytes * c.cells.min(n_cells) as f64 / c.cells as f64).sum::<f64>() as u64)
     }
 
     /// Cells in the KV cache (llama.cpp pads n_ctx).
@@ -544,4 +618,24 @@ pub fn argmax(logits: &[f32]) -> i32 {
         }
     }
     best as i32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kv_cache_lines_of_an_iswa_context_parse() {
+        let log: Vec<String> = [
+            "llama_kv_cache_iswa: creating non-SWA KV cache, size = 8448 cells\n",
+            "llama_kv_cache:        CPU KV buffer size =    24.75 MiB\n",
+            "llama_kv_cache: size =   24.75 MiB (  8448 cells,   3 layers,  1/1 seqs), K (f16):   12.38 MiB, V (f16):   12.38 MiB\n",
+            "llama_kv_cache: size =   15.00 MiB (  1024 cells,  15 layers,  1/1 seqs), K (f16):    7.50 MiB, V (f16):    7.50 MiB\n",
+        ]
+        .map(String::from)
+        .to_vec();
+        let caches = KvCacheShape::parse_log(&log);
+        let mib = 1024.0 * 1024.0;
+        assert_eq!(caches, [KvCacheShape { bytes: 24.75 * mib, cells: 8448, layers: 3 }, KvCacheShape { bytes: 15.0 * mib, cells: 1024, layers: 15 }]);
+    }
 }

@@ -1,16 +1,12 @@
 //! End to end on the real default model through stock llama.cpp.
 
-use std::ffi::{c_char, c_void, CStr};
 use std::path::PathBuf;
-use std::sync::{Mutex, Once};
-use std::thread::{self, ThreadId};
 
 use dspark::cli::backend::{BackendSpec, Runner};
 use dspark::cli::bench::{run_bench, BenchArgs};
-use dspark::cli::model_path;
+use dspark::cli::{model_path, second_model_path};
 use dspark::cli::run::generate;
 use dspark::llama::{Context, CtxParams, KvType, Model, Placement};
-use llama_cpp_sys_2 as sys;
 
 fn model() -> Model {
     Model::load(&model_path(None), Placement::Cpu).expect("default model missing: run `bash scripts/setup.sh`")
@@ -34,39 +30,14 @@ fn greedy_decode_is_deterministic_and_sensible() {
     assert!(text.contains("Paris"), "unexpected continuation: {text:?}");
 }
 
-/// llama.cpp's log lines, with the thread that logged them (tests run in parallel threads).
-static LOG: Mutex<Vec<(ThreadId, String)>> = Mutex::new(Vec::new());
-
-/// Keeps every llama.cpp log line in [`LOG`]; shows warnings and errors as DSpark does.
-unsafe extern "C" fn capture_log(level: sys::ggml_log_level, text: *const c_char, _user: *mut c_void) {
-    if text.is_null() {
-        return;
-    }
-    // SAFETY: llama.cpp passes a NUL-terminated string that lives for this call.
-    let line = unsafe { CStr::from_ptr(text) }.to_string_lossy().into_owned();
-    if level == sys::GGML_LOG_LEVEL_WARN || level == sys::GGML_LOG_LEVEL_ERROR {
-        eprint!("{line}");
-    }
-    if let Ok(mut log) = LOG.lock() {
-        log.push((thread::current().id(), line));
-    }
-}
-
 /// The KV cache size, in MiB, that llama.cpp itself logs (`llama_kv_cache: CPU KV buffer
 /// size = X MiB`: the size of the ggml buffer it allocated, to 2 decimals) for each context
 /// that `f` creates on this thread.
 fn llama_kv_buffer_mib(f: impl FnOnce()) -> Vec<f64> {
-    static HOOK: Once = Once::new();
-    dspark::llama::init(); // DSpark installs its own callback once; replace it after that.
-    // SAFETY: a static callback that never unwinds (no panicking call in it), no user data.
-    HOOK.call_once(|| unsafe { sys::llama_log_set(Some(capture_log), std::ptr::null_mut()) });
-    let me = thread::current().id();
-    LOG.lock().unwrap().retain(|(t, _)| *t != me);
-    f();
-    let log = LOG.lock().unwrap();
+    let ((), log) = dspark::llama::capture_log(f);
     log.iter()
-        .filter(|(t, l)| *t == me && l.contains("llama_kv_cache") && l.contains("KV buffer size ="))
-        .map(|(_, l)| {
+        .filter(|l| l.contains("llama_kv_cache") && l.contains("KV buffer size ="))
+        .map(|l| {
             let v = l.split("KV buffer size =").nth(1).and_then(|r| r.trim().strip_suffix("MiB")).map(str::trim);
             v.and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("cannot parse {l:?}"))
         })
@@ -78,29 +49,32 @@ fn matches_logged_mib(bytes: usize, logged: f64) -> bool {
     (bytes as f64 / (1024.0 * 1024.0) - logged).abs() <= 0.005 + 1e-9
 }
 
-/// The KV bytes DSpark reports for stock configurations (Model::stock_kv_bytes through
-/// Runner::kv_bytes, the figure `dspark bench` prints) against the buffer llama.cpp itself
-/// allocates, for two KV types and two context sizes that llama.cpp pads (to 512 and 1024
-/// cells).
+/// The KV bytes DSpark reports for stock configurations (Runner::kv_bytes, the figure `dspark
+/// bench` prints) against the buffers llama.cpp itself allocates, for two KV types and context
+/// sizes that llama.cpp pads, on the default model and on the second one, whose sliding-window
+/// layers get a cache of their own (a ring of 1024 cells at n_ctx 3000).
 #[test]
-fn stock_kv_bytes_match_llama_cpp_own_buffer() {
-    let r = Runner::new(model_path(None));
-    for kv in [KvType::F16, KvType::Q4_0] {
-        for n_ctx in [300, 1000] {
-            let spec = BackendSpec::Stock(kv);
-            r.model(&spec).unwrap(); // loading logs too; keep it out of the capture
-            let mut ours = 0;
-            let logged = llama_kv_buffer_mib(|| {
-                let ctx = r.context(&spec, n_ctx, 2).unwrap();
-                ours = r.kv_bytes(&ctx, ctx.n_ctx());
-            });
-            assert_eq!(logged.len(), 1, "{kv:?} n_ctx {n_ctx}: expected one KV buffer line, got {logged:?}");
-            assert!(
-                matches_logged_mib(ours, logged[0]),
-                "{kv:?} n_ctx {n_ctx}: DSpark says {ours} bytes ({:.3} MiB), llama.cpp allocated {} MiB",
-                ours as f64 / 1048576.0,
-                logged[0]
-            );
+fn stock_kv_bytes_match_llama_cpp_own_buffers() {
+    for (path, sizes) in [(model_path(None), [300, 1000]), (second_model_path(), [1000, 3000])] {
+        let r = Runner::new(path.clone());
+        for kv in [KvType::F16, KvType::Q4_0] {
+            for n_ctx in sizes {
+                let spec = BackendSpec::Stock(kv);
+                r.model(&spec).unwrap();
+                let mut ours = 0;
+                let logged = llama_kv_buffer_mib(|| {
+                    let ctx = r.context(&spec, n_ctx, 2).unwrap();
+                    ours = r.kv_bytes(&ctx, ctx.n_ctx());
+                });
+                let what = format!("{} {kv:?} n_ctx {n_ctx}", path.display());
+                assert!(!logged.is_empty(), "{what}: llama.cpp logged no KV buffer");
+                let total: f64 = logged.iter().sum();
+                assert!(
+                    (ours as f64 / 1048576.0 - total).abs() <= 0.005 * logged.len() as f64 + 1e-9,
+                    "{what}: DSpark says {ours} bytes ({:.3} MiB), llama.cpp allocated {logged:?} MiB",
+                    ours as f64 / 1048576.0
+                );
+            }
         }
     }
 }
@@ -118,6 +92,8 @@ fn bench_small_depth_gives_sane_figures() {
         reps: 1,
         json: None,
         file: None,
+        child: false,
+        exe: Some(env!("CARGO_BIN_EXE_dspark").into()),
     };
     let r = run_bench(&args).unwrap();
     assert_eq!(r.results.len(), 2);

@@ -121,7 +121,7 @@ impl Runner {
     pub fn kv_bytes(&self, ctx: &Context, n_cells: usize) -> usize {
         match ctx.model.devices().first() {
             Some(&dev) => ggml::Stats::of(dev).kv_bytes as usize,
-            None => ctx.model.stock_kv_bytes(ctx.kv_type(), n_cells),
+            None => ctx.kv_cache_bytes(n_cells).map_or_else(|| ctx.model.stock_kv_bytes(ctx.kv_type(), n_cells), |b| b as usize),
         }
     }
 

@@ -1,15 +1,19 @@
 //! `dspark bench`: prefill and decode speed and KV memory of each backend configuration at each
-//! depth, measured in one process with the configurations interleaved, like llama-bench.
+//! depth, with the configurations interleaved, like llama-bench.
 //!
-//! Each configuration gets one untimed warm-up pass per depth before its first timed rep, so
-//! that the first one measured does not pay for page-in and start-up. The machine's load is
+//! Every measurement runs in a child process of its own (`dspark bench --child`), which loads
+//! the model once for its one configuration, so that each row's peak RSS is that
+//! configuration's alone. It makes one untimed warm-up pass first, so that the measurement
+//! does not pay for page-in and start-up. The machine's load is
 //! sampled around every timed window (see [`super::load`]); rows measured while it was not
 //! idle are flagged `busy` and warned about on stderr.
 
-use std::path::PathBuf;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context as _, Result};
 use serde::{Deserialize, Serialize};
 
 use super::backend::{peak_rss_bytes, reset_peak_rss, BackendSpec, Runner};
@@ -54,6 +58,13 @@ pub struct BenchArgs {
     /// Text for the prompts (default: the license texts in /usr/share/common-licenses).
     #[arg(short = 'f', long)]
     pub file: Option<PathBuf>,
+    /// Internal: measure the one configuration at the one depth given in this process and
+    /// print the measurement as JSON (what every measurement of a bench runs as).
+    #[arg(long, hide = true)]
+    pub child: bool,
+    /// The `dspark` executable the measurements run in (default: this one).
+    #[arg(skip)]
+    pub exe: Option<PathBuf>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -105,6 +116,7 @@ fn one() -> usize {
 }
 
 /// One measurement of one configuration at one depth.
+#[derive(Serialize, Deserialize, Debug)]
 struct Sample {
     prefill_tps: f64,
     decode_tps: f64,
@@ -145,7 +157,7 @@ impl Shape<'_> {
 fn warm_up(runner: &Runner, spec: &BackendSpec, shape: &Shape) -> Result<()> {
     let mut ctx = shape.context(runner, spec)?;
     let prompt = shape.prompt;
-    let n = prompt.len().min(CtxParams::new(0, shape.threads, KvType::F16).n_batch as usize);
+    let n = prompt.len().min(CtxParams::new(0, shape.threads, KvType::F16).n_ubatch as usize);
     ctx.decode(&prompt[..n], 0, 0, false)?;
     let mut tok = argmax(ctx.logits(-1));
     for i in 0..WARMUP_DECODE.min(shape.decode) {
@@ -241,31 +253,27 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchReport> {
         runner.check(s)?;
     }
     let threads = args.threads.unwrap_or_else(default_threads);
-    let text = text::load_text(args.file.as_deref())?;
+    let exe = match &args.exe {
+        Some(e) => e.clone(),
+        None => std::env::current_exe().context("cannot find the dspark executable to run measurements in")?,
+    };
 
     // samples[depth index][spec index] = one Sample per rep
     let mut samples: Vec<Vec<Vec<Sample>>> = (0..args.depths.len()).map(|_| (0..specs.len()).map(|_| vec![]).collect()).collect();
     let total = args.reps * args.depths.len() * specs.len();
     let mut done = 0;
+    let mut shown = HashSet::new();
     for rep in 0..args.reps {
         for (di, &depth) in args.depths.iter().enumerate() {
-            let tokens = text::prompt_tokens(runner.model(&specs[0])?, &text, depth + args.prompt_at_depth)?;
-            let (prompt, at_depth) = tokens.split_at(depth);
-            let shape = Shape { prompt, at_depth, decode: args.decode, threads, poll: args.poll };
             for (si, spec) in specs.iter().enumerate() {
                 done += 1;
-                eprint!("[{done}/{total}] {spec} depth {depth} ");
-                if rep == 0 {
-                    eprint!("warm-up, ");
-                    warm_up(&runner, spec, &shape)?;
-                }
-                eprint!("rep {}/{} ... ", rep + 1, args.reps);
-                let s = measure(&runner, spec, &shape)?;
+                eprint!("[{done}/{total}] {spec} depth {depth} rep {}/{} ... ", rep + 1, args.reps);
+                let s = measure_in_child(&exe, args, &path, spec, depth, threads, &mut shown)?;
                 eprint!("prefill {:.1} t/s, decode {:.1} t/s", s.prefill_tps, s.decode_tps);
-                if !at_depth.is_empty() {
-                    eprint!(", prefill of {} at depth {:.1} t/s", at_depth.len(), s.prompt_at_depth_tps);
+                if args.prompt_at_depth > 0 {
+                    eprint!(", prefill of {} at depth {:.1} t/s", args.prompt_at_depth, s.prompt_at_depth_tps);
                 }
-                eprintln!();
+                eprintln!(", peak RSS {:.0} MiB", s.peak_rss as f64 / 1048576.0);
                 if s.load.busy() {
                     eprintln!(
                         "warning: the machine was busy during {spec} depth {depth} rep {} ({}); its figures, and ratios against it, are unreliable",
@@ -368,7 +376,62 @@ pub fn table(r: &BenchReport) -> String {
     s
 }
 
+/// Runs one measurement in a child process (`dspark bench --child`) and reads its sample.
+/// The child's log lines are passed on once each: the same warning from every child is shown
+/// the first time only.
+fn measure_in_child(
+    exe: &Path,
+    args: &BenchArgs,
+    model: &Path,
+    spec: &BackendSpec,
+    depth: usize,
+    threads: usize,
+    shown: &mut HashSet<String>,
+) -> Result<Sample> {
+    let mut cmd = Command::new(exe);
+    cmd.arg("bench").arg("--child").arg("-m").arg(model);
+    cmd.args(["--backends", &spec.to_string(), "--depths", &depth.to_string(), "--threads", &threads.to_string()]);
+    cmd.args(["--decode", &args.decode.to_string(), "--prompt-at-depth", &args.prompt_at_depth.to_string(), "--poll", &args.poll.to_string()]);
+    if let Some(f) = &args.file {
+        cmd.arg("-f").arg(f);
+    }
+    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("cannot run {}", exe.display()))?;
+    let log = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        bail!("the measurement of {spec} at depth {depth} failed ({}):\n{}", out.status, log.trim_end());
+    }
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        if shown.insert(line.to_string()) {
+            eprintln!("{line}");
+        }
+    }
+    serde_json::from_slice(&out.stdout).with_context(|| format!("{} bench --child printed no measurement", exe.display()))
+}
+
+/// `bench --child`: the warm-up pass and one measurement of the one configuration at the one
+/// depth given, in this process.
+fn measure_here(args: &BenchArgs) -> Result<Sample> {
+    let specs = BackendSpec::parse_list(&args.backends)?;
+    let (spec, &depth) = match (specs.as_slice(), args.depths.as_slice()) {
+        ([spec], [depth]) => (spec, depth),
+        _ => bail!("bench --child takes one configuration and one depth"),
+    };
+    let runner = Runner::new(model_path(args.model.clone()));
+    runner.check(spec)?;
+    let text = text::load_text(args.file.as_deref())?;
+    let tokens = text::prompt_tokens(runner.model(spec)?, &text, depth + args.prompt_at_depth)?;
+    let (prompt, at_depth) = tokens.split_at(depth);
+    let threads = args.threads.unwrap_or_else(default_threads);
+    let shape = Shape { prompt, at_depth, decode: args.decode, threads, poll: args.poll };
+    warm_up(&runner, spec, &shape)?;
+    measure(&runner, spec, &shape)
+}
+
 pub fn bench(args: BenchArgs) -> Result<()> {
+    if args.child {
+        println!("{}", serde_json::to_string(&measure_here(&args)?)?);
+        return Ok(());
+    }
     let report = run_bench(&args)?;
     println!("model: {}, threads: {}\nllama.cpp: {}\n", report.model, report.threads, report.llama_cpp);
     print!("{}", table(&report));

@@ -52,7 +52,7 @@ pub struct LoadSample {
 }
 
 /// What was seen over one window.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Load {
     /// Cores used on average by other processes over the window.
     Others(f64),

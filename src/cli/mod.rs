@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 /// The model every command uses when `-m` is not given (fetched by `scripts/setup.sh`).
+pub const SECOND_MODEL: &str = "models/gemma-3-270m-q4_k_m.gguf";
 pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 #[derive(Parser, Debug)]
@@ -52,11 +53,21 @@ pub fn model_path(arg: Option<PathBuf>) -> PathBuf {
     if let Some(p) = std::env::var_os("DSPARK_MODEL") {
         return PathBuf::from(p);
     }
-    let local = PathBuf::from(DEFAULT_MODEL);
+    in_tree(DEFAULT_MODEL)
+}
+
+/// The second model `scripts/setup.sh` fetches (Gemma 3 270M Q4_K_M: sliding-window layers,
+/// head size 256, one KV head), relative to the current folder or to the source tree.
+pub fn second_model_path() -> PathBuf {
+    in_tree(SECOND_MODEL)
+}
+
+fn in_tree(rel: &str) -> PathBuf {
+    let local = PathBuf::from(rel);
     if local.exists() {
         return local;
     }
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_MODEL)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
 
 /// All cores unless told otherwise.
