@@ -2,7 +2,8 @@
 //!
 //! - `codec`: K/V row formats (rotation + low-bit quantization).
 //! - `attn`: flash attention over compressed rows.
-//! - `kv`: the paged compressed KV store.
+//! - `kv`: the paged compressed KV store, its memory budget and cold tier.
+//! - `sched`: the transfer stream that reads cold pages while attention computes.
 //! - `ggml`: the DSPARK0 ggml device that puts them into llama.cpp.
 //! - `llama`: a small safe wrapper over llama.cpp's C API.
 //! - `cli`: the `dspark` command line.
@@ -16,3 +17,4 @@ pub mod codec;
 pub mod llama;
 pub mod ggml;
 pub mod kv;
+pub mod sched;

@@ -13,6 +13,9 @@
 //! |---|---|---|
 //! | `DSPARK_FORMAT` | KV format: `f16` or `k<b>v<b>`, b in {8, 4, 3, 2} | `k4v4` |
 //! | `DSPARK_WINDOW` | most recent tokens kept in f16 | 128 |
+//! | `DSPARK_KV_BUDGET` | most bytes of KV pages in RAM (`512M`, `2G`); the rest spills to disk | none |
+//! | `DSPARK_PREFETCH` | layers ahead whose cold pages are read during attention | 2 |
+//! | `DSPARK_SPILL_DIR` | folder of the spill file | the system temp folder |
 
 use std::ffi::c_int;
 
@@ -31,6 +34,12 @@ pub fn config_from_env(get: impl Fn(&str) -> Option<String>) -> Result<ggml::Con
     }
     if let Some(w) = get("DSPARK_WINDOW") {
         c.window = w.trim().parse().map_err(|_| format!("DSPARK_WINDOW={w:?} is not a token count"))?;
+    }
+    if let Some(b) = get("DSPARK_KV_BUDGET") {
+        c = c.with_option("kv", b.trim()).map_err(|e| format!("DSPARK_KV_BUDGET: {e}"))?;
+    }
+    if let Some(d) = get("DSPARK_PREFETCH") {
+        c = c.with_option("prefetch", d.trim()).map_err(|e| format!("DSPARK_PREFETCH: {e}"))?;
     }
     Ok(c)
 }

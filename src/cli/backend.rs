@@ -36,12 +36,63 @@ impl BackendSpec {
     }
 }
 
+impl BackendSpec {
+    /// Whether this is a DSpark configuration with a KV memory budget.
+    pub fn has_budget(&self) -> bool {
+        matches!(self, BackendSpec::Dspark(n) if dspark_config(n).is_ok_and(|c| c.kv_budget.is_some()))
+    }
+}
+
 impl fmt::Display for BackendSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             BackendSpec::Stock(t) => write!(f, "stock:{}", t.name()),
             BackendSpec::Dspark(name) => write!(f, "dspark:{name}"),
         }
+    }
+}
+
+/// The memory-budget flags of `run`, `bench` and `eval`: defaults for every `dspark:` spec
+/// that does not set the option itself.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct TierArgs {
+    /// KV memory budget for DSpark configurations (e.g. 512M, 2G): compressed pages beyond it
+    /// move to a spill file on disk (default: none). A spec's own `kv=` wins.
+    #[arg(long)]
+    pub kv_budget: Option<String>,
+    /// Layers ahead whose cold pages the transfer stream reads while attention runs (0: read
+    /// them when needed, synchronously) [default: 2]. A spec's own `prefetch=` wins.
+    #[arg(long)]
+    pub prefetch_depth: Option<usize>,
+    /// Folder of the spill file (default: $DSPARK_SPILL_DIR, else the system temp folder).
+    #[arg(long)]
+    pub spill_dir: Option<PathBuf>,
+}
+
+impl TierArgs {
+    /// The specs with these defaults added to every `dspark:` spec that lacks them.
+    pub fn apply(&self, specs: Vec<BackendSpec>) -> Vec<BackendSpec> {
+        specs
+            .into_iter()
+            .map(|s| match s {
+                BackendSpec::Dspark(mut name) => {
+                    let has = |name: &str, key: &str| name.split(':').skip(1).any(|o| o.trim_start().starts_with(key));
+                    if let Some(b) = self.kv_budget.as_ref().filter(|_| !has(&name, "kv=")) {
+                        name += &format!(":kv={b}");
+                    }
+                    if let Some(d) = self.prefetch_depth.filter(|_| !has(&name, "prefetch=")) {
+                        name += &format!(":prefetch={d}");
+                    }
+                    BackendSpec::Dspark(name)
+                }
+                s => s,
+            })
+            .collect()
+    }
+
+    /// The spill folder in effect.
+    pub fn spill_dir(&self) -> PathBuf {
+        self.spill_dir.clone().or_else(|| std::env::var_os("DSPARK_SPILL_DIR").map(Into::into)).unwrap_or_else(std::env::temp_dir)
     }
 }
 
@@ -55,9 +106,9 @@ pub struct Runner {
     dspark: elsa::sync::FrozenVec<Box<(ggml::Config, Model)>>,
 }
 
-/// The DSpark configuration for a `dspark:<format>` name.
+/// The DSpark configuration for a `dspark:<format>[:key=value...]` spec (after `dspark:`).
 pub fn dspark_config(name: &str) -> Result<ggml::Config> {
-    ggml::Config::default().with_format_name(name).map_err(|e| {
+    ggml::Config::default().with_spec(name).map_err(|e| {
         anyhow!("backend `dspark:{name}`: {e}; formats: f16 (no compression), {}", format_names().join(", "))
     })
 }
@@ -123,6 +174,11 @@ impl Runner {
             Some(&dev) => ggml::Stats::of(dev).kv_bytes as usize,
             None => ctx.kv_cache_bytes(n_cells).map_or_else(|| ctx.model.stock_kv_bytes(ctx.kv_type(), n_cells), |b| b as usize),
         }
+    }
+
+    /// DSpark's statistics for the device `ctx`'s KV lives on (`None` for stock).
+    pub fn dspark_stats(&self, ctx: &Context) -> Option<ggml::Stats> {
+        ctx.model.devices().first().map(|&dev| ggml::Stats::of(dev))
     }
 
     /// Bits per stored K/V element of `ctx`, metadata included: the type's figure for

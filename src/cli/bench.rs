@@ -16,7 +16,7 @@ use std::time::Instant;
 use anyhow::{bail, Context as _, Result};
 use serde::{Deserialize, Serialize};
 
-use super::backend::{peak_rss_bytes, reset_peak_rss, BackendSpec, Runner};
+use super::backend::{peak_rss_bytes, reset_peak_rss, BackendSpec, Runner, TierArgs};
 use super::load::{self, Load};
 use super::{default_threads, info, model_path, text};
 use crate::llama::{argmax, CtxParams, KvType};
@@ -58,6 +58,8 @@ pub struct BenchArgs {
     /// Text for the prompts (default: the license texts in /usr/share/common-licenses).
     #[arg(short = 'f', long)]
     pub file: Option<PathBuf>,
+    #[command(flatten)]
+    pub tier: TierArgs,
     /// Internal: measure the one configuration at the one depth given in this process and
     /// print the measurement as JSON (what every measurement of a bench runs as).
     #[arg(long, hide = true)]
@@ -91,6 +93,21 @@ pub struct BenchResult {
     /// Whether the machine was not idle during any rep of this row (see [`super::load`]).
     #[serde(default)]
     pub busy: bool,
+    /// The memory budget's figures (DSpark with `kv=`): bytes of KV pages in RAM and in the
+    /// cold tier after the decode, cold bytes read per decoded token, the transfer stream's
+    /// busy time and the compute stream's wait during the decode, and `1 - wait / busy`.
+    #[serde(default)]
+    pub kv_hot_bytes: u64,
+    #[serde(default)]
+    pub kv_cold_bytes: u64,
+    #[serde(default)]
+    pub cold_read_bytes_per_token: f64,
+    #[serde(default)]
+    pub transfer_busy_s: f64,
+    #[serde(default)]
+    pub compute_wait_s: f64,
+    #[serde(default)]
+    pub hidden_fraction: f64,
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -108,6 +125,10 @@ pub struct BenchReport {
     /// Polling level of the contexts' CPU thread pools.
     #[serde(default)]
     pub poll: u32,
+    /// Read rate of the disk under the spill folder, bytes/s (measured when a configuration
+    /// has a KV budget: a spill file written, then read in 1 MiB requests past the page cache).
+    #[serde(default)]
+    pub disk_read_bytes_per_s: f64,
     pub results: Vec<BenchResult>,
 }
 
@@ -126,6 +147,11 @@ struct Sample {
     peak_rss: u64,
     /// The busier of the prefill and decode windows.
     load: Load,
+    kv_cold_bytes: u64,
+    /// Over the decode steps (zero without a budget).
+    cold_read_bytes: u64,
+    transfer_busy_s: f64,
+    compute_wait_s: f64,
 }
 
 /// Decode steps of the warm-up pass.
@@ -189,6 +215,7 @@ fn measure(runner: &Runner, spec: &BackendSpec, shape: &Shape) -> Result<Sample>
     let ((), prefill_s, prefill_load) = timed(threads, || ctx.decode(prompt, 0, 0, false))?;
 
     let mut tok = argmax(ctx.logits(-1));
+    let before = runner.dspark_stats(&ctx).unwrap_or_default();
     let ((), decode_s, decode_load) = timed(threads, || {
         for i in 0..decode {
             ctx.decode(&[tok], prompt.len() + i, 0, false)?;
@@ -200,6 +227,7 @@ fn measure(runner: &Runner, spec: &BackendSpec, shape: &Shape) -> Result<Sample>
     // though this one has room for the prefill on top of the depth.
     let kv_bytes = runner.kv_bytes(&ctx, (prompt.len() + decode).next_multiple_of(256)) as u64;
     let (kv_bits, peak_rss) = (runner.kv_bits_per_elem(&ctx), peak_rss_bytes());
+    let after = runner.dspark_stats(&ctx).unwrap_or_default();
 
     let mut loads = vec![prefill_load];
     if decode > 0 {
@@ -222,6 +250,10 @@ fn measure(runner: &Runner, spec: &BackendSpec, shape: &Shape) -> Result<Sample>
         kv_bits,
         peak_rss,
         load,
+        kv_cold_bytes: after.kv_cold_bytes,
+        cold_read_bytes: after.cold_read_bytes - before.cold_read_bytes,
+        transfer_busy_s: (after.transfer_busy_ns - before.transfer_busy_ns) as f64 * 1e-9,
+        compute_wait_s: (after.compute_wait_ns - before.compute_wait_ns) as f64 * 1e-9,
     })
 }
 
@@ -240,7 +272,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 pub fn run_bench(args: &BenchArgs) -> Result<BenchReport> {
-    let specs = BackendSpec::parse_list(&args.backends)?;
+    let specs = args.tier.apply(BackendSpec::parse_list(&args.backends)?);
     if specs.is_empty() || args.depths.is_empty() || args.reps == 0 {
         bail!("bench needs at least one backend, one depth and one repetition");
     }
@@ -257,6 +289,7 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchReport> {
         Some(e) => e.clone(),
         None => std::env::current_exe().context("cannot find the dspark executable to run measurements in")?,
     };
+    let disk_read_bytes_per_s = if specs.iter().any(BackendSpec::has_budget) { disk_read_rate(&args.tier)? } else { 0.0 };
 
     // samples[depth index][spec index] = one Sample per rep
     let mut samples: Vec<Vec<Vec<Sample>>> = (0..args.depths.len()).map(|_| (0..specs.len()).map(|_| vec![]).collect()).collect();
@@ -292,6 +325,9 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchReport> {
             let ss = &samples[di][si];
             let (prefill_tps_min, prefill_tps_max) = min_max(ss.iter().map(|s| s.prefill_tps));
             let (decode_tps_min, decode_tps_max) = min_max(ss.iter().map(|s| s.decode_tps));
+            let last = ss.last().expect("one sample per rep");
+            let busy_s = median(ss.iter().map(|s| s.transfer_busy_s).collect());
+            let wait_s = median(ss.iter().map(|s| s.compute_wait_s).collect());
             results.push(BenchResult {
                 backend: spec.to_string(),
                 depth,
@@ -306,6 +342,12 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchReport> {
                 decode_tps_min,
                 decode_tps_max,
                 busy: ss.iter().any(|s| s.load.busy()),
+                kv_hot_bytes: last.kv_bytes,
+                kv_cold_bytes: last.kv_cold_bytes,
+                cold_read_bytes_per_token: median(ss.iter().map(|s| s.cold_read_bytes as f64 / args.decode.max(1) as f64).collect()),
+                transfer_busy_s: busy_s,
+                compute_wait_s: wait_s,
+                hidden_fraction: if busy_s > 0.0 { (1.0 - wait_s / busy_s).max(0.0) } else { 1.0 },
             });
         }
     }
@@ -317,8 +359,19 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchReport> {
         reps: args.reps,
         prompt_at_depth: args.prompt_at_depth,
         poll: args.poll,
+        disk_read_bytes_per_s,
         results,
     })
+}
+
+/// Measures the read rate of the disk under the spill folder (see
+/// [`BenchReport::disk_read_bytes_per_s`]), 256 MiB, and says so.
+fn disk_read_rate(tier: &TierArgs) -> Result<f64> {
+    let dir = tier.spill_dir();
+    eprint!("measuring the read rate of the disk under {} (256 MiB past the page cache) ... ", dir.display());
+    let r = crate::kv::cold::measure_read_rate(&dir, 256 << 20).with_context(|| format!("cannot measure the disk under {}", dir.display()))?;
+    eprintln!("{:.0} MB/s", r / 1e6);
+    Ok(r)
 }
 
 /// The markdown table, with ratios against stock:f16 at the same depth when it was measured.
@@ -395,6 +448,9 @@ fn measure_in_child(
     if let Some(f) = &args.file {
         cmd.arg("-f").arg(f);
     }
+    if let Some(d) = &args.tier.spill_dir {
+        cmd.env("DSPARK_SPILL_DIR", d);
+    }
     let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("cannot run {}", exe.display()))?;
     let log = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
@@ -411,7 +467,7 @@ fn measure_in_child(
 /// `bench --child`: the warm-up pass and one measurement of the one configuration at the one
 /// depth given, in this process.
 fn measure_here(args: &BenchArgs) -> Result<Sample> {
-    let specs = BackendSpec::parse_list(&args.backends)?;
+    let specs = args.tier.apply(BackendSpec::parse_list(&args.backends)?);
     let (spec, &depth) = match (specs.as_slice(), args.depths.as_slice()) {
         ([spec], [depth]) => (spec, depth),
         _ => bail!("bench --child takes one configuration and one depth"),
@@ -427,6 +483,34 @@ fn measure_here(args: &BenchArgs) -> Result<Sample> {
     measure(&runner, spec, &shape)
 }
 
+/// The memory budget's figures of the rows that have a cold tier (empty when none has).
+pub fn tier_table(r: &BenchReport) -> String {
+    let rows: Vec<_> = r.results.iter().filter(|x| x.kv_cold_bytes > 0 || x.transfer_busy_s > 0.0).collect();
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    let mut s = "| backend | depth | hot MiB | cold MiB | cold read KiB/token | transfer busy s | compute wait s | hidden | decode t/s |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n".to_string();
+    for x in rows {
+        s += &format!(
+            "| {} | {} | {:.2} | {:.2} | {:.0} | {:.3} | {:.3} | {:.0}% | {:.1} |\n",
+            x.backend,
+            x.depth,
+            mib(x.kv_hot_bytes),
+            mib(x.kv_cold_bytes),
+            x.cold_read_bytes_per_token / 1024.0,
+            x.transfer_busy_s,
+            x.compute_wait_s,
+            100.0 * x.hidden_fraction,
+            x.decode_tps
+        );
+    }
+    if r.disk_read_bytes_per_s > 0.0 {
+        s += &format!("\ndisk read rate under the spill folder: {:.0} MB/s\n", r.disk_read_bytes_per_s / 1e6);
+    }
+    s
+}
+
 pub fn bench(args: BenchArgs) -> Result<()> {
     if args.child {
         println!("{}", serde_json::to_string(&measure_here(&args)?)?);
@@ -435,6 +519,10 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let report = run_bench(&args)?;
     println!("model: {}, threads: {}\nllama.cpp: {}\n", report.model, report.threads, report.llama_cpp);
     print!("{}", table(&report));
+    let tiers = tier_table(&report);
+    if !tiers.is_empty() {
+        print!("\n{tiers}");
+    }
     let busy = report.results.iter().filter(|x| x.busy).count();
     if busy > 0 {
         eprintln!(

@@ -15,6 +15,7 @@ use std::sync::Mutex;
 use half::f16;
 use llama_cpp_sys_2 as ll;
 
+use super::budget::Stager;
 use super::buffer::{kv_entry, kv_root, root_of, KvEntry, KvRoot};
 use super::device::{dev_ctx, DeviceCtx};
 use super::{guard, log_error, log_warn, sys};
@@ -291,6 +292,17 @@ unsafe fn compute_graph(ctx: &BackendCtx, g: *mut ll::ggml_cgraph) -> Result<(),
     if nodes.iter().zip(&kv).any(|(&n, &k)| !k && unsafe { is_unmanaged_kv_attention(n) }) {
         warn_once("a KV cache in DSpark's buffer has no DSpark store (a ggml-rpc server does not initialise f16 tensors), so it is kept uncompressed");
     }
+    // With a memory budget: the attention nodes' cold pages are staged as the graph runs.
+    let budget = ctx.dev.budget()?;
+    let attn_nodes: Vec<usize> = (0..nodes.len())
+        // SAFETY: valid nodes (caller).
+        .filter(|&i| kv[i] && unsafe { (*nodes[i]).op == ll::GGML_OP_FLASH_ATTN_EXT && (*nodes[i]).flags & ll::GGML_TENSOR_FLAG_COMPUTE as i32 != 0 })
+        .collect();
+    let mut stager = match &budget {
+        // SAFETY: the graph's valid attention nodes on our KV, in order (checked above).
+        Some(b) => Some(unsafe { Stager::new(b, &attn_nodes.iter().map(|&i| nodes[i]).collect::<Vec<_>>()) }?),
+        None => None,
+    };
     let mut i = 0;
     while i < nodes.len() {
         if !kv[i] {
@@ -310,7 +322,15 @@ unsafe fn compute_graph(ctx: &BackendCtx, g: *mut ll::ggml_cgraph) -> Result<(),
                 ll::GGML_OP_SET_ROWS => set_rows(node, threads),
                 ll::GGML_OP_FLASH_ATTN_EXT => {
                     ctx.dev.attn_calls.fetch_add(1, Ordering::Relaxed);
-                    flash_attn(node, threads)
+                    let at = attn_nodes.binary_search(&i).ok();
+                    if let (Some(s), Some(a)) = (&mut stager, at) {
+                        s.before(a)?;
+                    }
+                    let r = flash_attn(node, threads);
+                    if let (Some(s), Some(a)) = (&stager, at) {
+                        s.after(a);
+                    }
+                    r
                 }
                 ll::GGML_OP_ROPE => rope_shift(node),
                 op => Err(format!("op {op} on the KV was not accepted by DSPARK0")),
@@ -319,7 +339,32 @@ unsafe fn compute_graph(ctx: &BackendCtx, g: *mut ll::ggml_cgraph) -> Result<(),
         r.map_err(|msg| format!("{}: {msg}", name(node)))?;
         i += 1;
     }
-    Ok(())
+    match budget {
+        Some(b) => b.enforce(&ctx.dev.entries()),
+        None => Ok(()),
+    }
+}
+
+/// The K and V entries an attention node reads and its cell ranges, (stream, first, n), one
+/// per KV stream it reads.
+///
+/// # Safety
+/// `node` must be a valid FLASH_ATTN_EXT node on DSpark's KV.
+pub(crate) unsafe fn kv_ranges<'g>(node: *const ll::ggml_tensor) -> Result<(Vec<&'g KvEntry>, Vec<(usize, usize, usize)>), String> {
+    // SAFETY: valid node and srcs (caller).
+    let (kview, vview, k) = unsafe {
+        let (kview, vview) = flash_attn_check(node)?;
+        (kview, vview, &*(*node).src[1])
+    };
+    let entries = [&kview, &vview].iter().map(|v| v.root.entry().ok_or("KV has no store")).collect::<Result<Vec<_>, _>>()?;
+    let (n_kv, n_kv_seq) = (k.ne[1] as usize, k.ne[3] as usize);
+    let ranges = (0..n_kv_seq)
+        .map(|s| {
+            let g = kview.cell0 + s * kview.stream_step;
+            (g / kview.root.cells, g % kview.root.cells, n_kv)
+        })
+        .collect();
+    Ok((entries, ranges))
 }
 
 /// The recorded failure of a KV that `node` reads or writes, if any.
@@ -403,6 +448,8 @@ unsafe fn set_rows(node: *mut ll::ggml_tensor, threads: Threads) -> Result<(), S
         return Ok(());
     }
     let mut store = e.write();
+    let row_bytes = e.row_len() * 2;
+    store.stage_cells(dsts.iter().map(|&(off, _)| off / row_bytes)).map_err(|e| format!("reading a cold KV page back: {e}"))?;
     for (off, sp) in dsts {
         // SAFETY: as above.
         unsafe { read_row(sp, src.type_, &mut row) };
@@ -641,6 +688,7 @@ unsafe fn rope_shift(node: *mut ll::ggml_tensor) -> Result<(), String> {
     let row_bytes = e.row_len() * 2;
     let (cell0, col0) = (off / row_bytes, (off % row_bytes) / 2);
     let mut store = e.write();
+    store.stage_cells((0..pos.len()).filter(|&i| pos[i] != 0).map(|i| cell0 + i)).map_err(|e| format!("reading a cold KV page back: {e}"))?;
     let mut row = vec![0.0f32; e.row_len()];
     for (i2, &p) in pos.iter().enumerate() {
         let gcell = cell0 + i2;

@@ -27,6 +27,7 @@ use llama_cpp_sys_2 as ll;
 use super::device::{dev_ctx, is_our_buft, DeviceCtx};
 use super::{guard, log_error, log_warn, panic_message, sys};
 use crate::attn::Threads;
+use crate::kv::tier::Tier;
 use crate::kv::{KvStore, StoreConfig};
 
 /// Alignment of tensor addresses in DSpark buffers.
@@ -47,15 +48,18 @@ pub(crate) struct KvEntry {
     store: RwLock<KvStore>,
     /// The first error that left the store's content unreliable, until the next clear.
     failure: Mutex<Option<String>>,
+    /// The device's memory budget, whose cold tier the shaped store may spill to.
+    tier: Option<Arc<Tier>>,
 }
 
 impl KvEntry {
-    fn new(row_len: usize, cells: usize, streams: usize, cfg: StoreConfig) -> Result<KvEntry, String> {
+    fn new(row_len: usize, cells: usize, streams: usize, cfg: StoreConfig, tier: Option<Arc<Tier>>) -> Result<KvEntry, String> {
         Ok(KvEntry {
             row_len,
             cells,
             streams,
             cfg,
+            tier,
             head_dim: OnceLock::new(),
             store: RwLock::new(Self::exact_store(row_len, cells, streams, cfg.window)?),
             failure: Mutex::new(None),
@@ -89,6 +93,9 @@ impl KvEntry {
             return self.shape(head_dim, threads); // another thread shaped it meanwhile
         }
         let mut new = KvStore::new(self.cfg, self.row_len / head_dim, head_dim, self.cells, self.streams)?;
+        if let Some(t) = &self.tier {
+            new.set_tier(t.clone());
+        }
         let mut row = vec![0.0f32; self.row_len];
         for stream in 0..self.streams {
             for cell in 0..old.high_water(stream) {
@@ -303,7 +310,14 @@ unsafe extern "C" fn init_tensor(buf: ll::ggml_backend_buffer_t, t: *mut ll::ggm
         }
         let c = ctx.dev.config;
         let cfg = StoreConfig { quant: c.format.map(|f| if is_k { f.k } else { f.v }), window: c.window };
-        let entry = match KvEntry::new(tr.ne[0] as usize, tr.ne[1] as usize, tr.ne[2] as usize, cfg) {
+        let tier = match ctx.dev.budget() {
+            Ok(b) => b.map(|b| b.tier.clone()),
+            Err(e) => {
+                log_error(&format!("{name}: {e}"));
+                return ll::GGML_STATUS_FAILED;
+            }
+        };
+        let entry = match KvEntry::new(tr.ne[0] as usize, tr.ne[1] as usize, tr.ne[2] as usize, cfg, tier) {
             Ok(e) => Arc::new(e),
             Err(e) => {
                 log_error(&format!("{name}: {e}"));
@@ -457,6 +471,7 @@ pub(crate) fn kv_write_bytes(e: &KvEntry, off: usize, data: &[u8]) -> Result<(),
         return Err(format!("write of {} bytes at {off} is outside the KV tensor", data.len()));
     }
     let mut store = e.write();
+    store.stage_cells(off / row_bytes..(off + data.len()).div_ceil(row_bytes)).map_err(|e| format!("reading a cold KV page back: {e}"))?;
     let mut rowf = vec![0.0f32; e.row_len];
     let mut rowb = vec![0u8; row_bytes];
     let mut pos = 0;

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use llama_cpp_sys_2 as ll;
 
+use super::budget::Budget;
 use super::buffer::{self, KvEntry};
 use super::{backend, guard, sys, Config};
 
@@ -29,6 +30,8 @@ pub(crate) struct DeviceCtx {
     pub attn_calls: AtomicU64,
     /// Graphs (scheduler splits) run by this device's backends.
     pub graphs: AtomicU64,
+    /// The KV budget and its cold tier, made when the first KV store needs them.
+    budget: Mutex<Option<Arc<Budget>>>,
 }
 
 impl DeviceCtx {
@@ -37,6 +40,17 @@ impl DeviceCtx {
         let mut kv = self.kv.lock().unwrap_or_else(|e| e.into_inner());
         kv.retain(|w| w.strong_count() > 0);
         kv.push(Arc::downgrade(e));
+    }
+
+    /// The budget of this device's KV, if its configuration has one (made on first use; an
+    /// error, e.g. an unwritable spill folder, is returned and tried again next time).
+    pub fn budget(&self) -> Result<Option<Arc<Budget>>, String> {
+        let Some(bytes) = self.config.kv_budget else { return Ok(None) };
+        let mut b = self.budget.lock().unwrap_or_else(|e| e.into_inner());
+        if b.is_none() {
+            *b = Some(Arc::new(Budget::new(&self.config, bytes)?));
+        }
+        Ok(b.clone())
     }
 
     /// The live KV stores (kept alive while the caller holds them).
@@ -89,7 +103,7 @@ fn device_for(config: Config) -> (ll::ggml_backend_dev_t, bool) {
         return (d.0.cast(), false);
     }
     let name = CString::new(format!("DSPARK{}", devs.len())).expect("no NUL in a device name");
-    let ctx = Box::into_raw(Box::new(DeviceCtx { config, name, buft: std::ptr::null_mut(), kv: Mutex::new(Vec::new()), attn_calls: AtomicU64::new(0), graphs: AtomicU64::new(0) }));
+    let ctx = Box::into_raw(Box::new(DeviceCtx { config, name, buft: std::ptr::null_mut(), kv: Mutex::new(Vec::new()), attn_calls: AtomicU64::new(0), graphs: AtomicU64::new(0), budget: Mutex::new(None) }));
     let dev = Box::into_raw(Box::new(sys::ggml_backend_device { iface: device_iface(), reg: r.reg.cast(), context: ctx.cast() }));
     let buft = Box::into_raw(Box::new(sys::ggml_backend_buffer_type { iface: buffer::buft_iface(), device: dev.cast(), context: std::ptr::null_mut() }));
     // SAFETY: ctx was just allocated and is not shared yet.
@@ -293,6 +307,9 @@ impl Stats {
         s.attn_calls = ctx.attn_calls.load(Ordering::Relaxed);
         s.graphs = ctx.graphs.load(Ordering::Relaxed);
         ctx.entries().iter().for_each(|e| s.add_entry(e));
+        if let Some(b) = ctx.budget.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            s.add_tier(&b.tier);
+        }
         s
     }
 

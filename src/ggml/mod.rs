@@ -7,11 +7,13 @@
 //! - `buffer`: the buffer type and buffers (plain memory for compute tensors, compressed
 //!   stores for the KV roots `cache_k_l<il>` / `cache_v_l<il>`).
 //! - `backend`: `supports_op` and `graph_compute` (SET_ROWS, FLASH_ATTN_EXT, ROPE K-shift).
+//! - `budget`: the KV memory budget during a graph (staging and prefetch of cold pages).
 //! - `log`: messages through the host's ggml log callback.
 //!
 //! All raw pointers of the integration stay in this module.
 
 mod backend;
+mod budget;
 mod buffer;
 mod cpu;
 mod device;
@@ -40,6 +42,13 @@ pub struct Config {
     /// through `get_tensor` (decompressed). For diagnosis: it isolates the store from the
     /// attention kernels. Default: `DSPARK_CPU_ATTENTION=1` in the environment.
     pub cpu_attention: bool,
+    /// Most bytes of KV pages held in RAM by this device's caches together; compressed pages
+    /// beyond it go to a spill file (in `DSPARK_SPILL_DIR`, else the system temp folder).
+    /// `None`: no budget, every page stays in RAM.
+    pub kv_budget: Option<u64>,
+    /// Layers ahead whose cold pages the transfer stream reads while attention runs; 0 reads
+    /// them when the layer needs them (the synchronous baseline).
+    pub prefetch: usize,
 }
 
 impl Default for Config {
@@ -48,8 +57,26 @@ impl Default for Config {
             format: Format::parse("k4v4").ok(),
             window: 128,
             cpu_attention: std::env::var("DSPARK_CPU_ATTENTION").is_ok_and(|v| v == "1"),
+            kv_budget: None,
+            prefetch: 2,
         }
     }
+}
+
+/// Parses a size: bytes, or a number with K, M or G (binary: 16M = 16 MiB), e.g. `512M`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.eq_ignore_ascii_case(&'k') => (&t[..i], 1u64 << 10),
+        Some((i, c)) if c.eq_ignore_ascii_case(&'m') => (&t[..i], 1 << 20),
+        Some((i, c)) if c.eq_ignore_ascii_case(&'g') => (&t[..i], 1 << 30),
+        _ => (t, 1),
+    };
+    let v: f64 = num.trim().parse().map_err(|_| format!("`{s}` is not a size (e.g. 512M, 2G, 1048576)"))?;
+    if !v.is_finite() || v < 0.0 {
+        return Err(format!("`{s}` is not a size (e.g. 512M, 2G, 1048576)"));
+    }
+    Ok((v * mult as f64) as u64)
 }
 
 impl Config {
@@ -62,6 +89,41 @@ impl Config {
     /// The format's name (`f16` for uncompressed).
     pub fn format_name(&self) -> String {
         self.format.map_or_else(|| "f16".to_string(), |f| f.name())
+    }
+
+    /// Parses `FORMAT[:key=value...]` as `dspark:` specs take it (after the `dspark:`):
+    /// `kv=SIZE` (the KV budget, `0`/`none` for no budget) and `prefetch=N`.
+    pub fn with_spec(self, spec: &str) -> Result<Config, String> {
+        let mut parts = spec.split(':');
+        let mut c = self.with_format_name(parts.next().unwrap_or("").trim())?;
+        for kv in parts {
+            let (key, value) = kv.split_once('=').ok_or_else(|| format!("option `{kv}`: expected key=value (kv=SIZE, prefetch=N)"))?;
+            c = c.with_option(key.trim(), value.trim())?;
+        }
+        Ok(c)
+    }
+
+    /// Sets one option by name (as [`Config::with_spec`] and the environment name them).
+    pub fn with_option(mut self, key: &str, value: &str) -> Result<Config, String> {
+        match key {
+            "kv" => self.kv_budget = if matches!(value, "0" | "none") { None } else { Some(parse_size(value).map_err(|e| format!("kv={value}: {e}"))?) },
+            "prefetch" => self.prefetch = value.parse().map_err(|_| format!("prefetch={value}: expected a layer count (0 = synchronous)"))?,
+            _ => return Err(format!("unknown option `{key}` (options: kv=SIZE, prefetch=N)")),
+        }
+        Ok(self)
+    }
+
+    /// The spec this configuration is named by (`k4v4`, `k4v4:kv=16777216:prefetch=0`):
+    /// options are shown where they differ from the defaults.
+    pub fn spec_name(&self) -> String {
+        let mut s = self.format_name();
+        if let Some(b) = self.kv_budget {
+            s += &format!(":kv={b}");
+        }
+        if self.prefetch != Config::default().prefetch {
+            s += &format!(":prefetch={}", self.prefetch);
+        }
+        s
     }
 }
 

@@ -14,13 +14,24 @@
 //! rewritten in place (a K-shift) is encoded directly.
 //! Within a page, rows are grouped by head (`[head][slot]`), so that attention reads each
 //! head's rows as one contiguous run.
+//!
+//! With a memory budget ([`tier`]), compressed pages can also be cold: their bytes are in the
+//! spill file, and a cold page is read back ("staged", a clean copy in RAM) for the attention
+//! that needs it and dropped after. A cold page that is written again comes back for good.
+//! The sink page and the f16 window never go cold.
 
+pub mod cold;
+pub mod tier;
+
+use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use half::f16;
 
 use crate::attn::{Rows, Segment, Threads};
 use crate::codec::{Quant, RowCodec};
+use tier::{Slot, Tier};
 
 /// Cells per page.
 pub const PAGE: usize = 64;
@@ -50,6 +61,19 @@ pub struct Stats {
     /// Allocated pages that the latest attention call over their store could not see
     /// (e.g. pages of tokens removed with `seq_rm`, which llama.cpp never reports).
     pub pages_unseen: u64,
+    /// Bytes of pages in the cold tier (not counted in `kv_bytes`).
+    pub kv_cold_bytes: u64,
+    /// Bytes read from and written to the cold tier (cumulative).
+    pub cold_read_bytes: u64,
+    pub cold_write_bytes: u64,
+    /// Time the transfer stream spent reading cold pages (with prefetch 0, the compute
+    /// stream's own reads), ns, cumulative.
+    pub transfer_busy_ns: u64,
+    /// Time the compute stream waited for cold pages, ns, cumulative.
+    pub compute_wait_ns: u64,
+    /// Cold pages found prefetched / read by the compute stream itself.
+    pub prefetch_hits: u64,
+    pub prefetch_misses: u64,
 }
 
 impl Stats {
@@ -61,6 +85,28 @@ impl Stats {
         self.pages_f16 += f as u64;
         self.pages_compressed += c as u64;
         self.pages_unseen += store.pages_unseen() as u64;
+        self.kv_cold_bytes += store.cold_bytes() as u64;
+    }
+
+    /// Adds a tier's counters (once per tier: the stores that share it are added apart).
+    pub fn add_tier(&mut self, t: &Tier) {
+        let c = &t.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        self.cold_read_bytes += get(&c.read_bytes);
+        self.cold_write_bytes += get(&c.write_bytes);
+        self.transfer_busy_ns += get(&c.transfer_busy_ns);
+        self.compute_wait_ns += get(&c.compute_wait_ns);
+        self.prefetch_hits += get(&c.prefetch_hits);
+        self.prefetch_misses += get(&c.prefetch_misses);
+    }
+
+    /// The part of the transfer stream's reading that the compute stream did not wait for:
+    /// `1 - wait / busy` (1 when nothing was read).
+    pub fn hidden_fraction(&self) -> f64 {
+        if self.transfer_busy_ns == 0 {
+            return 1.0;
+        }
+        (1.0 - self.compute_wait_ns as f64 / self.transfer_busy_ns as f64).max(0.0)
     }
 
     /// Adds another set's figures (statistics of several devices or caches together).
@@ -73,11 +119,19 @@ impl Stats {
         self.attn_calls += o.attn_calls;
         self.graphs += o.graphs;
         self.pages_unseen += o.pages_unseen;
+        self.kv_cold_bytes += o.kv_cold_bytes;
+        self.cold_read_bytes += o.cold_read_bytes;
+        self.cold_write_bytes += o.cold_write_bytes;
+        self.transfer_busy_ns += o.transfer_busy_ns;
+        self.compute_wait_ns += o.compute_wait_ns;
+        self.prefetch_hits += o.prefetch_hits;
+        self.prefetch_misses += o.prefetch_misses;
     }
 
-    /// Stored bits per K/V value, page metadata included (NaN with nothing stored).
+    /// Stored bits per K/V value, page metadata included, in RAM and cold (NaN with nothing
+    /// stored).
     pub fn bits_per_elem(&self) -> f64 {
-        8.0 * self.kv_bytes as f64 / self.elems as f64
+        8.0 * (self.kv_bytes + self.kv_cold_bytes) as f64 / self.elems as f64
     }
 }
 
@@ -94,7 +148,22 @@ enum Page {
     Empty,
     F16(Box<[f16]>),
     Packed(Box<[u8]>),
+    /// Packed bytes in the cold tier, and a staged copy of them while one is in RAM.
+    Cold { slot: Slot, staged: Option<Box<[u8]>> },
 }
+
+impl Page {
+    /// The packed bytes of a packed or staged cold page.
+    fn packed(&self) -> Option<&[u8]> {
+        match self {
+            Page::Packed(d) | Page::Cold { staged: Some(d), .. } => Some(d),
+            _ => None,
+        }
+    }
+}
+
+/// A page of a store: (stream, page index).
+pub type PageId = (usize, usize);
 
 /// One page and what the store knows of its use.
 struct PageSlot {
@@ -160,6 +229,8 @@ pub struct KvStore {
     /// Attention calls that reported what they could see ([`KvStore::note_seen`]).
     attn_tick: AtomicU64,
     zeros: Box<[f16]>,
+    /// The budget's cold tier, when the store has one.
+    tier: Option<Arc<Tier>>,
 }
 
 impl KvStore {
@@ -178,7 +249,13 @@ impl KvStore {
             streams: (0..n_stream).map(|_| Stream::default()).collect(),
             attn_tick: AtomicU64::new(0),
             zeros: vec![f16::ZERO; PAGE * head_dim].into_boxed_slice(),
+            tier: None,
         })
+    }
+
+    /// Lets the store move compressed pages to `tier`'s cold store ([`KvStore::evict`]).
+    pub fn set_tier(&mut self, tier: Arc<Tier>) {
+        self.tier = Some(tier);
     }
 
     /// Values per cell (all heads).
@@ -222,13 +299,14 @@ impl KvStore {
 
     /// Page `page` of a stream as it is stored (for saving, copying and restoring a store
     /// without re-encoding rows). An f16 page holds `n_head * PAGE * head_dim` values, a
-    /// packed one `n_head * PAGE * row_bytes` bytes, both laid out `[head][slot]`.
+    /// packed one `n_head * PAGE * row_bytes` bytes, both laid out `[head][slot]`. A cold
+    /// page must be staged first (only stores with a tier have cold pages).
     pub fn page(&self, stream: usize, page: usize) -> PageView<'_> {
         assert!(stream < self.n_stream() && page < self.pages_per_stream(), "KvStore::page: out of range");
         match self.streams[stream].page(page) {
             Page::Empty => PageView::Empty,
             Page::F16(d) => PageView::F16(d),
-            Page::Packed(d) => PageView::Packed(d),
+            p => PageView::Packed(p.packed().expect("KvStore::page: a cold page that is not staged")),
         }
     }
 
@@ -259,9 +337,10 @@ impl KvStore {
         }
         let clock = st.clock;
         let slot = st.slot_mut(page);
-        slot.data = new;
+        let old = std::mem::replace(&mut slot.data, new);
         slot.last_write = clock;
         st.pages.truncate(st.pages.iter().rposition(|s| !matches!(s.data, Page::Empty)).map_or(0, |i| i + 1));
+        self.release(old);
         Ok(())
     }
 
@@ -296,7 +375,15 @@ impl KvStore {
 
     /// Drops every page: all cells read as zero again.
     pub fn clear(&mut self) {
-        self.streams.iter_mut().for_each(|s| *s = Stream::default());
+        let old: Vec<Stream> = self.streams.iter_mut().map(std::mem::take).collect();
+        old.into_iter().flat_map(|s| s.pages).for_each(|p| self.release(p.data));
+    }
+
+    /// Gives a dropped page's cold slot back to the tier.
+    fn release(&self, page: Page) {
+        if let (Page::Cold { slot, .. }, Some(t)) = (page, &self.tier) {
+            t.free(slot);
+        }
     }
 
     /// Writes one cell (`row.len() == row_len()`, head after head): a new row, which makes
@@ -323,6 +410,7 @@ impl KvStore {
             &clamped
         };
         let (s, p, slot) = self.locate(gcell);
+        self.warm(s, p);
         let (d, nh) = (self.head_dim, self.n_head);
         let codec = self.codec;
         let st = &mut self.streams[s];
@@ -360,7 +448,19 @@ impl KvStore {
                     codec.encode(src, &mut data[(h * PAGE + slot) * rb..][..rb]);
                 }
             }
-            Page::Empty => unreachable!(),
+            Page::Empty | Page::Cold { .. } => unreachable!(),
+        }
+    }
+
+    /// Brings a cold page back for good (a row is written into it): its staged copy becomes
+    /// the page and its slot is freed. The page must be staged ([`KvStore::stage_cells`]).
+    fn warm(&mut self, s: usize, p: usize) {
+        let Some(slot) = self.streams[s].pages.get_mut(p) else { return };
+        if let Page::Cold { slot: cold, staged } = &mut slot.data {
+            let data = staged.take().expect("a cold page is staged before a row is written into it");
+            let cold = *cold;
+            slot.data = Page::Packed(data);
+            self.tier.as_ref().expect("cold page without tier").free(cold);
         }
     }
 
@@ -377,7 +477,15 @@ impl KvStore {
                     dst.iter_mut().zip(src).for_each(|(o, x)| *o = x.to_f32());
                 }
             }
-            Page::Packed(data) => {
+            page => {
+                let read;
+                let data = match page.packed() {
+                    Some(d) => d,
+                    None => {
+                        read = self.read_cold(&[(s, p)]).unwrap_or_else(|e| panic!("reading a cold KV page back: {e}"));
+                        &read[0]
+                    }
+                };
                 let codec = self.codec.expect("packed page without codec");
                 let rb = codec.row_bytes();
                 for (h, dst) in out.chunks_exact_mut(d).enumerate() {
@@ -451,23 +559,148 @@ impl KvStore {
         self.streams.iter().flat_map(|s| s.pages.iter().map(|p| &p.data))
     }
 
-    /// Bytes held by pages.
+    /// Bytes held by pages in RAM (staged copies of cold pages included).
     pub fn bytes(&self) -> usize {
-        let rb = self.codec.map_or(0, |c| c.row_bytes());
         self.all_pages()
             .map(|p| match p {
-                Page::Empty => 0,
-                Page::F16(_) => self.n_head * PAGE * self.head_dim * 2,
-                Page::Packed(_) => self.n_head * PAGE * rb,
+                Page::F16(d) => d.len() * 2,
+                p => p.packed().map_or(0, <[u8]>::len),
             })
             .sum()
     }
 
-    /// Pages allocated (f16, compressed).
+    /// Bytes of pages in the cold tier.
+    pub fn cold_bytes(&self) -> usize {
+        self.all_pages().map(|p| if let Page::Cold { slot, .. } = p { slot.len } else { 0 }).sum()
+    }
+
+    /// Bytes a page of this store takes in its compressed form (0 without a codec).
+    pub fn packed_page_bytes(&self) -> usize {
+        self.codec.map_or(0, |c| self.n_head * PAGE * c.row_bytes())
+    }
+
+    /// Pages allocated (f16, compressed: cold ones included).
     pub fn page_counts(&self) -> (usize, usize) {
         let f = self.all_pages().filter(|p| matches!(p, Page::F16(_))).count();
-        let c = self.all_pages().filter(|p| matches!(p, Page::Packed(_))).count();
+        let c = self.all_pages().filter(|p| matches!(p, Page::Packed(_) | Page::Cold { .. })).count();
         (f, c)
+    }
+
+    // --- The cold tier -------------------------------------------------------------------
+
+    /// The pages that may go cold (compressed and in RAM), with the attention tick when a
+    /// query last saw them: the budget moves the least recently seen out first, so pages of
+    /// removed tokens (never seen again) go before any page a query still reads.
+    pub fn evictable(&self) -> Vec<(u64, PageId)> {
+        let mut v = Vec::new();
+        for (s, st) in self.streams.iter().enumerate() {
+            for (p, slot) in st.pages.iter().enumerate() {
+                if matches!(slot.data, Page::Packed(_)) {
+                    v.push((slot.last_seen.load(Ordering::Relaxed), (s, p)));
+                }
+            }
+        }
+        v
+    }
+
+    /// Moves compressed pages to the cold tier, in the order given (so that pages evicted
+    /// together sit side by side in the spill file). Pages that are not compressed and in RAM
+    /// are skipped. Returns the bytes freed.
+    ///
+    /// # Errors
+    /// The cold store's error; the pages written before it are cold, the others unchanged.
+    pub fn evict(&mut self, pages: &[PageId]) -> io::Result<usize> {
+        let tier = self.tier.clone().ok_or_else(|| io::Error::other("store has no cold tier"))?;
+        let mut freed = 0;
+        for &(s, p) in pages {
+            let Some(slot) = self.streams[s].pages.get_mut(p) else { continue };
+            let Page::Packed(data) = &slot.data else { continue };
+            let cold = tier.write(data)?;
+            freed += data.len();
+            slot.data = Page::Cold { slot: cold, staged: None };
+        }
+        Ok(freed)
+    }
+
+    /// Drops every staged copy (cold pages stay cold). Returns the bytes freed.
+    pub fn unstage(&mut self) -> usize {
+        let mut freed = 0;
+        for slot in self.streams.iter_mut().flat_map(|s| s.pages.iter_mut()) {
+            if let Page::Cold { staged, .. } = &mut slot.data {
+                freed += staged.take().map_or(0, |d| d.len());
+            }
+        }
+        freed
+    }
+
+    /// The cold pages not staged among the pages of cells [first, first + n) of a stream.
+    pub fn cold_pages(&self, stream: usize, first: usize, n: usize) -> Vec<(PageId, Slot)> {
+        let st = &self.streams[stream];
+        let pages = first / PAGE..(first + n).div_ceil(PAGE).min(st.pages.len());
+        pages.filter_map(|p| match st.pages[p].data {
+            Page::Cold { slot, staged: None } => Some(((stream, p), slot)),
+            _ => None,
+        })
+        .collect()
+    }
+
+    /// Installs staged copies read from the tier. A copy whose page has since changed (a
+    /// write brought it back, or it went cold again as another generation) is dropped.
+    pub fn install(&mut self, pages: Vec<(PageId, Slot, Box<[u8]>)>) {
+        for ((s, p), slot, data) in pages {
+            if let Some(PageSlot { data: Page::Cold { slot: now, staged }, .. }) = self.streams[s].pages.get_mut(p) {
+                if *now == slot && staged.is_none() {
+                    *staged = Some(data);
+                }
+            }
+        }
+    }
+
+    /// Stages the cold pages of cells [first, first + n) of a stream, reading them on this
+    /// thread. Returns the bytes read.
+    ///
+    /// # Errors
+    /// The cold store's error (nothing is staged then).
+    pub fn stage(&mut self, stream: usize, first: usize, n: usize) -> io::Result<usize> {
+        let cold = self.cold_pages(stream, first, n);
+        if cold.is_empty() {
+            return Ok(0);
+        }
+        let ids: Vec<PageId> = cold.iter().map(|c| c.0).collect();
+        let data = self.read_cold(&ids)?;
+        let bytes = data.iter().map(|d| d.len()).sum();
+        self.install(cold.into_iter().zip(data).map(|((id, slot), d)| (id, slot, d)).collect());
+        Ok(bytes)
+    }
+
+    /// Stages the pages holding these global cells (before rows are written into them).
+    ///
+    /// # Errors
+    /// The cold store's error.
+    pub fn stage_cells(&mut self, gcells: impl IntoIterator<Item = usize>) -> io::Result<()> {
+        if self.tier.is_none() {
+            return Ok(());
+        }
+        let mut pages: Vec<(usize, usize)> = gcells.into_iter().map(|g| self.locate(g)).map(|(s, p, _)| (s, p)).collect();
+        pages.sort_unstable();
+        pages.dedup();
+        for (s, p) in pages {
+            self.stage(s, p * PAGE, PAGE)?;
+        }
+        Ok(())
+    }
+
+    /// Reads cold pages' bytes from the tier (the pages must be cold).
+    fn read_cold(&self, pages: &[PageId]) -> io::Result<Vec<Box<[u8]>>> {
+        let tier = self.tier.as_ref().ok_or_else(|| io::Error::other("cold page without tier"))?;
+        let slots: Vec<Slot> = pages
+            .iter()
+            .map(|&(s, p)| match self.streams[s].page(p) {
+                Page::Cold { slot, .. } => Ok(*slot),
+                _ => Err(io::Error::other("page is not cold")),
+            })
+            .collect::<io::Result<_>>()?;
+        tier.read(&slots)
     }
 
     /// Cells that hold data: the sum over streams of the high-water marks.
@@ -487,7 +720,8 @@ impl KvStore {
             let rows = match self.streams[stream].page(c / PAGE) {
                 Page::Empty => Rows::F16(&self.zeros[..len * d]),
                 Page::F16(data) => Rows::F16(&data[(head * PAGE + slot) * d..][..len * d]),
-                Page::Packed(data) => {
+                page => {
+                    let data = page.packed().expect("a cold page is staged before attention reads it");
                     let codec = self.codec.as_ref().expect("packed page without codec");
                     let rb = codec.row_bytes();
                     Rows::Packed { codec, data: &data[(head * PAGE + slot) * rb..][..len * rb] }

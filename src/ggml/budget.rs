@@ -1,0 +1,156 @@
+//! A device's KV memory budget in a graph's life: the cold pages an attention node reads are
+//! staged before it runs (prefetched by the transfer stream for the next layers, or read on
+//! the spot), and after the graph the device's pages are brought back within the budget.
+//!
+//! The budget covers the pages in RAM and the staged copies: the resident pages are kept
+//! within the budget less a staging reserve, room for the attention's own layer and the
+//! layers being prefetched (at most half the budget; a budget too small for even that is
+//! exceeded by the current layer's pages, and a warning says so).
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use llama_cpp_sys_2 as ll;
+
+use super::backend::kv_ranges;
+use super::buffer::KvEntry;
+use super::{log_warn, Config};
+use crate::kv::cold::SpillFile;
+use crate::kv::tier::{self, Slot, Tier};
+use crate::kv::PageId;
+use crate::sched::{Fence, Transfer};
+
+/// The tier of one device and its transfer stream.
+pub(crate) struct Budget {
+    pub tier: Arc<Tier>,
+    /// `None` with prefetch 0: the compute stream reads cold pages itself.
+    transfer: Option<Transfer>,
+    prefetch: usize,
+    warned: Mutex<bool>,
+}
+
+impl Budget {
+    /// The budget of `config` with a spill file in `DSPARK_SPILL_DIR` (else the temp folder).
+    pub fn new(config: &Config, bytes: u64) -> Result<Budget, String> {
+        let dir = std::env::var_os("DSPARK_SPILL_DIR").map_or_else(std::env::temp_dir, Into::into);
+        let file = SpillFile::create(&dir).map_err(|e| format!("cannot create the KV spill file in {}: {e} (set DSPARK_SPILL_DIR to a writable folder)", dir.display()))?;
+        if !file.is_direct() {
+            log_warn(&format!("{} refuses O_DIRECT: cold KV pages go through the page cache, dropped after each read", dir.display()));
+        }
+        let tier = Arc::new(Tier::new(bytes, Box::new(file)));
+        let transfer = match config.prefetch {
+            0 => None,
+            d => Some(Transfer::new(tier.clone(), d).map_err(|e| format!("cannot start the KV transfer thread: {e}"))?),
+        };
+        Ok(Budget { tier, transfer, prefetch: config.prefetch, warned: Mutex::new(false) })
+    }
+
+    /// Brings the device's pages within the budget after a graph (see the module docs).
+    pub fn enforce(&self, entries: &[Arc<KvEntry>]) -> Result<(), String> {
+        let mut guards: Vec<_> = entries.iter().map(|e| e.write()).collect();
+        // Staging needs room for K and V of the layer attended and of the layers prefetched:
+        // at most each's compressed pages.
+        let largest = guards.iter().map(|s| (s.page_counts().1 * s.packed_page_bytes()) as u64).max().unwrap_or(0);
+        let reserve = (2 * largest * (1 + self.prefetch as u64)).min(self.tier.budget() / 2);
+        let mut stores: Vec<_> = guards.iter_mut().map(|g| &mut **g).collect();
+        let over = tier::fit(&mut stores, self.tier.budget() - reserve).map_err(|e| format!("moving KV pages to the spill file ({}): {e}", self.tier.describe()))?;
+        if over > 0 && !std::mem::replace(&mut *self.warned.lock().unwrap_or_else(|e| e.into_inner()), true) {
+            log_warn(&format!(
+                "KV budget of {} bytes is smaller than the f16 sinks and window DSpark keeps in RAM (over by {over} bytes)",
+                self.tier.budget()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The cold pages one attention node will read: per K/V entry, the pages and their slots.
+type Want<'g> = Vec<(&'g KvEntry, Vec<(PageId, Slot)>)>;
+
+/// One graph's staging: which attention nodes read which KV, and the fetches in flight.
+/// The entries are borrowed for the graph's computation (their buffers outlive it).
+pub(crate) struct Stager<'g> {
+    budget: &'g Budget,
+    /// Per attention node of the graph, in order: its K and V entries and cell ranges.
+    nodes: Vec<(Vec<&'g KvEntry>, Vec<(usize, usize, usize)>)>,
+    inflight: Vec<Option<(Want<'g>, Arc<Fence>)>>,
+}
+
+impl<'g> Stager<'g> {
+    /// # Safety
+    /// `attn` must be the graph's valid FLASH_ATTN_EXT nodes on DSpark's KV, in order, and
+    /// stay valid while the stager lives.
+    pub unsafe fn new(budget: &'g Budget, attn: &[*mut ll::ggml_tensor]) -> Result<Stager<'g>, String> {
+        // SAFETY: valid attention nodes (caller).
+        let nodes = attn.iter().map(|&n| unsafe { kv_ranges(n) }).collect::<Result<Vec<_>, _>>()?;
+        let inflight = (0..nodes.len()).map(|_| None).collect();
+        Ok(Stager { budget, nodes, inflight })
+    }
+
+    /// The cold pages node `i` would read now.
+    fn want(&self, i: usize) -> Want<'g> {
+        let (entries, ranges) = &self.nodes[i];
+        entries
+            .iter()
+            .map(|&e| {
+                let s = e.read();
+                (e, ranges.iter().flat_map(|&(stream, first, n)| s.cold_pages(stream, first, n)).collect::<Vec<_>>())
+            })
+            .filter(|(_, p)| !p.is_empty())
+            .collect()
+    }
+
+    /// Before attention node `i` runs: asks the transfer stream for the nodes after it, up to
+    /// the prefetch depth, then stages node `i`'s cold pages, from its fetch when one was
+    /// made, reading what is still missing itself.
+    pub fn before(&mut self, i: usize) -> Result<(), String> {
+        let tier = &self.budget.tier;
+        if let Some(x) = &self.budget.transfer {
+            for j in i + 1..(i + 1 + self.budget.prefetch).min(self.nodes.len()) {
+                if self.inflight[j].is_none() {
+                    let want = self.want(j);
+                    let slots: Vec<Slot> = want.iter().flat_map(|(_, p)| p.iter().map(|&(_, s)| s)).collect();
+                    if !slots.is_empty() {
+                        self.inflight[j] = Some((want, x.fetch(slots)));
+                    }
+                }
+            }
+        }
+        if let Some((want, fence)) = self.inflight[i].take() {
+            let (got, waited) = fence.wait();
+            tier.add_wait(waited);
+            let mut got = got.map_err(|e| format!("reading KV pages from the spill file ({}): {e}", tier.describe()))?.into_iter();
+            for (e, pages) in want {
+                let n = pages.len() as u64;
+                e.write().install(pages.into_iter().map(|(id, slot)| (id, slot, got.next().expect("one delivery per slot"))).collect());
+                tier.counters.prefetch_hits.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        // What no fetch brought (prefetch 0, or pages that went cold after the fetch).
+        let (entries, ranges) = &self.nodes[i];
+        for e in entries {
+            let mut s = e.write();
+            for &(stream, first, n) in ranges {
+                let t = Instant::now();
+                let missed = s.cold_pages(stream, first, n).len() as u64;
+                if missed == 0 {
+                    continue;
+                }
+                s.stage(stream, first, n).map_err(|e| format!("reading KV pages from the spill file ({}): {e}", tier.describe()))?;
+                let d = t.elapsed();
+                tier.add_wait(d);
+                tier.counters.transfer_busy_ns.fetch_add(d.as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
+                tier.counters.prefetch_misses.fetch_add(missed, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    /// After attention node `i`: its staged pages are dropped (the staging reserve holds only
+    /// the layers in flight; they are read again for the next token).
+    pub fn after(&self, i: usize) {
+        for e in &self.nodes[i].0 {
+            e.write().unstage();
+        }
+    }
+}
