@@ -57,6 +57,7 @@ fn bench_json_shape() {
         reps: 1,
         prompt_at_depth: 0,
         poll: 50,
+        disk_read_bytes_per_s: 0.0,
         results: vec![
             row("stock:f16", 100.0, 50.0, 1000, 16.0, false),
             row("stock:q4_0", 50.0, 60.0, 300, 4.5, true),
@@ -106,6 +107,7 @@ fn bench_table_with_prompt_at_depth() {
         reps: 1,
         prompt_at_depth: 512,
         poll: 50,
+        disk_read_bytes_per_s: 0.0,
         results: vec![f16, k4],
     };
     let t = table(&report);
@@ -130,6 +132,12 @@ fn row(backend: &str, prefill: f64, decode: f64, kv_bytes: u64, bits: f64, busy:
         decode_tps_min: decode,
         decode_tps_max: decode,
         busy,
+        kv_hot_bytes: kv_bytes,
+        kv_cold_bytes: 0,
+        cold_read_bytes_per_token: 0.0,
+        transfer_busy_s: 0.0,
+        compute_wait_s: 0.0,
+        hidden_fraction: 1.0,
     }
 }
 
@@ -145,6 +153,7 @@ fn bench_spread_with_reps() {
         reps: 3,
         prompt_at_depth: 0,
         poll: 50,
+        disk_read_bytes_per_s: 0.0,
         results: vec![f16],
     };
     let t = table(&report);
@@ -156,4 +165,35 @@ fn bench_spread_with_reps() {
         {"backend":"stock:f16","depth":512,"prefill_tps":1.0,"decode_tps":2.0,"kv_bytes":3,"kv_bits_per_elem":16.0,"peak_rss_bytes":4}]}"#;
     let old: BenchReport = serde_json::from_str(old).unwrap();
     assert!(old.reps == 1 && !old.results[0].busy);
+}
+
+#[test]
+fn dspark_spec_options_parse_and_bad_ones_are_clear_errors() {
+    use dspark::cli::backend::{dspark_config, TierArgs};
+    let c = dspark_config("k4v4:kv=16M:prefetch=0").unwrap();
+    assert_eq!((c.kv_budget, c.prefetch), (Some(16 << 20), 0));
+    assert_eq!(dspark_config("k8v8:kv=1.5G").unwrap().kv_budget, Some(3 << 29));
+    assert_eq!(dspark_config("k4v4").unwrap().kv_budget, None);
+    for (bad, says) in [("k4v4:kv=lots", "not a size"), ("k4v4:bits=3", "unknown option `bits`"), ("k4v4:prefetch=-1", "prefetch=-1"), ("k4v4:kv", "key=value")] {
+        let e = dspark_config(bad).unwrap_err().to_string();
+        assert!(e.contains(says), "{bad}: {e}");
+    }
+    // Flags add defaults to specs that lack the key; a spec's own key wins.
+    let t = TierArgs { kv_budget: Some("64M".into()), prefetch_depth: Some(1), spill_dir: None };
+    let specs = t.apply(BackendSpec::parse_list("stock:f16,dspark:k4v4,dspark:k8v8:kv=8M").unwrap());
+    assert_eq!(specs.iter().map(|s| s.to_string()).collect::<Vec<_>>(), ["stock:f16", "dspark:k4v4:kv=64M:prefetch=1", "dspark:k8v8:kv=8M:prefetch=1"]);
+}
+
+/// A spill folder that cannot hold the spill file fails with a message that names it.
+#[test]
+fn an_unwritable_spill_dir_is_a_clear_error() {
+    let model = dspark::cli::model_path(None);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dspark"))
+        .args(["run", "-n", "2", "--backend", "dspark:k4v4:kv=1M", "--spill-dir", "/nonexistent/dspark-spill", "-m"])
+        .arg(&model)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("spill file") && err.contains("/nonexistent/dspark-spill"), "{err}");
 }

@@ -95,6 +95,7 @@ fn kl_divergence_at_2048_beats_stock(model: Option<std::path::PathBuf>) {
         threads: Some(2),
         json: None,
         plot: None,
+        tier: Default::default(),
     };
     let rep = run_eval(&args).unwrap();
     let get = |b: &str| rep.results.iter().find(|x| x.backend == b).unwrap().clone();
@@ -326,3 +327,39 @@ fn flash_attention_off_falls_back_to_exact_cpu_attention() {
     assert_eq!(run("stock:f16"), run("dspark:f16"));
 }
 
+
+/// A KV budget well under the compressed KV moves most pages to the cold tier, and the
+/// logits stay bit-identical to no budget: tiers move bytes, they never change them. Both the
+/// synchronous path (prefetch 0) and the transfer stream's.
+#[test]
+fn a_kv_budget_moves_pages_cold_and_leaves_the_logits_bit_identical() {
+    let r = runner();
+    let text = std::fs::read_to_string("/usr/share/common-licenses/GPL-3").unwrap();
+    let model = r.model(&spec("dspark:k4v4")).unwrap();
+    let toks: Vec<i32> = model.tokenize(&text, true).unwrap().into_iter().take(1500).collect();
+    let steps = |s: &BackendSpec| {
+        let mut ctx = prefilled(&r, s, &toks, 1600);
+        let mut out = vec![ctx.logits(-1).to_vec()];
+        for i in 0..6 {
+            let t = argmax(out.last().unwrap());
+            ctx.decode(&[t], toks.len() + i, 0, false).unwrap();
+            out.push(ctx.logits(-1).to_vec());
+        }
+        (out, r.dspark_stats(&ctx).unwrap())
+    };
+    // Each spec is a device of its own that no other test uses, so its statistics are this
+    // context's alone (prefetch without a budget changes nothing).
+    let (dense, all_hot) = steps(&spec("dspark:k4v4:prefetch=1"));
+    assert_eq!(all_hot.kv_cold_bytes, 0);
+    for s in ["dspark:k4v4:kv=4M:prefetch=0", "dspark:k4v4:kv=4M:prefetch=2"] {
+        let (tiered, st) = steps(&spec(s));
+        assert!(st.kv_cold_bytes as f64 > 0.75 * (all_hot.kv_bytes - st.kv_bytes) as f64 && st.cold_read_bytes > 0, "{s}: {st:?}");
+        assert!(st.kv_bytes < all_hot.kv_bytes / 2, "{s}: {} bytes in RAM, {} without a budget", st.kv_bytes, all_hot.kv_bytes);
+        for (i, (a, b)) in dense.iter().zip(&tiered).enumerate() {
+            assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "{s}: logits of step {i} differ");
+        }
+        if s.ends_with("prefetch=2") {
+            assert!(st.prefetch_hits > 0, "{s}: the transfer stream fetched nothing: {st:?}");
+        }
+    }
+}

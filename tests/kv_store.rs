@@ -82,3 +82,114 @@ fn pages_that_no_query_sees_are_counted() {
     s.note_seen(0, 0, 320, |_| true);
     assert_eq!(s.pages_unseen(), 0);
 }
+
+// --- The memory budget and the cold tier -----------------------------------------------------
+
+mod tier {
+    use super::*;
+    use dspark::kv::cold::MemCold;
+    use dspark::kv::tier::{fit, Tier};
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+
+    /// A store of 1024 cells with distinct random rows, a cold tier in memory, and the rows.
+    fn filled(cold: &MemCold) -> (KvStore, Vec<Vec<f32>>) {
+        let mut s = store(1024);
+        s.set_tier(Arc::new(Tier::new(0, Box::new(cold.clone()))));
+        let mut rng = 0x9e3779b97f4a7c15u64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (rng >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        let rows: Vec<Vec<f32>> = (0..1024).map(|_| (0..HEADS * D).map(|_| next()).collect()).collect();
+        for (c, r) in rows.iter().enumerate() {
+            s.write_row(c, r);
+        }
+        s.compact(Threads::serial());
+        (s, rows)
+    }
+
+    fn read_all(s: &KvStore) -> Vec<Vec<f32>> {
+        (0..1024)
+            .map(|c| {
+                let mut r = vec![0.0; HEADS * D];
+                s.read_row(c, &mut r);
+                r
+            })
+            .collect()
+    }
+
+    #[test]
+    fn pages_round_trip_bit_exactly_through_the_cold_tier_within_the_budget() {
+        let cold = MemCold::default();
+        let (mut s, _) = filled(&cold);
+        let before = read_all(&s);
+        let full = s.bytes() as u64;
+        let limit = full / 2; // the f16 sink and window pages are 45% of it
+        let over = fit(&mut [&mut s], limit).unwrap();
+        assert_eq!(over, 0);
+        assert!(s.bytes() as u64 <= limit, "{} bytes held, budget {limit}", s.bytes());
+        assert!(s.cold_bytes() > 0 && s.bytes() + s.cold_bytes() == full as usize);
+        // The sink page and the window never go cold.
+        assert_eq!(f16_pages(&s), vec![0, 14, 15]);
+        assert_eq!(read_all(&s), before, "the cold tier moves bytes, it never changes them");
+        // Attention reads staged pages: stage everything, read, unstage.
+        let staged = s.stage(0, 0, 1024).unwrap();
+        assert_eq!(staged, s.cold_bytes());
+        assert_eq!(read_all(&s), before);
+        assert_eq!(s.unstage(), staged);
+        assert!(s.bytes() as u64 <= limit);
+    }
+
+    #[test]
+    fn pages_no_query_sees_go_cold_first() {
+        let cold = MemCold::default();
+        let (mut s, _) = filled(&cold);
+        // The last attention saw every cell but those of pages 3..6 (e.g. removed tokens).
+        s.note_seen(0, 0, 1024, |r| !(3 * PAGE..6 * PAGE).contains(&r.start));
+        let page_bytes = s.packed_page_bytes() as u64;
+        let limit = s.bytes() as u64 - 3 * page_bytes;
+        fit(&mut [&mut s], limit).unwrap();
+        let cold: Vec<usize> = (0..16).filter(|&p| s.is_written(p * PAGE) && !s.is_f16(p * PAGE) && s.cold_pages(0, p * PAGE, PAGE).len() == 1).collect();
+        assert_eq!(cold, vec![3, 4, 5]);
+    }
+
+    #[test]
+    fn a_cold_page_written_again_comes_back_hot() {
+        let cold = MemCold::default();
+        let (mut s, mut rows) = filled(&cold);
+        fit(&mut [&mut s], 0).unwrap();
+        assert_eq!(s.cold_pages(0, 0, 1024).len(), 13);
+        let cold_before = s.cold_bytes();
+        s.stage_cells([5 * PAGE + 7]).unwrap();
+        rows[5 * PAGE + 7] = vec![0.25; HEADS * D];
+        s.write_row(5 * PAGE + 7, &rows[5 * PAGE + 7]);
+        assert!(s.is_f16(5 * PAGE), "a new row makes its page recent: f16");
+        assert_eq!(s.cold_pages(0, 5 * PAGE, PAGE).len(), 0);
+        assert_eq!(s.cold_bytes(), cold_before - s.packed_page_bytes());
+        let mut r = vec![0.0; HEADS * D];
+        s.read_row(5 * PAGE + 7, &mut r);
+        assert_eq!(r, rows[5 * PAGE + 7]);
+    }
+
+    #[test]
+    fn a_failing_cold_store_leaves_the_store_consistent_and_recovers() {
+        let cold = MemCold::default();
+        let (mut s, _) = filled(&cold);
+        let before = read_all(&s);
+        let held = s.bytes();
+        cold.fail.store(true, Ordering::Relaxed);
+        let e = fit(&mut [&mut s], 0).unwrap_err();
+        assert!(e.to_string().contains("no space left"), "{e}");
+        assert_eq!((s.bytes(), s.cold_bytes()), (held, 0), "no page moved");
+        cold.fail.store(false, Ordering::Relaxed);
+        fit(&mut [&mut s], 0).unwrap();
+        cold.fail.store(true, Ordering::Relaxed);
+        assert!(s.stage(0, 0, 1024).is_err(), "a failed read is an error");
+        assert_eq!(s.cold_pages(0, 0, 1024).len(), 13, "nothing staged by a failed read");
+        cold.fail.store(false, Ordering::Relaxed);
+        assert_eq!(read_all(&s), before);
+    }
+}

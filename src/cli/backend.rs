@@ -90,6 +90,14 @@ impl TierArgs {
             .collect()
     }
 
+    /// Makes `--spill-dir` the folder DSpark's devices spill to in this process (they read
+    /// `DSPARK_SPILL_DIR`, as the plugin does). Call before any context exists.
+    pub fn export_spill_dir(&self) {
+        if let Some(d) = &self.spill_dir {
+            std::env::set_var("DSPARK_SPILL_DIR", d);
+        }
+    }
+
     /// The spill folder in effect.
     pub fn spill_dir(&self) -> PathBuf {
         self.spill_dir.clone().or_else(|| std::env::var_os("DSPARK_SPILL_DIR").map(Into::into)).unwrap_or_else(std::env::temp_dir)

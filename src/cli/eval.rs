@@ -40,6 +40,8 @@ pub struct EvalArgs {
     /// Also draw bits per element against mean KL divergence to this SVG file.
     #[arg(long)]
     pub plot: Option<PathBuf>,
+    #[command(flatten)]
+    pub tier: super::backend::TierArgs,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -107,7 +109,8 @@ struct Acc {
 }
 
 pub fn run_eval(args: &EvalArgs) -> Result<EvalReport> {
-    let specs = if args.backends.trim() == "all" { all_specs() } else { BackendSpec::parse_list(&args.backends)? };
+    args.tier.export_spill_dir();
+    let specs = args.tier.apply(if args.backends.trim() == "all" { all_specs() } else { BackendSpec::parse_list(&args.backends)? });
     if args.ctx < 16 || args.ctx % 2 != 0 {
         bail!("--ctx must be an even number of at least 16 tokens");
     }

@@ -33,6 +33,8 @@ pub struct RunArgs {
     /// Threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    #[command(flatten)]
+    pub tier: super::backend::TierArgs,
 }
 
 /// A small xorshift generator, so a seed gives the same text everywhere.
@@ -81,7 +83,8 @@ pub fn generate(ctx: &mut Context, prompt: &[i32], n: usize, seed: Option<u64>, 
 }
 
 pub fn run(a: RunArgs) -> Result<()> {
-    let spec = BackendSpec::parse(&a.backend)?;
+    a.tier.export_spill_dir();
+    let spec = a.tier.apply(vec![BackendSpec::parse(&a.backend)?]).remove(0);
     let runner = Runner::new(model_path(a.model));
     let model = runner.model(&spec)?;
     let prompt = model.tokenize(&a.prompt, true)?;

@@ -140,6 +140,43 @@ impl ColdStore for SpillFile {
     }
 }
 
+/// A cold store in memory that fails every call while `fail` is set: the stand-in for a full
+/// disk or an I/O error in the fault tests (of this crate and of programs that embed it).
+#[derive(Default, Clone)]
+pub struct MemCold {
+    pub data: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    pub fail: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ColdStore for MemCold {
+    fn write_at(&self, off: u64, data: &[u8]) -> io::Result<()> {
+        if self.fail.load(Ordering::Relaxed) {
+            return Err(io::Error::new(io::ErrorKind::StorageFull, "injected: no space left on device"));
+        }
+        let mut d = self.data.lock().unwrap_or_else(|e| e.into_inner());
+        let end = off as usize + data.len();
+        if d.len() < end {
+            d.resize(end, 0);
+        }
+        d[off as usize..end].copy_from_slice(data);
+        Ok(())
+    }
+
+    fn read_at(&self, off: u64, out: &mut [u8]) -> io::Result<()> {
+        if self.fail.load(Ordering::Relaxed) {
+            return Err(io::Error::other("injected: I/O error"));
+        }
+        let d = self.data.lock().unwrap_or_else(|e| e.into_inner());
+        let src = d.get(off as usize..off as usize + out.len()).ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+        out.copy_from_slice(src);
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        "memory (test cold store)".into()
+    }
+}
+
 /// The rate at which the disk under `dir` reads a spill file: `bytes` written, then read
 /// back in 1 MiB requests, bypassing the page cache as the cold tier does. Bytes per second.
 ///

@@ -187,47 +187,9 @@ pub fn fit(stores: &mut [&mut super::KvStore], limit: u64) -> io::Result<u64> {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
+    use super::super::cold::MemCold;
     use super::*;
-    use std::sync::atomic::AtomicBool;
-    use std::sync::Arc;
-
-    /// A cold store in memory that fails every call while `fail` is set: the fault tests'
-    /// stand-in for a full disk or an I/O error.
-    #[derive(Default, Clone)]
-    pub struct MemCold {
-        pub data: Arc<Mutex<Vec<u8>>>,
-        pub fail: Arc<AtomicBool>,
-    }
-
-    impl ColdStore for MemCold {
-        fn write_at(&self, off: u64, data: &[u8]) -> io::Result<()> {
-            if self.fail.load(Ordering::Relaxed) {
-                return Err(io::Error::new(io::ErrorKind::StorageFull, "injected: no space left"));
-            }
-            let mut d = self.data.lock().unwrap();
-            let end = off as usize + data.len();
-            if d.len() < end {
-                d.resize(end, 0);
-            }
-            d[off as usize..end].copy_from_slice(data);
-            Ok(())
-        }
-
-        fn read_at(&self, off: u64, out: &mut [u8]) -> io::Result<()> {
-            if self.fail.load(Ordering::Relaxed) {
-                return Err(io::Error::other("injected: I/O error"));
-            }
-            let d = self.data.lock().unwrap();
-            let src = d.get(off as usize..off as usize + out.len()).ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
-            out.copy_from_slice(src);
-            Ok(())
-        }
-
-        fn describe(&self) -> String {
-            "memory (test)".into()
-        }
-    }
 
     #[test]
     fn pages_round_trip_and_adjacent_slots_merge_into_one_read() {
