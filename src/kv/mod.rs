@@ -229,8 +229,9 @@ pub struct KvStore {
     /// Attention calls that reported what they could see ([`KvStore::note_seen`]).
     attn_tick: AtomicU64,
     zeros: Box<[f16]>,
-    /// The budget's cold tier, when the store has one.
+    /// The budget's cold tier, when the store has one, and the store's region in it.
     tier: Option<Arc<Tier>>,
+    region: u64,
 }
 
 impl KvStore {
@@ -250,11 +251,13 @@ impl KvStore {
             attn_tick: AtomicU64::new(0),
             zeros: vec![f16::ZERO; PAGE * head_dim].into_boxed_slice(),
             tier: None,
+            region: 0,
         })
     }
 
     /// Lets the store move compressed pages to `tier`'s cold store ([`KvStore::evict`]).
     pub fn set_tier(&mut self, tier: Arc<Tier>) {
+        self.region = tier.region(self.n_stream() * self.pages_per_stream(), self.packed_page_bytes());
         self.tier = Some(tier);
     }
 
@@ -337,10 +340,9 @@ impl KvStore {
         }
         let clock = st.clock;
         let slot = st.slot_mut(page);
-        let old = std::mem::replace(&mut slot.data, new);
+        slot.data = new;
         slot.last_write = clock;
         st.pages.truncate(st.pages.iter().rposition(|s| !matches!(s.data, Page::Empty)).map_or(0, |i| i + 1));
-        self.release(old);
         Ok(())
     }
 
@@ -375,15 +377,7 @@ impl KvStore {
 
     /// Drops every page: all cells read as zero again.
     pub fn clear(&mut self) {
-        let old: Vec<Stream> = self.streams.iter_mut().map(std::mem::take).collect();
-        old.into_iter().flat_map(|s| s.pages).for_each(|p| self.release(p.data));
-    }
-
-    /// Gives a dropped page's cold slot back to the tier.
-    fn release(&self, page: Page) {
-        if let (Page::Cold { slot, .. }, Some(t)) = (page, &self.tier) {
-            t.free(slot);
-        }
+        self.streams.iter_mut().for_each(|s| *s = Stream::default());
     }
 
     /// Writes one cell (`row.len() == row_len()`, head after head): a new row, which makes
@@ -456,11 +450,9 @@ impl KvStore {
     /// the page and its slot is freed. The page must be staged ([`KvStore::stage_cells`]).
     fn warm(&mut self, s: usize, p: usize) {
         let Some(slot) = self.streams[s].pages.get_mut(p) else { return };
-        if let Page::Cold { slot: cold, staged } = &mut slot.data {
+        if let Page::Cold { staged, .. } = &mut slot.data {
             let data = staged.take().expect("a cold page is staged before a row is written into it");
-            let cold = *cold;
             slot.data = Page::Packed(data);
-            self.tier.as_ref().expect("cold page without tier").free(cold);
         }
     }
 
@@ -603,19 +595,20 @@ impl KvStore {
         v
     }
 
-    /// Moves compressed pages to the cold tier, in the order given (so that pages evicted
-    /// together sit side by side in the spill file). Pages that are not compressed and in RAM
-    /// are skipped. Returns the bytes freed.
+    /// Moves compressed pages to the cold tier, each to its place in the store's region.
+    /// Pages that are not compressed and in RAM are skipped. Returns the bytes freed.
     ///
     /// # Errors
     /// The cold store's error; the pages written before it are cold, the others unchanged.
     pub fn evict(&mut self, pages: &[PageId]) -> io::Result<usize> {
         let tier = self.tier.clone().ok_or_else(|| io::Error::other("store has no cold tier"))?;
+        let span = self.packed_page_bytes().next_multiple_of(cold::BLOCK) as u64;
+        let (region, per_stream) = (self.region, self.pages_per_stream());
         let mut freed = 0;
         for &(s, p) in pages {
             let Some(slot) = self.streams[s].pages.get_mut(p) else { continue };
             let Page::Packed(data) = &slot.data else { continue };
-            let cold = tier.write(data)?;
+            let cold = tier.write(region + (s * per_stream + p) as u64 * span, data)?;
             freed += data.len();
             slot.data = Page::Cold { slot: cold, staged: None };
         }

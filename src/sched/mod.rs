@@ -118,7 +118,7 @@ mod tests {
     #[test]
     fn a_fetch_runs_while_the_caller_works_and_delivers_in_order() {
         let tier = Arc::new(Tier::new(0, Box::new(SlowCold(Duration::from_millis(30)))));
-        let slots: Vec<Slot> = (0..3).map(|_| tier.write(&[0u8; 100]).unwrap()).collect();
+        let slots: Vec<Slot> = (0..3u64).map(|i| tier.write(i * BLOCK as u64, &[0u8; 100]).unwrap()).collect();
         let x = Transfer::new(tier.clone(), 2).unwrap();
         // Not adjacent when asked in this order? They are: one merged read of 30 ms.
         let f = x.fetch(vec![slots[2], slots[0]]);
