@@ -62,7 +62,7 @@ extern "C" {
 #define DSPARK_VERSION \
     (DSPARK_VERSION_MAJOR * 1000000 + DSPARK_VERSION_MINOR * 1000 + DSPARK_VERSION_PATCH)
 /** Version of the C API itself; it grows when a function or struct field is added. */
-#define DSPARK_API_VERSION 2
+#define DSPARK_API_VERSION 3
 
 /**
  * \brief The version of the linked library, encoded like #DSPARK_VERSION.
@@ -147,6 +147,16 @@ typedef struct dspark_config {
     /** Most recent tokens of each sequence kept in f16 before they are compressed (rounded
      *  up to whole 64-token pages). Default 128. */
     uint32_t window;
+    /* Appended in API version 3 (a caller built against an older header passes the smaller
+     * size and gets the defaults for these). */
+    /** Most bytes of KV pages the device's caches hold in RAM together; compressed pages
+     *  beyond it move to a spill file (folder: $DSPARK_SPILL_DIR, else the system temp
+     *  folder), least recently attended first. The f16 sinks and window never move. 0 (the
+     *  default): no budget. */
+    uint64_t kv_budget_bytes;
+    /** With a budget: layers ahead whose cold pages a transfer thread reads while attention
+     *  runs; 0 reads them when a layer needs them. Default 2. */
+    uint32_t prefetch_depth;
 } dspark_config;
 
 /**
@@ -199,6 +209,18 @@ typedef struct dspark_stats {
     /** Attention calls run so far (FLASH_ATTN_EXT ops for the device, dspark_cache_attn()
      *  calls for a cache). */
     uint64_t attn_calls;
+    /* Appended in API version 3: the memory budget's figures (without a budget, and for a
+     * standalone cache, which has none: zero, and hidden_fraction 1). */
+    /** Bytes of KV pages in the spill file (not in kv_bytes). */
+    uint64_t kv_cold_bytes;
+    /** Bytes read from and written to the spill file so far. */
+    uint64_t cold_read_bytes;
+    uint64_t cold_write_bytes;
+    /** Seconds the transfer stream spent reading cold pages, and seconds attention waited
+     *  for them; hidden_fraction = 1 - wait / busy (1 when nothing was read). */
+    double transfer_busy_s;
+    double compute_wait_s;
+    double hidden_fraction;
 } dspark_stats;
 
 /**

@@ -384,7 +384,7 @@ pub unsafe extern "C" fn dspark_cache_seq_keep(cache: *mut dspark_cache, seq: u3
 pub unsafe extern "C" fn dspark_cache_stats(cache: *const dspark_cache, out: *mut dspark_stats) -> dspark_status {
     guard("dspark_cache_stats", || {
         let s = handles::get(cache)?.stats();
-        let v = dspark_stats::new(s.kv_bytes, s.pages_f16, s.pages_compressed, s.cells, s.elems, s.attn_calls);
+        let v = dspark_stats::new(s.kv_bytes, s.pages_f16, s.pages_compressed, s.cells, s.elems, s.attn_calls).with_tier(&s);
         // SAFETY: NULL or a writable dspark_stats with its size set (caller).
         unsafe { write_versioned(out, &v, "out") }
     })

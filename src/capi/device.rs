@@ -18,13 +18,25 @@ pub struct dspark_config {
     pub format: *const c_char,
     /// f16 window in tokens.
     pub window: u32,
+    /// KV memory budget in bytes (0: none). Appended in API version 3.
+    pub kv_budget_bytes: u64,
+    /// Layers ahead whose cold pages are prefetched. Appended in API version 3.
+    pub prefetch_depth: u32,
 }
 
 // SAFETY: repr(C), starts with size_t, fields are a pointer and integers.
 unsafe impl Versioned for dspark_config {
-    const MIN_SIZE: usize = std::mem::size_of::<dspark_config>();
+    /// The struct before `kv_budget_bytes` was appended: old callers keep working.
+    const MIN_SIZE: usize = std::mem::offset_of!(dspark_config, kv_budget_bytes);
     fn defaults() -> Self {
-        dspark_config { size: std::mem::size_of::<Self>(), format: std::ptr::null(), window: default_window() }
+        let d = ggml::Config::default();
+        dspark_config {
+            size: std::mem::size_of::<Self>(),
+            format: std::ptr::null(),
+            window: default_window(),
+            kv_budget_bytes: 0,
+            prefetch_depth: u32::try_from(d.prefetch).unwrap_or(u32::MAX),
+        }
     }
 }
 
@@ -54,6 +66,13 @@ pub struct dspark_stats {
     pub compression_ratio: f64,
     /// Attention calls.
     pub attn_calls: u64,
+    /// The memory budget's figures (appended in API version 3; zero without a budget).
+    pub kv_cold_bytes: u64,
+    pub cold_read_bytes: u64,
+    pub cold_write_bytes: u64,
+    pub transfer_busy_s: f64,
+    pub compute_wait_s: f64,
+    pub hidden_fraction: f64,
 }
 
 // SAFETY: repr(C), starts with size_t, fields are integers and floats.
@@ -74,6 +93,12 @@ unsafe impl Versioned for dspark_stats {
             offset_of!(dspark_stats, bits_per_elem) + size_of::<f64>(),
             offset_of!(dspark_stats, compression_ratio) + size_of::<f64>(),
             offset_of!(dspark_stats, attn_calls) + size_of::<u64>(),
+            offset_of!(dspark_stats, kv_cold_bytes) + size_of::<u64>(),
+            offset_of!(dspark_stats, cold_read_bytes) + size_of::<u64>(),
+            offset_of!(dspark_stats, cold_write_bytes) + size_of::<u64>(),
+            offset_of!(dspark_stats, transfer_busy_s) + size_of::<f64>(),
+            offset_of!(dspark_stats, compute_wait_s) + size_of::<f64>(),
+            offset_of!(dspark_stats, hidden_fraction) + size_of::<f64>(),
         ];
         ends.into_iter().filter(|&e| e <= size).max().unwrap_or(size_of::<usize>())
     }
@@ -94,7 +119,19 @@ impl dspark_stats {
             bits_per_elem: bits,
             compression_ratio: if bits > 0.0 { 16.0 / bits } else { 0.0 },
             attn_calls,
+            ..dspark_stats::default()
         }
+    }
+
+    /// Adds the memory budget's figures.
+    pub(crate) fn with_tier(mut self, s: &crate::kv::Stats) -> Self {
+        self.kv_cold_bytes = s.kv_cold_bytes;
+        self.cold_read_bytes = s.cold_read_bytes;
+        self.cold_write_bytes = s.cold_write_bytes;
+        self.transfer_busy_s = s.transfer_busy_ns as f64 * 1e-9;
+        self.compute_wait_s = s.compute_wait_ns as f64 * 1e-9;
+        self.hidden_fraction = s.hidden_fraction();
+        self
     }
 }
 
@@ -133,9 +170,14 @@ pub unsafe extern "C" fn dspark_register(config: *const dspark_config, out_dev: 
         }
         // SAFETY: cfg.format is NULL or a NUL-terminated string (caller).
         let name = unsafe { opt_str(cfg.format, "config->format") }?.unwrap_or("k4v4");
-        let c = ggml::Config { window: cfg.window as usize, ..ggml::Config::default() }
-            .with_format_name(name)
-            .or_else(|e| fail(DSPARK_ERR_FORMAT, format!("{e} (or f16)")))?;
+        let c = ggml::Config {
+            window: cfg.window as usize,
+            kv_budget: (cfg.kv_budget_bytes > 0).then_some(cfg.kv_budget_bytes),
+            prefetch: cfg.prefetch_depth as usize,
+            ..ggml::Config::default()
+        }
+        .with_format_name(name)
+        .or_else(|e| fail(DSPARK_ERR_FORMAT, format!("{e} (or f16)")))?;
         let dev = ggml::register(c);
         // SAFETY: out_dev is non-null and writable (caller).
         unsafe { out_dev.write_unaligned(dev) };
@@ -151,7 +193,7 @@ pub unsafe extern "C" fn dspark_register(config: *const dspark_config, out_dev: 
 pub unsafe extern "C" fn dspark_stats_get(out: *mut dspark_stats) -> dspark_status {
     guard("dspark_stats_get", || {
         let s = ggml::Stats::now();
-        let v = dspark_stats::new(s.kv_bytes, s.pages_f16, s.pages_compressed, s.cells, s.elems, s.attn_calls);
+        let v = dspark_stats::new(s.kv_bytes, s.pages_f16, s.pages_compressed, s.cells, s.elems, s.attn_calls).with_tier(&s);
         // SAFETY: out is NULL or a writable dspark_stats with its size set (caller).
         unsafe { write_versioned(out, &v, "out") }
     })

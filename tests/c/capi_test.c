@@ -887,6 +887,7 @@ static void test_register(void) {
     EXPECT(DSPARK_ERR_NULL, dspark_config_init(NULL));
     OK(dspark_config_init(&cfg));
     CHECK(cfg.size == sizeof cfg && cfg.window == 128, "config_init");
+    CHECK(cfg.kv_budget_bytes == 0 && cfg.prefetch_depth == 2, "config_init: no budget, prefetch 2");
     struct ggml_backend_device *dev = NULL;
     EXPECT(DSPARK_ERR_NULL, dspark_register(&cfg, NULL));
     dspark_config bad = cfg;
@@ -909,6 +910,18 @@ static void test_register(void) {
     CHECK(dev2 != NULL && dev2 != dev, "another configuration must get its own device");
     OK(dspark_register(&cfg, &dev3));
     CHECK(dev3 == dev, "the same configuration must get the same device");
+    /* A caller built before kv_budget_bytes existed passes the smaller struct: the budget
+     * fields take their defaults, so it is the same configuration. */
+    dspark_config old = cfg;
+    old.size = offsetof(dspark_config, kv_budget_bytes);
+    old.kv_budget_bytes = 12345; /* beyond its size: must not be read */
+    OK(dspark_register(&old, &dev3));
+    CHECK(dev3 == dev, "an old-size config must read as the defaults for the new fields");
+    dspark_config budget = cfg;
+    budget.kv_budget_bytes = 64u << 20;
+    budget.prefetch_depth = 0;
+    OK(dspark_register(&budget, &dev3));
+    CHECK(dev3 != NULL && dev3 != dev, "a budget is another configuration: another device");
     dspark_stats s;
     EXPECT(DSPARK_ERR_NULL, dspark_stats_get(NULL));
     s.size = 0;
@@ -917,6 +930,7 @@ static void test_register(void) {
     OK(dspark_stats_get(&s));
     CHECK(s.kv_bytes == 0 && s.bits_per_elem == 0.0, "no llama.cpp context yet, but %llu bytes",
           (unsigned long long)s.kv_bytes);
+    CHECK(s.kv_cold_bytes == 0 && s.cold_read_bytes == 0 && s.hidden_fraction == 1.0, "no cold tier in use yet");
 }
 
 /* Finite values beyond the f16 range saturate to +-65504; non-finite ones are stored as 0,
@@ -1317,9 +1331,12 @@ static void print_layout(void) {
 #define SZ(T) printf("sizeof %s %zu\n", #T, sizeof(T))
 #define OF(T, f) printf("offsetof %s.%s %zu\n", #T, #f, offsetof(T, f))
     SZ(dspark_config); OF(dspark_config, format); OF(dspark_config, window);
+    OF(dspark_config, kv_budget_bytes); OF(dspark_config, prefetch_depth);
     SZ(dspark_stats); OF(dspark_stats, kv_bytes); OF(dspark_stats, pages_f16);
     OF(dspark_stats, pages_compressed); OF(dspark_stats, cells); OF(dspark_stats, elems);
     OF(dspark_stats, bits_per_elem); OF(dspark_stats, compression_ratio); OF(dspark_stats, attn_calls);
+    OF(dspark_stats, kv_cold_bytes); OF(dspark_stats, cold_read_bytes); OF(dspark_stats, cold_write_bytes);
+    OF(dspark_stats, transfer_busy_s); OF(dspark_stats, compute_wait_s); OF(dspark_stats, hidden_fraction);
     SZ(dspark_cache_params); OF(dspark_cache_params, n_layer); OF(dspark_cache_params, n_head_kv);
     OF(dspark_cache_params, n_head); OF(dspark_cache_params, head_dim);
     OF(dspark_cache_params, max_tokens); OF(dspark_cache_params, n_seq_max);
