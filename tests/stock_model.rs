@@ -92,6 +92,7 @@ fn bench_small_depth_gives_sane_figures() {
         reps: 1,
         json: None,
         file: None,
+        tier: Default::default(),
         child: false,
         exe: Some(env!("CARGO_BIN_EXE_dspark").into()),
     };
