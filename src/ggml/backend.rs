@@ -15,7 +15,7 @@ use std::sync::Mutex;
 use half::f16;
 use llama_cpp_sys_2 as ll;
 
-use super::budget::Stager;
+use super::budget::{KvRanges, Stager};
 use super::buffer::{kv_entry, kv_root, root_of, KvEntry, KvRoot};
 use super::device::{dev_ctx, DeviceCtx};
 use super::{guard, log_error, log_warn, sys};
@@ -350,7 +350,7 @@ unsafe fn compute_graph(ctx: &BackendCtx, g: *mut ll::ggml_cgraph) -> Result<(),
 ///
 /// # Safety
 /// `node` must be a valid FLASH_ATTN_EXT node on DSpark's KV.
-pub(crate) unsafe fn kv_ranges<'g>(node: *const ll::ggml_tensor) -> Result<(Vec<&'g KvEntry>, Vec<(usize, usize, usize)>), String> {
+pub(crate) unsafe fn kv_ranges<'g>(node: *const ll::ggml_tensor) -> Result<KvRanges<'g>, String> {
     // SAFETY: valid node and srcs (caller).
     let (kview, vview, k) = unsafe {
         let (kview, vview) = flash_attn_check(node)?;

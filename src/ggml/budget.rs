@@ -64,6 +64,10 @@ impl Budget {
     }
 }
 
+/// What one attention node reads: its K and V entries, and per KV stream (stream, first
+/// cell, cells).
+pub(crate) type KvRanges<'g> = (Vec<&'g KvEntry>, Vec<(usize, usize, usize)>);
+
 /// The cold pages one attention node will read: per K/V entry, the pages and their slots.
 type Want<'g> = Vec<(&'g KvEntry, Vec<(PageId, Slot)>)>;
 
@@ -72,7 +76,7 @@ type Want<'g> = Vec<(&'g KvEntry, Vec<(PageId, Slot)>)>;
 pub(crate) struct Stager<'g> {
     budget: &'g Budget,
     /// Per attention node of the graph, in order: its K and V entries and cell ranges.
-    nodes: Vec<(Vec<&'g KvEntry>, Vec<(usize, usize, usize)>)>,
+    nodes: Vec<KvRanges<'g>>,
     inflight: Vec<Option<(Want<'g>, Arc<Fence>)>>,
 }
 
