@@ -363,3 +363,44 @@ fn a_kv_budget_moves_pages_cold_and_leaves_the_logits_bit_identical() {
         }
     }
 }
+
+/// A cold store that fails (disk full, I/O error: a store in memory that fails on command)
+/// fails the decode that needs it; the cache stays consistent, and once the fault clears the
+/// same token decodes as without a budget.
+#[test]
+fn a_failing_cold_store_fails_the_decode_and_the_next_one_works() {
+    use dspark::kv::cold::MemCold;
+    use std::sync::atomic::Ordering;
+    // Devices of their own (no other test uses these specs).
+    let budget = spec("dspark:k4v4:kv=3M:prefetch=1");
+    let dense = spec("dspark:k4v4:prefetch=3");
+    let cold = MemCold::default();
+    let BackendSpec::Dspark(name) = &budget else { unreachable!() };
+    dspark::ggml::use_cold_store(dspark::cli::backend::dspark_config(name).unwrap(), Box::new(cold.clone())).unwrap();
+    let r = runner();
+    let text = std::fs::read_to_string("/usr/share/common-licenses/Apache-2.0").unwrap();
+    let toks: Vec<i32> = r.model(&dense).unwrap().tokenize(&text, true).unwrap().into_iter().take(1200).collect();
+    let mut ctx = prefilled(&r, &budget, &toks, 1300);
+    let mut reference = prefilled(&r, &dense, &toks, 1300);
+    assert!(r.dspark_stats(&ctx).unwrap().kv_cold_bytes > 0, "the budget should have moved pages out");
+    let t = argmax(reference.logits(-1));
+    assert_eq!(argmax(ctx.logits(-1)), t);
+
+    cold.fail.store(true, Ordering::Relaxed);
+    let err = ctx.decode(&[t], toks.len(), 0, false).unwrap_err().to_string();
+    assert!(err.contains("llama_decode failed"), "{err}");
+    cold.fail.store(false, Ordering::Relaxed);
+
+    for i in 0..3 {
+        let pos = toks.len() + i;
+        let t = argmax(reference.logits(-1));
+        ctx.decode(&[t], pos, 0, false).unwrap();
+        reference.decode(&[t], pos, 0, false).unwrap();
+        let (a, b) = (ctx.logits(-1), reference.logits(-1));
+        assert_eq!(argmax(a), argmax(b), "step {i}");
+        // The failed decode wrote layer 0's row before it failed, so that layer's recency clock
+        // is one row ahead: a page may be compressed one token earlier than in the reference.
+        let max_diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        assert!(max_diff < 0.05, "step {i}: logits differ by up to {max_diff}");
+    }
+}

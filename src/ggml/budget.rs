@@ -15,7 +15,7 @@ use llama_cpp_sys_2 as ll;
 use super::backend::kv_ranges;
 use super::buffer::KvEntry;
 use super::{log_warn, Config};
-use crate::kv::cold::SpillFile;
+use crate::kv::cold::{ColdStore, SpillFile};
 use crate::kv::tier::{self, Slot, Tier};
 use crate::kv::PageId;
 use crate::sched::{Fence, Transfer};
@@ -37,7 +37,12 @@ impl Budget {
         if !file.is_direct() {
             log_warn(&format!("{} refuses O_DIRECT: cold KV pages go through the page cache, dropped after each read", dir.display()));
         }
-        let tier = Arc::new(Tier::new(bytes, Box::new(file)));
+        Budget::with_cold(config, bytes, Box::new(file))
+    }
+
+    /// The budget of `config` spilling to `cold`.
+    pub fn with_cold(config: &Config, bytes: u64, cold: Box<dyn ColdStore>) -> Result<Budget, String> {
+        let tier = Arc::new(Tier::new(bytes, cold));
         let transfer = match config.prefetch {
             0 => None,
             d => Some(Transfer::new(tier.clone(), d).map_err(|e| format!("cannot start the KV transfer thread: {e}"))?),

@@ -53,6 +53,17 @@ impl DeviceCtx {
         Ok(b.clone())
     }
 
+    /// Makes the budget spill to `cold` instead of a spill file (before any KV exists).
+    pub fn set_cold_store(&self, cold: Box<dyn crate::kv::cold::ColdStore>) -> Result<(), String> {
+        let bytes = self.config.kv_budget.ok_or("this device's configuration has no KV budget")?;
+        let mut b = self.budget.lock().unwrap_or_else(|e| e.into_inner());
+        if b.is_some() {
+            return Err("this device's budget is already in use".into());
+        }
+        *b = Some(Arc::new(Budget::with_cold(&self.config, bytes, cold)?));
+        Ok(())
+    }
+
     /// The live KV stores (kept alive while the caller holds them).
     pub fn entries(&self) -> Vec<Arc<KvEntry>> {
         self.kv.lock().unwrap_or_else(|e| e.into_inner()).iter().filter_map(Weak::upgrade).collect()

@@ -163,6 +163,17 @@ pub unsafe fn fail_device_kv(dev: llama_cpp_sys_2::ggml_backend_dev_t, msg: &str
     unsafe { device::dev_ctx(dev) }.entries().iter().for_each(|e| e.fail(msg));
 }
 
+/// Makes the memory budget of `config`'s device spill to `cold` instead of a spill file, for
+/// tests of the fault paths (a cold store that fails on command). Registers the device if
+/// needed and returns it; must run before the device holds any KV cache.
+#[doc(hidden)]
+pub fn use_cold_store(config: Config, cold: Box<dyn crate::kv::cold::ColdStore>) -> Result<llama_cpp_sys_2::ggml_backend_dev_t, String> {
+    let dev = register(config);
+    // SAFETY: `register` returns one of our devices.
+    unsafe { device::dev_ctx(dev) }.set_cold_store(cold)?;
+    Ok(dev)
+}
+
 /// Runs `f`, turning a panic into `fallback` and an error message in the log: no panic may
 /// unwind into ggml's C++ frames.
 fn guard<T>(what: &str, fallback: T, f: impl FnOnce() -> T) -> T {
