@@ -29,6 +29,11 @@ pub trait ColdStore: Send + Sync {
     fn read_at(&self, off: u64, out: &mut [u8]) -> io::Result<()>;
     /// What the store is, for messages and the statistics (e.g. the spill file's folder).
     fn describe(&self) -> String;
+    /// Allocates disk space for `len` bytes at `off` before they are written, so that pages
+    /// written later and at different times still lie in one extent (default: nothing).
+    fn reserve(&self, _off: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A byte buffer whose start is aligned to [`BLOCK`] (what `O_DIRECT` asks of memory), made
@@ -133,6 +138,19 @@ impl ColdStore for SpillFile {
             self.drop_cached(off, out.len());
         }
         Ok(())
+    }
+
+    /// `fallocate`: without it, blocks are placed in the order pages go cold, which scatters a
+    /// store's region across the disk; a 4 MiB read then became dozens of small ones and ran
+    /// at 0.77 GB/s of the disk's 1.8 at depth 32768.
+    fn reserve(&self, off: u64, len: u64) -> io::Result<()> {
+        // SAFETY: fallocate only reads its integer arguments; the descriptor is open.
+        let r = unsafe { libc::fallocate(self.file.as_raw_fd(), 0, off as libc::off_t, len as libc::off_t) };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
     }
 
     fn describe(&self) -> String {

@@ -32,6 +32,11 @@ impl Slot {
     }
 }
 
+/// Disk space is reserved a piece of this size at a time, where the first page in it goes cold:
+/// a store's cold pages then lie in extents of at least this size (what a read needs to run
+/// at the disk's rate: 1 MiB requests read at 1.8 GB/s here, 8 KiB ones at 0.17).
+pub const EXTENT: u64 = 1 << 20;
+
 /// Counters of the cold tier and of the streams that move its pages (all cumulative).
 #[derive(Default)]
 pub struct TierCounters {
@@ -53,6 +58,8 @@ pub struct Tier {
     cold: Box<dyn ColdStore>,
     /// The end of the last region handed out.
     regions_end: Mutex<u64>,
+    /// Which [`EXTENT`]-sized pieces of the file have their disk space reserved.
+    reserved: Mutex<std::collections::HashSet<u64>>,
     gen: AtomicU64,
     pub counters: TierCounters,
 }
@@ -60,7 +67,7 @@ pub struct Tier {
 impl Tier {
     /// A tier holding at most `budget` bytes of pages in RAM, spilling to `cold`.
     pub fn new(budget: u64, cold: Box<dyn ColdStore>) -> Tier {
-        Tier { budget, cold, regions_end: Mutex::new(0), gen: AtomicU64::new(0), counters: TierCounters::default() }
+        Tier { budget, cold, regions_end: Mutex::new(0), reserved: Mutex::default(), gen: AtomicU64::new(0), counters: TierCounters::default() }
     }
 
     pub fn budget(&self) -> u64 {
@@ -85,6 +92,15 @@ impl Tier {
     /// # Errors
     /// The cold store's error (disk full, I/O error).
     pub fn write(&self, off: u64, data: &[u8]) -> io::Result<Slot> {
+        let end = off + data.len() as u64;
+        for piece in off / EXTENT..end.div_ceil(EXTENT) {
+            let mut r = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
+            if !r.contains(&piece) {
+                // A file system without fallocate still works, only slower to read back.
+                let _ = self.cold.reserve(piece * EXTENT, EXTENT);
+                r.insert(piece);
+            }
+        }
         let mut buf = AlignedBuf::new(data.len());
         buf.as_mut_slice()[..data.len()].copy_from_slice(data);
         self.cold.write_at(off, buf.as_slice())?;
