@@ -404,3 +404,18 @@ fn a_failing_cold_store_fails_the_decode_and_the_next_one_works() {
         assert!(max_diff < 0.05, "step {i}: logits differ by up to {max_diff}");
     }
 }
+
+/// State save reads through both tiers: a context whose pages are mostly cold saves the same
+/// bytes as one that holds them all in RAM.
+#[test]
+fn state_save_under_a_kv_budget_is_byte_identical() {
+    let r = runner();
+    let text = std::fs::read_to_string("/usr/share/common-licenses/GPL-2").unwrap();
+    let toks: Vec<i32> = r.model(&spec("dspark:k4v4:prefetch=4")).unwrap().tokenize(&text, true).unwrap().into_iter().take(1000).collect();
+    // Devices of their own (no other test uses these specs).
+    let mut dense = prefilled(&r, &spec("dspark:k4v4:prefetch=4"), &toks, 1100);
+    let mut tiered = prefilled(&r, &spec("dspark:k4v4:kv=4M:prefetch=4"), &toks, 1100);
+    assert!(r.dspark_stats(&tiered).unwrap().kv_cold_bytes > 0);
+    let (a, b) = (dense.state_save(), tiered.state_save());
+    assert!(a.len() > 1 << 20 && a == b, "state of {} vs {} bytes, or different bytes", a.len(), b.len());
+}

@@ -448,8 +448,11 @@ unsafe fn root_offset(t: *const ll::ggml_tensor, offset: usize) -> usize {
 
 /// Reads logical f16 bytes [off, off + out.len()) of a KV root from its store.
 pub(crate) fn kv_read_bytes(e: &KvEntry, off: usize, out: &mut [u8]) {
-    let store = e.read();
     let row_bytes = e.row_len * 2;
+    let mut store = e.write();
+    // Cold pages in the range are read back once, not once per row. Should that fail, each
+    // row's own read fails again and the caller records the error.
+    let _ = store.stage_cells(off / row_bytes..(off + out.len()).div_ceil(row_bytes));
     let mut rowf = vec![0.0f32; e.row_len];
     let mut rowb = vec![0u8; row_bytes];
     let mut pos = 0;
@@ -461,6 +464,7 @@ pub(crate) fn kv_read_bytes(e: &KvEntry, off: usize, out: &mut [u8]) {
         out[pos..pos + n].copy_from_slice(&rowb[within..within + n]);
         pos += n;
     }
+    store.unstage();
 }
 
 /// Writes logical f16 bytes at [off, off + data.len()) of a KV root into its store;

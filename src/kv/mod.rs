@@ -666,20 +666,31 @@ impl KvStore {
         Ok(bytes)
     }
 
-    /// Stages the pages holding these global cells (before rows are written into them).
+    /// Stages the pages holding these global cells (before rows are written into them, or
+    /// read one by one), reading them in one go (adjacent pages in one request).
     ///
     /// # Errors
-    /// The cold store's error.
+    /// The cold store's error (nothing is staged then).
     pub fn stage_cells(&mut self, gcells: impl IntoIterator<Item = usize>) -> io::Result<()> {
         if self.tier.is_none() {
             return Ok(());
         }
-        let mut pages: Vec<(usize, usize)> = gcells.into_iter().map(|g| self.locate(g)).map(|(s, p, _)| (s, p)).collect();
+        let mut pages: Vec<PageId> = gcells.into_iter().map(|g| self.locate(g)).map(|(s, p, _)| (s, p)).collect();
         pages.sort_unstable();
         pages.dedup();
-        for (s, p) in pages {
-            self.stage(s, p * PAGE, PAGE)?;
+        let cold: Vec<(PageId, Slot)> = pages
+            .into_iter()
+            .filter_map(|(s, p)| match self.streams[s].pages.get(p).map(|slot| &slot.data) {
+                Some(Page::Cold { slot, staged: None }) => Some(((s, p), *slot)),
+                _ => None,
+            })
+            .collect();
+        if cold.is_empty() {
+            return Ok(());
         }
+        let ids: Vec<PageId> = cold.iter().map(|c| c.0).collect();
+        let data = self.read_cold(&ids)?;
+        self.install(cold.into_iter().zip(data).map(|((id, slot), d)| (id, slot, d)).collect());
         Ok(())
     }
 
