@@ -282,6 +282,15 @@ typedef struct dspark_cache_params {
      *  that needs them, freed with the cache). 0 means one per CPU core. At most 256.
      *  Default 0. */
     uint32_t n_threads;
+    /* Appended in API version 3 (an older caller's smaller struct gets the default). */
+    /** Most bytes of KV pages the cache holds in RAM; compressed pages beyond it move to a
+     *  spill file ($DSPARK_SPILL_DIR, else the system temp folder), least recently attended
+     *  first; the f16 sinks and window stay. dspark_cache_attn() reads a layer's cold pages
+     *  back for the call (RAM then exceeds the budget by that layer's pages; calls on one
+     *  cache no longer run in parallel); seq_cp/seq_add and saves read all of them back for
+     *  their duration. A failing spill file makes those calls return #DSPARK_ERR_IO with the
+     *  cache unchanged. 0 (the default): no budget. */
+    uint64_t kv_budget_bytes;
 } dspark_cache_params;
 
 /**

@@ -41,11 +41,14 @@ pub struct dspark_cache_params {
     pub window: u32,
     /// Default attention threads (0: one per core).
     pub n_threads: u32,
+    /// KV memory budget in bytes (0: none). Appended in API version 3.
+    pub kv_budget_bytes: u64,
 }
 
 // SAFETY: repr(C), starts with size_t, fields are integers and a pointer.
 unsafe impl Versioned for dspark_cache_params {
-    const MIN_SIZE: usize = std::mem::size_of::<dspark_cache_params>();
+    /// The struct before `kv_budget_bytes` was appended: old callers keep working.
+    const MIN_SIZE: usize = std::mem::offset_of!(dspark_cache_params, kv_budget_bytes);
     fn defaults() -> Self {
         dspark_cache_params {
             size: std::mem::size_of::<Self>(),
@@ -58,6 +61,7 @@ unsafe impl Versioned for dspark_cache_params {
             format: std::ptr::null(),
             window: 128,
             n_threads: 0,
+            kv_budget_bytes: 0,
         }
     }
 }
@@ -174,7 +178,10 @@ pub unsafe extern "C" fn dspark_cache_new(params: *const dspark_cache_params, ou
             n_seq_max: u(p.n_seq_max),
             format: parse_format(name)?,
         };
-        let cache = Cache::new(shape, u(p.window), u(p.n_threads))?;
+        let mut cache = Cache::new(shape, u(p.window), u(p.n_threads))?;
+        if p.kv_budget_bytes > 0 {
+            cache = cache.with_budget(p.kv_budget_bytes)?;
+        }
         let token = handles::insert(cache);
         // SAFETY: out is non-null and writable (caller).
         unsafe { out.write_unaligned(token) };

@@ -53,8 +53,9 @@ pub(crate) unsafe trait Versioned: Copy {
     }
 }
 
-/// Reads a caller's versioned struct: `size` must be at least `T::MIN_SIZE`; bytes beyond
-/// this library's struct must be zero (fields of a newer header that we cannot honour).
+/// Reads a caller's versioned struct: `size` must be `T::MIN_SIZE` (the first version's
+/// struct, whose later fields take their defaults) or at least this library's size; bytes
+/// beyond this library's struct must be zero (fields of a newer header that we cannot honour).
 ///
 /// # Safety
 /// `p` is NULL or points to a readable struct whose first field is a `size_t` equal to its
@@ -63,6 +64,10 @@ pub(crate) unsafe fn read_versioned<T: Versioned>(p: *const T, what: &str) -> Re
     // SAFETY: the caller guarantees a struct starting with a size_t at p when non-null.
     let size = unsafe { read_size::<T>(p, what) }?;
     let ours = std::mem::size_of::<T>();
+    if size < ours && size != T::MIN_SIZE {
+        // Between the first version's struct and this one: a field would be cut.
+        return fail(DSPARK_ERR_SIZE, format!("{what}->size is {size}: not the size of any version of this struct ({} or {ours})", T::MIN_SIZE));
+    }
     if size > ours {
         // SAFETY: the caller guarantees `size` readable bytes at p.
         let extra = unsafe { std::slice::from_raw_parts(p.cast::<u8>().add(ours), size - ours) };

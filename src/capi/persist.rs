@@ -21,7 +21,7 @@ pub unsafe extern "C" fn dspark_cache_save_size(cache: *const dspark_cache, out_
         if out_size.is_null() {
             return fail(DSPARK_ERR_NULL, "out_size is NULL");
         }
-        let n = format::size(&c.shape, &c.read());
+        let n = c.with_pages(|st| format::size(&c.shape, st))?;
         // SAFETY: non-null and writable (caller).
         unsafe { out_size.write_unaligned(n) };
         Ok(())
@@ -39,16 +39,18 @@ pub unsafe extern "C" fn dspark_cache_save_mem(cache: *const dspark_cache, buf: 
         if buf.is_null() {
             return fail(DSPARK_ERR_NULL, "buf is NULL");
         }
-        let st = c.read();
-        let n = format::size(&c.shape, &st);
-        if cap < n {
-            return fail(DSPARK_ERR_BUFFER, format!("buffer of {cap} bytes; the cache needs {n}"));
-        }
-        // SAFETY: buf holds cap >= n writable bytes (caller).
-        let out = unsafe { slice_mut(buf.cast::<u8>(), n, "buf") }?;
-        let mut sink = SliceSink { buf: out, pos: 0 };
-        format::write(&c.shape, &st, n - format::HEADER - format::TRAILER, &mut sink);
-        debug_assert_eq!(sink.pos, n);
+        let n = c.with_pages(|st| -> super::Result<usize> {
+            let n = format::size(&c.shape, st);
+            if cap < n {
+                return fail(DSPARK_ERR_BUFFER, format!("buffer of {cap} bytes; the cache needs {n}"));
+            }
+            // SAFETY: buf holds cap >= n writable bytes (caller).
+            let out = unsafe { slice_mut(buf.cast::<u8>(), n, "buf") }?;
+            let mut sink = SliceSink { buf: out, pos: 0 };
+            format::write(&c.shape, st, n - format::HEADER - format::TRAILER, &mut sink);
+            debug_assert_eq!(sink.pos, n);
+            Ok(n)
+        })??;
         if !out_written.is_null() {
             // SAFETY: non-null and writable (caller).
             unsafe { out_written.write_unaligned(n) };
@@ -68,8 +70,7 @@ pub unsafe extern "C" fn dspark_cache_load_mem(cache: *mut dspark_cache, buf: *c
         // SAFETY: buf holds len readable bytes (caller).
         let bytes = unsafe { slice(buf.cast::<u8>(), len, "buf") }?;
         let st = format::parse(bytes, &c.shape, c.window)?;
-        c.replace(st);
-        Ok(())
+        c.replace(st)
     })
 }
 
@@ -107,11 +108,11 @@ pub unsafe extern "C" fn dspark_cache_save_file(cache: *const dspark_cache, path
         let tmp = PathBuf::from(tmp);
         let io = |what: &str, e: std::io::Error| super::Error::new(DSPARK_ERR_IO, format!("{what} {}: {e}", path.display()));
         let file = std::fs::File::create(&tmp).map_err(|e| io("cannot create a temporary file beside", e))?;
-        let st = c.read();
-        let n = format::size(&c.shape, &st);
         let mut sink = IoSink { w: std::io::BufWriter::with_capacity(1 << 20, file), err: None };
-        format::write(&c.shape, &st, n - format::HEADER - format::TRAILER, &mut sink);
-        drop(st);
+        c.with_pages(|st| {
+            let n = format::size(&c.shape, st);
+            format::write(&c.shape, st, n - format::HEADER - format::TRAILER, &mut sink);
+        })?;
         let done = match sink.err {
             Some(e) => Err(e),
             None => sink.w.into_inner().map_err(std::io::IntoInnerError::into_error).and_then(|mut f| {
@@ -140,7 +141,6 @@ pub unsafe extern "C" fn dspark_cache_load_file(cache: *mut dspark_cache, path: 
         let path = unsafe { path_arg(path) }?;
         let bytes = std::fs::read(&path).map_err(|e| super::Error::new(DSPARK_ERR_IO, format!("cannot read {}: {e}", path.display())))?;
         let st = format::parse(&bytes, &c.shape, c.window)?;
-        c.replace(st);
-        Ok(())
+        c.replace(st)
     })
 }

@@ -8,13 +8,16 @@
 #![forbid(unsafe_code)]
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use half::f16;
 
-use super::error::{fail, Error, Result, DSPARK_ERR_ARG, DSPARK_ERR_FORMAT, DSPARK_ERR_FULL, DSPARK_ERR_RANGE};
+use super::error::{fail, Error, Result, DSPARK_ERR_ARG, DSPARK_ERR_FORMAT, DSPARK_ERR_FULL, DSPARK_ERR_IO, DSPARK_ERR_RANGE};
 use crate::attn::{self, FaParams, Mask};
 use crate::codec::{Format, RowCodec};
+use crate::kv::cold::{ColdStore, SpillFile};
+use crate::kv::tier::{self, Tier};
 use crate::kv::{KvStore, PageView, StoreConfig, PAGE};
 
 /// Most memory an empty cache may take (256 MiB). Pages and page tables grow as tokens
@@ -235,6 +238,11 @@ impl std::fmt::Debug for State {
 }
 
 impl State {
+    /// Every K and V store.
+    pub fn stores_mut(&mut self) -> impl Iterator<Item = &mut KvStore> {
+        self.layers.iter_mut().flat_map(|lk| [&mut lk.k, &mut lk.v])
+    }
+
     /// An empty state of `shape`.
     ///
     /// # Errors
@@ -301,6 +309,8 @@ pub struct Cache {
     attn_calls: AtomicU64,
     /// The cache's worker threads (`n_threads`), made on the first call that needs them.
     workers: std::sync::OnceLock<attn::Workers>,
+    /// The memory budget's cold tier, if the cache has a budget.
+    tier: Option<Arc<Tier>>,
 }
 
 /// Figures of one cache.
@@ -323,7 +333,66 @@ impl Cache {
         shape.validate()?;
         let n_threads = if n_threads == 0 { std::thread::available_parallelism().map_or(1, usize::from) } else { n_threads };
         let n_threads = n_threads.min(MAX_THREADS);
-        Ok(Cache { state: RwLock::new(State::empty(&shape, window)?), shape, window, n_threads, attn_calls: AtomicU64::new(0), workers: std::sync::OnceLock::new() })
+        Ok(Cache { state: RwLock::new(State::empty(&shape, window)?), shape, window, n_threads, attn_calls: AtomicU64::new(0), workers: std::sync::OnceLock::new(), tier: None })
+    }
+
+    /// Gives the cache a memory budget: compressed pages beyond `bytes` in RAM move to a spill
+    /// file in `DSPARK_SPILL_DIR` (else the system temp folder). Attention reads a layer's cold
+    /// pages back for its call (so RAM exceeds the budget by one layer's pages meanwhile);
+    /// sequence copies and shifts and saves read every cold page back for their duration.
+    ///
+    /// # Errors
+    /// `DSPARK_ERR_IO` when the spill file cannot be made.
+    pub fn with_budget(mut self, bytes: u64) -> Result<Cache> {
+        let dir = std::env::var_os("DSPARK_SPILL_DIR").map_or_else(std::env::temp_dir, PathBuf::from);
+        let file = SpillFile::create(&dir).or_else(|e| fail(DSPARK_ERR_IO, format!("cannot create the KV spill file in {}: {e}", dir.display())))?;
+        self.set_cold(Box::new(file), bytes);
+        Ok(self)
+    }
+
+    /// Gives the cache a budget of `bytes` spilling to `cold` (tests put a failing store here).
+    pub fn set_cold(&mut self, cold: Box<dyn ColdStore>, bytes: u64) {
+        let tier = Arc::new(Tier::new(bytes, cold));
+        let st = self.state.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner);
+        st.stores_mut().for_each(|s| s.set_tier(tier.clone()));
+        self.tier = Some(tier);
+    }
+
+    /// Brings the pages in RAM within the budget (staged copies dropped, the least recently
+    /// seen compressed pages moved out).
+    fn fit(&self, st: &mut State) -> Result<()> {
+        let Some(t) = &self.tier else { return Ok(()) };
+        let mut stores: Vec<&mut KvStore> = st.stores_mut().collect();
+        tier::fit(&mut stores, t.budget()).or_else(|e| fail(DSPARK_ERR_IO, format!("moving KV pages to the spill file ({}): {e}", t.describe())))?;
+        Ok(())
+    }
+
+    /// Reads every cold page back (for operations that read pages as they are stored).
+    fn stage_all(&self, st: &mut State) -> Result<()> {
+        let Some(t) = &self.tier else { return Ok(()) };
+        for store in st.stores_mut() {
+            for seq in 0..store.n_stream() {
+                let n = store.cells();
+                store.stage(seq, 0, n).or_else(|e| fail(DSPARK_ERR_IO, format!("reading KV pages from the spill file ({}): {e}", t.describe())))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on the state with every page readable (a save): with a budget, the cold pages
+    /// are read back for the call and moved out again after it.
+    ///
+    /// # Errors
+    /// `DSPARK_ERR_IO` from the cold tier.
+    pub fn with_pages<T>(&self, f: impl FnOnce(&State) -> T) -> Result<T> {
+        if self.tier.is_none() {
+            return Ok(f(&self.read()));
+        }
+        let mut st = self.write();
+        self.stage_all(&mut st)?;
+        let v = f(&st);
+        self.fit(&mut st)?;
+        Ok(v)
     }
 
     /// Shared access to the state (a panic in another call never poisons the cache for good:
@@ -337,8 +406,17 @@ impl Cache {
     }
 
     /// Replaces the whole state (a load).
-    pub fn replace(&self, new: State) {
-        *self.write() = new;
+    ///
+    /// # Errors
+    /// `DSPARK_ERR_IO` when a budget's pages cannot be moved out (the new state is kept,
+    /// over the budget).
+    pub fn replace(&self, mut new: State) -> Result<()> {
+        if let Some(t) = &self.tier {
+            new.stores_mut().for_each(|s| s.set_tier(t.clone()));
+        }
+        let mut st = self.write();
+        *st = new;
+        self.fit(&mut st)
     }
 
     fn check_layer_seq(&self, layer: usize, seq: usize) -> Result<()> {
@@ -369,6 +447,10 @@ impl Cache {
         }
         let base = seq * self.shape.max_tokens + len;
         let lk = &mut st.layers[layer];
+        for store in [&mut lk.k, &mut lk.v] {
+            // A page of removed positions may be cold: read it back before writing into it.
+            store.stage_cells(base..base + n).or_else(|e| fail(DSPARK_ERR_IO, format!("reading a KV page from the spill file: {e}")))?;
+        }
         for (t, (kr, vr)) in k.chunks_exact(rl).zip(v.chunks_exact(rl)).enumerate() {
             lk.k.write_row(base + t, kr);
             lk.v.write_row(base + t, vr);
@@ -376,7 +458,7 @@ impl Cache {
         lk.k.compact(attn::Threads::serial());
         lk.v.compact(attn::Threads::serial());
         st.lanes[seq][layer].len = len + n;
-        Ok(())
+        self.fit(&mut st)
     }
 
     /// Length of one lane.
@@ -409,7 +491,25 @@ impl Cache {
                 return fail(DSPARK_ERR_ARG, "sinks must hold n_head values");
             }
         }
-        let st = self.read();
+        // With a budget, the layer's cold pages are read back for this call (under the write
+        // lock, so calls on a cache with a budget do not run in parallel).
+        let mut staged = None;
+        let read;
+        let st: &State = match &self.tier {
+            None => {
+                read = self.read();
+                &read
+            }
+            Some(t) => {
+                let mut w = self.write();
+                let lk = &mut w.layers[layer];
+                if let Err(e) = lk.k.stage(seq, 0, sh.max_tokens).and_then(|_| lk.v.stage(seq, 0, sh.max_tokens)) {
+                    lk.k.unstage();
+                    return fail(DSPARK_ERR_IO, format!("reading KV pages from the spill file ({}): {e}", t.describe()));
+                }
+                &*staged.insert(w)
+            }
+        };
         let lane = &st.lanes[seq][layer];
         let len = lane.len;
         if a.causal && n_q > len {
@@ -458,6 +558,12 @@ impl Cache {
             attn::flash_attn(&q[i0 * row..i1 * row], i1 - i0, nh, d, &kv, mask, a.sinks, &p, threads, &mut out[i0 * row..i1 * row]);
         }
         self.attn_calls.fetch_add(1, Ordering::Relaxed);
+        drop(kv);
+        if let Some(mut w) = staged {
+            let lk = &mut w.layers[layer];
+            lk.k.unstage();
+            lk.v.unstage();
+        }
         Ok(())
     }
 
@@ -532,6 +638,7 @@ impl Cache {
             return fail(DSPARK_ERR_RANGE, format!("p0 {p0} is beyond max_tokens {}", sh.max_tokens));
         }
         let mut st = self.write();
+        self.stage_all(&mut st)?;
         // Plan every lane first, so that a refusal changes nothing.
         let mut plans = Vec::new();
         for s in seq.map_or(0..sh.n_seq_max, |s| s..s + 1) {
@@ -551,7 +658,7 @@ impl Cache {
             }
             st.lanes[s][layer] = plan.lane;
         }
-        Ok(())
+        self.fit(&mut st)
     }
 
     /// Makes `dst` a copy of `src`.
@@ -565,6 +672,7 @@ impl Cache {
             return Ok(());
         }
         let mut st = self.write();
+        self.stage_all(&mut st)?;
         for lk in &mut st.layers {
             for store in [&mut lk.k, &mut lk.v] {
                 // Pages beyond both tables are empty in both streams.
@@ -578,7 +686,7 @@ impl Cache {
         }
         let lanes = st.lanes[src].clone();
         st.lanes[dst] = lanes;
-        Ok(())
+        self.fit(&mut st)
     }
 
     /// Empties every sequence but `seq`.
@@ -609,6 +717,9 @@ impl Cache {
             }
         }
         s.elems = s.cells * self.shape.row_len() as u64;
+        if let Some(t) = &self.tier {
+            s.add_tier(t);
+        }
         s
     }
 }
@@ -796,6 +907,51 @@ mod tests {
 
     fn args() -> AttnArgs<'static> {
         AttnArgs { scale: 0.2, max_bias: 0.0, softcap: 0.0, causal: true, mask: None, sinks: None, n_threads: 1 }
+    }
+
+    /// A cache under a budget (cold store in memory) answers attention bit-identically to one
+    /// without, saves the same bytes, and a failing cold store is an error that changes nothing.
+    #[test]
+    fn a_budget_moves_pages_cold_and_changes_no_result() {
+        use crate::kv::cold::MemCold;
+        let sh = Shape { n_layer: 2, n_head_kv: 2, n_head: 4, head_dim: 64, max_tokens: 2048, n_seq_max: 2, format: parse_format("k4v4").unwrap() };
+        let plain = Cache::new(sh, 128, 1).unwrap();
+        let mut tiered = Cache::new(sh, 128, 1).unwrap();
+        let cold = MemCold::default();
+        tiered.set_cold(Box::new(cold.clone()), 600_000); // the f16 sinks and windows are 512 KiB
+        let rl = sh.row_len();
+        for (i, c) in [&plain, &tiered].into_iter().enumerate() {
+            for layer in 0..2 {
+                for seq in 0..2 {
+                    let (k, v) = (rows(1500, rl, 1 + layer as u32), rows(1500, rl, 7 + seq as u32));
+                    c.append(layer, seq, &k, &v, 1500).unwrap();
+                }
+            }
+            if i == 1 {
+                let st = c.stats();
+                assert!(st.kv_bytes <= 600_000 && st.kv_cold_bytes > 500_000, "{st:?}");
+            }
+        }
+        let q = rows(3, 4 * 64, 99);
+        let attn = |c: &Cache| {
+            let mut out = vec![0.0; q.len()];
+            c.attn(1, 1, &q, 3, &args(), &mut out).map(|()| out)
+        };
+        assert_eq!(attn(&plain).unwrap(), attn(&tiered).unwrap(), "tiers move bytes, never change them");
+        let save = |c: &Cache| c.with_pages(|st| {
+            let n = super::super::format::size(&c.shape, st);
+            let mut out = vec![0u8; n];
+            let mut sink = super::super::format::SliceSink { buf: &mut out, pos: 0 };
+            super::super::format::write(&c.shape, st, n - super::super::format::HEADER - super::super::format::TRAILER, &mut sink);
+            out
+        });
+        assert_eq!(save(&plain).unwrap(), save(&tiered).unwrap());
+        assert!(tiered.stats().kv_bytes <= 600_000, "pages moved out again after the save");
+        cold.fail.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(attn(&tiered).unwrap_err().code, DSPARK_ERR_IO);
+        assert_eq!(tiered.seq_cp(0, 1).unwrap_err().code, DSPARK_ERR_IO);
+        cold.fail.store(false, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(attn(&plain).unwrap(), attn(&tiered).unwrap(), "a failed call changed nothing");
     }
 
     #[test]

@@ -64,6 +64,12 @@ pub struct Tier {
     pub counters: TierCounters,
 }
 
+impl std::fmt::Debug for Tier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tier").field("budget", &self.budget).field("cold", &self.cold.describe()).finish_non_exhaustive()
+    }
+}
+
 impl Tier {
     /// A tier holding at most `budget` bytes of pages in RAM, spilling to `cold`.
     pub fn new(budget: u64, cold: Box<dyn ColdStore>) -> Tier {

@@ -284,7 +284,9 @@ static void test_create_errors(void) {
     dspark_cache_params q = p;
     q.size = 0;
     EXPECT(DSPARK_ERR_SIZE, dspark_cache_new(&q, &c));
-    q.size = sizeof q - 4;
+    q.size = sizeof q - 4; /* cuts kv_budget_bytes */
+    EXPECT(DSPARK_ERR_SIZE, dspark_cache_new(&q, &c));
+    q.size = offsetof(dspark_cache_params, kv_budget_bytes) - 4; /* cuts an older field */
     EXPECT(DSPARK_ERR_SIZE, dspark_cache_new(&q, &c));
     /* A newer caller's larger struct: accepted when the unknown tail is zero. */
     struct { dspark_cache_params p; uint64_t future[2]; } big;
@@ -1341,6 +1343,7 @@ static void print_layout(void) {
     OF(dspark_cache_params, n_head); OF(dspark_cache_params, head_dim);
     OF(dspark_cache_params, max_tokens); OF(dspark_cache_params, n_seq_max);
     OF(dspark_cache_params, format); OF(dspark_cache_params, window); OF(dspark_cache_params, n_threads);
+    OF(dspark_cache_params, kv_budget_bytes);
     SZ(dspark_attn_params); OF(dspark_attn_params, scale); OF(dspark_attn_params, max_bias);
     OF(dspark_attn_params, softcap); OF(dspark_attn_params, flags); OF(dspark_attn_params, mask);
     OF(dspark_attn_params, mask_type); OF(dspark_attn_params, mask_stride);
@@ -1348,6 +1351,46 @@ static void print_layout(void) {
     SZ(dspark_mask_type);
 #undef SZ
 #undef OF
+}
+
+/* A cache with a memory budget spills compressed pages to disk, and attention and saves give
+ * exactly what a cache without one gives. */
+static void test_budget(void) {
+    enum { T = 1024 };
+    float *k = random_rows((size_t)T * ROW), *v = random_rows((size_t)T * ROW), *q = random_rows(N_HEAD * HEAD_DIM);
+    float a[N_HEAD * HEAD_DIM], b[N_HEAD * HEAD_DIM];
+    dspark_cache_params p;
+    OK(dspark_cache_params_init(&p));
+    CHECK(p.kv_budget_bytes == 0, "no budget by default");
+    p.n_layer = 1; p.n_head_kv = N_HEAD_KV; p.n_head = N_HEAD; p.head_dim = HEAD_DIM;
+    p.max_tokens = T; p.n_threads = 1;
+    dspark_cache_t *plain = NULL, *tiered = NULL;
+    OK(dspark_cache_new(&p, &plain));
+    p.kv_budget_bytes = 1; /* everything that may go cold does */
+    OK(dspark_cache_new(&p, &tiered));
+    OK(dspark_cache_append(plain, 0, 0, k, v, T));
+    OK(dspark_cache_append(tiered, 0, 0, k, v, T));
+    dspark_stats sp, st;
+    sp.size = st.size = sizeof(dspark_stats);
+    OK(dspark_cache_stats(plain, &sp));
+    OK(dspark_cache_stats(tiered, &st));
+    CHECK(sp.kv_cold_bytes == 0 && st.kv_cold_bytes > 0 && st.kv_bytes < sp.kv_bytes && st.cold_write_bytes >= st.kv_cold_bytes,
+          "budget: %llu bytes in RAM, %llu cold", (unsigned long long)st.kv_bytes, (unsigned long long)st.kv_cold_bytes);
+    OK(dspark_cache_attn(plain, 0, 0, q, 1, NULL, a));
+    OK(dspark_cache_attn(tiered, 0, 0, q, 1, NULL, b));
+    CHECK(memcmp(a, b, sizeof a) == 0, "attention under a budget must equal attention without one");
+    size_t na = 0, nb = 0;
+    OK(dspark_cache_save_size(plain, &na));
+    OK(dspark_cache_save_size(tiered, &nb));
+    unsigned char *sa = malloc(na), *sb = malloc(nb);
+    OK(dspark_cache_save_mem(plain, sa, na, NULL));
+    OK(dspark_cache_save_mem(tiered, sb, nb, NULL));
+    CHECK(na == nb && memcmp(sa, sb, na) == 0, "a cache under a budget must save the same bytes");
+    OK(dspark_cache_stats(tiered, &st));
+    CHECK(st.cold_read_bytes > 0, "attention and the save read cold pages back");
+    free(sa); free(sb); free(k); free(v); free(q);
+    OK(dspark_cache_delete(plain));
+    OK(dspark_cache_delete(tiered));
 }
 
 int main(int argc, char **argv) {
@@ -1376,6 +1419,7 @@ int main(int argc, char **argv) {
     test_huge_empty();
     test_seq_add();
     test_payload_checks();
+    test_budget();
     printf("%d checks, %d failures\n", g_checks, g_failures);
     return g_failures ? 1 : 0;
 }
