@@ -4,8 +4,9 @@
 //!
 //! The budget covers the pages in RAM and the staged copies: the resident pages are kept
 //! within the budget less a staging reserve, room for the attention's own layer and the
-//! layers being prefetched (at most half the budget; a budget too small for even that is
-//! exceeded by the current layer's pages, and a warning says so).
+//! layers being prefetched (at most half the budget, so a layer larger than that exceeds it
+//! while it is staged). A budget smaller than the f16 pages (sinks and window, which never
+//! go cold) is exceeded by them, and a warning says so once.
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
