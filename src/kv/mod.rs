@@ -31,7 +31,7 @@ use half::f16;
 
 use crate::attn::{Rows, Segment, Threads};
 use crate::codec::{Quant, RowCodec};
-use tier::{Slot, Tier};
+use tier::{Region, Slot, Tier};
 
 /// Cells per page.
 pub const PAGE: usize = 64;
@@ -231,7 +231,7 @@ pub struct KvStore {
     zeros: Box<[f16]>,
     /// The budget's cold tier, when the store has one, and the store's region in it.
     tier: Option<Arc<Tier>>,
-    region: u64,
+    region: Region,
 }
 
 impl KvStore {
@@ -251,7 +251,7 @@ impl KvStore {
             attn_tick: AtomicU64::new(0),
             zeros: vec![f16::ZERO; PAGE * head_dim].into_boxed_slice(),
             tier: None,
-            region: 0,
+            region: Region::default(),
         })
     }
 
@@ -447,7 +447,8 @@ impl KvStore {
     }
 
     /// Brings a cold page back for good (a row is written into it): its staged copy becomes
-    /// the page and its slot is freed. The page must be staged ([`KvStore::stage_cells`]).
+    /// the page (its place in the spill file stays the store's, for when it goes cold again).
+    /// The page must be staged ([`KvStore::stage_cells`]).
     fn warm(&mut self, s: usize, p: usize) {
         let Some(slot) = self.streams[s].pages.get_mut(p) else { return };
         if let Page::Cold { staged, .. } = &mut slot.data {
@@ -474,8 +475,8 @@ impl KvStore {
                 let data = match page.packed() {
                     Some(d) => d,
                     None => {
-                        read = self.read_cold(&[(s, p)]).unwrap_or_else(|e| panic!("reading a cold KV page back: {e}"));
-                        &read[0]
+                        read = self.read_cold(s, p).unwrap_or_else(|e| panic!("reading a cold KV page back: {e}"));
+                        &read
                     }
                 };
                 let codec = self.codec.expect("packed page without codec");
@@ -602,13 +603,12 @@ impl KvStore {
     /// The cold store's error; the pages written before it are cold, the others unchanged.
     pub fn evict(&mut self, pages: &[PageId]) -> io::Result<usize> {
         let tier = self.tier.clone().ok_or_else(|| io::Error::other("store has no cold tier"))?;
-        let span = self.packed_page_bytes().next_multiple_of(cold::BLOCK) as u64;
         let (region, per_stream) = (self.region, self.pages_per_stream());
         let mut freed = 0;
         for &(s, p) in pages {
             let Some(slot) = self.streams[s].pages.get_mut(p) else { continue };
             let Page::Packed(data) = &slot.data else { continue };
-            let cold = tier.write(region + (s * per_stream + p) as u64 * span, data)?;
+            let cold = tier.write(region.place(s * per_stream + p), data)?;
             freed += data.len();
             slot.data = Page::Cold { slot: cold, staged: None };
         }
@@ -656,14 +656,7 @@ impl KvStore {
     /// The cold store's error (nothing is staged then).
     pub fn stage(&mut self, stream: usize, first: usize, n: usize) -> io::Result<usize> {
         let cold = self.cold_pages(stream, first, n);
-        if cold.is_empty() {
-            return Ok(0);
-        }
-        let ids: Vec<PageId> = cold.iter().map(|c| c.0).collect();
-        let data = self.read_cold(&ids)?;
-        let bytes = data.iter().map(|d| d.len()).sum();
-        self.install(cold.into_iter().zip(data).map(|((id, slot), d)| (id, slot, d)).collect());
-        Ok(bytes)
+        self.stage_pages(cold)
     }
 
     /// Stages the pages holding these global cells (before rows are written into them, or
@@ -678,33 +671,27 @@ impl KvStore {
         let mut pages: Vec<PageId> = gcells.into_iter().map(|g| self.locate(g)).map(|(s, p, _)| (s, p)).collect();
         pages.sort_unstable();
         pages.dedup();
-        let cold: Vec<(PageId, Slot)> = pages
-            .into_iter()
-            .filter_map(|(s, p)| match self.streams[s].pages.get(p).map(|slot| &slot.data) {
-                Some(Page::Cold { slot, staged: None }) => Some(((s, p), *slot)),
-                _ => None,
-            })
-            .collect();
-        if cold.is_empty() {
-            return Ok(());
-        }
-        let ids: Vec<PageId> = cold.iter().map(|c| c.0).collect();
-        let data = self.read_cold(&ids)?;
-        self.install(cold.into_iter().zip(data).map(|((id, slot), d)| (id, slot, d)).collect());
-        Ok(())
+        let cold = pages.into_iter().flat_map(|(s, p)| self.cold_pages(s, p * PAGE, PAGE)).collect();
+        self.stage_pages(cold).map(|_| ())
     }
 
-    /// Reads cold pages' bytes from the tier (the pages must be cold).
-    fn read_cold(&self, pages: &[PageId]) -> io::Result<Vec<Box<[u8]>>> {
+    /// Reads cold pages (not staged) from the tier and installs them. Returns the bytes read.
+    fn stage_pages(&mut self, cold: Vec<(PageId, Slot)>) -> io::Result<usize> {
+        if cold.is_empty() {
+            return Ok(0);
+        }
         let tier = self.tier.as_ref().ok_or_else(|| io::Error::other("cold page without tier"))?;
-        let slots: Vec<Slot> = pages
-            .iter()
-            .map(|&(s, p)| match self.streams[s].page(p) {
-                Page::Cold { slot, .. } => Ok(*slot),
-                _ => Err(io::Error::other("page is not cold")),
-            })
-            .collect::<io::Result<_>>()?;
-        tier.read(&slots)
+        let data = tier.read(&cold.iter().map(|c| c.1).collect::<Vec<_>>())?;
+        let bytes = data.iter().map(|d| d.len()).sum();
+        self.install(cold.into_iter().zip(data).map(|((id, slot), d)| (id, slot, d)).collect());
+        Ok(bytes)
+    }
+
+    /// Reads a cold page's bytes from the tier (without staging it).
+    fn read_cold(&self, s: usize, p: usize) -> io::Result<Box<[u8]>> {
+        let tier = self.tier.as_ref().ok_or_else(|| io::Error::other("cold page without tier"))?;
+        let Page::Cold { slot, .. } = self.streams[s].page(p) else { return Err(io::Error::other("page is not cold")) };
+        tier.read(&[*slot]).map(|mut d| d.remove(0))
     }
 
     /// Cells that hold data: the sum over streams of the high-water marks.

@@ -28,7 +28,26 @@ pub struct Slot {
 impl Slot {
     /// Bytes the slot spans in the file (whole blocks).
     pub fn span(&self) -> usize {
-        self.len.next_multiple_of(BLOCK)
+        span(self.len)
+    }
+}
+
+/// The bytes a page of `len` bytes takes in the spill file: whole blocks.
+fn span(len: usize) -> usize {
+    len.next_multiple_of(BLOCK)
+}
+
+/// One store's part of the spill file: page place `i` is at `base + i * span`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Region {
+    base: u64,
+    span: u64,
+}
+
+impl Region {
+    /// The file offset of page place `i`.
+    pub fn place(&self, i: usize) -> u64 {
+        self.base + i as u64 * self.span
     }
 }
 
@@ -84,13 +103,12 @@ impl Tier {
         self.cold.describe()
     }
 
-    /// A region of `slots` page places of `page_len` bytes each for one store; returns its
-    /// first byte. Page place `i` is at `base + i * span`, span = `page_len` in whole blocks.
-    pub fn region(&self, slots: usize, page_len: usize) -> u64 {
+    /// A region of `slots` page places of `page_len` bytes each for one store.
+    pub fn region(&self, slots: usize, page_len: usize) -> Region {
         let mut end = self.regions_end.lock().unwrap_or_else(|e| e.into_inner());
-        let base = *end;
-        *end += (slots * page_len.next_multiple_of(BLOCK)) as u64;
-        base
+        let r = Region { base: *end, span: span(page_len) as u64 };
+        *end += slots as u64 * r.span;
+        r
     }
 
     /// Writes one page at `off` (a page place of a region).
@@ -99,14 +117,14 @@ impl Tier {
     /// The cold store's error (disk full, I/O error).
     pub fn write(&self, off: u64, data: &[u8]) -> io::Result<Slot> {
         let end = off + data.len() as u64;
+        let mut reserved = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
         for piece in off / EXTENT..end.div_ceil(EXTENT) {
-            let mut r = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
-            if !r.contains(&piece) {
+            if reserved.insert(piece) {
                 // A file system without fallocate still works, only slower to read back.
                 let _ = self.cold.reserve(piece * EXTENT, EXTENT);
-                r.insert(piece);
             }
         }
+        drop(reserved);
         let mut buf = AlignedBuf::new(data.len());
         buf.as_mut_slice()[..data.len()].copy_from_slice(data);
         self.cold.write_at(off, buf.as_slice())?;
@@ -195,9 +213,10 @@ mod tests {
         let cold = MemCold::default();
         let t = Tier::new(0, Box::new(cold.clone()));
         let (a, b) = (t.region(8, 5000), t.region(8, 5000));
-        assert_eq!(b - a, 8 * 2 * BLOCK as u64, "regions do not overlap");
+        assert_eq!(b.place(0) - a.place(0), 8 * 2 * BLOCK as u64, "regions do not overlap");
+        assert_eq!(b.place(3) - b.place(0), 3 * 2 * BLOCK as u64);
         let pages: Vec<Vec<u8>> = (0..5).map(|i| (0..5000).map(|j| (i * 31 + j) as u8).collect()).collect();
-        let slots: Vec<Slot> = pages.iter().enumerate().map(|(i, p)| t.write(b + (i * 2 * BLOCK) as u64, p).unwrap()).collect();
+        let slots: Vec<Slot> = pages.iter().enumerate().map(|(i, p)| t.write(b.place(i), p).unwrap()).collect();
         assert!(slots.windows(2).all(|w| w[1].gen > w[0].gen));
         let back = t.read(&[slots[3], slots[0], slots[1], slots[2]]).unwrap();
         for (got, i) in back.iter().zip([3, 0, 1, 2]) {
