@@ -62,7 +62,7 @@ extern "C" {
 #define DSPARK_VERSION \
     (DSPARK_VERSION_MAJOR * 1000000 + DSPARK_VERSION_MINOR * 1000 + DSPARK_VERSION_PATCH)
 /** Version of the C API itself; it grows when a function or struct field is added. */
-#define DSPARK_API_VERSION 3
+#define DSPARK_API_VERSION 4
 
 /**
  * \brief The version of the linked library, encoded like #DSPARK_VERSION.
@@ -157,6 +157,15 @@ typedef struct dspark_config {
     /** With a budget: layers ahead whose cold pages a transfer thread reads while attention
      *  runs; 0 reads them when a layer needs them. Default 2. */
     uint32_t prefetch_depth;
+    /* Appended in API version 4 (a uint64_t first: version 3's struct had 4 bytes of padding
+     * after prefetch_depth, which an old caller passes uninitialised). */
+    /** Page selection: a decode step's attention reads, per layer and KV head, the sink page,
+     *  the f16 window and the compressed pages whose key digests score best for its query,
+     *  up to this many tokens; the other pages are not read (nor, with a budget, fetched
+     *  from the spill file). 0 (the default): every token. Prefill is always dense. */
+    uint64_t attn_budget_tokens;
+    /** Layers, from the first, that stay dense under an attention budget. Default 2. */
+    uint32_t attn_dense_layers;
 } dspark_config;
 
 /**
@@ -221,6 +230,16 @@ typedef struct dspark_stats {
     double transfer_busy_s;
     double compute_wait_s;
     double hidden_fraction;
+    /* Appended in API version 4: page selection's figures (the standalone cache: zero, and
+     * prefetch_hit_rate 1). */
+    /** Tokens a decode attention call read per layer and KV head, on average (every visible
+     *  token without an attention budget). */
+    double attended_tokens;
+    /** Seconds spent choosing pages. */
+    double select_s;
+    /** Cold pages a decode call needed that the transfer stream had already read (1 when
+     *  none was needed). */
+    double prefetch_hit_rate;
 } dspark_stats;
 
 /**

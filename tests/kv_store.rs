@@ -10,7 +10,7 @@ const HEADS: usize = 3;
 const D: usize = 64;
 
 fn store(cells: usize) -> KvStore {
-    KvStore::new(StoreConfig { quant: Some(Quant::Q4), window: 128 }, HEADS, D, cells, 1).unwrap()
+    KvStore::new(StoreConfig { quant: Some(Quant::Q4), window: 128, digests: false }, HEADS, D, cells, 1).unwrap()
 }
 
 fn write(s: &mut KvStore, cells: std::ops::Range<usize>) {
@@ -62,7 +62,7 @@ fn a_rewrite_in_place_does_not_make_a_page_recent() {
 
 #[test]
 fn an_empty_store_costs_no_page_table() {
-    let s = KvStore::new(StoreConfig { quant: Some(Quant::Q4), window: 128 }, 8, 128, 1 << 30, 4).unwrap();
+    let s = KvStore::new(StoreConfig { quant: Some(Quant::Q4), window: 128, digests: false }, 8, 128, 1 << 30, 4).unwrap();
     assert_eq!(s.bytes(), 0);
     assert!((0..4).all(|st| s.pages_allocated_span(st) == 0));
     let mut s = s;

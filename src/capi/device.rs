@@ -22,12 +22,18 @@ pub struct dspark_config {
     pub kv_budget_bytes: u64,
     /// Layers ahead whose cold pages are prefetched. Appended in API version 3.
     pub prefetch_depth: u32,
+    /// Attention budget in tokens (0: dense) and layers kept dense. Appended in API version 4
+    /// (a u64 first, so that it starts after version 3's trailing padding).
+    pub attn_budget_tokens: u64,
+    pub attn_dense_layers: u32,
 }
 
 // SAFETY: repr(C), starts with size_t, fields are a pointer and integers.
 unsafe impl Versioned for dspark_config {
     /// The struct before `kv_budget_bytes` was appended: old callers keep working.
     const MIN_SIZE: usize = std::mem::offset_of!(dspark_config, kv_budget_bytes);
+    /// API version 3's struct ended with `prefetch_depth` (and its padding).
+    const PAST_SIZES: &'static [usize] = &[std::mem::offset_of!(dspark_config, attn_budget_tokens)];
     fn defaults() -> Self {
         let d = ggml::Config::default();
         dspark_config {
@@ -36,6 +42,8 @@ unsafe impl Versioned for dspark_config {
             window: default_window(),
             kv_budget_bytes: 0,
             prefetch_depth: u32::try_from(d.prefetch).unwrap_or(u32::MAX),
+            attn_budget_tokens: 0,
+            attn_dense_layers: u32::try_from(d.attn_dense_layers).unwrap_or(u32::MAX),
         }
     }
 }
@@ -73,6 +81,10 @@ pub struct dspark_stats {
     pub transfer_busy_s: f64,
     pub compute_wait_s: f64,
     pub hidden_fraction: f64,
+    /// Page selection's figures (appended in API version 4).
+    pub attended_tokens: f64,
+    pub select_s: f64,
+    pub prefetch_hit_rate: f64,
 }
 
 // SAFETY: repr(C), starts with size_t, fields are integers and floats.
@@ -99,6 +111,9 @@ unsafe impl Versioned for dspark_stats {
             offset_of!(dspark_stats, transfer_busy_s) + size_of::<f64>(),
             offset_of!(dspark_stats, compute_wait_s) + size_of::<f64>(),
             offset_of!(dspark_stats, hidden_fraction) + size_of::<f64>(),
+            offset_of!(dspark_stats, attended_tokens) + size_of::<f64>(),
+            offset_of!(dspark_stats, select_s) + size_of::<f64>(),
+            offset_of!(dspark_stats, prefetch_hit_rate) + size_of::<f64>(),
         ];
         ends.into_iter().filter(|&e| e <= size).max().unwrap_or(size_of::<usize>())
     }
@@ -131,6 +146,9 @@ impl dspark_stats {
         self.transfer_busy_s = s.transfer_busy_ns as f64 * 1e-9;
         self.compute_wait_s = s.compute_wait_ns as f64 * 1e-9;
         self.hidden_fraction = s.hidden_fraction();
+        self.attended_tokens = s.attended_tokens();
+        self.select_s = s.select_ns as f64 * 1e-9;
+        self.prefetch_hit_rate = s.prefetch_hit_rate();
         self
     }
 }
@@ -174,6 +192,8 @@ pub unsafe extern "C" fn dspark_register(config: *const dspark_config, out_dev: 
             window: cfg.window as usize,
             kv_budget: (cfg.kv_budget_bytes > 0).then_some(cfg.kv_budget_bytes),
             prefetch: cfg.prefetch_depth as usize,
+            attn_budget: usize::try_from(cfg.attn_budget_tokens).unwrap_or(usize::MAX),
+            attn_dense_layers: cfg.attn_dense_layers as usize,
             ..ggml::Config::default()
         }
         .with_format_name(name)

@@ -43,6 +43,9 @@ use error::{fail, DSPARK_ERR_ARG, DSPARK_ERR_NULL, DSPARK_ERR_SIZE};
 pub(crate) unsafe trait Versioned: Copy {
     /// The smallest `size` accepted (the struct as API version 1 defined it).
     const MIN_SIZE: usize;
+    /// The sizes of the struct in the API versions between the first and this one (their
+    /// later fields take the defaults).
+    const PAST_SIZES: &'static [usize] = &[];
     /// The struct's defaults, `size` set.
     fn defaults() -> Self;
     /// Bytes of this library's struct that a caller's struct of `size` bytes holds as whole
@@ -64,9 +67,9 @@ pub(crate) unsafe fn read_versioned<T: Versioned>(p: *const T, what: &str) -> Re
     // SAFETY: the caller guarantees a struct starting with a size_t at p when non-null.
     let size = unsafe { read_size::<T>(p, what) }?;
     let ours = std::mem::size_of::<T>();
-    if size < ours && size != T::MIN_SIZE {
+    if size < ours && size != T::MIN_SIZE && !T::PAST_SIZES.contains(&size) {
         // Between the first version's struct and this one: a field would be cut.
-        return fail(DSPARK_ERR_SIZE, format!("{what}->size is {size}: not the size of any version of this struct ({} or {ours})", T::MIN_SIZE));
+        return fail(DSPARK_ERR_SIZE, format!("{what}->size is {size}: not the size of any version of this struct ({:?} or {ours})", [T::MIN_SIZE].iter().chain(T::PAST_SIZES).collect::<Vec<_>>()));
     }
     if size > ours {
         // SAFETY: the caller guarantees `size` readable bytes at p.

@@ -16,6 +16,7 @@
 //! | `DSPARK_KV_BUDGET` | most bytes of KV pages in RAM (`512M`, `2G`); the rest spills to disk | none |
 //! | `DSPARK_PREFETCH` | layers ahead whose cold pages are read during attention | 2 |
 //! | `DSPARK_SPILL_DIR` | folder of the spill file | the system temp folder |
+//! | `DSPARK_ATTN_BUDGET` | tokens a decode step's attention reads per layer and KV head (page selection) | 0 (all) |
 
 use std::ffi::c_int;
 
@@ -40,6 +41,9 @@ pub fn config_from_env(get: impl Fn(&str) -> Option<String>) -> Result<ggml::Con
     }
     if let Some(d) = get("DSPARK_PREFETCH") {
         c = c.with_option("prefetch", d.trim()).map_err(|e| format!("DSPARK_PREFETCH: {e}"))?;
+    }
+    if let Some(n) = get("DSPARK_ATTN_BUDGET") {
+        c = c.with_option("attn", n.trim()).map_err(|e| format!("DSPARK_ATTN_BUDGET: {e}"))?;
     }
     Ok(c)
 }

@@ -67,6 +67,11 @@ pub struct TierArgs {
     /// Folder of the spill file (default: $DSPARK_SPILL_DIR, else the system temp folder).
     #[arg(long)]
     pub spill_dir: Option<PathBuf>,
+    /// Attention budget for DSpark configurations: a decode step reads, per layer and KV head,
+    /// the sink page, the f16 window and the best-scoring compressed pages up to this many
+    /// tokens (0: every token, the default). A spec's own `attn=` wins.
+    #[arg(long)]
+    pub attn_budget: Option<usize>,
 }
 
 impl TierArgs {
@@ -77,11 +82,11 @@ impl TierArgs {
             .map(|s| match s {
                 BackendSpec::Dspark(mut name) => {
                     let has = |name: &str, key: &str| name.split(':').skip(1).any(|o| o.trim_start().starts_with(key));
-                    if let Some(b) = self.kv_budget.as_ref().filter(|_| !has(&name, "kv=")) {
-                        name += &format!(":kv={b}");
-                    }
-                    if let Some(d) = self.prefetch_depth.filter(|_| !has(&name, "prefetch=")) {
-                        name += &format!(":prefetch={d}");
+                    let defaults = [("kv=", self.kv_budget.clone()), ("prefetch=", self.prefetch_depth.map(|d| d.to_string())), ("attn=", self.attn_budget.map(|n| n.to_string()))];
+                    for (key, value) in defaults {
+                        if let Some(v) = value.filter(|_| !has(&name, key)) {
+                            name += &format!(":{key}{v}");
+                        }
                     }
                     BackendSpec::Dspark(name)
                 }

@@ -108,6 +108,15 @@ pub struct BenchResult {
     pub compute_wait_s: f64,
     #[serde(default)]
     pub hidden_fraction: f64,
+    /// Page selection's figures during the decode (DSpark): tokens a decode attention call
+    /// read per layer and KV head, seconds spent choosing pages, and the share of the cold
+    /// pages needed that the transfer stream had read ahead (1 when none was needed).
+    #[serde(default)]
+    pub attended_tokens: f64,
+    #[serde(default)]
+    pub select_s: f64,
+    #[serde(default)]
+    pub prefetch_hit_rate: f64,
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -152,6 +161,9 @@ struct Sample {
     cold_read_bytes: u64,
     transfer_busy_s: f64,
     compute_wait_s: f64,
+    attended_tokens: f64,
+    select_s: f64,
+    prefetch_hit_rate: f64,
 }
 
 /// Decode steps of the warm-up pass.
@@ -228,6 +240,13 @@ fn measure(runner: &Runner, spec: &BackendSpec, shape: &Shape) -> Result<Sample>
     let kv_bytes = runner.kv_bytes(&ctx, (prompt.len() + decode).next_multiple_of(256)) as u64;
     let (kv_bits, peak_rss) = (runner.kv_bits_per_elem(&ctx), peak_rss_bytes());
     let after = runner.dspark_stats(&ctx).unwrap_or_default();
+    let during = crate::kv::Stats {
+        decode_head_calls: after.decode_head_calls - before.decode_head_calls,
+        attended_cells: after.attended_cells - before.attended_cells,
+        prefetch_hits: after.prefetch_hits - before.prefetch_hits,
+        prefetch_misses: after.prefetch_misses - before.prefetch_misses,
+        ..Default::default()
+    };
 
     let mut loads = vec![prefill_load];
     if decode > 0 {
@@ -254,6 +273,9 @@ fn measure(runner: &Runner, spec: &BackendSpec, shape: &Shape) -> Result<Sample>
         cold_read_bytes: after.cold_read_bytes - before.cold_read_bytes,
         transfer_busy_s: (after.transfer_busy_ns - before.transfer_busy_ns) as f64 * 1e-9,
         compute_wait_s: (after.compute_wait_ns - before.compute_wait_ns) as f64 * 1e-9,
+        attended_tokens: during.attended_tokens(),
+        select_s: (after.select_ns - before.select_ns) as f64 * 1e-9,
+        prefetch_hit_rate: during.prefetch_hit_rate(),
     })
 }
 
@@ -348,6 +370,9 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchReport> {
                 transfer_busy_s: busy_s,
                 compute_wait_s: wait_s,
                 hidden_fraction: if busy_s > 0.0 { (1.0 - wait_s / busy_s).max(0.0) } else { 1.0 },
+                attended_tokens: median(ss.iter().map(|s| s.attended_tokens).collect()),
+                select_s: median(ss.iter().map(|s| s.select_s).collect()),
+                prefetch_hit_rate: median(ss.iter().map(|s| s.prefetch_hit_rate).collect()),
             });
         }
     }
@@ -483,17 +508,18 @@ fn measure_here(args: &BenchArgs) -> Result<Sample> {
     measure(&runner, spec, &shape)
 }
 
-/// The memory budget's figures of the rows that have a cold tier (empty when none has).
+/// The memory budget's and page selection's figures of the rows that have a cold tier or an
+/// attention budget (empty when none has).
 pub fn tier_table(r: &BenchReport) -> String {
-    let rows: Vec<_> = r.results.iter().filter(|x| x.kv_cold_bytes > 0 || x.transfer_busy_s > 0.0).collect();
+    let rows: Vec<_> = r.results.iter().filter(|x| x.kv_cold_bytes > 0 || x.transfer_busy_s > 0.0 || x.backend.contains(":attn=")).collect();
     if rows.is_empty() {
         return String::new();
     }
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
-    let mut s = "| backend | depth | hot MiB | cold MiB | cold read KiB/token | transfer busy s | compute wait s | hidden | decode t/s |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n".to_string();
+    let mut s = "| backend | depth | hot MiB | cold MiB | cold read KiB/token | transfer busy s | compute wait s | hidden | attended tokens | prefetch hits | decode t/s |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n".to_string();
     for x in rows {
         s += &format!(
-            "| {} | {} | {:.2} | {:.2} | {:.0} | {:.3} | {:.3} | {:.0}% | {:.1} |\n",
+            "| {} | {} | {:.2} | {:.2} | {:.0} | {:.3} | {:.3} | {:.0}% | {:.0} | {:.0}% | {:.1} |\n",
             x.backend,
             x.depth,
             mib(x.kv_hot_bytes),
@@ -502,6 +528,8 @@ pub fn tier_table(r: &BenchReport) -> String {
             x.transfer_busy_s,
             x.compute_wait_s,
             100.0 * x.hidden_fraction,
+            x.attended_tokens,
+            100.0 * x.prefetch_hit_rate,
             x.decode_tps
         );
     }

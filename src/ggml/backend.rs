@@ -9,6 +9,7 @@
 //! split, not two.
 
 use std::ffi::{c_char, c_void};
+use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
@@ -21,7 +22,7 @@ use super::device::{dev_ctx, DeviceCtx};
 use super::{guard, log_error, log_warn, sys};
 use super::cpu::{self, CpuBackend};
 use crate::attn::{self, FaParams, Mask, Threads};
-use crate::kv::{segments, KvStore};
+use crate::kv::{segments, segments_in, select};
 
 const ROPE_TYPE_NORMAL: i32 = 0;
 const ROPE_TYPE_NEOX: i32 = 2;
@@ -323,10 +324,11 @@ unsafe fn compute_graph(ctx: &BackendCtx, g: *mut ll::ggml_cgraph) -> Result<(),
                 ll::GGML_OP_FLASH_ATTN_EXT => {
                     ctx.dev.attn_calls.fetch_add(1, Ordering::Relaxed);
                     let at = attn_nodes.binary_search(&i).ok();
+                    let plan = attn_plan(node, ctx.dev)?;
                     if let (Some(s), Some(a)) = (&mut stager, at) {
-                        s.before(a)?;
+                        s.before(a, plan.reads())?;
                     }
-                    let r = flash_attn(node, threads);
+                    let r = flash_attn(node, &plan, threads);
                     if let (Some(s), Some(a)) = (&stager, at) {
                         s.after(a);
                     }
@@ -550,31 +552,78 @@ unsafe fn flash_attn_check(op: *const ll::ggml_tensor) -> Result<(KvView, KvView
     }
 }
 
+/// One sequence of an attention call: where its KV lies, its query rows and mask, and, under
+/// an attention budget, the cells it reads.
+struct SeqAttn<'m> {
+    stream: usize,
+    /// The first cell of the KV view in its stream.
+    first: usize,
+    /// `[n_q][n_head][d]`.
+    q: Vec<f32>,
+    mask: Option<Mask<'m>>,
+    /// Per KV head, the cell ranges read (from `first`); `None`: all of them (dense).
+    pick: Option<Vec<Vec<Range<usize>>>>,
+}
+
+/// What an attention node will compute: its sequences, with the pages selected for them.
+struct AttnPlan<'m> {
+    seqs: Vec<SeqAttn<'m>>,
+    n_kv: usize,
+}
+
+impl AttnPlan<'_> {
+    /// The cells the call reads, per sequence, (stream, first cell, cells): what the budget
+    /// stages.
+    fn reads(&self) -> Vec<(usize, usize, usize)> {
+        let mut out = Vec::new();
+        for s in &self.seqs {
+            match &s.pick {
+                None => out.push((s.stream, s.first, self.n_kv)),
+                Some(heads) => {
+                    let mut r: Vec<Range<usize>> = heads.iter().flatten().cloned().collect();
+                    r.sort_unstable_by_key(|r| r.start);
+                    let mut merged: Vec<Range<usize>> = Vec::new();
+                    for x in r {
+                        match merged.last_mut() {
+                            Some(m) if x.start <= m.end => m.end = m.end.max(x.end),
+                            _ => merged.push(x),
+                        }
+                    }
+                    out.extend(merged.into_iter().map(|m| (s.stream, s.first + m.start, m.len())));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Gathers an attention node's query rows and masks per sequence, records which pages they
+/// can see, and under the device's attention budget selects the pages a decode call reads.
+///
 /// # Safety
 /// `node` is a FLASH_ATTN_EXT node handed to this backend, its KV shaped: valid, with its
-/// srcs' data readable and its own data writable.
-unsafe fn flash_attn(node: *mut ll::ggml_tensor, threads: Threads) -> Result<(), String> {
+/// srcs' data readable.
+unsafe fn attn_plan<'m>(node: *mut ll::ggml_tensor, dev: &DeviceCtx) -> Result<AttnPlan<'m>, String> {
     // SAFETY: valid node (caller).
     let (kview, vview) = unsafe { flash_attn_check(node) }?;
-    // SAFETY: q and k are valid; mask and sinks are NULL or valid (caller).
-    let (q, k, mask, sinks) = unsafe {
+    // SAFETY: q and k are valid; the mask is NULL or valid (caller).
+    let (q, k, mask) = unsafe {
         let s = &(*node).src;
-        (&*s[0], &*s[1], s[3].as_ref(), s[4].as_ref())
+        (&*s[0], &*s[1], s[3].as_ref())
     };
     let (d, n_q, n_head, n_seq) = (q.ne[0] as usize, q.ne[1] as usize, q.ne[2] as usize, q.ne[3] as usize);
-    let (n_kv, n_head_kv, n_kv_seq) = (k.ne[1] as usize, k.ne[2] as usize, k.ne[3] as usize);
+    let (n_kv, n_kv_seq) = (k.ne[1] as usize, k.ne[3] as usize);
     // SAFETY: valid node.
-    let p = unsafe { FaParams { scale: f32_param(node, 0), max_bias: f32_param(node, 1), softcap: f32_param(node, 2) } };
-    // SAFETY: sinks hold one F32 per query head.
-    let sinks = sinks.map(|s| unsafe { std::slice::from_raw_parts(s.data as *const f32, n_head) });
-
+    let alibi = unsafe { f32_param(node, 1) } != 0.0;
     let (ke, ve) = (kview.root.entry().ok_or("K has no store")?, vview.root.entry().ok_or("V has no store")?);
     let (ks, vs) = (ke.read(), ve.read());
     if ks.head_dim() != d || vs.head_dim() != d {
         return Err("K/V store not shaped for this attention".into());
     }
-    let threads = threads.at_most(attn_threads(threads.count(), n_q * n_kv * n_head_kv));
-    let mut qbuf = vec![0.0f32; n_q * n_head * d];
+    let cfg = &dev.config;
+    // Selection ranks pages by `q·k`; ALiBi's position bias would change that order.
+    let selective = cfg.attn_budget > 0 && n_q <= select::MAX_QUERY_ROWS && !alibi && ke.layer.is_some_and(|l| l >= cfg.attn_dense_layers);
+    let mut seqs = Vec::with_capacity(n_seq);
     for seq in 0..n_seq {
         let kv_seq = seq / (n_seq / n_kv_seq);
         let gk = kview.cell0 + kv_seq * kview.stream_step;
@@ -585,6 +634,7 @@ unsafe fn flash_attn(node: *mut ll::ggml_tensor, threads: Threads) -> Result<(),
         let (stream, first) = (gk / ks.cells(), gk % ks.cells());
 
         // q [d, n_q, n_head, seq] (strided) -> [n_q][n_head][d]
+        let mut qbuf = vec![0.0f32; n_q * n_head * d];
         for i in 0..n_q {
             for h in 0..n_head {
                 // SAFETY: the row lies inside q's data.
@@ -601,24 +651,62 @@ unsafe fn flash_attn(node: *mut ll::ggml_tensor, threads: Threads) -> Result<(),
             };
             Mask { data, stride: m.nb[1] / 2 }
         });
-        note_seen(&ks, &vs, stream, first, n_kv, n_q, mask);
-        let kv: Vec<_> = (0..n_head_kv).map(|h| segments(&ks, &vs, stream, first, n_kv, h)).collect();
-        // SAFETY: the output is [d, n_head, n_q, seq] contiguous F32 (ggml's FA output).
-        let out = unsafe { std::slice::from_raw_parts_mut(((*node).data as *mut f32).add(seq * n_q * n_head * d), n_q * n_head * d) };
-        attn::flash_attn(&qbuf, n_q, n_head, d, &kv, mask, sinks, &p, threads, out);
+        // A cell is visible unless the mask holds −∞ for it in every row (no mask: all are).
+        let visible = |cells: Range<usize>| match mask {
+            None => true,
+            Some(m) => (0..n_q).any(|i| m.data[i * m.stride..][cells.clone()].iter().any(|x| *x != f16::NEG_INFINITY)),
+        };
+        ks.note_seen(stream, first, n_kv, visible);
+        vs.note_seen(stream, first, n_kv, visible);
+        let pick = if selective {
+            let t = std::time::Instant::now();
+            let pick = ks.select(stream, first, n_kv, visible, &qbuf, n_q, n_head, cfg.attn_budget);
+            dev.select.add(t.elapsed(), pick.as_ref().map_or(n_kv * ks.n_head(), |p| p.iter().flatten().map(ExactSizeIterator::len).sum()), ks.n_head());
+            pick
+        } else {
+            if n_q <= select::MAX_QUERY_ROWS {
+                dev.select.add(std::time::Duration::ZERO, n_kv * ks.n_head(), ks.n_head());
+            }
+            None
+        };
+        seqs.push(SeqAttn { stream, first, q: qbuf, mask, pick });
     }
-    Ok(())
+    Ok(AttnPlan { seqs, n_kv })
 }
 
-/// Records which pages of cells [first, first + n_kv) the `n_q` query rows could see: a
-/// cell is visible unless the mask holds −∞ for it in every row (no mask: all visible).
-fn note_seen(k: &KvStore, v: &KvStore, stream: usize, first: usize, n_kv: usize, n_q: usize, mask: Option<Mask>) {
-    let visible = |cells: std::ops::Range<usize>| match mask {
-        None => true,
-        Some(m) => (0..n_q).any(|i| m.data[i * m.stride..][cells.clone()].iter().any(|x| *x != f16::NEG_INFINITY)),
+/// # Safety
+/// `node` is the FLASH_ATTN_EXT node `plan` was made for: valid, with its srcs' data
+/// readable and its own data writable.
+unsafe fn flash_attn(node: *mut ll::ggml_tensor, plan: &AttnPlan, threads: Threads) -> Result<(), String> {
+    // SAFETY: valid node (caller).
+    let (kview, vview) = unsafe { flash_attn_check(node) }?;
+    // SAFETY: q and k are valid; sinks are NULL or valid (caller).
+    let (q, k, sinks) = unsafe {
+        let s = &(*node).src;
+        (&*s[0], &*s[1], s[4].as_ref())
     };
-    k.note_seen(stream, first, n_kv, visible);
-    v.note_seen(stream, first, n_kv, visible);
+    let (d, n_q, n_head) = (q.ne[0] as usize, q.ne[1] as usize, q.ne[2] as usize);
+    let (n_kv, n_head_kv) = (k.ne[1] as usize, k.ne[2] as usize);
+    // SAFETY: valid node.
+    let p = unsafe { FaParams { scale: f32_param(node, 0), max_bias: f32_param(node, 1), softcap: f32_param(node, 2) } };
+    // SAFETY: sinks hold one F32 per query head.
+    let sinks = sinks.map(|s| unsafe { std::slice::from_raw_parts(s.data as *const f32, n_head) });
+    let (ke, ve) = (kview.root.entry().ok_or("K has no store")?, vview.root.entry().ok_or("V has no store")?);
+    let (ks, vs) = (ke.read(), ve.read());
+    for (seq, s) in plan.seqs.iter().enumerate() {
+        let kv: Vec<_> = (0..n_head_kv)
+            .map(|h| match &s.pick {
+                None => segments(&ks, &vs, s.stream, s.first, n_kv, h),
+                Some(pick) => segments_in(&ks, &vs, s.stream, s.first, &pick[h], h),
+            })
+            .collect();
+        let rows = kv.iter().flatten().map(|g| g.n).sum::<usize>();
+        let threads = threads.at_most(attn_threads(threads.count(), n_q * rows));
+        // SAFETY: the output is [d, n_head, n_q, seq] contiguous F32 (ggml's FA output).
+        let out = unsafe { std::slice::from_raw_parts_mut(((*node).data as *mut f32).add(seq * n_q * n_head * d), n_q * n_head * d) };
+        attn::flash_attn(&s.q, n_q, n_head, d, &kv, s.mask, sinks, &p, threads, out);
+    }
+    Ok(())
 }
 
 /// Threads for one attention call: on the tiniest calls a second thread costs more than it

@@ -8,6 +8,7 @@
 //! while it is staged). A budget smaller than the f16 pages (sinks and window, which never
 //! go cold) is exceeded by them, and a warning says so once.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -97,9 +98,12 @@ impl<'g> Stager<'g> {
         Ok(Stager { budget, nodes, inflight })
     }
 
-    /// The cold pages node `i` would read now.
-    fn want(&self, i: usize) -> Want<'g> {
-        let (entries, ranges) = &self.nodes[i];
+    /// The cold pages node `j` is expected to read: those its K entry's last call read (the
+    /// same layer's selection for the previous token), or all of its cells.
+    fn want(&self, j: usize) -> Want<'g> {
+        let (entries, ranges) = &self.nodes[j];
+        let predicted = entries[0].last_reads.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let ranges = predicted.as_ref().unwrap_or(ranges);
         entries
             .iter()
             .map(|&e| {
@@ -110,10 +114,11 @@ impl<'g> Stager<'g> {
             .collect()
     }
 
-    /// Before attention node `i` runs: asks the transfer stream for the nodes after it, up to
-    /// the prefetch depth, then stages node `i`'s cold pages, from its fetch when one was
-    /// made, reading what is still missing itself.
-    pub fn before(&mut self, i: usize) -> Result<(), String> {
+    /// Before attention node `i` runs, which reads `reads` (stream, first cell, cells): asks
+    /// the transfer stream for the nodes after it, up to the prefetch depth, then stages the
+    /// cold pages `reads` covers, from its fetch when one was made, reading what is still
+    /// missing itself. Cold pages found staged count as prefetch hits, the others as misses.
+    pub fn before(&mut self, i: usize, reads: Vec<(usize, usize, usize)>) -> Result<(), String> {
         let tier = &self.budget.tier;
         if let Some(x) = &self.budget.transfer {
             for j in i + 1..(i + 1 + self.budget.prefetch).min(self.nodes.len()) {
@@ -131,16 +136,17 @@ impl<'g> Stager<'g> {
             tier.add_wait(waited);
             let mut got = got.map_err(|e| format!("reading KV pages from the spill file ({}): {e}", tier.describe()))?.into_iter();
             for (e, pages) in want {
-                let n = pages.len() as u64;
                 e.write().install(pages.into_iter().map(|(id, slot)| (id, slot, got.next().expect("one delivery per slot"))).collect());
-                tier.counters.prefetch_hits.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
             }
         }
-        // What no fetch brought (prefetch 0, or pages that went cold after the fetch).
-        let (entries, ranges) = &self.nodes[i];
+        // What no fetch brought (prefetch 0, pages the prediction missed, or pages that went
+        // cold after the fetch).
+        let entries = &self.nodes[i].0;
         for e in entries {
             let mut s = e.write();
-            for &(stream, first, n) in ranges {
+            for &(stream, first, n) in &reads {
+                let hits = s.staged_pages(stream, first, n) as u64;
+                tier.counters.prefetch_hits.fetch_add(hits, Ordering::Relaxed);
                 let t = Instant::now();
                 let missed = s.cold_pages(stream, first, n).len() as u64;
                 if missed == 0 {
@@ -149,10 +155,11 @@ impl<'g> Stager<'g> {
                 s.stage(stream, first, n).map_err(|e| format!("reading KV pages from the spill file ({}): {e}", tier.describe()))?;
                 let d = t.elapsed();
                 tier.add_wait(d);
-                tier.counters.transfer_busy_ns.fetch_add(d.as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
-                tier.counters.prefetch_misses.fetch_add(missed, std::sync::atomic::Ordering::Relaxed);
+                tier.counters.transfer_busy_ns.fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+                tier.counters.prefetch_misses.fetch_add(missed, Ordering::Relaxed);
             }
         }
+        *entries[0].last_reads.lock().unwrap_or_else(|e| e.into_inner()) = Some(reads);
         Ok(())
     }
 

@@ -50,11 +50,19 @@ pub(crate) struct KvEntry {
     failure: Mutex<Option<String>>,
     /// The device's memory budget, whose cold tier the shaped store may spill to.
     tier: Option<Arc<Tier>>,
+    /// The model layer (from the tensor's name, `cache_k_l<layer>`).
+    pub layer: Option<usize>,
+    /// The cells (stream, first, cells) the latest attention over this KV read: with a
+    /// budget, the transfer stream prefetches these for the next call (page selection
+    /// changes little from one token to the next).
+    pub last_reads: Mutex<Option<Vec<(usize, usize, usize)>>>,
 }
 
 impl KvEntry {
-    fn new(row_len: usize, cells: usize, streams: usize, cfg: StoreConfig, tier: Option<Arc<Tier>>) -> Result<KvEntry, String> {
+    fn new(row_len: usize, cells: usize, streams: usize, cfg: StoreConfig, tier: Option<Arc<Tier>>, layer: Option<usize>) -> Result<KvEntry, String> {
         Ok(KvEntry {
+            layer,
+            last_reads: Mutex::new(None),
             row_len,
             cells,
             streams,
@@ -68,7 +76,7 @@ impl KvEntry {
 
     /// The store of a KV whose head size is not known: whole rows, f16, exact.
     fn exact_store(row_len: usize, cells: usize, streams: usize, window: usize) -> Result<KvStore, String> {
-        KvStore::new(StoreConfig { quant: None, window }, 1, row_len, cells, streams)
+        KvStore::new(StoreConfig { quant: None, window, digests: false }, 1, row_len, cells, streams)
     }
 
     /// Whether [`KvEntry::shape`] would accept `head_dim` (changes nothing).
@@ -309,7 +317,7 @@ unsafe extern "C" fn init_tensor(buf: ll::ggml_backend_buffer_t, t: *mut ll::ggm
             return ll::GGML_STATUS_FAILED;
         }
         let c = ctx.dev.config;
-        let cfg = StoreConfig { quant: c.format.map(|f| if is_k { f.k } else { f.v }), window: c.window };
+        let cfg = StoreConfig { quant: c.format.map(|f| if is_k { f.k } else { f.v }), window: c.window, digests: is_k && c.attn_budget > 0 };
         let tier = match ctx.dev.budget() {
             Ok(b) => b.map(|b| b.tier.clone()),
             Err(e) => {
@@ -317,7 +325,7 @@ unsafe extern "C" fn init_tensor(buf: ll::ggml_backend_buffer_t, t: *mut ll::ggm
                 return ll::GGML_STATUS_FAILED;
             }
         };
-        let entry = match KvEntry::new(tr.ne[0] as usize, tr.ne[1] as usize, tr.ne[2] as usize, cfg, tier) {
+        let entry = match KvEntry::new(tr.ne[0] as usize, tr.ne[1] as usize, tr.ne[2] as usize, cfg, tier, name[9..].parse().ok()) {
             Ok(e) => Arc::new(e),
             Err(e) => {
                 log_error(&format!("{name}: {e}"));

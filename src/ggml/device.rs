@@ -30,6 +30,8 @@ pub(crate) struct DeviceCtx {
     pub attn_calls: AtomicU64,
     /// Graphs (scheduler splits) run by this device's backends.
     pub graphs: AtomicU64,
+    /// What decode attention calls read (page selection).
+    pub select: crate::kv::select::Counters,
     /// The KV budget and its cold tier, made when the first KV store needs them.
     budget: Mutex<Option<Arc<Budget>>>,
 }
@@ -114,7 +116,7 @@ fn device_for(config: Config) -> (ll::ggml_backend_dev_t, bool) {
         return (d.0.cast(), false);
     }
     let name = CString::new(format!("DSPARK{}", devs.len())).expect("no NUL in a device name");
-    let ctx = Box::into_raw(Box::new(DeviceCtx { config, name, buft: std::ptr::null_mut(), kv: Mutex::new(Vec::new()), attn_calls: AtomicU64::new(0), graphs: AtomicU64::new(0), budget: Mutex::new(None) }));
+    let ctx = Box::into_raw(Box::new(DeviceCtx { config, name, buft: std::ptr::null_mut(), kv: Mutex::new(Vec::new()), attn_calls: AtomicU64::new(0), graphs: AtomicU64::new(0), select: Default::default(), budget: Mutex::new(None) }));
     let dev = Box::into_raw(Box::new(sys::ggml_backend_device { iface: device_iface(), reg: r.reg.cast(), context: ctx.cast() }));
     let buft = Box::into_raw(Box::new(sys::ggml_backend_buffer_type { iface: buffer::buft_iface(), device: dev.cast(), context: std::ptr::null_mut() }));
     // SAFETY: ctx was just allocated and is not shared yet.
@@ -317,6 +319,7 @@ impl Stats {
         let ctx = unsafe { dev_ctx(dev) };
         s.attn_calls = ctx.attn_calls.load(Ordering::Relaxed);
         s.graphs = ctx.graphs.load(Ordering::Relaxed);
+        s.add_select(&ctx.select);
         ctx.entries().iter().for_each(|e| s.add_entry(e));
         if let Some(b) = ctx.budget.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
             s.add_tier(&b.tier);

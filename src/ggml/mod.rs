@@ -49,6 +49,12 @@ pub struct Config {
     /// Layers ahead whose cold pages the transfer stream reads while attention runs; 0 reads
     /// them when the layer needs them (the synchronous baseline).
     pub prefetch: usize,
+    /// Cells a decode call's attention reads per KV head: the sink page, the f16 window and
+    /// the compressed pages whose digests score best for the query ([`crate::kv::select`]).
+    /// 0 reads every cell (dense).
+    pub attn_budget: usize,
+    /// Layers from the first that stay dense under an attention budget.
+    pub attn_dense_layers: usize,
 }
 
 impl Default for Config {
@@ -59,9 +65,14 @@ impl Default for Config {
             cpu_attention: std::env::var("DSPARK_CPU_ATTENTION").is_ok_and(|v| v == "1"),
             kv_budget: None,
             prefetch: 2,
+            attn_budget: 0,
+            attn_dense_layers: 2,
         }
     }
 }
+
+/// The options a `dspark:` spec takes after its format.
+const OPTIONS: &str = "kv=SIZE, prefetch=N, attn=N, attn_dense=L";
 
 /// Parses a size: bytes, or a number with K, M or G (binary: 16M = 16 MiB), e.g. `512M`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -92,12 +103,13 @@ impl Config {
     }
 
     /// Parses `FORMAT[:key=value...]` as `dspark:` specs take it (after the `dspark:`):
-    /// `kv=SIZE` (the KV budget, `0`/`none` for no budget) and `prefetch=N`.
+    /// `kv=SIZE` (the KV budget, `0`/`none` for no budget), `prefetch=N`, `attn=N` (the
+    /// attention budget in cells, 0 = dense) and `attn_dense=L` (layers kept dense).
     pub fn with_spec(self, spec: &str) -> Result<Config, String> {
         let mut parts = spec.split(':');
         let mut c = self.with_format_name(parts.next().unwrap_or("").trim())?;
         for kv in parts {
-            let (key, value) = kv.split_once('=').ok_or_else(|| format!("option `{kv}`: expected key=value (kv=SIZE, prefetch=N)"))?;
+            let (key, value) = kv.split_once('=').ok_or_else(|| format!("option `{kv}`: expected key=value ({OPTIONS})"))?;
             c = c.with_option(key.trim(), value.trim())?;
         }
         Ok(c)
@@ -108,7 +120,9 @@ impl Config {
         match key {
             "kv" => self.kv_budget = if matches!(value, "0" | "none") { None } else { Some(parse_size(value).map_err(|e| format!("kv={value}: {e}"))?) },
             "prefetch" => self.prefetch = value.parse().map_err(|_| format!("prefetch={value}: expected a layer count (0 = synchronous)"))?,
-            _ => return Err(format!("unknown option `{key}` (options: kv=SIZE, prefetch=N)")),
+            "attn" => self.attn_budget = value.parse().map_err(|_| format!("attn={value}: expected a number of cells (0 = dense)"))?,
+            "attn_dense" => self.attn_dense_layers = value.parse().map_err(|_| format!("attn_dense={value}: expected a layer count"))?,
+            _ => return Err(format!("unknown option `{key}` (options: {OPTIONS})")),
         }
         Ok(self)
     }
@@ -120,8 +134,15 @@ impl Config {
         if let Some(b) = self.kv_budget {
             s += &format!(":kv={b}");
         }
-        if self.prefetch != Config::default().prefetch {
+        let d = Config::default();
+        if self.prefetch != d.prefetch {
             s += &format!(":prefetch={}", self.prefetch);
+        }
+        if self.attn_budget != d.attn_budget {
+            s += &format!(":attn={}", self.attn_budget);
+        }
+        if self.attn_dense_layers != d.attn_dense_layers {
+            s += &format!(":attn_dense={}", self.attn_dense_layers);
         }
         s
     }

@@ -21,6 +21,7 @@
 //! The sink page and the f16 window never go cold.
 
 pub mod cold;
+pub mod select;
 pub mod tier;
 
 use std::io;
@@ -74,6 +75,12 @@ pub struct Stats {
     /// Cold pages found prefetched / read by the compute stream itself.
     pub prefetch_hits: u64,
     pub prefetch_misses: u64,
+    /// Decode attention calls, counted once per KV head ([`select::Counters`]).
+    pub decode_head_calls: u64,
+    /// Cells those calls read (all of them when dense; the selection under a budget).
+    pub attended_cells: u64,
+    /// Time spent selecting pages, ns, cumulative.
+    pub select_ns: u64,
 }
 
 impl Stats {
@@ -98,6 +105,32 @@ impl Stats {
         self.compute_wait_ns += get(&c.compute_wait_ns);
         self.prefetch_hits += get(&c.prefetch_hits);
         self.prefetch_misses += get(&c.prefetch_misses);
+    }
+
+    /// Adds a device's selection counters.
+    pub fn add_select(&mut self, c: &select::Counters) {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        self.decode_head_calls += get(&c.decode_head_calls);
+        self.attended_cells += get(&c.attended_cells);
+        self.select_ns += get(&c.select_ns);
+    }
+
+    /// Cells a decode call read per KV head, on average (0 before any decode).
+    pub fn attended_tokens(&self) -> f64 {
+        if self.decode_head_calls == 0 {
+            return 0.0;
+        }
+        self.attended_cells as f64 / self.decode_head_calls as f64
+    }
+
+    /// Cold pages a decode call needed that the transfer stream had read ahead (1 when none
+    /// was needed).
+    pub fn prefetch_hit_rate(&self) -> f64 {
+        let all = self.prefetch_hits + self.prefetch_misses;
+        if all == 0 {
+            return 1.0;
+        }
+        self.prefetch_hits as f64 / all as f64
     }
 
     /// The part of the transfer stream's reading that the compute stream did not wait for:
@@ -126,6 +159,9 @@ impl Stats {
         self.compute_wait_ns += o.compute_wait_ns;
         self.prefetch_hits += o.prefetch_hits;
         self.prefetch_misses += o.prefetch_misses;
+        self.decode_head_calls += o.decode_head_calls;
+        self.attended_cells += o.attended_cells;
+        self.select_ns += o.select_ns;
     }
 
     /// Stored bits per K/V value, page metadata included, in RAM and cold (NaN with nothing
@@ -142,6 +178,9 @@ pub struct StoreConfig {
     pub quant: Option<Quant>,
     /// Most recent cells kept in f16 (rounded up to whole pages).
     pub window: usize,
+    /// Keep a digest of each compressed page's rows for query-aware selection
+    /// ([`select`]; K stores).
+    pub digests: bool,
 }
 
 enum Page {
@@ -175,11 +214,14 @@ struct PageSlot {
     /// page's cells (0: never). Pages of removed tokens stop being seen; a memory budget
     /// moves them out first.
     last_seen: AtomicU64,
+    /// The digest of a compressed page's rows ([`select`]), in RAM whatever the page's tier;
+    /// `None` until the page is compressed, and again once a row of it is written.
+    digest: Option<Box<[f16]>>,
 }
 
 impl PageSlot {
     fn empty() -> PageSlot {
-        PageSlot { data: Page::Empty, last_write: 0, last_seen: AtomicU64::new(0) }
+        PageSlot { data: Page::Empty, last_write: 0, last_seen: AtomicU64::new(0), digest: None }
     }
 }
 
@@ -222,6 +264,7 @@ pub enum PageView<'a> {
 pub struct KvStore {
     codec: Option<RowCodec>,
     window: usize,
+    digests: bool,
     n_head: usize,
     head_dim: usize,
     cells: usize,
@@ -244,6 +287,7 @@ impl KvStore {
         Ok(KvStore {
             codec,
             window: cfg.window,
+            digests: cfg.digests,
             n_head,
             head_dim,
             cells,
@@ -334,6 +378,10 @@ impl KvStore {
             },
             PageView::F16(d) => return Err(format!("f16 page of {} values does not fit this store", d.len())),
         };
+        let digest = match &new {
+            Page::Packed(d) => self.digest_of(d),
+            _ => None,
+        };
         let st = &mut self.streams[stream];
         if matches!(new, Page::Empty) && page >= st.pages.len() {
             return Ok(());
@@ -342,6 +390,7 @@ impl KvStore {
         let slot = st.slot_mut(page);
         slot.data = new;
         slot.last_write = clock;
+        slot.digest = digest;
         st.pages.truncate(st.pages.iter().rposition(|s| !matches!(s.data, Page::Empty)).map_or(0, |i| i + 1));
         Ok(())
     }
@@ -417,6 +466,7 @@ impl KvStore {
         if new || matches!(page.data, Page::Empty) {
             page.last_write = clock;
         }
+        page.digest = None;
         match &page.data {
             Page::Empty => page.data = Page::F16(vec![f16::ZERO; nh * PAGE * d].into_boxed_slice()),
             // A new row makes its page recent again (a context shift or a ring writes new
@@ -496,26 +546,93 @@ impl KvStore {
     pub fn compact(&mut self, threads: Threads) {
         let Some(codec) = self.codec else { return };
         let window = self.window as u64;
-        let mut due: Vec<&mut Page> = Vec::new();
+        let digests = self.digests;
+        // Pages due for compression, and (with digests) compressed pages in RAM whose digest
+        // a rewrite in place (a K-shift) dropped.
+        let mut due: Vec<&mut PageSlot> = Vec::new();
         for st in &mut self.streams {
             let clock = st.clock;
-            due.extend(
-                st.pages
-                    .iter_mut()
-                    .skip(1)
-                    .filter(|s| matches!(s.data, Page::F16(_)) && clock - s.last_write >= window)
-                    .map(|s| &mut s.data),
-            );
+            due.extend(st.pages.iter_mut().skip(1).filter(|s| match s.data {
+                Page::F16(_) => clock - s.last_write >= window,
+                Page::Packed(_) => digests && s.digest.is_none(),
+                _ => false,
+            }));
         }
         if due.is_empty() {
             return;
         }
         let (d, nh) = (self.head_dim, self.n_head);
-        threads.for_each_mut(&mut due, |page| {
-            if let Page::F16(data) = &**page {
-                **page = Page::Packed(encode_page(&codec, data, d, nh));
+        threads.for_each_mut(&mut due, |slot| match &slot.data {
+            Page::F16(data) => {
+                slot.digest = digests.then(|| select::digest(data, nh, d));
+                slot.data = Page::Packed(encode_page(&codec, data, d, nh));
             }
+            Page::Packed(data) => slot.digest = Some(select::digest(&decode_page(&codec, data, d), nh, d)),
+            _ => {}
         });
+    }
+
+    /// The digest of a packed page, when the store keeps digests.
+    fn digest_of(&self, packed: &[u8]) -> Option<Box<[f16]>> {
+        let codec = self.codec.as_ref().filter(|_| self.digests)?;
+        Some(select::digest(&decode_page(codec, packed, self.head_dim), self.n_head, self.head_dim))
+    }
+
+    /// Per KV head, the cells of [first, first + n) of a stream that a decode call reads with
+    /// an attention budget of `budget` cells, as ranges counted from `first`; `None` when the
+    /// call stays dense (see [`select`]). `visible(range)` says whether a query row can see a
+    /// cell of a range (counted from `first`); `q` holds `n_q` rows of `n_head_q` heads of
+    /// `head_dim` values, and query head `h` reads KV head `h / (n_head_q / n_head)`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn select(
+        &self,
+        stream: usize,
+        first: usize,
+        n: usize,
+        visible: impl Fn(std::ops::Range<usize>) -> bool,
+        q: &[f32],
+        n_q: usize,
+        n_head_q: usize,
+        budget: usize,
+    ) -> Option<Vec<Vec<std::ops::Range<usize>>>> {
+        use select::PageKind;
+        let (d, nh) = (self.head_dim, self.n_head);
+        let group = n_head_q / nh;
+        let st = &self.streams[stream];
+        let cells = first..first + n;
+        let pages: Vec<usize> = (first / PAGE..(first + n).div_ceil(PAGE)).collect();
+        let kinds: Vec<PageKind> = pages
+            .iter()
+            .map(|&p| {
+                let span = (p * PAGE).max(first)..((p + 1) * PAGE).min(first + n);
+                let slot = st.pages.get(p);
+                if !visible(span.start - first..span.end - first) {
+                    PageKind::Hidden
+                } else if p == 0 || span.len() < PAGE || slot.is_none_or(|s| s.digest.is_none() || matches!(s.data, Page::F16(_) | Page::Empty)) {
+                    PageKind::Always
+                } else {
+                    PageKind::Candidate
+                }
+            })
+            .collect();
+        let mut digest = vec![0.0f32; 2 * d];
+        let scores: Vec<Vec<f32>> = (0..nh)
+            .map(|h| {
+                let qh: Vec<f32> = (0..n_q).flat_map(|i| &q[(i * n_head_q + h * group) * d..][..group * d]).copied().collect();
+                pages
+                    .iter()
+                    .zip(&kinds)
+                    .map(|(&p, k)| match (k, st.pages.get(p).and_then(|s| s.digest.as_deref())) {
+                        (PageKind::Candidate, Some(g)) => {
+                            half::slice::HalfFloatSliceExt::convert_to_f32_slice(&g[h * 2 * d..][..2 * d], &mut digest);
+                            select::score(&digest, &qh, d)
+                        }
+                        _ => 0.0,
+                    })
+                    .collect()
+            })
+            .collect();
+        select::choose(cells, &kinds, &scores, budget)
     }
 
     /// Records that an attention call could see cells [first, first + n) of a stream where
@@ -552,14 +669,17 @@ impl KvStore {
         self.streams.iter().flat_map(|s| s.pages.iter().map(|p| &p.data))
     }
 
-    /// Bytes held by pages in RAM (staged copies of cold pages included).
+    /// Bytes held by pages in RAM (staged copies of cold pages and digests included).
     pub fn bytes(&self) -> usize {
-        self.all_pages()
+        let pages: usize = self
+            .all_pages()
             .map(|p| match p {
                 Page::F16(d) => d.len() * 2,
                 p => p.packed().map_or(0, <[u8]>::len),
             })
-            .sum()
+            .sum();
+        let digests: usize = self.streams.iter().flat_map(|s| &s.pages).map(|s| s.digest.as_ref().map_or(0, |g| g.len() * 2)).sum();
+        pages + digests
     }
 
     /// Bytes of pages in the cold tier.
@@ -635,6 +755,14 @@ impl KvStore {
             _ => None,
         })
         .collect()
+    }
+
+    /// The cold pages with a staged copy among the pages of cells [first, first + n) of a
+    /// stream.
+    pub fn staged_pages(&self, stream: usize, first: usize, n: usize) -> usize {
+        let st = &self.streams[stream];
+        let pages = first / PAGE..(first + n).div_ceil(PAGE).min(st.pages.len());
+        pages.filter(|&p| matches!(st.pages[p].data, Page::Cold { staged: Some(_), .. })).count()
     }
 
     /// Installs staged copies read from the tier. A copy whose page has since changed (a
@@ -752,12 +880,18 @@ fn decode_page(codec: &RowCodec, data: &[u8], d: usize) -> Box<[f16]> {
 /// The attention segments of one KV head over cells [first, first + n) of a stream, K and V
 /// side by side. `first_cell` of each segment counts from `first` (the mask's column).
 pub fn segments<'a>(k: &'a KvStore, v: &'a KvStore, stream: usize, first: usize, n: usize, head: usize) -> Vec<Segment<'a>> {
-    // K and V pages share cell boundaries (both are PAGE-aligned), so the runs line up.
-    let ks = k.head_rows(stream, first, n, head);
-    let vs = v.head_rows(stream, first, n, head);
-    debug_assert_eq!(ks.len(), vs.len());
-    ks.into_iter()
-        .zip(vs)
-        .map(|((c, len, kr), (_, _, vr))| Segment { first_cell: c - first, n: len, k: kr, v: vr })
-        .collect()
+    segments_in(k, v, stream, first, &[0..n], head)
+}
+
+/// As [`segments`], over the cells `first + r` for each range `r` of `ranges` (a selection).
+pub fn segments_in<'a>(k: &'a KvStore, v: &'a KvStore, stream: usize, first: usize, ranges: &[std::ops::Range<usize>], head: usize) -> Vec<Segment<'a>> {
+    let mut out = Vec::new();
+    for r in ranges {
+        // K and V pages share cell boundaries (both are PAGE-aligned), so the runs line up.
+        let ks = k.head_rows(stream, first + r.start, r.len(), head);
+        let vs = v.head_rows(stream, first + r.start, r.len(), head);
+        debug_assert_eq!(ks.len(), vs.len());
+        out.extend(ks.into_iter().zip(vs).map(|((c, len, kr), (_, _, vr))| Segment { first_cell: c - first, n: len, k: kr, v: vr }));
+    }
+    out
 }

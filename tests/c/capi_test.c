@@ -919,6 +919,20 @@ static void test_register(void) {
     old.kv_budget_bytes = 12345; /* beyond its size: must not be read */
     OK(dspark_register(&old, &dev3));
     CHECK(dev3 == dev, "an old-size config must read as the defaults for the new fields");
+    /* API version 3's struct ended with prefetch_depth: the attention fields take their
+     * defaults (not the garbage in its padding). */
+    old = cfg;
+    old.size = offsetof(dspark_config, attn_budget_tokens);
+    old.attn_budget_tokens = 777;
+    OK(dspark_register(&old, &dev3));
+    CHECK(dev3 == dev, "a version-3 config must read as the defaults for the version-4 fields");
+    old.size = offsetof(dspark_config, attn_budget_tokens) - 8;
+    EXPECT(DSPARK_ERR_SIZE, dspark_register(&old, &dev3));
+    CHECK(cfg.attn_budget_tokens == 0 && cfg.attn_dense_layers == 2, "config_init: dense attention, 2 dense layers");
+    dspark_config sel = cfg;
+    sel.attn_budget_tokens = 1024;
+    OK(dspark_register(&sel, &dev3));
+    CHECK(dev3 != NULL && dev3 != dev, "an attention budget is another configuration: another device");
     dspark_config budget = cfg;
     budget.kv_budget_bytes = 64u << 20;
     budget.prefetch_depth = 0;
@@ -933,6 +947,7 @@ static void test_register(void) {
     CHECK(s.kv_bytes == 0 && s.bits_per_elem == 0.0, "no llama.cpp context yet, but %llu bytes",
           (unsigned long long)s.kv_bytes);
     CHECK(s.kv_cold_bytes == 0 && s.cold_read_bytes == 0 && s.hidden_fraction == 1.0, "no cold tier in use yet");
+    CHECK(s.attended_tokens == 0.0 && s.select_s == 0.0 && s.prefetch_hit_rate == 1.0, "no decode yet");
 }
 
 /* Finite values beyond the f16 range saturate to +-65504; non-finite ones are stored as 0,
@@ -1334,11 +1349,13 @@ static void print_layout(void) {
 #define OF(T, f) printf("offsetof %s.%s %zu\n", #T, #f, offsetof(T, f))
     SZ(dspark_config); OF(dspark_config, format); OF(dspark_config, window);
     OF(dspark_config, kv_budget_bytes); OF(dspark_config, prefetch_depth);
+    OF(dspark_config, attn_budget_tokens); OF(dspark_config, attn_dense_layers);
     SZ(dspark_stats); OF(dspark_stats, kv_bytes); OF(dspark_stats, pages_f16);
     OF(dspark_stats, pages_compressed); OF(dspark_stats, cells); OF(dspark_stats, elems);
     OF(dspark_stats, bits_per_elem); OF(dspark_stats, compression_ratio); OF(dspark_stats, attn_calls);
     OF(dspark_stats, kv_cold_bytes); OF(dspark_stats, cold_read_bytes); OF(dspark_stats, cold_write_bytes);
     OF(dspark_stats, transfer_busy_s); OF(dspark_stats, compute_wait_s); OF(dspark_stats, hidden_fraction);
+    OF(dspark_stats, attended_tokens); OF(dspark_stats, select_s); OF(dspark_stats, prefetch_hit_rate);
     SZ(dspark_cache_params); OF(dspark_cache_params, n_layer); OF(dspark_cache_params, n_head_kv);
     OF(dspark_cache_params, n_head); OF(dspark_cache_params, head_dim);
     OF(dspark_cache_params, max_tokens); OF(dspark_cache_params, n_seq_max);
