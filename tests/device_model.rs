@@ -419,3 +419,56 @@ fn state_save_under_a_kv_budget_is_byte_identical() {
     let (a, b) = (dense.state_save(), tiered.state_save());
     assert!(a.len() > 1 << 20 && a == b, "state of {} vs {} bytes, or different bytes", a.len(), b.len());
 }
+
+/// Page selection on the real model. An attention budget that holds the whole context
+/// changes nothing (bit-identical logits); a smaller one reads fewer tokens per decode step
+/// and stays close to dense; under a KV budget the same selection gives the same logits as
+/// with every page in RAM, and reads fewer cold bytes than dense attention does.
+#[test]
+fn page_selection_reads_what_the_attention_budget_allows() {
+    let r = runner();
+    let text = std::fs::read_to_string("/usr/share/common-licenses/GPL-3").unwrap();
+    let toks: Vec<i32> = r.model(&spec("dspark:k4v4")).unwrap().tokenize(&text, true).unwrap().into_iter().take(2000).collect();
+    let steps = |s: &str| {
+        let mut ctx = prefilled(&r, &spec(s), &toks, 2100);
+        let before = r.dspark_stats(&ctx).unwrap();
+        let mut out = vec![];
+        for i in 0..6 {
+            let t = argmax(ctx.logits(-1));
+            ctx.decode(&[t], toks.len() + i, 0, false).unwrap();
+            out.push(ctx.logits(-1).to_vec());
+        }
+        let after = r.dspark_stats(&ctx).unwrap();
+        let during = dspark::kv::Stats {
+            decode_head_calls: after.decode_head_calls - before.decode_head_calls,
+            attended_cells: after.attended_cells - before.attended_cells,
+            cold_read_bytes: after.cold_read_bytes - before.cold_read_bytes,
+            prefetch_hits: after.prefetch_hits - before.prefetch_hits,
+            prefetch_misses: after.prefetch_misses - before.prefetch_misses,
+            ..Default::default()
+        };
+        (out, during)
+    };
+    // Devices of their own (no other test uses these specs).
+    let (dense, d) = steps("dspark:k4v4:prefetch=5");
+    assert!(d.attended_tokens() > 2000.0, "dense attention reads every cell: {d:?}");
+    let (full, f) = steps("dspark:k4v4:prefetch=5:attn=4096");
+    assert!(f.attended_tokens() > 2000.0, "{f:?}");
+    for (i, (a, b)) in dense.iter().zip(&full).enumerate() {
+        assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "budget >= context: logits of step {i} differ");
+    }
+    let (sel, s) = steps("dspark:k4v4:prefetch=5:attn=512");
+    // 28 of 30 layers read at most 512 cells; the first 2 stay dense.
+    assert!(s.attended_tokens() < (28.0 * 512.0 + 2.0 * 2006.0) / 30.0 + 1.0, "{s:?}");
+    for (i, (a, b)) in dense.iter().zip(&sel).enumerate() {
+        let k = kl(a, b);
+        assert!(k < 0.05, "step {i}: KL divergence from dense {k}");
+    }
+    let (cold_sel, cs) = steps("dspark:k4v4:prefetch=5:attn=512:kv=3M");
+    for (i, (a, b)) in sel.iter().zip(&cold_sel).enumerate() {
+        assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "a KV budget changed the logits of step {i}");
+    }
+    let (_, cd) = steps("dspark:k4v4:prefetch=5:kv=3M");
+    assert!(cs.cold_read_bytes > 0 && cs.cold_read_bytes * 2 < cd.cold_read_bytes, "cold reads: selected {cs:?}, dense {cd:?}");
+    assert!(cs.prefetch_hit_rate() > 0.5, "the previous token's selection should predict most pages: {cs:?}");
+}

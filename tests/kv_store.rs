@@ -193,3 +193,44 @@ mod tier {
         assert_eq!(read_all(&s), before);
     }
 }
+
+/// Page selection under an attention budget: every head reads the sink page and the f16
+/// window whatever the query, the compressed page whose keys match the query best, never a
+/// page no query row can see, and with a budget that holds every visible cell the call stays
+/// dense.
+#[test]
+fn selection_keeps_the_sinks_and_the_window_and_picks_the_matching_page() {
+    let mut s = KvStore::new(StoreConfig { quant: Some(Quant::Q4), window: 128, digests: true }, HEADS, D, 1024, 1).unwrap();
+    let mut row = vec![0.0f32; HEADS * D];
+    for c in 0..1024 {
+        for (i, x) in row.iter_mut().enumerate() {
+            *x = ((c * 31 + i * 7) as f32 * 0.61).sin();
+        }
+        // Head h's keys on page 3 + 2h point along channel 5; elsewhere they are small.
+        for h in 0..HEADS {
+            row[h * D + 5] = if c / PAGE == 3 + 2 * h { 8.0 } else { 0.1 };
+        }
+        s.write_row(c, &row);
+    }
+    s.compact(Threads::serial());
+    // One query row per query head (2 per KV head), all along channel 5, the sink page
+    // scoring worst.
+    let n_head_q = 2 * HEADS;
+    let q: Vec<f32> = (0..n_head_q * D).map(|i| if i % D == 5 { 1.0 } else { 0.0 }).collect();
+    let visible = |r: std::ops::Range<usize>| r.start / PAGE != 9;
+    let pick = s.select(0, 0, 1024, visible, &q, 1, n_head_q, 4 * PAGE).expect("a budget under the context selects");
+    for (h, ranges) in pick.iter().enumerate() {
+        let pages: Vec<usize> = ranges.iter().flat_map(|r| r.start / PAGE..r.end / PAGE).collect();
+        // Sinks (0), the window (14, 15), and the best-matching page.
+        assert_eq!(pages, vec![0, 3 + 2 * h, 14, 15], "head {h}");
+    }
+    // A budget below the sinks and window still reads them.
+    for ranges in s.select(0, 0, 1024, visible, &q, 1, n_head_q, PAGE).unwrap() {
+        assert_eq!(ranges, vec![0..PAGE, 14 * PAGE..16 * PAGE]);
+    }
+    // Every visible cell fits: dense.
+    assert!(s.select(0, 0, 1024, visible, &q, 1, n_head_q, 1024 - PAGE).is_none());
+    // A page no query row can see is never read, even when the query matches it best.
+    let pick = s.select(0, 0, 1024, |r: std::ops::Range<usize>| r.start / PAGE != 3, &q, 1, n_head_q, 4 * PAGE).unwrap();
+    assert!(pick[0].iter().all(|r| !r.contains(&(3 * PAGE))), "{:?}", pick[0]);
+}

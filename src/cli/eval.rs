@@ -40,6 +40,10 @@ pub struct EvalArgs {
     /// Also draw bits per element against mean KL divergence to this SVG file.
     #[arg(long)]
     pub plot: Option<PathBuf>,
+    /// Score the second half of each chunk one token at a time, as generation runs, instead
+    /// of in batches of 512 (slower). Page selection (`attn=`) acts only on such decode steps.
+    #[arg(long)]
+    pub decode: bool,
     #[command(flatten)]
     pub tier: super::backend::TierArgs,
 }
@@ -83,9 +87,20 @@ fn argmax(v: &[f32]) -> usize {
     (0..v.len()).fold(0, |b, i| if v[i] > v[b] { i } else { b })
 }
 
-/// Runs one chunk and calls `f(position, logits)` for each scored position (the second half).
-fn run_chunk(ctx: &mut Context, toks: &[i32], mut f: impl FnMut(usize, &[f32])) -> Result<()> {
+/// Runs one chunk and calls `f(position, logits)` for each scored position (the second half),
+/// which `decode` evaluates one token at a time.
+fn run_chunk(ctx: &mut Context, toks: &[i32], decode: bool, mut f: impl FnMut(usize, &[f32])) -> Result<()> {
     let first_scored = toks.len() / 2;
+    if decode {
+        for (bi, batch) in toks[..first_scored].chunks(512).enumerate() {
+            ctx.decode(batch, bi * 512, 0, false)?;
+        }
+        for p in first_scored..toks.len() - 1 {
+            ctx.decode(&toks[p..=p], p, 0, true)?;
+            f(p, ctx.logits(0));
+        }
+        return Ok(());
+    }
     for (bi, batch) in toks.chunks(512).enumerate() {
         let pos0 = bi * 512;
         ctx.decode(batch, pos0, 0, true)?;
@@ -119,6 +134,9 @@ pub fn run_eval(args: &EvalArgs) -> Result<EvalReport> {
     for s in &specs {
         runner.check(s)?;
     }
+    if !args.decode && specs.iter().any(|s| s.to_string().contains(":attn=")) {
+        eprintln!("warning: page selection (attn=) acts on decode steps only; add --decode to score with it");
+    }
     let base_spec = BackendSpec::Stock(KvType::F16);
     let threads = args.threads.unwrap_or_else(default_threads);
     let text = text::load_text(args.file.as_deref())?;
@@ -144,7 +162,7 @@ pub fn run_eval(args: &EvalArgs) -> Result<EvalReport> {
         let mut base: Vec<Vec<f32>> = Vec::new();
         {
             let mut ctx = runner.context(&base_spec, args.ctx, threads)?;
-            run_chunk(&mut ctx, &chunk, |p, l| {
+            run_chunk(&mut ctx, &chunk, args.decode, |p, l| {
                 let lp = log_softmax(l);
                 base_nll -= lp[chunk[p + 1] as usize] as f64;
                 base.push(lp);
@@ -154,7 +172,7 @@ pub fn run_eval(args: &EvalArgs) -> Result<EvalReport> {
             eprint!(", {spec}");
             let mut ctx = runner.context(spec, args.ctx, threads)?;
             let mut k = 0;
-            run_chunk(&mut ctx, &chunk, |p, l| {
+            run_chunk(&mut ctx, &chunk, args.decode, |p, l| {
                 let lp = log_softmax(l);
                 let b = &base[k];
                 k += 1;

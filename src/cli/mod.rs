@@ -5,6 +5,7 @@ pub mod bench;
 pub mod eval;
 pub mod info;
 pub mod load;
+pub mod passkey;
 pub mod run;
 pub mod text;
 
@@ -40,6 +41,8 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Fidelity against f16 KV: KL divergence, top-1 agreement, perplexity.
     Eval(eval::EvalArgs),
+    /// Retrieval check: a pass key stated once in a long text, asked for at the end.
+    Passkey(passkey::PasskeyArgs),
     /// Show versions, registered ggml devices and CPU features.
     Info,
 }
@@ -80,6 +83,7 @@ pub fn main_with(cli: Cli) -> anyhow::Result<()> {
         Command::Run(a) => run::run(a),
         Command::Bench(a) => bench::bench(a),
         Command::Eval(a) => eval::eval(a),
+        Command::Passkey(a) => passkey::passkey(a),
         Command::Info => info::info(),
     }
 }

@@ -159,6 +159,51 @@ impl Counters {
 mod tests {
     use super::*;
 
+    /// A page's keys with a per-channel offset and scale (the shape of real K rows), and
+    /// random queries: no key scores above its page's digest.
+    #[test]
+    fn the_digest_bounds_every_key_of_its_page() {
+        let (nh, d) = (2, 64);
+        let mut seed = 0x2545_F491_4F6C_DD1Du64;
+        let mut rnd = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 11) as f32 / (1u64 << 53) as f32 * 2.0 - 1.0
+        };
+        for _ in 0..50 {
+            let offset: Vec<f32> = (0..d).map(|_| 4.0 * rnd()).collect();
+            let scale: Vec<f32> = (0..d).map(|i| if i % 16 == 3 { 20.0 } else { 1.0 + rnd().abs() }).collect();
+            let mut rows: Vec<f16> = (0..nh * PAGE * d).map(|i| f16::from_f32(offset[i % d] + scale[i % d] * rnd())).collect();
+            // The last row of each head is a corner of its page's box, and the last query
+            // points at it: there the bound is met exactly, so a digest a bit too small fails.
+            let corner: Vec<bool> = (0..d).map(|_| rnd() > 0.0).collect();
+            for h in 0..nh {
+                let page = &mut rows[h * PAGE * d..][..PAGE * d];
+                for i in 0..d {
+                    let col = page[..(PAGE - 1) * d].iter().skip(i).step_by(d).map(|x| x.to_f32());
+                    let v = if corner[i] { col.fold(f32::NEG_INFINITY, f32::max) } else { col.fold(f32::INFINITY, f32::min) };
+                    page[(PAGE - 1) * d + i] = f16::from_f32(v);
+                }
+            }
+            let g: Vec<f32> = digest(&rows, nh, d).iter().map(|x| x.to_f32()).collect();
+            for t in 0..20 {
+                let mut q: Vec<f32> = (0..3 * d).map(|_| 3.0 * rnd()).collect();
+                if t == 19 {
+                    q.iter_mut().enumerate().for_each(|(i, x)| *x = x.abs() * if corner[i % d] { 1.0 } else { -1.0 });
+                }
+                for h in 0..nh {
+                    let bound = score(&g[h * 2 * d..][..2 * d], &q, d);
+                    let best = q
+                        .chunks_exact(d)
+                        .flat_map(|q| rows[h * PAGE * d..][..PAGE * d].chunks_exact(d).map(move |k| q.iter().zip(k).map(|(a, b)| a * b.to_f32()).sum::<f32>()))
+                        .fold(f32::NEG_INFINITY, f32::max);
+                    assert!(best <= bound + 1e-4 * bound.abs().max(1.0), "head {h}: a key scores {best} > bound {bound}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn choose_keeps_the_always_pages_and_the_best_candidates() {
         use PageKind::{Always as A, Candidate as C, Hidden as H};
