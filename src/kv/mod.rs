@@ -216,7 +216,7 @@ struct PageSlot {
     last_seen: AtomicU64,
     /// The digest of a compressed page's rows ([`select`]), in RAM whatever the page's tier;
     /// `None` until the page is compressed, and again once a row of it is written.
-    digest: Option<Box<[f16]>>,
+    digest: Option<Box<[u8]>>,
 }
 
 impl PageSlot {
@@ -573,7 +573,7 @@ impl KvStore {
     }
 
     /// The digest of a packed page, when the store keeps digests.
-    fn digest_of(&self, packed: &[u8]) -> Option<Box<[f16]>> {
+    fn digest_of(&self, packed: &[u8]) -> Option<Box<[u8]>> {
         let codec = self.codec.as_ref().filter(|_| self.digests)?;
         Some(select::digest(&decode_page(codec, packed, self.head_dim), self.n_head, self.head_dim))
     }
@@ -595,20 +595,21 @@ impl KvStore {
         n_head_q: usize,
         budget: usize,
     ) -> Option<Vec<Vec<std::ops::Range<usize>>>> {
-        use select::PageKind;
+        use select::{PageKind, BLOCK};
         let (d, nh) = (self.head_dim, self.n_head);
-        let group = n_head_q / nh;
+        let (group, per_page) = (n_head_q / nh, PAGE / BLOCK);
         let st = &self.streams[stream];
         let cells = first..first + n;
-        let pages: Vec<usize> = (first / PAGE..(first + n).div_ceil(PAGE)).collect();
-        let kinds: Vec<PageKind> = pages
+        let blocks: Vec<usize> = (first / BLOCK..(first + n).div_ceil(BLOCK)).collect();
+        let kinds: Vec<PageKind> = blocks
             .iter()
-            .map(|&p| {
-                let span = (p * PAGE).max(first)..((p + 1) * PAGE).min(first + n);
+            .map(|&b| {
+                let span = (b * BLOCK).max(first)..((b + 1) * BLOCK).min(first + n);
+                let p = b / per_page;
                 let slot = st.pages.get(p);
                 if !visible(span.start - first..span.end - first) {
                     PageKind::Hidden
-                } else if p == 0 || span.len() < PAGE || slot.is_none_or(|s| s.digest.is_none() || matches!(s.data, Page::F16(_) | Page::Empty)) {
+                } else if p == 0 || span.len() < BLOCK || slot.is_none_or(|s| s.digest.is_none() || matches!(s.data, Page::F16(_) | Page::Empty)) {
                     PageKind::Always
                 } else {
                     PageKind::Candidate
@@ -619,12 +620,13 @@ impl KvStore {
         let scores: Vec<Vec<f32>> = (0..nh)
             .map(|h| {
                 let qh: Vec<f32> = (0..n_q).flat_map(|i| &q[(i * n_head_q + h * group) * d..][..group * d]).copied().collect();
-                pages
+                blocks
                     .iter()
                     .zip(&kinds)
-                    .map(|(&p, k)| match (k, st.pages.get(p).and_then(|s| s.digest.as_deref())) {
+                    .map(|(&b, k)| match (k, st.pages.get(b / per_page).and_then(|s| s.digest.as_deref())) {
                         (PageKind::Candidate, Some(g)) => {
-                            half::slice::HalfFloatSliceExt::convert_to_f32_slice(&g[h * 2 * d..][..2 * d], &mut digest);
+                            let bb = select::block_bytes(d);
+                            select::unpack(&g[(h * per_page + b % per_page) * bb..][..bb], d, &mut digest);
                             select::score(&digest, &qh, d)
                         }
                         _ => 0.0,
@@ -678,7 +680,7 @@ impl KvStore {
                 p => p.packed().map_or(0, <[u8]>::len),
             })
             .sum();
-        let digests: usize = self.streams.iter().flat_map(|s| &s.pages).map(|s| s.digest.as_ref().map_or(0, |g| g.len() * 2)).sum();
+        let digests: usize = self.streams.iter().flat_map(|s| &s.pages).map(|s| s.digest.as_ref().map_or(0, |g| g.len())).sum();
         pages + digests
     }
 
