@@ -164,7 +164,9 @@ typedef struct dspark_config {
      *  up to this many tokens; the other pages are not read (nor, with a budget, fetched
      *  from the spill file). 0 (the default): every token. Prefill is always dense. */
     uint64_t attn_budget_tokens;
-    /** Layers, from the first, that stay dense under an attention budget. Default 2. */
+    /** Layers, from the first, that stay dense under an attention budget. Default 0 (on the
+     *  default model, keeping the first 2 dense changed the KL divergence by 0.0003 and
+     *  would double the attention reads at depth 32768). */
     uint32_t attn_dense_layers;
 } dspark_config;
 

@@ -458,8 +458,8 @@ fn page_selection_reads_what_the_attention_budget_allows() {
         assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "budget >= context: logits of step {i} differ");
     }
     let (sel, s) = steps("dspark:k4v4:prefetch=5:attn=512");
-    // 28 of 30 layers read at most 512 cells; the first 2 stay dense.
-    assert!(s.attended_tokens() < (28.0 * 512.0 + 2.0 * 2006.0) / 30.0 + 1.0, "{s:?}");
+    // Every layer reads at most 512 cells.
+    assert!(s.attended_tokens() <= 512.0, "{s:?}");
     for (i, (a, b)) in dense.iter().zip(&sel).enumerate() {
         let k = kl(a, b);
         assert!(k < 0.05, "step {i}: KL divergence from dense {k}");

@@ -249,11 +249,16 @@ pub fn plot(r: &EvalReport, path: &Path) -> Result<()> {
             .y_label_area_size(70)
             .build_cartesian_2d(0.0..x_max, (y_min..y_max).log_scale())?;
         chart.configure_mesh().x_desc("bits per K/V element (metadata included)").y_desc("mean KL divergence (log)").draw()?;
-        for (stock, color) in [(true, BLUE), (false, RED)] {
-            let series: Vec<_> = pts.iter().filter(|p| p.2.starts_with("stock") == stock).collect();
+        // Stock types, DSpark formats, and DSpark with page selection (an attention budget).
+        let kind = |name: &str| if name.starts_with("stock") { 0 } else if name.contains(":attn=") { 2 } else { 1 };
+        for (k, label, color) in [(0, "stock llama.cpp", BLUE), (1, "DSpark", RED), (2, "DSpark, page selection (attn=)", GREEN)] {
+            let series: Vec<_> = pts.iter().filter(|p| kind(p.2) == k).collect();
+            if series.is_empty() {
+                continue;
+            }
             chart
                 .draw_series(series.iter().map(|p| Circle::new((p.0, p.1), 5, color.filled())))?
-                .label(if stock { "stock llama.cpp" } else { "DSpark" })
+                .label(label)
                 .legend(move |(x, y)| Circle::new((x, y), 5, color.filled()));
             chart.draw_series(series.iter().map(|p| Text::new(p.2.to_string(), (p.0, p.1), ("sans-serif", 14).into_font())))?;
         }

@@ -928,7 +928,7 @@ static void test_register(void) {
     CHECK(dev3 == dev, "a version-3 config must read as the defaults for the version-4 fields");
     old.size = offsetof(dspark_config, attn_budget_tokens) - 8;
     EXPECT(DSPARK_ERR_SIZE, dspark_register(&old, &dev3));
-    CHECK(cfg.attn_budget_tokens == 0 && cfg.attn_dense_layers == 2, "config_init: dense attention, 2 dense layers");
+    CHECK(cfg.attn_budget_tokens == 0 && cfg.attn_dense_layers == 0, "config_init: dense attention, no layer forced dense");
     dspark_config sel = cfg;
     sel.attn_budget_tokens = 1024;
     OK(dspark_register(&sel, &dev3));
