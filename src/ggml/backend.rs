@@ -329,7 +329,7 @@ unsafe fn compute_graph(ctx: &BackendCtx, g: *mut ll::ggml_cgraph) -> Result<(),
                         s.before(a, plan.reads())?;
                     }
                     let r = flash_attn(node, &plan, threads);
-                    if let (Some(s), Some(a)) = (&stager, at) {
+                    if let (Some(s), Some(a)) = (&mut stager, at) {
                         s.after(a);
                     }
                     r
@@ -656,8 +656,6 @@ unsafe fn attn_plan<'m>(node: *mut ll::ggml_tensor, dev: &DeviceCtx) -> Result<A
             None => true,
             Some(m) => (0..n_q).any(|i| m.data[i * m.stride..][cells.clone()].iter().any(|x| *x != f16::NEG_INFINITY)),
         };
-        ks.note_seen(stream, first, n_kv, visible);
-        vs.note_seen(stream, first, n_kv, visible);
         let pick = if selective {
             let t = std::time::Instant::now();
             let pick = ks.select(stream, first, n_kv, visible, &qbuf, n_q, n_head, cfg.attn_budget);
@@ -669,6 +667,11 @@ unsafe fn attn_plan<'m>(node: *mut ll::ggml_tensor, dev: &DeviceCtx) -> Result<A
             }
             None
         };
+        // Pages are seen when a query reads them: visible, and selected under a budget. The
+        // memory budget moves the least recently seen out first.
+        let read = |cells: Range<usize>| visible(cells.clone()) && pick.as_ref().is_none_or(|p| p.iter().flatten().any(|r| r.start < cells.end && cells.start < r.end));
+        ks.note_seen(stream, first, n_kv, read);
+        vs.note_seen(stream, first, n_kv, read);
         seqs.push(SeqAttn { stream, first, q: qbuf, mask, pick });
     }
     Ok(AttnPlan { seqs, n_kv })

@@ -8,7 +8,7 @@
 //! while it is staged). A budget smaller than the f16 pages (sinks and window, which never
 //! go cold) is exceeded by them, and a warning says so once.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -19,7 +19,7 @@ use super::buffer::KvEntry;
 use super::{log_warn, Config};
 use crate::kv::cold::{ColdStore, SpillFile};
 use crate::kv::tier::{self, Slot, Tier};
-use crate::kv::PageId;
+use crate::kv::{PageId, PAGE};
 use crate::sched::{Fence, Transfer};
 
 /// The tier of one device and its transfer stream.
@@ -29,6 +29,8 @@ pub(crate) struct Budget {
     transfer: Option<Transfer>,
     prefetch: usize,
     warned: Mutex<bool>,
+    /// The room left for staged copies at the last `enforce`, bytes.
+    reserve: AtomicU64,
 }
 
 impl Budget {
@@ -49,16 +51,25 @@ impl Budget {
             0 => None,
             d => Some(Transfer::new(tier.clone(), d).map_err(|e| format!("cannot start the KV transfer thread: {e}"))?),
         };
-        Ok(Budget { tier, transfer, prefetch: config.prefetch, warned: Mutex::new(false) })
+        Ok(Budget { tier, transfer, prefetch: config.prefetch, warned: Mutex::new(false), reserve: AtomicU64::new(0) })
     }
 
     /// Brings the device's pages within the budget after a graph (see the module docs).
     pub fn enforce(&self, entries: &[Arc<KvEntry>]) -> Result<(), String> {
         let mut guards: Vec<_> = entries.iter().map(|e| e.write()).collect();
         // Staging needs room for K and V of the layer attended and of the layers prefetched:
-        // at most each's compressed pages.
-        let largest = guards.iter().map(|s| (s.page_counts().1 * s.packed_page_bytes()) as u64).max().unwrap_or(0);
+        // at most each's compressed pages, or the pages its last attention read (a selection).
+        let largest = entries
+            .iter()
+            .zip(&guards)
+            .map(|(e, s)| {
+                let read = e.last_reads.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map_or(usize::MAX, |r| r.iter().map(|&(_, f, n)| (f + n).div_ceil(PAGE) - f / PAGE).sum());
+                (s.page_counts().1.min(read) * s.packed_page_bytes()) as u64
+            })
+            .max()
+            .unwrap_or(0);
         let reserve = (2 * largest * (1 + self.prefetch as u64)).min(self.tier.budget() / 2);
+        self.reserve.store(reserve, Ordering::Relaxed);
         let mut stores: Vec<_> = guards.iter_mut().map(|g| &mut **g).collect();
         let over = tier::fit(&mut stores, self.tier.budget() - reserve).map_err(|e| format!("moving KV pages to the spill file ({}): {e}", self.tier.describe()))?;
         if over > 0 && !std::mem::replace(&mut *self.warned.lock().unwrap_or_else(|e| e.into_inner()), true) {
@@ -85,6 +96,9 @@ pub(crate) struct Stager<'g> {
     /// Per attention node of the graph, in order: its K and V entries and cell ranges.
     nodes: Vec<KvRanges<'g>>,
     inflight: Vec<Option<(Want<'g>, Arc<Fence>)>>,
+    /// Bytes staged by this graph so far, per node, and those kept after their node ran.
+    staged: Vec<u64>,
+    kept: u64,
 }
 
 impl<'g> Stager<'g> {
@@ -95,7 +109,8 @@ impl<'g> Stager<'g> {
         // SAFETY: valid attention nodes (caller).
         let nodes = attn.iter().map(|&n| unsafe { kv_ranges(n) }).collect::<Result<Vec<_>, _>>()?;
         let inflight = (0..nodes.len()).map(|_| None).collect();
-        Ok(Stager { budget, nodes, inflight })
+        let staged = vec![0; nodes.len()];
+        Ok(Stager { budget, nodes, inflight, staged, kept: 0 })
     }
 
     /// The cold pages node `j` is expected to read: those its K entry's last call read (the
@@ -136,7 +151,9 @@ impl<'g> Stager<'g> {
             tier.add_wait(waited);
             let mut got = got.map_err(|e| format!("reading KV pages from the spill file ({}): {e}", tier.describe()))?.into_iter();
             for (e, pages) in want {
-                e.write().install(pages.into_iter().map(|(id, slot)| (id, slot, got.next().expect("one delivery per slot"))).collect());
+                let pages: Vec<_> = pages.into_iter().map(|(id, slot)| (id, slot, got.next().expect("one delivery per slot"))).collect();
+                self.staged[i] += pages.iter().map(|p| p.2.len() as u64).sum::<u64>();
+                e.write().install(pages);
             }
         }
         // What no fetch brought (prefetch 0, pages the prediction missed, or pages that went
@@ -152,7 +169,7 @@ impl<'g> Stager<'g> {
                 if missed == 0 {
                     continue;
                 }
-                s.stage(stream, first, n).map_err(|e| format!("reading KV pages from the spill file ({}): {e}", tier.describe()))?;
+                self.staged[i] += s.stage(stream, first, n).map_err(|e| format!("reading KV pages from the spill file ({}): {e}", tier.describe()))? as u64;
                 let d = t.elapsed();
                 tier.add_wait(d);
                 tier.counters.transfer_busy_ns.fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
@@ -163,9 +180,16 @@ impl<'g> Stager<'g> {
         Ok(())
     }
 
-    /// After attention node `i`: its staged pages are dropped (the staging reserve holds only
-    /// the layers in flight; they are read again for the next token).
-    pub fn after(&self, i: usize) {
+    /// After attention node `i`: the copies it staged stay in RAM while they fit in half the
+    /// staging reserve (the next token's attention, which reads mostly the same pages when it
+    /// selects them, finds them there; the budget drops the least recently read first), else
+    /// they are dropped and read again next time.
+    pub fn after(&mut self, i: usize) {
+        let fresh = std::mem::take(&mut self.staged[i]);
+        if self.kept + fresh <= self.budget.reserve.load(Ordering::Relaxed) / 2 {
+            self.kept += fresh;
+            return;
+        }
         for e in &self.nodes[i].0 {
             e.write().unstage();
         }

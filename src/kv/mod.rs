@@ -616,19 +616,16 @@ impl KvStore {
                 }
             })
             .collect();
-        let mut digest = vec![0.0f32; 2 * d];
+        let bb = select::block_bytes(d);
         let scores: Vec<Vec<f32>> = (0..nh)
             .map(|h| {
                 let qh: Vec<f32> = (0..n_q).flat_map(|i| &q[(i * n_head_q + h * group) * d..][..group * d]).copied().collect();
+                let qa: Vec<f32> = qh.iter().map(|x| x.abs()).collect();
                 blocks
                     .iter()
                     .zip(&kinds)
                     .map(|(&b, k)| match (k, st.pages.get(b / per_page).and_then(|s| s.digest.as_deref())) {
-                        (PageKind::Candidate, Some(g)) => {
-                            let bb = select::block_bytes(d);
-                            select::unpack(&g[(h * per_page + b % per_page) * bb..][..bb], d, &mut digest);
-                            select::score(&digest, &qh, d)
-                        }
+                        (PageKind::Candidate, Some(g)) => select::score(&g[(h * per_page + b % per_page) * bb..][..bb], &qh, &qa, d),
                         _ => 0.0,
                     })
                     .collect()
@@ -637,8 +634,9 @@ impl KvStore {
         select::choose(cells, &kinds, &scores, budget)
     }
 
-    /// Records that an attention call could see cells [first, first + n) of a stream where
-    /// `visible(cell_range)` says so, one check per page. Call once per attention call.
+    /// Records that an attention call read cells [first, first + n) of a stream where
+    /// `visible(cell_range)` says so (the mask lets a query see them and, under an attention
+    /// budget, they were selected), one check per page. Call once per attention call.
     pub fn note_seen(&self, stream: usize, first: usize, n: usize, visible: impl Fn(std::ops::Range<usize>) -> bool) {
         let tick = self.attn_tick.fetch_add(1, Ordering::Relaxed) + 1;
         let st = &self.streams[stream];
@@ -655,9 +653,9 @@ impl KvStore {
         }
     }
 
-    /// Allocated pages that the most recent attention call ([`KvStore::note_seen`]) could
-    /// not see: pages of removed tokens, or of another sequence's cells. The pages a memory
-    /// budget moves out first.
+    /// Allocated pages that the most recent attention call ([`KvStore::note_seen`]) did not
+    /// read: pages of removed tokens, of another sequence's cells, or not selected. The pages
+    /// a memory budget moves out first.
     pub fn pages_unseen(&self) -> usize {
         let tick = self.attn_tick.load(Ordering::Relaxed);
         self.streams
@@ -703,16 +701,20 @@ impl KvStore {
 
     // --- The cold tier -------------------------------------------------------------------
 
-    /// The pages that may go cold (compressed and in RAM), with the attention tick when a
-    /// query last saw them: the budget moves the least recently seen out first, so pages of
-    /// removed tokens (never seen again) go before any page a query still reads.
-    pub fn evictable(&self) -> Vec<(u64, PageId)> {
+    /// The pages whose bytes may leave RAM, with the attention tick when a query last read
+    /// them: compressed pages (they go cold) and staged copies of cold pages (dropped without
+    /// a write; `true`). The budget moves the least recently read out first, so pages of
+    /// removed tokens (never read again) go before any page a query still reads.
+    pub fn evictable(&self) -> Vec<(u64, PageId, bool)> {
         let mut v = Vec::new();
         for (s, st) in self.streams.iter().enumerate() {
             for (p, slot) in st.pages.iter().enumerate() {
-                if matches!(slot.data, Page::Packed(_)) {
-                    v.push((slot.last_seen.load(Ordering::Relaxed), (s, p)));
-                }
+                let staged = match slot.data {
+                    Page::Packed(_) => false,
+                    Page::Cold { staged: Some(_), .. } => true,
+                    _ => continue,
+                };
+                v.push((slot.last_seen.load(Ordering::Relaxed), (s, p), staged));
             }
         }
         v
@@ -742,6 +744,17 @@ impl KvStore {
         let mut freed = 0;
         for slot in self.streams.iter_mut().flat_map(|s| s.pages.iter_mut()) {
             if let Page::Cold { staged, .. } = &mut slot.data {
+                freed += staged.take().map_or(0, |d| d.len());
+            }
+        }
+        freed
+    }
+
+    /// Drops the staged copies of these pages. Returns the bytes freed.
+    pub fn unstage_pages(&mut self, pages: &[PageId]) -> usize {
+        let mut freed = 0;
+        for &(s, p) in pages {
+            if let Some(PageSlot { data: Page::Cold { staged, .. }, .. }) = self.streams[s].pages.get_mut(p) {
                 freed += staged.take().map_or(0, |d| d.len());
             }
         }

@@ -74,22 +74,42 @@ pub fn digest(rows: &[f16], n_head: usize, d: usize) -> Box<[u8]> {
     out
 }
 
+/// The steps of one block's digest.
+fn steps(block: &[u8], d: usize) -> (f32, f32) {
+    let step = |i: usize| f32::from_le_bytes(block[2 * d + 4 * i..][..4].try_into().expect("4 bytes"));
+    (step(0), step(1))
+}
+
 /// One block's digest for one head ([`block_bytes`] bytes) as `d` centers then `d` radii.
 pub fn unpack(block: &[u8], d: usize, out: &mut [f32]) {
-    let step = |i: usize| f32::from_le_bytes(block[2 * d + 4 * i..][..4].try_into().expect("4 bytes"));
-    let (c_step, r_step) = (step(0), step(1));
+    let (c_step, r_step) = steps(block, d);
     let (center, radius) = out.split_at_mut(d);
     center.iter_mut().zip(&block[..d]).for_each(|(o, &x)| *o = f32::from(x as i8) * c_step);
     radius.iter_mut().zip(&block[d..2 * d]).for_each(|(o, &x)| *o = f32::from(x) * r_step);
 }
 
-/// The score of one head's unpacked digest (`2 * d` values) for the query rows `q` (`[n][d]`): the
-/// largest over the rows of `q·c + Σ|q_i|·r_i`.
-pub fn score(head_digest: &[f32], q: &[f32], d: usize) -> f32 {
-    let (c, r) = head_digest.split_at(d);
+/// The score of one block's digest for one head ([`block_bytes`] bytes) for the query rows
+/// `q` (`[n][d]`) and their absolute values `q_abs`: the largest over the rows of
+/// `q·c + Σ|q_i|·r_i`, computed on the codes.
+pub fn score(block: &[u8], q: &[f32], q_abs: &[f32], d: usize) -> f32 {
+    let (c_step, r_step) = steps(block, d);
+    let (c, r) = (&block[..d], &block[d..2 * d]);
     q.chunks_exact(d)
-        .map(|q| q.iter().zip(c).zip(r).map(|((&q, &c), &r)| q * c + q.abs() * r).sum::<f32>())
+        .zip(q_abs.chunks_exact(d))
+        .map(|(q, qa)| c_step * dot(q, c, |x| f32::from(x as i8)) + r_step * dot(qa, r, f32::from))
         .fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// `Σ x_i · code(c_i)` in 16 lanes, so that the compiler vectorizes it (`d` is a multiple
+/// of 32). A scan of every block of a layer runs for each decoded token.
+fn dot(x: &[f32], codes: &[u8], code: impl Fn(u8) -> f32) -> f32 {
+    let mut acc = [0.0f32; 16];
+    for (xs, cs) in x.chunks_exact(16).zip(codes.chunks_exact(16)) {
+        for j in 0..16 {
+            acc[j] += xs[j] * code(cs[j]);
+        }
+    }
+    acc.iter().sum()
 }
 
 /// What a block of cells is to a selection.
@@ -221,15 +241,14 @@ mod tests {
             for _ in 0..n_blocks {
                 let mean: Vec<f32> = (0..d).map(|i| scale[i] * rnd()).collect();
                 let block: Vec<f16> = (0..BLOCK * d).map(|j| f16::from_f32(mean[j % d] + 0.5 * scale[j % d] * rnd())).collect();
-                let mut u = vec![0.0f32; 2 * d];
-                unpack(&digest(&block, 1, d)[..block_bytes(d)], d, &mut u);
-                digests.push(u);
+                digests.push(digest(&block, 1, d)[..block_bytes(d)].to_vec());
                 keys.push(block);
             }
             let q: Vec<f32> = (0..d).map(|_| rnd()).collect();
             let exact = |b: &[f16]| b.chunks_exact(d).map(|k| q.iter().zip(k).map(|(a, x)| a * x.to_f32()).sum::<f32>()).fold(f32::MIN, f32::max);
             let best = (0..n_blocks).max_by(|&a, &b| exact(&keys[a]).total_cmp(&exact(&keys[b]))).unwrap();
-            let est: Vec<f32> = digests.iter().map(|g| score(g, &q, d)).collect();
+            let q_abs: Vec<f32> = q.iter().map(|x| x.abs()).collect();
+            let est: Vec<f32> = digests.iter().map(|g| score(g, &q, &q_abs, d)).collect();
             let rank = est.iter().filter(|&&e| e > est[best]).count();
             hits += usize::from(rank < n_blocks / 4);
         }

@@ -169,36 +169,36 @@ impl Tier {
     }
 }
 
-/// Brings the pages `stores` hold in RAM within `limit` bytes: drops every staged copy, then
-/// moves compressed pages to the cold tier, least recently seen by a query first (pages of
-/// removed tokens, never seen again, go before any page that queries still read; among equals,
-/// lower pages, the older tokens, first). Returns the bytes still over the limit
+/// Brings the pages `stores` hold in RAM within `limit` bytes: drops staged copies of cold
+/// pages and moves compressed pages to the cold tier, least recently read by a query first
+/// (pages of removed tokens, never read again, go before any page that queries still read;
+/// among equals, staged copies, then lower pages, the older tokens, first). Returns the bytes still over the limit
 /// (0 when they fit; more when what is left is f16: the sinks and the window never go cold).
 ///
 /// # Errors
 /// The cold store's error; the pages moved before it are cold, the others unchanged.
 pub fn fit(stores: &mut [&mut super::KvStore], limit: u64) -> io::Result<u64> {
-    let mut held: u64 = stores.iter_mut().map(|s| {
-        s.unstage();
-        s.bytes() as u64
-    }).sum();
+    let mut held: u64 = stores.iter().map(|s| s.bytes() as u64).sum();
     if held <= limit {
         return Ok(0);
     }
-    let mut candidates: Vec<(u64, usize, super::PageId)> =
-        stores.iter().enumerate().flat_map(|(i, s)| s.evictable().into_iter().map(move |(seen, id)| (seen, i, id))).collect();
-    candidates.sort_by_key(|&(seen, i, (s, p))| (seen, p, s, i));
-    let mut chosen: Vec<Vec<super::PageId>> = vec![Vec::new(); stores.len()];
-    for (_, i, id) in candidates {
+    let mut candidates: Vec<(u64, usize, super::PageId, bool)> =
+        stores.iter().enumerate().flat_map(|(i, s)| s.evictable().into_iter().map(move |(seen, id, staged)| (seen, i, id, staged))).collect();
+    // Least recently read first; at equal recency a staged copy (dropped, no write) first.
+    candidates.sort_by_key(|&(seen, i, (s, p), staged)| (seen, !staged, p, s, i));
+    let mut drop: Vec<Vec<super::PageId>> = vec![Vec::new(); stores.len()];
+    let mut evict: Vec<Vec<super::PageId>> = vec![Vec::new(); stores.len()];
+    for (_, i, id, staged) in candidates {
         if held <= limit {
             break;
         }
         held -= stores[i].packed_page_bytes() as u64;
-        chosen[i].push(id);
+        if staged { &mut drop[i] } else { &mut evict[i] }.push(id);
     }
-    for (store, mut pages) in stores.iter_mut().zip(chosen) {
-        pages.sort_unstable();
-        store.evict(&pages)?;
+    for ((store, d), mut e) in stores.iter_mut().zip(drop).zip(evict) {
+        store.unstage_pages(&d);
+        e.sort_unstable();
+        store.evict(&e)?;
     }
     Ok(held.saturating_sub(limit))
 }
