@@ -218,19 +218,19 @@ fn selection_keeps_the_sinks_and_the_window_and_picks_the_matching_page() {
     let n_head_q = 2 * HEADS;
     let q: Vec<f32> = (0..n_head_q * D).map(|i| if i % D == 5 { 1.0 } else { 0.0 }).collect();
     let visible = |r: std::ops::Range<usize>| r.start / PAGE != 9;
-    let pick = s.select(0, 0, 1024, visible, &q, 1, n_head_q, 4 * PAGE).expect("a budget under the context selects");
+    let pick = s.select(0, 0, 1024, visible, &q, 1, n_head_q, 4 * PAGE, Threads::serial()).expect("a budget under the context selects");
     for (h, ranges) in pick.iter().enumerate() {
         let pages: Vec<usize> = ranges.iter().flat_map(|r| r.start / PAGE..r.end / PAGE).collect();
         // Sinks (0), the window (14, 15), and the best-matching page.
         assert_eq!(pages, vec![0, 3 + 2 * h, 14, 15], "head {h}");
     }
     // A budget below the sinks and window still reads them.
-    for ranges in s.select(0, 0, 1024, visible, &q, 1, n_head_q, PAGE).unwrap() {
+    for ranges in s.select(0, 0, 1024, visible, &q, 1, n_head_q, PAGE, Threads::serial()).unwrap() {
         assert_eq!(ranges, vec![0..PAGE, 14 * PAGE..16 * PAGE]);
     }
     // Every visible cell fits: dense.
-    assert!(s.select(0, 0, 1024, visible, &q, 1, n_head_q, 1024 - PAGE).is_none());
+    assert!(s.select(0, 0, 1024, visible, &q, 1, n_head_q, 1024 - PAGE, Threads::serial()).is_none());
     // A page no query row can see is never read, even when the query matches it best.
-    let pick = s.select(0, 0, 1024, |r: std::ops::Range<usize>| r.start / PAGE != 3, &q, 1, n_head_q, 4 * PAGE).unwrap();
+    let pick = s.select(0, 0, 1024, |r: std::ops::Range<usize>| r.start / PAGE != 3, &q, 1, n_head_q, 4 * PAGE, Threads::serial()).unwrap();
     assert!(pick[0].iter().all(|r| !r.contains(&(3 * PAGE))), "{:?}", pick[0]);
 }

@@ -324,7 +324,7 @@ unsafe fn compute_graph(ctx: &BackendCtx, g: *mut ll::ggml_cgraph) -> Result<(),
                 ll::GGML_OP_FLASH_ATTN_EXT => {
                     ctx.dev.attn_calls.fetch_add(1, Ordering::Relaxed);
                     let at = attn_nodes.binary_search(&i).ok();
-                    let plan = attn_plan(node, ctx.dev)?;
+                    let plan = attn_plan(node, ctx.dev, threads)?;
                     if let (Some(s), Some(a)) = (&mut stager, at) {
                         s.before(a, plan.reads())?;
                     }
@@ -598,12 +598,13 @@ impl AttnPlan<'_> {
 }
 
 /// Gathers an attention node's query rows and masks per sequence, records which pages they
-/// can see, and under the device's attention budget selects the pages a decode call reads.
+/// can see, and under the device's attention budget selects the pages a decode call reads
+/// (scoring on `threads`).
 ///
 /// # Safety
 /// `node` is a FLASH_ATTN_EXT node handed to this backend, its KV shaped: valid, with its
 /// srcs' data readable.
-unsafe fn attn_plan<'m>(node: *mut ll::ggml_tensor, dev: &DeviceCtx) -> Result<AttnPlan<'m>, String> {
+unsafe fn attn_plan<'m>(node: *mut ll::ggml_tensor, dev: &DeviceCtx, threads: Threads) -> Result<AttnPlan<'m>, String> {
     // SAFETY: valid node (caller).
     let (kview, vview) = unsafe { flash_attn_check(node) }?;
     // SAFETY: q and k are valid; the mask is NULL or valid (caller).
@@ -658,7 +659,7 @@ unsafe fn attn_plan<'m>(node: *mut ll::ggml_tensor, dev: &DeviceCtx) -> Result<A
         };
         let pick = if selective {
             let t = std::time::Instant::now();
-            let pick = ks.select(stream, first, n_kv, visible, &qbuf, n_q, n_head, cfg.attn_budget);
+            let pick = ks.select(stream, first, n_kv, visible, &qbuf, n_q, n_head, cfg.attn_budget, threads);
             dev.select.add(t.elapsed(), pick.as_ref().map_or(n_kv * ks.n_head(), |p| p.iter().flatten().map(ExactSizeIterator::len).sum()), ks.n_head());
             pick
         } else {

@@ -582,7 +582,8 @@ impl KvStore {
     /// an attention budget of `budget` cells, as ranges counted from `first`; `None` when the
     /// call stays dense (see [`select`]). `visible(range)` says whether a query row can see a
     /// cell of a range (counted from `first`); `q` holds `n_q` rows of `n_head_q` heads of
-    /// `head_dim` values, and query head `h` reads KV head `h / (n_head_q / n_head)`.
+    /// `head_dim` values, and query head `h` reads KV head `h / (n_head_q / n_head)`. The
+    /// blocks are scored on `threads`.
     #[allow(clippy::too_many_arguments)]
     pub fn select(
         &self,
@@ -594,6 +595,7 @@ impl KvStore {
         n_q: usize,
         n_head_q: usize,
         budget: usize,
+        threads: Threads,
     ) -> Option<Vec<Vec<std::ops::Range<usize>>>> {
         use select::{PageKind, BLOCK};
         let (d, nh) = (self.head_dim, self.n_head);
@@ -617,20 +619,30 @@ impl KvStore {
             })
             .collect();
         let bb = select::block_bytes(d);
-        let scores: Vec<Vec<f32>> = (0..nh)
+        // Each head's query rows (its GQA group), and their absolute values.
+        let qs: Vec<(Vec<f32>, Vec<f32>)> = (0..nh)
             .map(|h| {
                 let qh: Vec<f32> = (0..n_q).flat_map(|i| &q[(i * n_head_q + h * group) * d..][..group * d]).copied().collect();
-                let qa: Vec<f32> = qh.iter().map(|x| x.abs()).collect();
-                blocks
-                    .iter()
-                    .zip(&kinds)
-                    .map(|(&b, k)| match (k, st.pages.get(b / per_page).and_then(|s| s.digest.as_deref())) {
-                        (PageKind::Candidate, Some(g)) => select::score(&g[(h * per_page + b % per_page) * bb..][..bb], &qh, &qa, d),
-                        _ => 0.0,
-                    })
-                    .collect()
+                let qa = qh.iter().map(|x| x.abs()).collect();
+                (qh, qa)
             })
             .collect();
+        // Scored in parts of each head's blocks, one per thread.
+        let part = blocks.len().div_ceil(threads.count()).max(1);
+        let parts: Vec<(usize, usize)> = (0..nh).flat_map(|h| (0..blocks.len()).step_by(part).map(move |s| (h, s))).collect();
+        let scored = threads.map(&parts, |&(h, start)| {
+            let (qh, qa) = &qs[h];
+            (start..(start + part).min(blocks.len()))
+                .map(|i| match (kinds[i], st.pages.get(blocks[i] / per_page).and_then(|s| s.digest.as_deref())) {
+                    (PageKind::Candidate, Some(g)) => select::score(&g[(h * per_page + blocks[i] % per_page) * bb..][..bb], qh, qa, d),
+                    _ => 0.0,
+                })
+                .collect::<Vec<f32>>()
+        });
+        let mut scores: Vec<Vec<f32>> = vec![Vec::with_capacity(blocks.len()); nh];
+        for (&(h, _), s) in parts.iter().zip(scored) {
+            scores[h].extend(s);
+        }
         select::choose(cells, &kinds, &scores, budget)
     }
 
