@@ -174,14 +174,26 @@ fn dspark_spec_options_parse_and_bad_ones_are_clear_errors() {
     assert_eq!((c.kv_budget, c.prefetch), (Some(16 << 20), 0));
     assert_eq!(dspark_config("k8v8:kv=1.5G").unwrap().kv_budget, Some(3 << 29));
     assert_eq!(dspark_config("k4v4").unwrap().kv_budget, None);
-    for (bad, says) in [("k4v4:kv=lots", "not a size"), ("k4v4:bits=3", "unknown option `bits`"), ("k4v4:prefetch=-1", "prefetch=-1"), ("k4v4:kv", "key=value")] {
+    let c = dspark_config("k4v4:attn=2048:attn_dense=2").unwrap();
+    assert_eq!((c.attn_budget, c.attn_dense_layers, c.spec_name()), (2048, 2, "k4v4:attn=2048:attn_dense=2".to_string()));
+    for (bad, says) in [
+        ("k4v4:kv=lots", "not a size"),
+        ("k4v4:bits=3", "unknown option `bits`"),
+        ("k4v4:prefetch=-1", "prefetch=-1"),
+        ("k4v4:kv", "key=value"),
+        ("k4v4:attn=2k", "attn=2k: expected a number of cells"),
+        ("k4v4:attn_dense=x", "attn_dense=x"),
+    ] {
         let e = dspark_config(bad).unwrap_err().to_string();
         assert!(e.contains(says), "{bad}: {e}");
     }
     // Flags add defaults to specs that lack the key; a spec's own key wins.
-    let t = TierArgs { kv_budget: Some("64M".into()), prefetch_depth: Some(1), spill_dir: None };
-    let specs = t.apply(BackendSpec::parse_list("stock:f16,dspark:k4v4,dspark:k8v8:kv=8M").unwrap());
-    assert_eq!(specs.iter().map(|s| s.to_string()).collect::<Vec<_>>(), ["stock:f16", "dspark:k4v4:kv=64M:prefetch=1", "dspark:k8v8:kv=8M:prefetch=1"]);
+    let t = TierArgs { kv_budget: Some("64M".into()), prefetch_depth: Some(1), spill_dir: None, attn_budget: Some(512) };
+    let specs = t.apply(BackendSpec::parse_list("stock:f16,dspark:k4v4,dspark:k8v8:kv=8M:attn=0").unwrap());
+    assert_eq!(
+        specs.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        ["stock:f16", "dspark:k4v4:kv=64M:prefetch=1:attn=512", "dspark:k8v8:kv=8M:attn=0:prefetch=1"]
+    );
 }
 
 /// A spill folder that cannot hold the spill file fails with a message that names it.

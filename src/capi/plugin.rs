@@ -123,6 +123,8 @@ mod tests {
         assert_eq!(config_from_env(env(&[("DSPARK_FORMAT", "f16")])).unwrap().format, None);
         assert!(config_from_env(env(&[("DSPARK_FORMAT", "q4_0")])).unwrap_err().contains("DSPARK_FORMAT"));
         assert!(config_from_env(env(&[("DSPARK_WINDOW", "-1")])).unwrap_err().contains("DSPARK_WINDOW"));
+        assert_eq!(config_from_env(env(&[("DSPARK_ATTN_BUDGET", "1024")])).unwrap().attn_budget, 1024);
+        assert!(config_from_env(env(&[("DSPARK_ATTN_BUDGET", "lots")])).unwrap_err().contains("DSPARK_ATTN_BUDGET"));
     }
 
     #[test]

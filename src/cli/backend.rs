@@ -52,8 +52,8 @@ impl fmt::Display for BackendSpec {
     }
 }
 
-/// The memory-budget flags of `run`, `bench` and `eval`: defaults for every `dspark:` spec
-/// that does not set the option itself.
+/// The memory-budget and attention-budget flags of `run`, `bench`, `eval` and `passkey`:
+/// defaults for every `dspark:` spec that does not set the option itself.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct TierArgs {
     /// KV memory budget for DSpark configurations (e.g. 512M, 2G): compressed pages beyond it
