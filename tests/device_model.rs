@@ -438,16 +438,7 @@ fn page_selection_reads_what_the_attention_budget_allows() {
             ctx.decode(&[t], toks.len() + i, 0, false).unwrap();
             out.push(ctx.logits(-1).to_vec());
         }
-        let after = r.dspark_stats(&ctx).unwrap();
-        let during = dspark::kv::Stats {
-            decode_head_calls: after.decode_head_calls - before.decode_head_calls,
-            attended_cells: after.attended_cells - before.attended_cells,
-            cold_read_bytes: after.cold_read_bytes - before.cold_read_bytes,
-            prefetch_hits: after.prefetch_hits - before.prefetch_hits,
-            prefetch_misses: after.prefetch_misses - before.prefetch_misses,
-            ..Default::default()
-        };
-        (out, during)
+        (out, r.dspark_stats(&ctx).unwrap().since(&before))
     };
     // Devices of their own (no other test uses these specs).
     let (dense, d) = steps("dspark:k4v4:prefetch=5");

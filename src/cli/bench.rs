@@ -239,14 +239,7 @@ fn measure(runner: &Runner, spec: &BackendSpec, shape: &Shape) -> Result<Sample>
     // though this one has room for the prefill on top of the depth.
     let kv_bytes = runner.kv_bytes(&ctx, (prompt.len() + decode).next_multiple_of(256)) as u64;
     let (kv_bits, peak_rss) = (runner.kv_bits_per_elem(&ctx), peak_rss_bytes());
-    let after = runner.dspark_stats(&ctx).unwrap_or_default();
-    let during = crate::kv::Stats {
-        decode_head_calls: after.decode_head_calls - before.decode_head_calls,
-        attended_cells: after.attended_cells - before.attended_cells,
-        prefetch_hits: after.prefetch_hits - before.prefetch_hits,
-        prefetch_misses: after.prefetch_misses - before.prefetch_misses,
-        ..Default::default()
-    };
+    let during = runner.dspark_stats(&ctx).unwrap_or_default().since(&before);
 
     let mut loads = vec![prefill_load];
     if decode > 0 {
@@ -269,12 +262,12 @@ fn measure(runner: &Runner, spec: &BackendSpec, shape: &Shape) -> Result<Sample>
         kv_bits,
         peak_rss,
         load,
-        kv_cold_bytes: after.kv_cold_bytes,
-        cold_read_bytes: after.cold_read_bytes - before.cold_read_bytes,
-        transfer_busy_s: (after.transfer_busy_ns - before.transfer_busy_ns) as f64 * 1e-9,
-        compute_wait_s: (after.compute_wait_ns - before.compute_wait_ns) as f64 * 1e-9,
+        kv_cold_bytes: during.kv_cold_bytes,
+        cold_read_bytes: during.cold_read_bytes,
+        transfer_busy_s: during.transfer_busy_ns as f64 * 1e-9,
+        compute_wait_s: during.compute_wait_ns as f64 * 1e-9,
         attended_tokens: during.attended_tokens(),
-        select_s: (after.select_ns - before.select_ns) as f64 * 1e-9,
+        select_s: during.select_ns as f64 * 1e-9,
         prefetch_hit_rate: during.prefetch_hit_rate(),
     })
 }

@@ -112,6 +112,8 @@ pub fn run_passkey(args: &PasskeyArgs) -> Result<Vec<PasskeyResult>> {
         runner.check(s)?;
     }
     let threads = args.threads.unwrap_or_else(default_threads);
+    // Progress on one line at a terminal; the result line only in a log.
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut out = Vec::new();
     for &depth in &args.depths {
         for spec in &specs {
@@ -119,9 +121,11 @@ pub fn run_passkey(args: &PasskeyArgs) -> Result<Vec<PasskeyResult>> {
             let mut correct = 0;
             for i in 0..args.trials {
                 correct += usize::from(answer(&mut ctx, depth, i)?);
-                eprint!("\r{spec} depth {depth}: {correct}/{} correct", i + 1);
+                if tty {
+                    eprint!("\r{spec} depth {depth}: {correct}/{} correct", i + 1);
+                }
             }
-            eprintln!();
+            eprintln!("{}{spec} depth {depth}: {correct}/{} correct", if tty { "\r" } else { "" }, args.trials);
             out.push(PasskeyResult { backend: spec.to_string(), depth, correct, trials: args.trials });
         }
     }

@@ -142,6 +142,26 @@ impl Stats {
         (1.0 - self.compute_wait_ns as f64 / self.transfer_busy_ns as f64).max(0.0)
     }
 
+    /// The figures of what happened since `before` (an earlier reading of the same caches):
+    /// cumulative counters as differences, the state (bytes, pages, cells) as it is now.
+    #[must_use]
+    pub fn since(&self, before: &Stats) -> Stats {
+        Stats {
+            attn_calls: self.attn_calls - before.attn_calls,
+            graphs: self.graphs - before.graphs,
+            cold_read_bytes: self.cold_read_bytes - before.cold_read_bytes,
+            cold_write_bytes: self.cold_write_bytes - before.cold_write_bytes,
+            transfer_busy_ns: self.transfer_busy_ns - before.transfer_busy_ns,
+            compute_wait_ns: self.compute_wait_ns - before.compute_wait_ns,
+            prefetch_hits: self.prefetch_hits - before.prefetch_hits,
+            prefetch_misses: self.prefetch_misses - before.prefetch_misses,
+            decode_head_calls: self.decode_head_calls - before.decode_head_calls,
+            attended_cells: self.attended_cells - before.attended_cells,
+            select_ns: self.select_ns - before.select_ns,
+            ..*self
+        }
+    }
+
     /// Adds another set's figures (statistics of several devices or caches together).
     pub fn merge(&mut self, o: &Stats) {
         self.kv_bytes += o.kv_bytes;
@@ -907,7 +927,7 @@ fn decode_page(codec: &RowCodec, data: &[u8], d: usize) -> Box<[f16]> {
 /// The attention segments of one KV head over cells [first, first + n) of a stream, K and V
 /// side by side. `first_cell` of each segment counts from `first` (the mask's column).
 pub fn segments<'a>(k: &'a KvStore, v: &'a KvStore, stream: usize, first: usize, n: usize, head: usize) -> Vec<Segment<'a>> {
-    segments_in(k, v, stream, first, &[0..n], head)
+    segments_in(k, v, stream, first, std::slice::from_ref(&(0..n)), head)
 }
 
 /// As [`segments`], over the cells `first + r` for each range `r` of `ranges` (a selection).

@@ -232,14 +232,14 @@ mod tests {
         assert_eq!(t.counters.read_bytes.load(Ordering::Relaxed), 4 * 2 * BLOCK as u64);
         // Places 0 and 2: one request that also reads the small gap between them.
         let back = t.read(&[slots[2], slots[0]]).unwrap();
-        assert!(&back[0][..] == &pages[2][..] && &back[1][..] == &pages[0][..]);
+        assert!(back[0][..] == pages[2][..] && back[1][..] == pages[0][..]);
         assert_eq!(t.counters.read_bytes.load(Ordering::Relaxed), 7 * 2 * BLOCK as u64);
         // Pages further apart than MAX_GAP: a request each.
         let far = t.region(64, 5000);
         let s = [t.write(far.place(0), &pages[0]).unwrap(), t.write(far.place(40), &pages[1]).unwrap()];
         let before = t.counters.read_bytes.load(Ordering::Relaxed);
         let back = t.read(&s).unwrap();
-        assert!(&back[0][..] == &pages[0][..] && &back[1][..] == &pages[1][..]);
+        assert!(back[0][..] == pages[0][..] && back[1][..] == pages[1][..]);
         assert_eq!(t.counters.read_bytes.load(Ordering::Relaxed) - before, 2 * 2 * BLOCK as u64);
     }
 
