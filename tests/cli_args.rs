@@ -138,6 +138,9 @@ fn row(backend: &str, prefill: f64, decode: f64, kv_bytes: u64, bits: f64, busy:
         transfer_busy_s: 0.0,
         compute_wait_s: 0.0,
         hidden_fraction: 1.0,
+        attended_tokens: 0.0,
+        select_s: 0.0,
+        prefetch_hit_rate: 1.0,
     }
 }
 

@@ -95,6 +95,7 @@ fn kl_divergence_at_2048_beats_stock(model: Option<std::path::PathBuf>) {
         threads: Some(2),
         json: None,
         plot: None,
+        decode: false,
         tier: Default::default(),
     };
     let rep = run_eval(&args).unwrap();

@@ -582,14 +582,7 @@ impl AttnPlan<'_> {
                 Some(heads) => {
                     let mut r: Vec<Range<usize>> = heads.iter().flatten().cloned().collect();
                     r.sort_unstable_by_key(|r| r.start);
-                    let mut merged: Vec<Range<usize>> = Vec::new();
-                    for x in r {
-                        match merged.last_mut() {
-                            Some(m) if x.start <= m.end => m.end = m.end.max(x.end),
-                            _ => merged.push(x),
-                        }
-                    }
-                    out.extend(merged.into_iter().map(|m| (s.stream, s.first + m.start, m.len())));
+                    out.extend(select::merge(r.into_iter()).into_iter().map(|m| (s.stream, s.first + m.start, m.len())));
                 }
             }
         }

@@ -5,8 +5,11 @@
 //! The budget covers the pages in RAM and the staged copies: the resident pages are kept
 //! within the budget less a staging reserve, room for the attention's own layer and the
 //! layers being prefetched (at most half the budget, so a layer larger than that exceeds it
-//! while it is staged). A budget smaller than the f16 pages (sinks and window, which never
-//! go cold) is exceeded by them, and a warning says so once.
+//! while it is staged). Staged copies that fit in half the reserve stay after their attention
+//! (a cache of the pages the next token is likely to read again); the rest are dropped, and
+//! after the graph the least recently read copies and pages leave first. A budget smaller than
+//! the f16 pages (sinks and window, which never go cold) is exceeded by them, and a warning
+//! says so once.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

@@ -156,12 +156,12 @@ pub fn choose(cells: Range<usize>, blocks: &[PageKind], scores: &[Vec<f32>], bud
     Some(ranges)
 }
 
-/// Merges sorted ranges that touch.
-fn merge(ranges: impl Iterator<Item = Range<usize>>) -> Vec<Range<usize>> {
+/// Merges ranges sorted by their start that touch or overlap.
+pub fn merge(ranges: impl Iterator<Item = Range<usize>>) -> Vec<Range<usize>> {
     let mut out: Vec<Range<usize>> = Vec::new();
     for r in ranges {
         match out.last_mut() {
-            Some(last) if last.end == r.start => last.end = r.end,
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
             _ => out.push(r),
         }
     }
