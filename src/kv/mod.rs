@@ -19,6 +19,9 @@
 //! spill file, and a cold page is read back ("staged", a clean copy in RAM) for the attention
 //! that needs it and dropped after. A cold page that is written again comes back for good.
 //! The sink page and the f16 window never go cold.
+//!
+//! With an attention budget, K stores also keep a digest of each compressed page's keys, from
+//! which a decode query chooses the cells it reads ([`select`]).
 
 pub mod cold;
 pub mod select;
@@ -72,7 +75,8 @@ pub struct Stats {
     pub transfer_busy_ns: u64,
     /// Time the compute stream waited for cold pages, ns, cumulative.
     pub compute_wait_ns: u64,
-    /// Cold pages found prefetched / read by the compute stream itself.
+    /// Cold pages an attention needed that were already staged (prefetched, or kept from an
+    /// earlier token) / that the compute stream read itself.
     pub prefetch_hits: u64,
     pub prefetch_misses: u64,
     /// Decode attention calls, counted once per KV head ([`select::Counters`]).
