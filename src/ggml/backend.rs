@@ -563,12 +563,13 @@ struct SeqAttn<'m> {
     mask: Option<Mask<'m>>,
     /// Per KV head, the cell ranges read (from `first`); `None`: all of them (dense).
     pick: Option<Vec<Vec<Range<usize>>>>,
+    /// The cells any head reads (from `first`), merged, in order: what the budget stages.
+    union: Vec<Range<usize>>,
 }
 
 /// What an attention node will compute: its sequences, with the pages selected for them.
 struct AttnPlan<'m> {
     seqs: Vec<SeqAttn<'m>>,
-    n_kv: usize,
 }
 
 impl AttnPlan<'_> {
@@ -577,14 +578,7 @@ impl AttnPlan<'_> {
     fn reads(&self) -> Vec<(usize, usize, usize)> {
         let mut out = Vec::new();
         for s in &self.seqs {
-            match &s.pick {
-                None => out.push((s.stream, s.first, self.n_kv)),
-                Some(heads) => {
-                    let mut r: Vec<Range<usize>> = heads.iter().flatten().cloned().collect();
-                    r.sort_unstable_by_key(|r| r.start);
-                    out.extend(select::merge(r.into_iter()).into_iter().map(|m| (s.stream, s.first + m.start, m.len())));
-                }
-            }
+            out.extend(s.union.iter().map(|m| (s.stream, s.first + m.start, m.len())));
         }
         out
     }
@@ -661,14 +655,25 @@ unsafe fn attn_plan<'m>(node: *mut ll::ggml_tensor, dev: &DeviceCtx, threads: Th
             }
             None
         };
+        let union = match &pick {
+            None => vec![0..n_kv],
+            Some(heads) => {
+                let mut r: Vec<Range<usize>> = heads.iter().flatten().cloned().collect();
+                r.sort_unstable_by_key(|r| r.start);
+                select::merge(r.into_iter())
+            }
+        };
         // Pages are seen when a query reads them: visible, and selected under a budget. The
         // memory budget moves the least recently seen out first.
-        let read = |cells: Range<usize>| visible(cells.clone()) && pick.as_ref().is_none_or(|p| p.iter().flatten().any(|r| r.start < cells.end && cells.start < r.end));
+        let read = |cells: Range<usize>| {
+            let i = union.partition_point(|r| r.end <= cells.start);
+            visible(cells.clone()) && union.get(i).is_some_and(|r| r.start < cells.end)
+        };
         ks.note_seen(stream, first, n_kv, read);
         vs.note_seen(stream, first, n_kv, read);
-        seqs.push(SeqAttn { stream, first, q: qbuf, mask, pick });
+        seqs.push(SeqAttn { stream, first, q: qbuf, mask, pick, union });
     }
-    Ok(AttnPlan { seqs, n_kv })
+    Ok(AttnPlan { seqs })
 }
 
 /// # Safety

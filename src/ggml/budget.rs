@@ -168,11 +168,12 @@ impl<'g> Stager<'g> {
                 let hits = s.staged_pages(stream, first, n) as u64;
                 tier.counters.prefetch_hits.fetch_add(hits, Ordering::Relaxed);
                 let t = Instant::now();
-                let missed = s.cold_pages(stream, first, n).len() as u64;
+                let cold = s.cold_pages(stream, first, n);
+                let missed = cold.len() as u64;
                 if missed == 0 {
                     continue;
                 }
-                self.staged[i] += s.stage(stream, first, n).map_err(|e| format!("reading KV pages from the spill file ({}): {e}", tier.describe()))? as u64;
+                self.staged[i] += s.stage_pages(cold).map_err(|e| format!("reading KV pages from the spill file ({}): {e}", tier.describe()))? as u64;
                 let d = t.elapsed();
                 tier.add_wait(d);
                 tier.counters.transfer_busy_ns.fetch_add(d.as_nanos() as u64, Ordering::Relaxed);

@@ -632,10 +632,11 @@ impl KvStore {
             .map(|&b| {
                 let span = (b * BLOCK).max(first)..((b + 1) * BLOCK).min(first + n);
                 let p = b / per_page;
-                let slot = st.pages.get(p);
+                // Only compressed pages (in RAM or cold) have digests.
+                let digest = st.pages.get(p).and_then(|s| s.digest.as_ref());
                 if !visible(span.start - first..span.end - first) {
                     PageKind::Hidden
-                } else if p == 0 || span.len() < BLOCK || slot.is_none_or(|s| s.digest.is_none() || matches!(s.data, Page::F16(_) | Page::Empty)) {
+                } else if p == 0 || span.len() < BLOCK || digest.is_none() {
                     PageKind::Always
                 } else {
                     PageKind::Candidate
@@ -800,8 +801,7 @@ impl KvStore {
     /// The cold pages not staged among the pages of cells [first, first + n) of a stream.
     pub fn cold_pages(&self, stream: usize, first: usize, n: usize) -> Vec<(PageId, Slot)> {
         let st = &self.streams[stream];
-        let pages = first / PAGE..(first + n).div_ceil(PAGE).min(st.pages.len());
-        pages.filter_map(|p| match st.pages[p].data {
+        self.page_span(stream, first, n).filter_map(|p| match st.pages[p].data {
             Page::Cold { slot, staged: None } => Some(((stream, p), slot)),
             _ => None,
         })
@@ -812,8 +812,12 @@ impl KvStore {
     /// stream.
     pub fn staged_pages(&self, stream: usize, first: usize, n: usize) -> usize {
         let st = &self.streams[stream];
-        let pages = first / PAGE..(first + n).div_ceil(PAGE).min(st.pages.len());
-        pages.filter(|&p| matches!(st.pages[p].data, Page::Cold { staged: Some(_), .. })).count()
+        self.page_span(stream, first, n).filter(|&p| matches!(st.pages[p].data, Page::Cold { staged: Some(_), .. })).count()
+    }
+
+    /// The allocated pages of a stream that hold cells of [first, first + n).
+    fn page_span(&self, stream: usize, first: usize, n: usize) -> std::ops::Range<usize> {
+        first / PAGE..(first + n).div_ceil(PAGE).min(self.streams[stream].pages.len())
     }
 
     /// Installs staged copies read from the tier. A copy whose page has since changed (a
@@ -854,8 +858,12 @@ impl KvStore {
         self.stage_pages(cold).map(|_| ())
     }
 
-    /// Reads cold pages (not staged) from the tier and installs them. Returns the bytes read.
-    fn stage_pages(&mut self, cold: Vec<(PageId, Slot)>) -> io::Result<usize> {
+    /// Reads cold pages (not staged, as [`KvStore::cold_pages`] lists them) from the tier and
+    /// installs them. Returns the bytes read.
+    ///
+    /// # Errors
+    /// The cold store's error (nothing is staged then).
+    pub fn stage_pages(&mut self, cold: Vec<(PageId, Slot)>) -> io::Result<usize> {
         if cold.is_empty() {
             return Ok(0);
         }
