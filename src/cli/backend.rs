@@ -41,6 +41,16 @@ impl BackendSpec {
     pub fn has_budget(&self) -> bool {
         matches!(self, BackendSpec::Dspark(n) if dspark_config(n).is_ok_and(|c| c.kv_budget.is_some()))
     }
+
+    /// Whether this is a DSpark configuration with an attention budget (page selection).
+    pub fn has_attn_budget(&self) -> bool {
+        matches!(self, BackendSpec::Dspark(n) if dspark_config(n).is_ok_and(|c| c.attn_budget > 0))
+    }
+
+    /// [`BackendSpec::has_attn_budget`] of a configuration named in a report.
+    pub fn names_attn_budget(name: &str) -> bool {
+        BackendSpec::parse(name).is_ok_and(|s| s.has_attn_budget())
+    }
 }
 
 impl fmt::Display for BackendSpec {

@@ -504,7 +504,7 @@ fn measure_here(args: &BenchArgs) -> Result<Sample> {
 /// The memory budget's and page selection's figures of the rows that have a cold tier or an
 /// attention budget (empty when none has).
 pub fn tier_table(r: &BenchReport) -> String {
-    let rows: Vec<_> = r.results.iter().filter(|x| x.kv_cold_bytes > 0 || x.transfer_busy_s > 0.0 || x.backend.contains(":attn=")).collect();
+    let rows: Vec<_> = r.results.iter().filter(|x| x.kv_cold_bytes > 0 || x.transfer_busy_s > 0.0 || BackendSpec::names_attn_budget(&x.backend)).collect();
     if rows.is_empty() {
         return String::new();
     }

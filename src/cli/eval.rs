@@ -134,7 +134,7 @@ pub fn run_eval(args: &EvalArgs) -> Result<EvalReport> {
     for s in &specs {
         runner.check(s)?;
     }
-    if !args.decode && specs.iter().any(|s| s.to_string().contains(":attn=")) {
+    if !args.decode && specs.iter().any(BackendSpec::has_attn_budget) {
         eprintln!("warning: page selection (attn=) acts on decode steps only; add --decode to score with it");
     }
     let base_spec = BackendSpec::Stock(KvType::F16);
@@ -250,7 +250,7 @@ pub fn plot(r: &EvalReport, path: &Path) -> Result<()> {
             .build_cartesian_2d(0.0..x_max, (y_min..y_max).log_scale())?;
         chart.configure_mesh().x_desc("bits per K/V element (metadata included)").y_desc("mean KL divergence (log)").draw()?;
         // Stock types, DSpark formats, and DSpark with page selection (an attention budget).
-        let kind = |name: &str| if name.starts_with("stock") { 0 } else if name.contains(":attn=") { 2 } else { 1 };
+        let kind = |name: &str| if name.starts_with("stock") { 0 } else if BackendSpec::names_attn_budget(name) { 2 } else { 1 };
         for (k, label, color) in [(0, "stock llama.cpp", BLUE), (1, "DSpark", RED), (2, "DSpark, page selection (attn=)", GREEN)] {
             let series: Vec<_> = pts.iter().filter(|p| kind(p.2) == k).collect();
             if series.is_empty() {
