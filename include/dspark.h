@@ -139,7 +139,7 @@ struct ggml_backend_device;
 typedef struct dspark_config {
     /** Set to `sizeof(dspark_config)` (dspark_config_init() does). */
     size_t size;
-    /** KV format name: "f16" (paged, uncompressed) or "k<b>v<b>" with b in {8, 4, 3, 2}
+    /** KV format name: "f16" (paged, uncompressed) or "k<b>v<b>" with b from 2 to 8
      *  (bits per K and V code), e.g. "k4v4". Names are exact and lowercase: nothing else is
      *  accepted (not "K4V4", "F16", " k4v4", "k04v4" or "k+4v4"). NULL means "k4v4". Copied;
      *  the library does not keep the pointer. */

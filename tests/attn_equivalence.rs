@@ -266,6 +266,9 @@ fn quant() -> impl Strategy<Value = Option<Quant>> {
     prop_oneof![
         Just(None),
         Just(Some(Quant::Q8)),
+        Just(Some(Quant::Q7)),
+        Just(Some(Quant::Q6)),
+        Just(Some(Quant::Q5)),
         Just(Some(Quant::Q4)),
         Just(Some(Quant::Q3)),
         Just(Some(Quant::Q2))
@@ -335,7 +338,7 @@ fn long_sequences() {
 #[test]
 fn packed_decode_header_paths() {
     for (d, seed) in [(32usize, 21u64), (512, 22)] {
-        for (kq, vq) in [(Quant::Q4, Quant::Q2), (Quant::Q8, Quant::Q3), (Quant::Q4, Quant::Q4), (Quant::Q8, Quant::Q8)] {
+        for (kq, vq) in [(Quant::Q4, Quant::Q2), (Quant::Q8, Quant::Q3), (Quant::Q4, Quant::Q4), (Quant::Q8, Quant::Q8), (Quant::Q4, Quant::Q6), (Quant::Q5, Quant::Q7)] {
             let layout: Layout = vec![(0, 4, None, None), (4, 70, Some(kq), Some(vq)), (74, 5, None, None)];
             check(&build(seed, d, 2, 3, 1, &layout, 1, true, 0.0, 0.0)).unwrap();
             check(&build(seed + 1, d, 1, 4, 2, &layout, 0, false, 20.0, 8.0)).unwrap();

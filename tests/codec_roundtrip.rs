@@ -3,13 +3,16 @@
 use dspark::codec::{rotate, unrotate, Format, Quant, RowCodec};
 use proptest::prelude::*;
 
-const QUANTS: [Quant; 4] = [Quant::Q8, Quant::Q4, Quant::Q3, Quant::Q2];
+const QUANTS: [Quant; 7] = Quant::ALL;
 
 /// Per-row bound on relative MSE (error energy / row energy) for Gaussian-like rows. The
 /// average figures are ~10x lower (see `src/codec/mod.rs`); this bounds single short rows.
 fn rel_mse_bound(q: Quant) -> f64 {
     match q {
         Quant::Q8 => 2e-4,
+        Quant::Q7 => 6e-4,
+        Quant::Q6 => 2e-3,
+        Quant::Q5 => 8e-3,
         Quant::Q4 => 0.03,
         Quant::Q3 => 0.09,
         Quant::Q2 => 0.3,
@@ -115,6 +118,22 @@ proptest! {
     }
 }
 
+/// Each extra bit of code divides the error energy by about 4 on Gaussian rows: a packing
+/// mistake in any width (a swapped or lost bit plane) breaks the ladder.
+#[test]
+fn every_extra_bit_quarters_the_error() {
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+    let mut rng = StdRng::seed_from_u64(5);
+    let d = 128;
+    let rows: Vec<Vec<f32>> = (0..256).map(|_| (0..d).map(|_| rng.gen::<f32>() - rng.gen::<f32>()).collect()).collect();
+    let mse = |q: Quant| rows.iter().map(|x| rel_mse(x, &roundtrip(q, x))).sum::<f64>() / rows.len() as f64;
+    for w in Quant::ALL.windows(2) {
+        let (wide, narrow) = (mse(w[0]), mse(w[1]));
+        let ratio = narrow / wide;
+        assert!((3.0..5.5).contains(&ratio), "{:?} -> {:?}: error ratio {ratio} ({narrow} / {wide})", w[1], w[0]);
+    }
+}
+
 #[test]
 fn zero_and_constant_rows() {
     for q in QUANTS {
@@ -176,6 +195,9 @@ fn sizes_and_bits_per_elem() {
         (Quant::Q8, 128, 134),
         (Quant::Q3, 128, 54),
         (Quant::Q2, 256, 74),
+        (Quant::Q5, 64, 2 + 2 + 2 * 20),
+        (Quant::Q6, 128, 2 + 4 + 4 * 24),
+        (Quant::Q7, 64, 2 + 2 + 2 * 28),
     ] {
         let c = RowCodec::new(q, d).unwrap();
         assert_eq!(c.row_bytes(), bytes, "{q:?} d={d}");
@@ -188,8 +210,8 @@ fn sizes_and_bits_per_elem() {
 
 #[test]
 fn format_names() {
-    for k in [8, 4, 3, 2] {
-        for v in [8, 4, 3, 2] {
+    for k in 2..=8 {
+        for v in 2..=8 {
             let name = format!("k{k}v{v}");
             let f = Format::parse(&name).unwrap();
             assert_eq!(f.k.bits(), k);
@@ -197,7 +219,7 @@ fn format_names() {
             assert_eq!(f.name(), name);
         }
     }
-    for bad in ["", "k4", "v4", "k5v4", "k4v1", "q4_0", "k4v4x", "kv"] {
+    for bad in ["", "k4", "v4", "k9v4", "k4v1", "k0v4", "q4_0", "k4v4x", "kv", "k10v4"] {
         assert!(Format::parse(bad).is_err(), "{bad:?} must not parse");
     }
     for f in Format::ALL_PRESETS {

@@ -383,7 +383,7 @@ pub(crate) fn run_item<F: Flavor>(ctx: &Ctx, it: &Item) -> Partial {
 }
 
 /// Runs the packed decode kernel on the longest run of whole blocks of rows `r0..r1` of
-/// `seg` (K and V packed, K in 8 or 4 bits); returns how many rows it consumed (0 when the
+/// `seg` (K and V packed, K in 8 or 4 bits, V in 8, 4, 3 or 2); returns how many rows it consumed (0 when the
 /// segment does not qualify, and the tile path takes every row).
 #[inline(always)]
 fn packed_rows<F: Flavor>(w: &mut Work, seg: &Segment, r0: usize, r1: usize) -> usize {
@@ -393,7 +393,7 @@ fn packed_rows<F: Flavor>(w: &mut Work, seg: &Segment, r0: usize, r1: usize) -> 
     let kbits = kc.quant().bits();
     let n = (r1 - r0) / PACKED_BLOCK * PACKED_BLOCK;
     let Some(iq) = w.iq.as_ref() else { return 0 };
-    if n == 0 || !(kbits == 8 || kbits == 4) {
+    if n == 0 || !(kbits == 8 || kbits == 4) || !matches!(vc.quant().bits(), 8 | 4 | 3 | 2) {
         return 0;
     }
     let pb = w.ctx.pb;

@@ -1,4 +1,4 @@
-//! x86-64 row decoders: packed rows (8/4/3/2-bit groups) and f16 rows into f32 tiles, for
+//! x86-64 row decoders: packed rows (8/4/3/2-bit groups; 5 to 7 bits use the generic body) and f16 rows into f32 tiles, for
 //! AVX-512 (16 lanes) and AVX2+F16C (8 lanes). Each is a safe `#[target_feature]` function
 //! that checks its slice lengths up front; the raw loads and stores it does are in bounds by
 //! those checks. The scalar specification is `RowCodec::decode_rotated` and
@@ -16,6 +16,11 @@ pub fn decode_packed_avx512(codec: &RowCodec, data: &[u8], out: &mut [f32]) {
     let bits = codec.quant().bits();
     assert_eq!(data.len(), codec.row_bytes(), "decode_packed_avx512: row bytes");
     assert_eq!(out.len(), d, "decode_packed_avx512: out length");
+    if bits > 4 && bits < 8 {
+        // 5 to 7 bits: rare widths (per-layer profiles), decoded by the generic body.
+        codec.decode_rotated_inline(data, out);
+        return;
+    }
     let groups = d / GROUP;
     let s = row_scale(data);
     let gb = group_code_bytes(bits);
@@ -137,6 +142,11 @@ pub fn decode_packed_avx2(codec: &RowCodec, data: &[u8], out: &mut [f32]) {
     let bits = codec.quant().bits();
     assert_eq!(data.len(), codec.row_bytes(), "decode_packed_avx2: row bytes");
     assert_eq!(out.len(), d, "decode_packed_avx2: out length");
+    if bits > 4 && bits < 8 {
+        // 5 to 7 bits: rare widths (per-layer profiles), decoded by the generic body.
+        codec.decode_rotated_inline(data, out);
+        return;
+    }
     let groups = d / GROUP;
     let s = row_scale(data);
     let gb = group_code_bytes(bits);

@@ -446,7 +446,7 @@ mod tests {
             let worst: Vec<f32> = worst.iter().map(|x| x.clamp(-F16_MAX, F16_MAX)).collect();
             let alternating: Vec<f32> = (0..d).map(|i| if i % 3 == 0 { -F16_MAX } else { F16_MAX }).collect();
             let tiny: Vec<f32> = (0..d).map(|i| 1e-7 * i as f32).collect();
-            for q in [Quant::Q8, Quant::Q4, Quant::Q3, Quant::Q2] {
+            for q in Quant::ALL {
                 let c = RowCodec::new(q, d).unwrap();
                 let mut row = vec![0u8; c.row_bytes()];
                 for x in [&worst, &alternating, &tiny, &vec![0.0; d]] {

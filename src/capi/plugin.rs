@@ -11,7 +11,7 @@
 //!
 //! | variable | meaning | default |
 //! |---|---|---|
-//! | `DSPARK_FORMAT` | KV format: `f16` or `k<b>v<b>`, b in {8, 4, 3, 2} | `k4v4` |
+//! | `DSPARK_FORMAT` | KV format: `f16` or `k<b>v<b>`, b from 2 to 8 | `k4v4` |
 //! | `DSPARK_WINDOW` | most recent tokens kept in f16 | 128 |
 //! | `DSPARK_KV_BUDGET` | most bytes of KV pages in RAM (`512M`, `2G`); the rest spills to disk | none |
 //! | `DSPARK_PREFETCH` | layers ahead whose cold pages are read during attention | 2 |

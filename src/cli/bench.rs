@@ -27,7 +27,7 @@ pub struct BenchArgs {
     #[arg(short = 'm', long)]
     pub model: Option<PathBuf>,
     /// Comma-separated configurations: stock:f16, stock:q8_0, stock:q4_0, dspark:<format>
-    /// (formats: f16, k8v8, k8v4, k4v4, k4v3, k4v2, any k{8,4,3,2}v{8,4,3,2}).
+    /// (formats: f16, k8v8, k8v4, k4v4, k4v3, k4v2, any k<b>v<b> with b from 2 to 8).
     #[arg(long, default_value = "stock:f16,stock:q4_0,dspark:k4v4")]
     pub backends: String,
     /// Comma-separated prompt depths in tokens.

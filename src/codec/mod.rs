@@ -7,8 +7,9 @@
 //! groups of 32. Each group gets the q4_0-style signed absmax step (the extreme value lands
 //! exactly on the lowest level), refined by a small MSE search over 9 candidate steps, and the
 //! step is stored as a signed 8-bit multiplier of one bf16 row scale. Codes are uniform
-//! `b`-bit integers, `b` in {8, 4, 3, 2}. Cost: `b + 8/32 + 16/d` bits per value, all metadata
-//! included: at d = 128 that is 8.375 / 4.375 / 3.375 / 2.375 (d = 64: 8.5 / 4.5 / 3.5 / 2.5).
+//! `b`-bit integers, `b` from 2 to 8. Cost: `b + 8/32 + 16/d` bits per value, all metadata
+//! included: at d = 128 that is 8.375 / 4.375 / 3.375 / 2.375 for 8 / 4 / 3 / 2 bits (d = 64:
+//! 8.5 / 4.5 / 3.5 / 2.5).
 //! The byte layout is in `quant.rs`.
 //!
 //! # Why this quantizer (measured by `tests/codec_fidelity.rs`, printed with `--nocapture`)
@@ -65,11 +66,19 @@ pub mod layout {
 /// Values per quantization group.
 pub const GROUP: usize = quant::GROUP;
 
-/// Bit width of one K or V code.
+/// Bit width of one K or V code. 8, 4, 3 and 2 bits have their own SIMD decoders; 7, 6 and 5
+/// bits (used by per-layer profiles, see [`crate::profile`]) are decoded by the generic body
+/// of `quant.rs` on every instruction set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Quant {
     /// 8-bit codes.
     Q8,
+    /// 7-bit codes.
+    Q7,
+    /// 6-bit codes.
+    Q6,
+    /// 5-bit codes.
+    Q5,
     /// 4-bit codes.
     Q4,
     /// 3-bit codes.
@@ -79,11 +88,17 @@ pub enum Quant {
 }
 
 impl Quant {
+    /// Every width, widest first.
+    pub const ALL: [Quant; 7] = [Quant::Q8, Quant::Q7, Quant::Q6, Quant::Q5, Quant::Q4, Quant::Q3, Quant::Q2];
+
     /// Bits per code (metadata excluded; see [`RowCodec::bits_per_elem`] for the true figure).
     #[must_use]
     pub const fn bits(self) -> u32 {
         match self {
             Quant::Q8 => 8,
+            Quant::Q7 => 7,
+            Quant::Q6 => 6,
+            Quant::Q5 => 5,
             Quant::Q4 => 4,
             Quant::Q3 => 3,
             Quant::Q2 => 2,
@@ -93,15 +108,9 @@ impl Quant {
     /// The quant with `bits` bits per code.
     ///
     /// # Errors
-    /// If `bits` is not 8, 4, 3 or 2.
+    /// If `bits` is not in 2..=8.
     pub fn from_bits(bits: u32) -> Result<Quant, String> {
-        match bits {
-            8 => Ok(Quant::Q8),
-            4 => Ok(Quant::Q4),
-            3 => Ok(Quant::Q3),
-            2 => Ok(Quant::Q2),
-            _ => Err(format!("unsupported code width {bits} (use 8, 4, 3 or 2)")),
-        }
+        Quant::ALL.into_iter().find(|q| q.bits() == bits).ok_or_else(|| format!("unsupported code width {bits} (use 2 to 8)"))
     }
 }
 
@@ -119,7 +128,7 @@ impl Format {
     /// (K is the fragile side); k4v4: the q4_0 replacement, better error at fewer bits; k4v3:
     /// ~3.9 bits; k4v2: most compression that keeps K at 4 bits (pair it with f16 sinks and a
     /// recent window). Symmetric 3- and 2-bit K is known to break some model families, so no
-    /// preset has K below 4 bits; the parser still accepts every `k{8,4,3,2}v{8,4,3,2}`.
+    /// preset has K below 4 bits; the parser still accepts every `k<b>v<b>` with b in 2..=8.
     pub const ALL_PRESETS: [Format; 5] = [
         Format { k: Quant::Q8, v: Quant::Q8 },
         Format { k: Quant::Q8, v: Quant::Q4 },
@@ -128,15 +137,15 @@ impl Format {
         Format { k: Quant::Q4, v: Quant::Q2 },
     ];
 
-    /// Parses a name like `k4v3`: exactly `k<b>v<b>` with each `<b>` one digit of 8, 4, 3, 2,
+    /// Parses a name like `k4v3`: exactly `k<b>v<b>` with each `<b>` one digit from 2 to 8,
     /// lowercase, nothing around it (no spaces, signs or leading zeros), so that a name is
     /// accepted if and only if it is some format's [`Format::name`].
     ///
     /// # Errors
-    /// If the name is not `k{8,4,3,2}v{8,4,3,2}`.
+    /// If the name is not `k<b>v<b>` with b in 2..=8.
     pub fn parse(name: &str) -> Result<Format, String> {
-        let bad = || format!("bad KV format {name:?}: expected k{{8,4,3,2}}v{{8,4,3,2}} in lowercase, e.g. k4v4");
-        // One byte per width: from_bits accepts 8, 4, 3, 2 and refuses every other byte.
+        let bad = || format!("bad KV format {name:?}: expected k<b>v<b> with b from 2 to 8, in lowercase, e.g. k4v4");
+        // One byte per width: from_bits accepts 2..=8 and refuses every other byte.
         let width = |c: &u8| Quant::from_bits(u32::from(c.wrapping_sub(b'0'))).map_err(|_| bad());
         match name.as_bytes() {
             [b'k', k, b'v', v] => Ok(Format { k: width(k)?, v: width(v)? }),
@@ -279,6 +288,9 @@ impl RowCodec {
         assert_eq!(out.len(), self.head_dim, "RowCodec::decode: out length");
         match self.quant {
             Quant::Q8 => quant::decode_rotated_body::<8>(data, out),
+            Quant::Q7 => quant::decode_rotated_body::<7>(data, out),
+            Quant::Q6 => quant::decode_rotated_body::<6>(data, out),
+            Quant::Q5 => quant::decode_rotated_body::<5>(data, out),
             Quant::Q4 => quant::decode_rotated_body::<4>(data, out),
             Quant::Q3 => quant::decode_rotated_body::<3>(data, out),
             Quant::Q2 => quant::decode_rotated_body::<2>(data, out),
@@ -317,6 +329,9 @@ impl RowCodec {
     pub fn decode_rotated_inline(&self, data: &[u8], out: &mut [f32]) {
         match self.quant {
             Quant::Q8 => quant::decode_rotated_body::<8>(data, out),
+            Quant::Q7 => quant::decode_rotated_body::<7>(data, out),
+            Quant::Q6 => quant::decode_rotated_body::<6>(data, out),
+            Quant::Q5 => quant::decode_rotated_body::<5>(data, out),
             Quant::Q4 => quant::decode_rotated_body::<4>(data, out),
             Quant::Q3 => quant::decode_rotated_body::<3>(data, out),
             Quant::Q2 => quant::decode_rotated_body::<2>(data, out),

@@ -17,7 +17,9 @@
 //! - 4 bits: byte `k` holds code `k` (low nibble) and code `k + 16` (high nibble).
 //! - 2 bits: byte `k` holds code `8s + k` in bits `2s..2s+2`, for `s` in 0..4.
 //! - 3 bits: the low two bits as in the 2-bit layout (8 bytes), then 4 bytes where bit `k` of
-//!   byte `s` is bit 2 of code `8s + k`.
+//!   byte `s` is bit 2 of code `8s + k` (the 1-bit layout).
+//! - 5, 6, 7 bits: the low four bits as in the 4-bit layout (16 bytes), then the high `b − 4`
+//!   bits of each code in the layout of that width (1 bit: as bit 2 of the 3-bit layout).
 
 /// Values per group.
 pub const GROUP: usize = 32;
@@ -154,11 +156,24 @@ fn pack(bits: u32, q: &[u8; GROUP], out: &mut [u8]) {
         2 => pack2(q, out),
         3 => {
             pack2(q, &mut out[..8]);
-            for (i, &c) in q.iter().enumerate() {
-                out[8 + i / 8] |= ((c >> 2) & 1) << (i % 8);
+            pack1(&q.map(|c| c >> 2), &mut out[8..]);
+        }
+        5..=7 => {
+            pack(4, &q.map(|c| c & 15), &mut out[..16]);
+            let hi = q.map(|c| c >> 4);
+            match bits {
+                5 => pack1(&hi, &mut out[16..]),
+                _ => pack(bits - 4, &hi, &mut out[16..]),
             }
         }
         _ => unreachable!("bits checked by Quant"),
+    }
+}
+
+/// Bit 0 of code `8s + k` into bit `k` of byte `s`.
+fn pack1(q: &[u8; GROUP], out: &mut [u8]) {
+    for (i, &c) in q.iter().enumerate() {
+        out[i / 8] |= (c & 1) << (i % 8);
     }
 }
 
@@ -187,7 +202,8 @@ pub fn decode_rotated_body<const BITS: u32>(data: &[u8], out: &mut [f32]) {
             8 => unpack8(c, step, o),
             4 => unpack4(c, step, o),
             3 => unpack3(c, step, o),
-            _ => unpack2(c, step, o),
+            2 => unpack2(c, step, o),
+            _ => unpack_wide::<BITS>(c, step, o),
         }
     }
 }
@@ -244,6 +260,33 @@ fn unpack3(c: &[u8], step: f32, o: &mut [f32; GROUP]) {
             let code = ((c[k] >> (2 * s)) & 3) | (((hi >> k) & 1) << 2);
             t[8 * s + k] = level(code, 4, step);
         }
+    }
+    *o = t;
+}
+
+/// 5, 6 and 7 bits: the low nibbles, then the high bits as 1-, 2- or 3-bit codes.
+#[inline(always)]
+fn unpack_wide<const BITS: u32>(c: &[u8], step: f32, o: &mut [f32; GROUP]) {
+    let lo: [u8; 16] = c[..16].try_into().expect("16 bytes");
+    let mut code = [0u8; GROUP];
+    for k in 0..16 {
+        code[k] = lo[k] & 15;
+        code[k + 16] = lo[k] >> 4;
+    }
+    let hi = &c[16..];
+    for (i, x) in code.iter_mut().enumerate() {
+        let (s, k) = (i / 8, i % 8);
+        let h = match BITS {
+            5 => (hi[s] >> k) & 1,
+            6 => (hi[k] >> (2 * s)) & 3,
+            _ => ((hi[k] >> (2 * s)) & 3) | (((hi[8 + s] >> k) & 1) << 2),
+        };
+        *x |= h << 4;
+    }
+    let off = 1i32 << (BITS - 1);
+    let mut t = [0.0f32; GROUP];
+    for k in 0..GROUP {
+        t[k] = level(code[k], off, step);
     }
     *o = t;
 }
