@@ -121,11 +121,14 @@ pub fn devices() -> Vec<(String, String)> {
 pub enum KvType {
     F16,
     Q8_0,
+    Q5_1,
+    Q5_0,
+    Iq4Nl,
     Q4_0,
 }
 
 impl KvType {
-    pub const ALL: [KvType; 3] = [KvType::F16, KvType::Q8_0, KvType::Q4_0];
+    pub const ALL: [KvType; 6] = [KvType::F16, KvType::Q8_0, KvType::Q5_1, KvType::Q5_0, KvType::Iq4Nl, KvType::Q4_0];
 
     pub fn parse(s: &str) -> Option<KvType> {
         Self::ALL.into_iter().find(|t| t.name() == s)
@@ -135,6 +138,9 @@ impl KvType {
         match self {
             KvType::F16 => "f16",
             KvType::Q8_0 => "q8_0",
+            KvType::Q5_1 => "q5_1",
+            KvType::Q5_0 => "q5_0",
+            KvType::Iq4Nl => "iq4_nl",
             KvType::Q4_0 => "q4_0",
         }
     }
@@ -143,6 +149,9 @@ impl KvType {
         match self {
             KvType::F16 => sys::GGML_TYPE_F16,
             KvType::Q8_0 => sys::GGML_TYPE_Q8_0,
+            KvType::Q5_1 => sys::GGML_TYPE_Q5_1,
+            KvType::Q5_0 => sys::GGML_TYPE_Q5_0,
+            KvType::Iq4Nl => sys::GGML_TYPE_IQ4_NL,
             KvType::Q4_0 => sys::GGML_TYPE_Q4_0,
         }
     }
@@ -264,6 +273,11 @@ impl Model {
         }
         buf.truncate((n as usize).min(buf.len() - 1));
         String::from_utf8(buf).ok()
+    }
+
+    /// The model's `general.name`, if the GGUF has one.
+    pub fn name(&self) -> Option<String> {
+        self.meta_raw("general.name")
     }
 
     /// A one-line description, e.g. "llama 135M Q4_1".

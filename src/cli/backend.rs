@@ -23,7 +23,7 @@ impl BackendSpec {
         let (kind, arg) = s.split_once(':').ok_or_else(|| anyhow!("backend `{s}`: expected stock:<type> or dspark:<format>"))?;
         match kind {
             "stock" => KvType::parse(arg).map(BackendSpec::Stock).ok_or_else(|| {
-                anyhow!("backend `{s}`: unknown stock KV type `{arg}` (use f16, q8_0 or q4_0)")
+                anyhow!("backend `{s}`: unknown stock KV type `{arg}` (use f16, q8_0, q5_1, q5_0, iq4_nl or q4_0)")
             }),
             "dspark" => Ok(BackendSpec::Dspark(arg.to_string())),
             _ => bail!("backend `{s}`: expected stock:<type> or dspark:<format>"),
@@ -130,10 +130,24 @@ pub struct Runner {
 }
 
 /// The DSpark configuration for a `dspark:<format>[:key=value...]` spec (after `dspark:`).
+/// For `autoB` the format is a placeholder until [`Runner::context`] calibrates a profile.
 pub fn dspark_config(name: &str) -> Result<ggml::Config> {
-    ggml::Config::default().with_spec(name).map_err(|e| {
-        anyhow!("backend `dspark:{name}`: {e}; formats: f16 (no compression), {}", format_names().join(", "))
+    let spec = match auto_bits(name)? {
+        Some(_) => format!("k4v4{}", name.find(':').map_or("", |i| &name[i..])),
+        None => name.to_string(),
+    };
+    ggml::Config::default().with_spec(&spec).map_err(|e| {
+        anyhow!("backend `dspark:{name}`: {e}; formats: f16 (no compression), {}, any k<b>v<b> (b from 2 to 8), autoB (a profile calibrated for an average of B bits per value) or profile=FILE", format_names().join(", "))
     })
+}
+
+/// The bit budget of an `autoB[:options]` spec (`None` for other specs).
+fn auto_bits(name: &str) -> Result<Option<f64>> {
+    let Some(b) = name.split(':').next().and_then(|f| f.strip_prefix("auto")) else { return Ok(None) };
+    match b.parse::<f64>() {
+        Ok(bits) if bits.is_finite() && bits > 0.0 => Ok(Some(bits)),
+        _ => bail!("backend `dspark:{name}`: `auto{b}`: expected autoB with B the average bits per value, e.g. auto3.5"),
+    }
 }
 
 /// The DSpark formats this build offers, most accurate first.
@@ -165,13 +179,29 @@ impl Runner {
                 let m = Model::load(&self.path, Placement::Cpu)?;
                 return Ok(self.stock.get_or_init(|| m));
             }
+            // An autoB spec's profile depends on the context; its tokenizer is the stock one.
+            BackendSpec::Dspark(name) if auto_bits(name)?.is_some() => return self.model(&BackendSpec::Stock(KvType::F16)),
             BackendSpec::Dspark(name) => dspark_config(name)?,
         };
         if let Some((_, m)) = self.dspark.iter().find(|(c, _)| *c == cfg) {
             return Ok(m);
         }
-        let m = Model::load(&self.path, Placement::Offload(vec![ggml::register(cfg)]))?;
+        let m = Model::load(&self.path, Placement::Offload(vec![ggml::register(cfg.clone())]))?;
+        if let Some(p) = &cfg.profile {
+            p.check_model(&super::calibrate::model_id(&m, &self.path)).map_err(|e| anyhow!("backend `{spec}`: {e}"))?;
+        }
         Ok(&self.dspark.push_get(Box::new((cfg, m))).1)
+    }
+
+    /// `spec` with an `autoB` format replaced by its profile for a context of `p`'s size
+    /// (calibrated now unless cached next to the model).
+    fn resolve(&self, spec: &BackendSpec, p: &CtxParams) -> Result<BackendSpec> {
+        let BackendSpec::Dspark(name) = spec else { return Ok(spec.clone()) };
+        let Some(bits) = auto_bits(name)? else { return Ok(spec.clone()) };
+        let window = dspark_config(name)?.window;
+        let path = super::calibrate::auto_profile(&self.path, bits, p.n_ctx as usize, window, p.n_threads as usize)?;
+        let opts = name.split_once(':').map_or(String::new(), |(_, o)| format!(":{o}"));
+        Ok(BackendSpec::Dspark(format!("profile={}{opts}", path.display())))
     }
 
     /// A fresh context of `n_ctx` cells for `spec`.
@@ -181,6 +211,7 @@ impl Runner {
 
     /// A fresh context for `spec` with other parameters (its KV type comes from `spec`).
     pub fn context_with(&self, spec: &BackendSpec, p: &CtxParams) -> Result<Context<'_>> {
+        let spec = &self.resolve(spec, p)?;
         let model = self.model(spec)?;
         match spec {
             BackendSpec::Stock(t) => Context::new(model, &CtxParams { kv: *t, ..p.clone() }),

@@ -27,7 +27,7 @@ pub struct EvalArgs {
     #[arg(long)]
     pub chunks: Option<usize>,
     /// Configurations compared against stock:f16: a comma-separated list of stock:<type>
-    /// and dspark:<format>, or `all` (stock f16, q8_0, q4_0 and every DSpark preset:
+    /// and dspark:<format>, or `all` (stock f16, q8_0, q5_1, q5_0, iq4_nl, q4_0 and every DSpark preset:
     /// k8v8, k8v4, k4v4, k4v3, k4v2).
     #[arg(long, default_value = "all")]
     pub backends: String,
@@ -77,10 +77,16 @@ fn all_specs() -> Vec<BackendSpec> {
 
 /// Log-probabilities of one logit row (computed in f64, kept in f32 to halve the memory of
 /// a chunk's baseline: 1024 rows of 49k values at ctx 2048).
-fn log_softmax(logits: &[f32]) -> Vec<f32> {
+pub(crate) fn log_softmax(logits: &[f32]) -> Vec<f32> {
     let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
     let lse = logits.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln() + max;
     logits.iter().map(|&l| (l as f64 - lse) as f32).collect()
+}
+
+/// KL divergence of the distribution `lp` from `base` (both log-probabilities).
+pub(crate) fn kld(base: &[f32], lp: &[f32]) -> f64 {
+    let d: f64 = base.iter().zip(lp).map(|(&pb, &pc)| (pb as f64).exp() * (pb as f64 - pc as f64)).sum();
+    d.max(0.0)
 }
 
 fn argmax(v: &[f32]) -> usize {
@@ -89,7 +95,7 @@ fn argmax(v: &[f32]) -> usize {
 
 /// Runs one chunk and calls `f(position, logits)` for each scored position (the second half),
 /// which `decode` evaluates one token at a time.
-fn run_chunk(ctx: &mut Context, toks: &[i32], decode: bool, mut f: impl FnMut(usize, &[f32])) -> Result<()> {
+pub(crate) fn run_chunk(ctx: &mut Context, toks: &[i32], decode: bool, mut f: impl FnMut(usize, &[f32])) -> Result<()> {
     let first_scored = toks.len() / 2;
     if decode {
         for (bi, batch) in toks[..first_scored].chunks(512).enumerate() {
@@ -176,8 +182,7 @@ pub fn run_eval(args: &EvalArgs) -> Result<EvalReport> {
                 let lp = log_softmax(l);
                 let b = &base[k];
                 k += 1;
-                let kld: f64 = b.iter().zip(&lp).map(|(&pb, &pc)| (pb as f64).exp() * (pb as f64 - pc as f64)).sum();
-                acc.kld.push(kld.max(0.0));
+                acc.kld.push(kld(b, &lp));
                 acc.agree += (argmax(b) == argmax(&lp)) as usize;
                 acc.nll -= lp[chunk[p + 1] as usize] as f64;
             })?;

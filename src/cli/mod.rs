@@ -2,6 +2,7 @@
 
 pub mod backend;
 pub mod bench;
+pub mod calibrate;
 pub mod eval;
 pub mod info;
 pub mod load;
@@ -24,7 +25,7 @@ pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
     about = "DSpark: a compressed, paged KV cache for llama.cpp, and side-by-side comparisons with stock llama.cpp",
     long_about = "DSpark stores llama.cpp's KV cache compressed and runs attention on the compressed pages.\n\
 This tool runs a GGUF model with DSpark or with stock llama.cpp and compares them side by side.\n\n\
-Backend configurations are named stock:<kv type> (llama.cpp's CPU backend with KV type f16, q8_0 or q4_0,\n\
+Backend configurations are named stock:<kv type> (llama.cpp's CPU backend with KV type f16, q8_0, q5_1, q5_0, iq4_nl or q4_0,\n\
 flash attention on) and dspark:<format> (DSpark's compressed KV, e.g. dspark:k4v4).\n\n\
 The default model is models/SmolLM2-135M-Instruct.Q4_1.gguf; `bash scripts/setup.sh` fetches it."
 )]
@@ -41,6 +42,9 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Fidelity against f16 KV: KL divergence, top-1 agreement, perplexity.
     Eval(eval::EvalArgs),
+    /// Measure each layer's K and V sensitivity and write a profile of per-layer widths for an
+    /// average bit budget (use it as dspark:profile=FILE).
+    Calibrate(calibrate::CalibrateArgs),
     /// Retrieval check: a pass key stated once in a long text, asked for at the end.
     Passkey(passkey::PasskeyArgs),
     /// Show versions, registered ggml devices and CPU features.
@@ -84,6 +88,7 @@ pub fn main_with(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(a) => bench::bench(a),
         Command::Eval(a) => eval::eval(a),
         Command::Passkey(a) => passkey::passkey(a),
+        Command::Calibrate(a) => calibrate::calibrate_cmd(a),
         Command::Info => info::info(),
     }
 }

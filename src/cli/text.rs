@@ -24,6 +24,26 @@ pub fn default_text() -> Result<String> {
     Ok(text)
 }
 
+/// Licenses that are not in the default text, so that a profile calibrated on them is
+/// evaluated on text it has not seen.
+const CALIBRATION_LICENSES: [&str; 2] = ["MPL-1.1", "Artistic"];
+
+/// The default calibration text (`dspark calibrate`, `dspark:autoB`): the licenses in
+/// CALIBRATION_LICENSES, concatenated (about 33 KB).
+pub fn calibration_text() -> Result<String> {
+    let mut text = String::new();
+    for name in CALIBRATION_LICENSES {
+        if let Ok(s) = std::fs::read_to_string(Path::new(LICENSE_DIR).join(name)) {
+            text.push_str(&s);
+            text.push('\n');
+        }
+    }
+    if text.is_empty() {
+        bail!("no calibration texts ({}) under {LICENSE_DIR}; pass a text file with -f", CALIBRATION_LICENSES.join(", "));
+    }
+    Ok(text)
+}
+
 pub fn load_text(path: Option<&Path>) -> Result<String> {
     match path {
         Some(p) => std::fs::read_to_string(p).with_context(|| format!("cannot read text file {}", p.display())),

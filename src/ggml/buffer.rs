@@ -316,8 +316,20 @@ unsafe extern "C" fn init_tensor(buf: ll::ggml_backend_buffer_t, t: *mut ll::ggm
             log_error(&format!("{name}: DSpark takes the KV cache as 3-D F16 (it compresses it itself), got {ty}: use KV type f16 (-ctk f16 -ctv f16)"));
             return ll::GGML_STATUS_FAILED;
         }
-        let c = ctx.dev.config;
-        let cfg = StoreConfig { quant: c.format.map(|f| if is_k { f.k } else { f.v }), window: c.window, digests: is_k && c.attn_budget > 0 };
+        let c = &ctx.dev.config;
+        let layer = name[9..].parse().ok();
+        let quant = match c.quant(layer, is_k) {
+            Ok(q) => q,
+            Err(e) => {
+                log_error(&format!("{name}: {e}"));
+                return ll::GGML_STATUS_FAILED;
+            }
+        };
+        if let Some(p) = c.profile.as_ref().filter(|p| p.model.n_head_kv * p.model.head_dim != tr.ne[0] as usize) {
+            log_error(&format!("{name}: rows of {} values, but profile {} was made for {} ({} KV heads of {})", tr.ne[0], p.source, p.model.name, p.model.n_head_kv, p.model.head_dim));
+            return ll::GGML_STATUS_FAILED;
+        }
+        let cfg = StoreConfig { quant, window: c.window, digests: is_k && c.attn_budget > 0 };
         let tier = match ctx.dev.budget() {
             Ok(b) => b.map(|b| b.tier.clone()),
             Err(e) => {
@@ -325,7 +337,7 @@ unsafe extern "C" fn init_tensor(buf: ll::ggml_backend_buffer_t, t: *mut ll::ggm
                 return ll::GGML_STATUS_FAILED;
             }
         };
-        let entry = match KvEntry::new(tr.ne[0] as usize, tr.ne[1] as usize, tr.ne[2] as usize, cfg, tier, name[9..].parse().ok()) {
+        let entry = match KvEntry::new(tr.ne[0] as usize, tr.ne[1] as usize, tr.ne[2] as usize, cfg, tier, layer) {
             Ok(e) => Arc::new(e),
             Err(e) => {
                 log_error(&format!("{name}: {e}"));
@@ -386,9 +398,11 @@ pub(crate) unsafe fn kv_root(t: *const ll::ggml_tensor) -> Option<KvRoot> {
         if !is_ours(r.buffer) || r.type_ != ll::GGML_TYPE_F16 || r.ne[3] != 1 {
             return None;
         }
-        let is_k = is_kv_name(&tensor_name(root))?;
-        let cfg = buft_dev((*(r.buffer as *mut sys::ggml_backend_buffer)).buft).config;
-        let quant = cfg.format.map(|f| if is_k { f.k } else { f.v });
+        let name = tensor_name(root);
+        let is_k = is_kv_name(&name)?;
+        let cfg = &buft_dev((*(r.buffer as *mut sys::ggml_backend_buffer)).buft).config;
+        // A layer the profile lacks has no store either (init_tensor refused it).
+        let quant = cfg.quant(name.get(9..).and_then(|l| l.parse().ok()), is_k).ok()?;
         Some(KvRoot { root, is_k, row_len: r.ne[0] as usize, cells: r.ne[1] as usize, quant })
     }
 }

@@ -25,17 +25,22 @@ pub use device::{register, Stats};
 pub(crate) use device::registry;
 pub(crate) use log::{log_error, log_warn};
 
-use crate::codec::Format;
+use std::sync::Arc;
+
+use crate::codec::{Format, Quant};
+use crate::profile::Profile;
 
 /// The name of the first device as ggml lists it.
 pub const DEVICE_NAME: &str = "DSPARK0";
 
 /// How a DSpark device stores the KV cache. Each configuration is its own device (see
 /// [`register`]), so the configuration of a KV cache is fixed by the device it lives on.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     /// Compressed format; `None` keeps the KV in f16 (DSpark's paging without compression).
     pub format: Option<Format>,
+    /// Per-layer widths; when set, they replace `format` ([`crate::profile`]).
+    pub profile: Option<Arc<Profile>>,
     /// Most recent cells kept in f16.
     pub window: usize,
     /// Decline FLASH_ATTN_EXT, so llama.cpp's CPU kernel runs attention and reads the KV
@@ -63,6 +68,7 @@ impl Default for Config {
     fn default() -> Config {
         Config {
             format: Format::parse("k4v4").ok(),
+            profile: None,
             window: 128,
             cpu_attention: std::env::var("DSPARK_CPU_ATTENTION").is_ok_and(|v| v == "1"),
             kv_budget: None,
@@ -74,7 +80,7 @@ impl Default for Config {
 }
 
 /// The options a `dspark:` spec takes after its format.
-const OPTIONS: &str = "kv=SIZE, prefetch=N, attn=N, attn_dense=L";
+const OPTIONS: &str = "profile=FILE, window=N, kv=SIZE, prefetch=N, attn=N, attn_dense=L";
 
 /// Parses a size: bytes, or a number with K, M or G (binary: 16M = 16 MiB), e.g. `512M`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -99,17 +105,34 @@ impl Config {
         Ok(self)
     }
 
-    /// The format's name (`f16` for uncompressed).
+    /// The format's name (`f16` for uncompressed, `profile=FILE` with a profile).
     pub fn format_name(&self) -> String {
-        self.format.map_or_else(|| "f16".to_string(), |f| f.name())
+        match &self.profile {
+            Some(p) => format!("profile={}", p.source),
+            None => self.format.map_or_else(|| "f16".to_string(), |f| f.name()),
+        }
+    }
+
+    /// The width of layer `layer`'s K (`is_k`) or V: the profile's, else the format's.
+    /// `None` is f16.
+    pub fn quant(&self, layer: Option<usize>, is_k: bool) -> Result<Option<Quant>, String> {
+        match &self.profile {
+            Some(p) => p.quant(layer, is_k),
+            None => Ok(self.format.map(|f| if is_k { f.k } else { f.v })),
+        }
     }
 
     /// Parses `FORMAT[:key=value...]` as `dspark:` specs take it (after the `dspark:`):
-    /// `kv=SIZE` (the KV budget, `0`/`none` for no budget), `prefetch=N`, `attn=N` (the
-    /// attention budget in cells, 0 = dense) and `attn_dense=L` (layers kept dense).
+    /// `profile=FILE` (per-layer widths from `dspark calibrate`; it may stand in the format's
+    /// place), `window=N` (cells kept in f16), `kv=SIZE` (the KV budget, `0`/`none` for no
+    /// budget), `prefetch=N`, `attn=N` (the attention budget in cells, 0 = dense) and
+    /// `attn_dense=L` (layers kept dense).
     pub fn with_spec(self, spec: &str) -> Result<Config, String> {
-        let mut parts = spec.split(':');
-        let mut c = self.with_format_name(parts.next().unwrap_or("").trim())?;
+        let mut parts = spec.split(':').peekable();
+        let mut c = match parts.peek() {
+            Some(first) if first.contains('=') => self,
+            _ => self.with_format_name(parts.next().unwrap_or("").trim())?,
+        };
         for kv in parts {
             let (key, value) = kv.split_once('=').ok_or_else(|| format!("option `{kv}`: expected key=value ({OPTIONS})"))?;
             c = c.with_option(key.trim(), value.trim())?;
@@ -120,6 +143,8 @@ impl Config {
     /// Sets one option by name (as [`Config::with_spec`] and the environment name them).
     pub fn with_option(mut self, key: &str, value: &str) -> Result<Config, String> {
         match key {
+            "profile" => self.profile = Some(Arc::new(Profile::load(std::path::Path::new(value))?)),
+            "window" => self.window = value.parse().map_err(|_| format!("window={value}: expected a number of cells"))?,
             "kv" => self.kv_budget = if matches!(value, "0" | "none") { None } else { Some(parse_size(value).map_err(|e| format!("kv={value}: {e}"))?) },
             "prefetch" => self.prefetch = value.parse().map_err(|_| format!("prefetch={value}: expected a layer count (0 = synchronous)"))?,
             "attn" => self.attn_budget = value.parse().map_err(|_| format!("attn={value}: expected a number of cells (0 = dense)"))?,
@@ -133,10 +158,13 @@ impl Config {
     /// options are shown where they differ from the defaults.
     pub fn spec_name(&self) -> String {
         let mut s = self.format_name();
+        let d = Config::default();
+        if self.window != d.window {
+            s += &format!(":window={}", self.window);
+        }
         if let Some(b) = self.kv_budget {
             s += &format!(":kv={b}");
         }
-        let d = Config::default();
         if self.prefetch != d.prefetch {
             s += &format!(":prefetch={}", self.prefetch);
         }

@@ -1,0 +1,199 @@
+//! `dspark calibrate`: measures how sensitive each layer's K and V are and writes a profile
+//! of per-layer widths for an average bit budget ([`crate::profile`] explains the measure and
+//! the allocation). `dspark:autoB` specs run it on the default calibration text and cache the
+//! profile next to the model.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Result};
+
+use super::eval::{kld, log_softmax};
+use super::{default_threads, model_path, text};
+use crate::ggml;
+use crate::llama::{Context, CtxParams, KvType, Model, Placement};
+use crate::profile::{self, LayerSensitivity, LayerWidths, ModelId, Profile, F16_BITS, FLOOR, PROBE};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct CalibrateArgs {
+    /// GGUF model (default: models/SmolLM2-135M-Instruct.Q4_1.gguf).
+    #[arg(short = 'm', long)]
+    pub model: Option<PathBuf>,
+    /// Calibration text (default: the MPL-1.1 and Artistic licenses in
+    /// /usr/share/common-licenses, which `dspark eval`'s default text does not contain).
+    #[arg(short = 'f', long)]
+    pub file: Option<PathBuf>,
+    /// Average bits per K/V value the profile may hold at --ctx, everything included: codes,
+    /// scales, and the f16 sinks and window (e.g. 3.5, 4.5, 6.5).
+    #[arg(long)]
+    pub bits: f64,
+    /// The context size the budget is counted at (the f16 sinks and window cost more bits per
+    /// value in a short context).
+    #[arg(long, default_value_t = 2048)]
+    pub ctx: usize,
+    /// Most recent cells kept in f16 (as the `window=` option of a spec).
+    #[arg(long, default_value_t = 128)]
+    pub window: usize,
+    /// Tokens of calibration text each probe runs (the second half is scored).
+    #[arg(long, default_value_t = PROBE_CTX)]
+    pub probe_ctx: usize,
+    /// Where to write the profile (default: next to the model, named for the budget and
+    /// context, as `dspark:autoB` caches it).
+    #[arg(short = 'o', long)]
+    pub output: Option<PathBuf>,
+    /// Threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+/// Tokens each calibration probe runs by default: 91 probes of 384 tokens take about 100 s
+/// on 2 cores with the default model.
+pub const PROBE_CTX: usize = 384;
+
+/// The identity a profile records for a model.
+pub fn model_id(model: &Model, path: &Path) -> ModelId {
+    let name = model.name().unwrap_or_else(|| path.file_name().map_or_else(|| path.display().to_string(), |f| f.to_string_lossy().into_owned()));
+    ModelId { name, n_layer: model.n_layer(), n_head_kv: model.n_head_kv(), head_dim: model.head_dim() }
+}
+
+/// Where `dspark:autoB` keeps the profile for this model, budget, context and window.
+pub fn auto_profile_path(model: &Path, bits: f64, ctx: usize, window: usize) -> PathBuf {
+    let mut name = model.file_name().map_or_else(Default::default, |f| f.to_os_string());
+    name.push(format!(".dspark-auto{bits}-ctx{ctx}-w{window}.json"));
+    model.with_file_name(name)
+}
+
+/// The log-probabilities of the scored half of `chunk` with the KV on a device of `cfg`.
+fn scored_logprobs(path: &Path, cfg: ggml::Config, chunk: &[i32], threads: usize) -> Result<Vec<Vec<f32>>> {
+    let model = Model::load(path, Placement::Offload(vec![ggml::register(cfg)]))?;
+    let mut ctx = Context::new(&model, &CtxParams::new(chunk.len() as u32, threads, KvType::F16))?;
+    // Logits only for the scored half (the output layer is a large share of a short chunk).
+    let half = chunk.len() / 2;
+    ctx.decode(&chunk[..half], 0, 0, false)?;
+    ctx.decode(&chunk[half..chunk.len() - 1], half, 0, true)?;
+    Ok((0..chunk.len() - 1 - half).map(|i| log_softmax(ctx.logits(i as i32))).collect())
+}
+
+/// A probe's configuration: every layer f16 except `layer`, whose K and V get `widths`.
+fn probe_config(id: &ModelId, window: usize, layer: usize, widths: LayerWidths) -> ggml::Config {
+    let mut layers = vec![LayerWidths { k: F16_BITS, v: F16_BITS }; id.n_layer];
+    layers[layer] = widths;
+    let p = Profile {
+        dspark_profile: profile::VERSION,
+        model: id.clone(),
+        bits: 0.0,
+        ctx: 0,
+        window,
+        bits_per_elem: 0.0,
+        predicted_kld: 0.0,
+        calibration: String::new(),
+        layers,
+        sensitivity: Vec::new(),
+        source: format!("(calibration probe: layer {layer} k{}v{})", widths.k, widths.v),
+    };
+    ggml::Config { format: None, profile: Some(Arc::new(p)), window, ..ggml::Config::default() }
+}
+
+/// What a calibration run needs besides the model.
+pub struct Request<'a> {
+    pub text: &'a str,
+    pub text_name: String,
+    pub bits: f64,
+    pub ctx: usize,
+    pub window: usize,
+    pub probe_ctx: usize,
+    pub threads: usize,
+}
+
+/// Measures each side's sensitivity and allocates widths (see [`crate::profile`]).
+pub fn calibrate(path: &Path, r: &Request) -> Result<Profile> {
+    if r.probe_ctx < 16 || r.probe_ctx % 2 != 0 {
+        bail!("--probe-ctx must be an even number of at least 16 tokens");
+    }
+    let base_cfg = ggml::Config { format: None, window: r.window, ..ggml::Config::default() };
+    let (id, chunk) = {
+        let model = Model::load(path, Placement::Offload(vec![ggml::register(base_cfg.clone())]))?;
+        let toks = model.tokenize(r.text, true)?;
+        if toks.len() < r.probe_ctx {
+            bail!("the calibration text has {} tokens, fewer than --probe-ctx {}", toks.len(), r.probe_ctx);
+        }
+        (model_id(&model, path), toks[..r.probe_ctx].to_vec())
+    };
+    profile::check_budget(id.head_dim, r.ctx, r.window, r.bits).map_err(|e| anyhow!("{e}"))?;
+    let t = Instant::now();
+    let base = scored_logprobs(path, base_cfg, &chunk, r.threads)?;
+    let mean_kld = |cfg: ggml::Config| -> Result<f64> {
+        let lp = scored_logprobs(path, cfg, &chunk, r.threads)?;
+        Ok(base.iter().zip(&lp).map(|(b, l)| kld(b, l)).sum::<f64>() / lp.len() as f64)
+    };
+    let (probe, f16, floor) = (PROBE.bits(), F16_BITS, FLOOR.bits());
+    let mut sens = Vec::with_capacity(id.n_layer);
+    for layer in 0..id.n_layer {
+        eprint!("\rcalibrating: layer {}/{} ({:.0} s)   ", layer + 1, id.n_layer, t.elapsed().as_secs_f64());
+        let base_kld = mean_kld(probe_config(&id, r.window, layer, LayerWidths { k: floor, v: floor }))?;
+        let k = mean_kld(probe_config(&id, r.window, layer, LayerWidths { k: probe, v: f16 }))?;
+        let v = mean_kld(probe_config(&id, r.window, layer, LayerWidths { k: f16, v: probe }))?;
+        sens.push(LayerSensitivity { k: (k - base_kld).max(0.0), v: (v - base_kld).max(0.0), floor: base_kld });
+    }
+    eprintln!("\rcalibrated {} layers in {:.0} s{}", id.n_layer, t.elapsed().as_secs_f64(), " ".repeat(20));
+    let (layers, predicted) = profile::allocate(&sens, id.head_dim, r.ctx, r.window, r.bits).map_err(|e| anyhow!("{e}"))?;
+    let held = layers.iter().map(|l| profile::side_bits(l.k, id.head_dim, r.ctx, r.window) + profile::side_bits(l.v, id.head_dim, r.ctx, r.window)).sum::<f64>() / (2 * layers.len()) as f64;
+    Ok(Profile {
+        dspark_profile: profile::VERSION,
+        model: id,
+        bits: r.bits,
+        ctx: r.ctx,
+        window: r.window,
+        bits_per_elem: held,
+        predicted_kld: predicted,
+        calibration: format!("{}, first {} tokens, KL divergence of the last {} with one side of one layer at {} bits, less the layer's at {} bits", r.text_name, r.probe_ctx, r.probe_ctx / 2 - 1, PROBE.bits(), FLOOR.bits()),
+        layers,
+        sensitivity: sens,
+        source: String::new(),
+    })
+}
+
+/// The allocation as a table.
+pub fn table(p: &Profile) -> String {
+    let mut s = format!(
+        "profile for {} at {} bits/value, ctx {} (window {}): holds {:.3} bits/value, predicted KLD {:.5}\n\n| layer | K bits | V bits | K sensitivity | V sensitivity | floor |\n|---:|---:|---:|---:|---:|---:|\n",
+        p.model.name, p.bits, p.ctx, p.window, p.bits_per_elem, p.predicted_kld
+    );
+    for (il, (l, x)) in p.layers.iter().zip(&p.sensitivity).enumerate() {
+        s += &format!("| {il} | {} | {} | {:.2e} | {:.2e} | {:.2e} |\n", l.k, l.v, x.k, x.v, x.floor);
+    }
+    s
+}
+
+/// The profile file for `dspark:autoB` at this context: read from the cache next to the
+/// model when it is there and matches, else calibrated on the default text and saved.
+pub fn auto_profile(model: &Path, bits: f64, ctx: usize, window: usize, threads: usize) -> Result<PathBuf> {
+    let path = auto_profile_path(model, bits, ctx, window);
+    if let Ok(p) = Profile::load(&path) {
+        if (p.bits, p.ctx, p.window) == (bits, ctx, window) {
+            return Ok(path);
+        }
+    }
+    eprintln!("dspark:auto{bits}: calibrating {} for ctx {ctx} (once; cached in {})", model.display(), path.display());
+    let text = text::calibration_text()?;
+    let p = calibrate(model, &Request { text: &text, text_name: "default calibration text".into(), bits, ctx, window, probe_ctx: PROBE_CTX, threads })?;
+    p.save(&path).map_err(|e| anyhow!("{e}"))?;
+    Ok(path)
+}
+
+pub fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
+    let path = model_path(a.model.clone());
+    let text = match &a.file {
+        Some(f) => text::load_text(Some(f))?,
+        None => text::calibration_text()?,
+    };
+    let text_name = a.file.as_ref().map_or_else(|| "/usr/share/common-licenses (MPL-1.1, Artistic)".to_string(), |p| p.display().to_string());
+    let threads = a.threads.unwrap_or_else(default_threads);
+    let p = calibrate(&path, &Request { text: &text, text_name, bits: a.bits, ctx: a.ctx, window: a.window, probe_ctx: a.probe_ctx, threads })?;
+    print!("{}", table(&p));
+    let out = a.output.unwrap_or_else(|| auto_profile_path(&path, a.bits, a.ctx, a.window));
+    p.save(&out).map_err(|e| anyhow!("{e}"))?;
+    eprintln!("wrote {} (use it with --backends dspark:profile={})", out.display(), out.display());
+    Ok(())
+}
