@@ -62,7 +62,7 @@ extern "C" {
 #define DSPARK_VERSION \
     (DSPARK_VERSION_MAJOR * 1000000 + DSPARK_VERSION_MINOR * 1000 + DSPARK_VERSION_PATCH)
 /** Version of the C API itself; it grows when a function or struct field is added. */
-#define DSPARK_API_VERSION 4
+#define DSPARK_API_VERSION 5
 
 /**
  * \brief The version of the linked library, encoded like #DSPARK_VERSION.
@@ -168,6 +168,13 @@ typedef struct dspark_config {
      *  default model, keeping the first 2 dense changed the KL divergence by 0.0003 and
      *  would double the attention reads at depth 32768). */
     uint32_t attn_dense_layers;
+    /* Appended in API version 5. */
+    /** Path of a profile of per-layer K/V widths written by `dspark calibrate`; it replaces
+     *  `format`, and `window` by the window it was made for. NULL (the default): none. Read when the device is registered (a file that
+     *  is missing, of another version or names an unknown width is refused with
+     *  #DSPARK_ERR_FORMAT); a model whose layers or KV rows do not match it fails to
+     *  allocate its KV cache, with the reason in ggml's log. */
+    const char *profile;
 } dspark_config;
 
 /**

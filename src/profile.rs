@@ -5,27 +5,29 @@
 //! A profile is JSON, versioned ([`VERSION`]), and names the model it was made for: a
 //! profile for another model (another layer count or KV shape) is refused.
 //!
-//! # The allocation ([`allocate`])
-//! Calibration gives, for each layer and side (K or V), the mean KL divergence of the
-//! model's next-token distribution when only that side of that layer is coded at
-//! [`PROBE`] bits and everything else stays f16, less a floor that does not depend on the
-//! width ([`LayerSensitivity`]). Two assumptions turn these figures into a
-//! prediction for any assignment of widths:
-//! - **Additivity**: the errors of different layers are small and independent, so their KL
-//!   divergences add (KL is quadratic in a small perturbation of the logits; cross terms of
-//!   independent errors average out).
-//! - **Width scaling**: a side's KL divergence scales with its codec's error energy, so at
-//!   width `b` it is the probe's figure times `mse(b) / mse(PROBE)` ([`mse_ratio`]; about
-//!   4x per bit).
+//! # The prediction and the allocation ([`allocate`])
+//! Calibration ([`Sensitivity`]) measures, on a short chunk of text, the mean KL divergence of
+//! the model's next-token distribution against f16 KV:
+//! - the **width curves**: every layer's K at width `b` (V at 8 bits), and every layer's V at
+//!   `b` (K at 8 bits), for `b` from 2 to 8, less the 8/8 figure. They say how a width costs
+//!   when all layers take it, and they carry what a formula would miss: 2-bit K is far worse
+//!   than four times 3-bit K.
+//! - the **layer weights**: starting from every side at [`PROBE`] bits, how much the KL
+//!   divergence falls when one side of one layer alone goes to 8 bits. A single side changed
+//!   from all-f16 does not work as a probe: on the default model any change to an early
+//!   layer, even 8-bit codes, moves the output by a KL divergence of ~0.003, as much as a
+//!   4-bit probe does, and such moves do not add up. Measured from a configuration that is
+//!   already perturbed, the differences are the side's own share.
 //!
-//! Under these the predicted KL divergence is a separable, convex sum, and a greedy
-//! allocation that repeatedly gives one more bit to the side with the most error removed per
-//! bit spent, until the budget is met, is optimal. The budget counts every byte the store
-//! holds at the context given: codes, row scales, group multipliers, and the f16 sinks and
-//! window.
+//! The prediction for an assignment of widths is `Σ weight(side) · curve(kind, width) / L`
+//! over the `2L` sides, the weights of each kind normalised to a mean of 1 (and pulled
+//! halfway to it, against noise): a uniform assignment predicts the curves' own figures. Under it the predicted error is separable,
+//! and a greedy allocation that repeatedly gives one more bit to the side with the most
+//! predicted error removed per bit spent, until the budget is met, is what [`allocate`] does.
+//! The budget counts every byte the store holds at the context given: codes, row scales,
+//! group multipliers, and the f16 sinks and window.
 
 use std::path::Path;
-use std::sync::OnceLock;
 
 use serde::{Deserialize, Serialize};
 
@@ -35,11 +37,11 @@ use crate::kv::PAGE;
 /// The profile format version this build reads and writes.
 pub const VERSION: u32 = 1;
 
-/// The width calibration probes each side at.
-pub const PROBE: Quant = Quant::Q3;
+/// The width every side has in the configuration the layer weights are measured from.
+pub const PROBE: Quant = Quant::Q4;
 
-/// The width of calibration's floor probe (see [`LayerSensitivity`]).
-pub const FLOOR: Quant = Quant::Q8;
+/// The widths an allocation chooses from.
+pub const WIDTHS: std::ops::RangeInclusive<u32> = 2..=8;
 
 /// Width of a side that stays uncompressed (f16) in a profile.
 pub const F16_BITS: u32 = 16;
@@ -61,20 +63,52 @@ pub struct LayerWidths {
     pub v: u32,
 }
 
-/// What calibration measured for one layer: the mean KL divergence with only this layer's K
-/// (or V) at [`PROBE`] bits, less `floor`.
-///
-/// `floor` is the KL divergence with this layer's K and V at [`FLOOR`] bits, whose coding
-/// error is 1/1000 of the probe's. On the default model it is not small: 0.0027 for an early
-/// layer, about what a 4-bit probe of the same layer measures (0.0031-0.0034), falling to
-/// 0.0005 at the last layer, and it does not add up over layers (all 30 K at 8 bits: 0.0030).
-/// Any change to an early layer moves the logits this much; the part that grows with the
-/// coding error, and adds up, is what is left above it.
+/// How much the KL divergence fell when this layer's K (or V) alone went from [`PROBE`] to 8
+/// bits, every other side at [`PROBE`].
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq)]
 pub struct LayerSensitivity {
     pub k: f64,
     pub v: f64,
-    pub floor: f64,
+}
+
+/// What calibration measured (see the module documentation).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct Sensitivity {
+    /// KL divergence with every K at width `2 + i` (V at 8 bits), less that of 8/8.
+    pub curve_k: Vec<f64>,
+    /// The same for V (K at 8 bits).
+    pub curve_v: Vec<f64>,
+    /// One entry per layer.
+    pub layers: Vec<LayerSensitivity>,
+}
+
+impl Sensitivity {
+    /// The predicted KL divergence of each side at each width: `[side][width - 2]`, sides
+    /// ordered K0, V0, K1, V1, ...
+    fn table(&self) -> Vec<[f64; 7]> {
+        let n = self.layers.len().max(1) as f64;
+        let mean = |f: fn(&LayerSensitivity) -> f64| self.layers.iter().map(|l| f(l).max(0.0)).sum::<f64>() / n;
+        let (mk, mv) = (mean(|l| l.k), mean(|l| l.v));
+        // A curve that does not fall with width would make a wider code look worse: it is
+        // measurement noise, so each point is held to at most the one below it.
+        let monotone = |c: &[f64]| {
+            let mut out = [0.0; 7];
+            let mut prev = f64::INFINITY;
+            for (o, &x) in out.iter_mut().zip(c) {
+                prev = prev.min(x.max(0.0));
+                *o = prev;
+            }
+            out
+        };
+        let (ck, cv) = (monotone(&self.curve_k), monotone(&self.curve_v));
+        // A weight is a difference of two noisy KL divergences (some come out negative), so
+        // each is pulled halfway to the mean: no side is predicted to be free to shrink.
+        let weight = |w: f64, mean: f64| if mean > 0.0 { 0.5 + 0.5 * w.max(0.0) / mean } else { 1.0 };
+        self.layers
+            .iter()
+            .flat_map(|l| [ck.map(|c| weight(l.k, mk) * c / n), cv.map(|c| weight(l.v, mv) * c / n)])
+            .collect()
+    }
 }
 
 /// A per-layer KV format.
@@ -97,8 +131,8 @@ pub struct Profile {
     pub calibration: String,
     /// One entry per layer.
     pub layers: Vec<LayerWidths>,
-    /// What calibration measured, per layer.
-    pub sensitivity: Vec<LayerSensitivity>,
+    /// What calibration measured.
+    pub sensitivity: Sensitivity,
     /// Where the profile was read from (not saved).
     #[serde(skip)]
     pub source: String,
@@ -190,55 +224,6 @@ impl Profile {
     }
 }
 
-/// A deterministic stream of standard normal values (splitmix64 + Box-Muller), so that the
-/// width scaling is the same on every run.
-fn gaussian(n: usize, mut seed: u64) -> Vec<f32> {
-    let mut uniform = move || {
-        seed = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = seed;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    };
-    (0..n)
-        .map(|_| {
-            let (u, v) = (uniform().max(1e-300), uniform());
-            ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
-        })
-        .collect()
-}
-
-/// Mean relative error energy of the codec at `q` on Gaussian rows of `head_dim` values (what
-/// the rotation makes of real K and V rows).
-fn codec_mse(q: Quant, head_dim: usize) -> f64 {
-    let rows = 256;
-    let x = gaussian(rows * head_dim, 7);
-    let c = RowCodec::new(q, head_dim).expect("head size checked by the caller");
-    let mut buf = vec![0u8; c.row_bytes()];
-    let mut y = vec![0.0f32; head_dim];
-    let (mut err, mut sig) = (0.0f64, 0.0f64);
-    for r in x.chunks_exact(head_dim) {
-        c.encode(r, &mut buf);
-        c.decode(&buf, &mut y);
-        err += r.iter().zip(&y).map(|(a, b)| f64::from(a - b).powi(2)).sum::<f64>();
-        sig += r.iter().map(|a| f64::from(*a).powi(2)).sum::<f64>();
-    }
-    err / sig
-}
-
-/// `mse(q) / mse(PROBE)` at this head size: how a side's KL divergence scales with its width.
-#[must_use]
-pub fn mse_ratio(q: Quant, head_dim: usize) -> f64 {
-    static CACHE: OnceLock<std::sync::Mutex<Vec<(Quant, usize, f64)>>> = OnceLock::new();
-    let cache = CACHE.get_or_init(Default::default);
-    if let Some(&(_, _, r)) = cache.lock().unwrap_or_else(|e| e.into_inner()).iter().find(|e| e.0 == q && e.1 == head_dim) {
-        return r;
-    }
-    let r = codec_mse(q, head_dim) / codec_mse(PROBE, head_dim);
-    cache.lock().unwrap_or_else(|e| e.into_inner()).push((q, head_dim, r));
-    r
-}
-
 /// Cells of a context of `ctx` cells that a store keeps in f16: the sink page and the pages
 /// of the last `window` rows (as `kv::KvStore` compacts them).
 #[must_use]
@@ -276,19 +261,19 @@ pub fn check_budget(head_dim: usize, ctx: usize, window: usize, budget: f64) -> 
 ///
 /// # Errors
 /// If even 2-bit codes everywhere exceed the budget.
-pub fn allocate(sens: &[LayerSensitivity], head_dim: usize, ctx: usize, window: usize, budget: f64) -> Result<(Vec<LayerWidths>, f64), String> {
-    let n = 2 * sens.len();
-    let s = |i: usize| if i % 2 == 0 { sens[i / 2].k } else { sens[i / 2].v };
-    let cost = |b: u32| side_bits(b, head_dim, ctx, window);
-    let err = |i: usize, b: u32| s(i).max(0.0) * mse_ratio(Quant::from_bits(b).expect("2..=8"), head_dim);
+pub fn allocate(sens: &Sensitivity, head_dim: usize, ctx: usize, window: usize, budget: f64) -> Result<(Vec<LayerWidths>, f64), String> {
     check_budget(head_dim, ctx, window, budget)?;
-    let mut width = vec![2u32; n];
-    let mut total: f64 = (0..n).map(|_| cost(2)).sum();
+    let table = sens.table();
+    let n = table.len();
+    let cost = |b: u32| side_bits(b, head_dim, ctx, window);
+    let err = |i: usize, b: u32| table[i][(b - WIDTHS.start()) as usize];
+    let mut width = vec![*WIDTHS.start(); n];
+    let mut total: f64 = (0..n).map(|_| cost(*WIDTHS.start())).sum();
     let limit = budget * n as f64;
     loop {
         // The side whose next width removes the most predicted error per bit spent.
         let best = (0..n)
-            .filter(|&i| width[i] < 8)
+            .filter(|&i| width[i] < *WIDTHS.end())
             .map(|i| {
                 let b = width[i];
                 let extra = cost(b + 1) - cost(b);
@@ -318,21 +303,9 @@ mod tests {
             bits_per_elem: 4.0,
             predicted_kld: 0.0,
             calibration: String::new(),
-            sensitivity: layers.iter().map(|_| LayerSensitivity { k: 0.0, v: 0.0, floor: 0.0 }).collect(),
+            sensitivity: Sensitivity::default(),
             layers,
             source: "test".into(),
-        }
-    }
-
-    #[test]
-    fn widths_scale_the_error_by_about_four_per_bit() {
-        for d in [64, 128] {
-            let r: Vec<f64> = Quant::ALL.iter().map(|&q| mse_ratio(q, d)).collect();
-            assert!((mse_ratio(PROBE, d) - 1.0).abs() < 1e-12);
-            assert!(mse_ratio(FLOOR, d) < 1e-3);
-            for w in r.windows(2) {
-                assert!((3.0..5.5).contains(&(w[1] / w[0])), "{r:?}");
-            }
         }
     }
 
@@ -345,20 +318,41 @@ mod tests {
         assert_eq!(f16_cells(2048, 0), 64);
     }
 
+    /// K costs 4x per bit less of width, V 2x; layer 0's K weighs 10x the others.
+    fn sensitivity() -> Sensitivity {
+        let mut layers = vec![LayerSensitivity { k: 0.001, v: 0.001 }; 8];
+        layers[0].k = 0.01;
+        let curve = |f: f64| (0..7).map(|i| 0.1 * f.powi(-i)).collect();
+        Sensitivity { curve_k: curve(4.0), curve_v: curve(2.0), layers }
+    }
+
+    #[test]
+    fn a_uniform_assignment_predicts_the_curves() {
+        let mut s = sensitivity();
+        s.layers[0].k = 0.001;
+        let t = s.table();
+        for b in 0..7 {
+            let k: f64 = t.iter().step_by(2).map(|x| x[b]).sum();
+            assert!((k - s.curve_k[b]).abs() < 1e-12, "{k}");
+        }
+        // Noise that makes a wider code look worse is held to the narrower one's figure.
+        s.curve_v[3] = 1.0;
+        assert_eq!(s.table()[1][3], s.table()[1][2]);
+    }
+
     #[test]
     fn the_allocation_spends_the_budget_where_the_error_is() {
-        // Layer 0's K is 100x as sensitive as anything else.
-        let mut sens = vec![LayerSensitivity { k: 0.001, v: 0.001, floor: 0.0 }; 8];
-        sens[0].k = 0.1;
+        let sens = sensitivity();
         let (d, ctx, w) = (64, 2048, 128);
-        let (widths, predicted) = allocate(&sens, d, ctx, w, 4.0).unwrap();
+        let (widths, predicted) = allocate(&sens, d, ctx, w, 5.0).unwrap();
         let spent: f64 = widths.iter().map(|l| side_bits(l.k, d, ctx, w) + side_bits(l.v, d, ctx, w)).sum::<f64>() / 16.0;
-        assert!(spent <= 4.0 + 1e-9 && spent > 4.0 - 1.0, "spent {spent}");
-        assert!(widths[0].k >= widths.iter().skip(1).map(|l| l.k.max(l.v)).max().unwrap() + 2, "{widths:?}");
+        assert!(spent <= 5.0 + 1e-9 && spent > 4.5, "spent {spent}");
+        assert!(widths[0].k > widths[1].k && widths[1].k >= widths[1].v, "{widths:?}");
         // Better than any uniform assignment that fits the same budget.
+        let t = sens.table();
         for b in 2..=8u32 {
-            if side_bits(b, d, ctx, w) <= 4.0 {
-                let uniform: f64 = sens.iter().map(|s| (s.k + s.v) * mse_ratio(Quant::from_bits(b).unwrap(), d)).sum();
+            if side_bits(b, d, ctx, w) <= 5.0 {
+                let uniform: f64 = t.iter().map(|x| x[b as usize - 2]).sum();
                 assert!(predicted <= uniform, "{b}: {predicted} > {uniform}");
             }
         }

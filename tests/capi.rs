@@ -179,7 +179,7 @@ fn struct_layouts_match_the_header() {
         }};
     }
     let mut rust = rust_layout! {
-        dspark_config { format, window, kv_budget_bytes, prefetch_depth, attn_budget_tokens, attn_dense_layers }
+        dspark_config { format, window, kv_budget_bytes, prefetch_depth, attn_budget_tokens, attn_dense_layers, profile }
         dspark_stats { kv_bytes, pages_f16, pages_compressed, cells, elems, bits_per_elem, compression_ratio, attn_calls,
                        kv_cold_bytes, cold_read_bytes, cold_write_bytes, transfer_busy_s, compute_wait_s, hidden_fraction,
                        attended_tokens, select_s, prefetch_hit_rate }

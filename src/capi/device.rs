@@ -26,6 +26,8 @@ pub struct dspark_config {
     /// (a u64 first, so that it starts after version 3's trailing padding).
     pub attn_budget_tokens: u64,
     pub attn_dense_layers: u32,
+    /// Profile path or NULL. Appended in API version 5.
+    pub profile: *const c_char,
 }
 
 // SAFETY: repr(C), starts with size_t, fields are a pointer and integers.
@@ -33,7 +35,8 @@ unsafe impl Versioned for dspark_config {
     /// The struct before `kv_budget_bytes` was appended: old callers keep working.
     const MIN_SIZE: usize = std::mem::offset_of!(dspark_config, kv_budget_bytes);
     /// API version 3's struct ended with `prefetch_depth` (and its padding).
-    const PAST_SIZES: &'static [usize] = &[std::mem::offset_of!(dspark_config, attn_budget_tokens)];
+    /// API version 4's ended with `attn_dense_layers` (and its padding).
+    const PAST_SIZES: &'static [usize] = &[std::mem::offset_of!(dspark_config, attn_budget_tokens), std::mem::offset_of!(dspark_config, profile)];
     fn defaults() -> Self {
         let d = ggml::Config::default();
         dspark_config {
@@ -44,6 +47,7 @@ unsafe impl Versioned for dspark_config {
             prefetch_depth: u32::try_from(d.prefetch).unwrap_or(u32::MAX),
             attn_budget_tokens: 0,
             attn_dense_layers: u32::try_from(d.attn_dense_layers).unwrap_or(u32::MAX),
+            profile: std::ptr::null(),
         }
     }
 }
@@ -172,8 +176,8 @@ pub unsafe extern "C" fn dspark_config_init(config: *mut dspark_config) -> dspar
 /// Registers DSPARK0; see dspark.h.
 ///
 /// # Safety
-/// `config` is NULL or points to a `dspark_config` with a correct `size` whose `format` is
-/// NULL or a NUL-terminated string; `out_dev` is NULL or writable.
+/// `config` is NULL or points to a `dspark_config` with a correct `size` whose `format` and
+/// `profile` are NULL or NUL-terminated strings; `out_dev` is NULL or writable.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn dspark_register(config: *const dspark_config, out_dev: *mut ll::ggml_backend_dev_t) -> dspark_status {
     guard("dspark_register", || {
@@ -198,6 +202,11 @@ pub unsafe extern "C" fn dspark_register(config: *const dspark_config, out_dev: 
         }
         .with_format_name(name)
         .or_else(|e| fail(DSPARK_ERR_FORMAT, format!("{e} (or f16)")))?;
+        // SAFETY: cfg.profile is NULL or a NUL-terminated string (caller).
+        let c = match unsafe { opt_str(cfg.profile, "config->profile") }? {
+            Some(path) => c.with_option("profile", path).or_else(|e| fail(DSPARK_ERR_FORMAT, e))?,
+            None => c,
+        };
         let dev = ggml::register(c);
         // SAFETY: out_dev is non-null and writable (caller).
         unsafe { out_dev.write_unaligned(dev) };

@@ -16,6 +16,7 @@
 //! | `DSPARK_KV_BUDGET` | most bytes of KV pages in RAM (`512M`, `2G`); the rest spills to disk | none |
 //! | `DSPARK_PREFETCH` | layers ahead whose cold pages are read during attention | 2 |
 //! | `DSPARK_SPILL_DIR` | folder of the spill file | the system temp folder |
+//! | `DSPARK_PROFILE` | per-layer K/V widths from `dspark calibrate` (a JSON file); replaces `DSPARK_FORMAT`, and sets the window it was made for unless `DSPARK_WINDOW` is given | none |
 //! | `DSPARK_ATTN_BUDGET` | tokens a decode step's attention reads per layer and KV head (page selection) | 0 (all) |
 
 use std::ffi::c_int;
@@ -32,6 +33,9 @@ pub fn config_from_env(get: impl Fn(&str) -> Option<String>) -> Result<ggml::Con
     let mut c = ggml::Config::default();
     if let Some(f) = get("DSPARK_FORMAT") {
         c = c.with_format_name(f.trim()).map_err(|e| format!("DSPARK_FORMAT={f:?}: {e} (or f16)"))?;
+    }
+    if let Some(p) = get("DSPARK_PROFILE") {
+        c = c.with_option("profile", p.trim()).map_err(|e| format!("DSPARK_PROFILE: {e}"))?;
     }
     if let Some(w) = get("DSPARK_WINDOW") {
         c.window = w.trim().parse().map_err(|_| format!("DSPARK_WINDOW={w:?} is not a token count"))?;
@@ -125,6 +129,8 @@ mod tests {
         assert!(config_from_env(env(&[("DSPARK_WINDOW", "-1")])).unwrap_err().contains("DSPARK_WINDOW"));
         assert_eq!(config_from_env(env(&[("DSPARK_ATTN_BUDGET", "1024")])).unwrap().attn_budget, 1024);
         assert!(config_from_env(env(&[("DSPARK_ATTN_BUDGET", "lots")])).unwrap_err().contains("DSPARK_ATTN_BUDGET"));
+        let e = config_from_env(env(&[("DSPARK_PROFILE", "/nonexistent/p.json")])).unwrap_err();
+        assert!(e.contains("DSPARK_PROFILE") && e.contains("cannot read profile"), "{e}");
     }
 
     #[test]

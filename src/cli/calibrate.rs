@@ -13,7 +13,8 @@ use super::eval::{kld, log_softmax};
 use super::{default_threads, model_path, text};
 use crate::ggml;
 use crate::llama::{Context, CtxParams, KvType, Model, Placement};
-use crate::profile::{self, LayerSensitivity, LayerWidths, ModelId, Profile, F16_BITS, FLOOR, PROBE};
+use crate::codec::{Format, Quant};
+use crate::profile::{self, LayerSensitivity, LayerWidths, ModelId, Profile, Sensitivity, PROBE, WIDTHS};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct CalibrateArgs {
@@ -42,13 +43,17 @@ pub struct CalibrateArgs {
     /// context, as `dspark:autoB` caches it).
     #[arg(short = 'o', long)]
     pub output: Option<PathBuf>,
+    /// Reuse the measurements of this profile (same model and window) and only allocate
+    /// widths for --bits and --ctx: seconds instead of a calibration run.
+    #[arg(long)]
+    pub from: Option<PathBuf>,
     /// Threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
 }
 
-/// Tokens each calibration probe runs by default: 91 probes of 384 tokens take about 100 s
-/// on 2 cores with the default model.
+/// Tokens each calibration probe runs by default: 75 runs of 384 tokens take about 80 s on
+/// 2 cores with the default model.
 pub const PROBE_CTX: usize = 384;
 
 /// The identity a profile records for a model.
@@ -75,9 +80,9 @@ fn scored_logprobs(path: &Path, cfg: ggml::Config, chunk: &[i32], threads: usize
     Ok((0..chunk.len() - 1 - half).map(|i| log_softmax(ctx.logits(i as i32))).collect())
 }
 
-/// A probe's configuration: every layer f16 except `layer`, whose K and V get `widths`.
+/// A probe's configuration: every side at [`PROBE`] except `layer`'s, which get `widths`.
 fn probe_config(id: &ModelId, window: usize, layer: usize, widths: LayerWidths) -> ggml::Config {
-    let mut layers = vec![LayerWidths { k: F16_BITS, v: F16_BITS }; id.n_layer];
+    let mut layers = vec![LayerWidths { k: PROBE.bits(), v: PROBE.bits() }; id.n_layer];
     layers[layer] = widths;
     let p = Profile {
         dspark_profile: profile::VERSION,
@@ -89,10 +94,16 @@ fn probe_config(id: &ModelId, window: usize, layer: usize, widths: LayerWidths) 
         predicted_kld: 0.0,
         calibration: String::new(),
         layers,
-        sensitivity: Vec::new(),
+        sensitivity: Sensitivity::default(),
         source: format!("(calibration probe: layer {layer} k{}v{})", widths.k, widths.v),
     };
     ggml::Config { format: None, profile: Some(Arc::new(p)), window, ..ggml::Config::default() }
+}
+
+/// A uniform configuration.
+fn uniform_config(window: usize, k: u32, v: u32) -> ggml::Config {
+    let width = |b| Quant::from_bits(b).expect("2..=8");
+    ggml::Config { format: Some(Format { k: width(k), v: width(v) }), window, ..ggml::Config::default() }
 }
 
 /// What a calibration run needs besides the model.
@@ -123,45 +134,60 @@ pub fn calibrate(path: &Path, r: &Request) -> Result<Profile> {
     profile::check_budget(id.head_dim, r.ctx, r.window, r.bits).map_err(|e| anyhow!("{e}"))?;
     let t = Instant::now();
     let base = scored_logprobs(path, base_cfg, &chunk, r.threads)?;
-    let mean_kld = |cfg: ggml::Config| -> Result<f64> {
+    let runs = 2 * (WIDTHS.end() - WIDTHS.start()) as usize + 2 + 2 * id.n_layer;
+    let mut done = 0;
+    let mut mean_kld = |what: &str, cfg: ggml::Config| -> Result<f64> {
+        done += 1;
+        eprint!("\rcalibrating: {what}, run {done}/{runs} ({:.0} s)      ", t.elapsed().as_secs_f64());
         let lp = scored_logprobs(path, cfg, &chunk, r.threads)?;
         Ok(base.iter().zip(&lp).map(|(b, l)| kld(b, l)).sum::<f64>() / lp.len() as f64)
     };
-    let (probe, f16, floor) = (PROBE.bits(), F16_BITS, FLOOR.bits());
-    let mut sens = Vec::with_capacity(id.n_layer);
-    for layer in 0..id.n_layer {
-        eprint!("\rcalibrating: layer {}/{} ({:.0} s)   ", layer + 1, id.n_layer, t.elapsed().as_secs_f64());
-        let base_kld = mean_kld(probe_config(&id, r.window, layer, LayerWidths { k: floor, v: floor }))?;
-        let k = mean_kld(probe_config(&id, r.window, layer, LayerWidths { k: probe, v: f16 }))?;
-        let v = mean_kld(probe_config(&id, r.window, layer, LayerWidths { k: f16, v: probe }))?;
-        sens.push(LayerSensitivity { k: (k - base_kld).max(0.0), v: (v - base_kld).max(0.0), floor: base_kld });
+    // The width curves: all K (or all V) at each width, the other side at 8 bits.
+    let top = *WIDTHS.end();
+    let full = mean_kld("width curves", uniform_config(r.window, top, top))?;
+    let (mut curve_k, mut curve_v) = (Vec::new(), Vec::new());
+    for b in WIDTHS {
+        let (k, v) = if b == top { (full, full) } else { (mean_kld("width curves", uniform_config(r.window, b, top))?, mean_kld("width curves", uniform_config(r.window, top, b))?) };
+        curve_k.push(k - full);
+        curve_v.push(v - full);
     }
+    // The layer weights: from every side at PROBE bits, one side at 8.
+    let p = PROBE.bits();
+    let probed = mean_kld("layer weights", uniform_config(r.window, p, p))?;
+    let mut layers = Vec::with_capacity(id.n_layer);
+    for layer in 0..id.n_layer {
+        let k = mean_kld(&format!("layer {layer}"), probe_config(&id, r.window, layer, LayerWidths { k: top, v: p }))?;
+        let v = mean_kld(&format!("layer {layer}"), probe_config(&id, r.window, layer, LayerWidths { k: p, v: top }))?;
+        layers.push(LayerSensitivity { k: probed - k, v: probed - v });
+    }
+    let sens = Sensitivity { curve_k, curve_v, layers };
     eprintln!("\rcalibrated {} layers in {:.0} s{}", id.n_layer, t.elapsed().as_secs_f64(), " ".repeat(20));
-    let (layers, predicted) = profile::allocate(&sens, id.head_dim, r.ctx, r.window, r.bits).map_err(|e| anyhow!("{e}"))?;
-    let held = layers.iter().map(|l| profile::side_bits(l.k, id.head_dim, r.ctx, r.window) + profile::side_bits(l.v, id.head_dim, r.ctx, r.window)).sum::<f64>() / (2 * layers.len()) as f64;
-    Ok(Profile {
-        dspark_profile: profile::VERSION,
-        model: id,
-        bits: r.bits,
-        ctx: r.ctx,
-        window: r.window,
-        bits_per_elem: held,
-        predicted_kld: predicted,
-        calibration: format!("{}, first {} tokens, KL divergence of the last {} with one side of one layer at {} bits, less the layer's at {} bits", r.text_name, r.probe_ctx, r.probe_ctx / 2 - 1, PROBE.bits(), FLOOR.bits()),
-        layers,
-        sensitivity: sens,
-        source: String::new(),
-    })
+    let calibration = format!("{}, first {} tokens, KL divergence of the last {} against f16 KV", r.text_name, r.probe_ctx, r.probe_ctx / 2 - 1);
+    profile_for(id, sens, calibration, r.bits, r.ctx, r.window)
+}
+
+/// The profile that spends `bits` per value at `ctx` as the measurements `sens` advise.
+pub fn profile_for(model: ModelId, sensitivity: Sensitivity, calibration: String, bits: f64, ctx: usize, window: usize) -> Result<Profile> {
+    let d = model.head_dim;
+    let (layers, predicted_kld) = profile::allocate(&sensitivity, d, ctx, window, bits).map_err(|e| anyhow!("{e}"))?;
+    let held = layers.iter().map(|l| profile::side_bits(l.k, d, ctx, window) + profile::side_bits(l.v, d, ctx, window)).sum::<f64>() / (2 * layers.len()) as f64;
+    Ok(Profile { dspark_profile: profile::VERSION, model, bits, ctx, window, bits_per_elem: held, predicted_kld, calibration, layers, sensitivity, source: String::new() })
 }
 
 /// The allocation as a table.
 pub fn table(p: &Profile) -> String {
     let mut s = format!(
-        "profile for {} at {} bits/value, ctx {} (window {}): holds {:.3} bits/value, predicted KLD {:.5}\n\n| layer | K bits | V bits | K sensitivity | V sensitivity | floor |\n|---:|---:|---:|---:|---:|---:|\n",
+        "profile for {} at {} bits/value, ctx {} (window {}): holds {:.3} bits/value, predicted KLD {:.5}\n\n",
         p.model.name, p.bits, p.ctx, p.window, p.bits_per_elem, p.predicted_kld
     );
-    for (il, (l, x)) in p.layers.iter().zip(&p.sensitivity).enumerate() {
-        s += &format!("| {il} | {} | {} | {:.2e} | {:.2e} | {:.2e} |\n", l.k, l.v, x.k, x.v, x.floor);
+    let sens = &p.sensitivity;
+    s += "| all layers at width | 2 | 3 | 4 | 5 | 6 | 7 | 8 |\n|---|---:|---:|---:|---:|---:|---:|---:|\n";
+    for (name, c) in [("K (V at 8): KLD over 8/8", &sens.curve_k), ("V (K at 8): KLD over 8/8", &sens.curve_v)] {
+        s += &format!("| {name} | {} |\n", c.iter().map(|x| format!("{x:.4}")).collect::<Vec<_>>().join(" | "));
+    }
+    s += &format!("\n| layer | K bits | V bits | K weight | V weight |\n|---:|---:|---:|---:|---:|\n");
+    for (il, (l, x)) in p.layers.iter().zip(&sens.layers).enumerate() {
+        s += &format!("| {il} | {} | {} | {:.2e} | {:.2e} |\n", l.k, l.v, x.k, x.v);
     }
     s
 }
@@ -184,13 +210,26 @@ pub fn auto_profile(model: &Path, bits: f64, ctx: usize, window: usize, threads:
 
 pub fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
     let path = model_path(a.model.clone());
-    let text = match &a.file {
-        Some(f) => text::load_text(Some(f))?,
-        None => text::calibration_text()?,
+    let p = match &a.from {
+        Some(from) => {
+            let old = Profile::load(from).map_err(|e| anyhow!("{e}"))?;
+            if old.window != a.window {
+                bail!("{} was measured with window {}; pass --window {} (or calibrate again)", from.display(), old.window, old.window);
+            }
+            let model = Model::load(&path, Placement::Cpu)?;
+            old.check_model(&model_id(&model, &path)).map_err(|e| anyhow!("{e}"))?;
+            profile_for(old.model, old.sensitivity, old.calibration, a.bits, a.ctx, a.window)?
+        }
+        None => {
+            let text = match &a.file {
+                Some(f) => text::load_text(Some(f))?,
+                None => text::calibration_text()?,
+            };
+            let text_name = a.file.as_ref().map_or_else(|| "/usr/share/common-licenses (MPL-1.1, Artistic)".to_string(), |p| p.display().to_string());
+            let threads = a.threads.unwrap_or_else(default_threads);
+            calibrate(&path, &Request { text: &text, text_name, bits: a.bits, ctx: a.ctx, window: a.window, probe_ctx: a.probe_ctx, threads })?
+        }
     };
-    let text_name = a.file.as_ref().map_or_else(|| "/usr/share/common-licenses (MPL-1.1, Artistic)".to_string(), |p| p.display().to_string());
-    let threads = a.threads.unwrap_or_else(default_threads);
-    let p = calibrate(&path, &Request { text: &text, text_name, bits: a.bits, ctx: a.ctx, window: a.window, probe_ctx: a.probe_ctx, threads })?;
     print!("{}", table(&p));
     let out = a.output.unwrap_or_else(|| auto_profile_path(&path, a.bits, a.ctx, a.window));
     p.save(&out).map_err(|e| anyhow!("{e}"))?;

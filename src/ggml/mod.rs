@@ -123,8 +123,8 @@ impl Config {
     }
 
     /// Parses `FORMAT[:key=value...]` as `dspark:` specs take it (after the `dspark:`):
-    /// `profile=FILE` (per-layer widths from `dspark calibrate`; it may stand in the format's
-    /// place), `window=N` (cells kept in f16), `kv=SIZE` (the KV budget, `0`/`none` for no
+    /// `profile=FILE` (per-layer widths from `dspark calibrate`, and the window they were
+    /// allocated for; it may stand in the format's place), `window=N` (cells kept in f16), `kv=SIZE` (the KV budget, `0`/`none` for no
     /// budget), `prefetch=N`, `attn=N` (the attention budget in cells, 0 = dense) and
     /// `attn_dense=L` (layers kept dense).
     pub fn with_spec(self, spec: &str) -> Result<Config, String> {
@@ -143,7 +143,13 @@ impl Config {
     /// Sets one option by name (as [`Config::with_spec`] and the environment name them).
     pub fn with_option(mut self, key: &str, value: &str) -> Result<Config, String> {
         match key {
-            "profile" => self.profile = Some(Arc::new(Profile::load(std::path::Path::new(value))?)),
+            "profile" => {
+                // The profile's budget assumed its window: it comes with it (a later
+                // `window=` still wins).
+                let p = Profile::load(std::path::Path::new(value))?;
+                self.window = p.window;
+                self.profile = Some(Arc::new(p));
+            }
             "window" => self.window = value.parse().map_err(|_| format!("window={value}: expected a number of cells"))?,
             "kv" => self.kv_budget = if matches!(value, "0" | "none") { None } else { Some(parse_size(value).map_err(|e| format!("kv={value}: {e}"))?) },
             "prefetch" => self.prefetch = value.parse().map_err(|_| format!("prefetch={value}: expected a layer count (0 = synchronous)"))?,

@@ -318,7 +318,7 @@ static void test_create_errors(void) {
     q = p; q.max_tokens = 0x80000000u;
     EXPECT(DSPARK_ERR_ARG, dspark_cache_new(&q, &c)); /* positions are int32_t */
     /* Names are exact and lowercase: no spaces, signs, leading zeros or capitals. */
-    const char *bad[] = {"k5v4", "", "f32", "k4", "q4_0", "k4v4x", " k4v4", "k4v4 ", "k04v4",
+    const char *bad[] = {"k9v4", "k1v4", "", "f32", "k4", "q4_0", "k4v4x", " k4v4", "k4v4 ", "k04v4",
                          "k+4v4", "k4v+4", "k4v04", "K4V4", "K3V3", "k4V4", "F16", " f16",
                          "f16 ", "f016"};
     for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
@@ -326,7 +326,7 @@ static void test_create_errors(void) {
         EXPECT(DSPARK_ERR_FORMAT, dspark_cache_new(&q, &c));
     }
     CHECK(c == (dspark_cache_t *)0x1, "out written on failure");
-    const char *good[] = {"f16", "k8v8", "k4v4", "k4v2", "k3v3", "k2v8"};
+    const char *good[] = {"f16", "k8v8", "k4v4", "k4v2", "k3v3", "k2v8", "k5v6", "k7v4"};
     for (size_t i = 0; i < sizeof good / sizeof *good; i++) {
         q = p; q.format = good[i];
         dspark_cache_t *g = NULL;
@@ -928,6 +928,17 @@ static void test_register(void) {
     CHECK(dev3 == dev, "a version-3 config must read as the defaults for the version-4 fields");
     old.size = offsetof(dspark_config, attn_budget_tokens) - 8;
     EXPECT(DSPARK_ERR_SIZE, dspark_register(&old, &dev3));
+    /* API version 4's struct ended with attn_dense_layers: no profile. */
+    old = cfg;
+    old.size = offsetof(dspark_config, profile);
+    old.profile = "/nonexistent/profile.json"; /* beyond its size: must not be read */
+    OK(dspark_register(&old, &dev3));
+    CHECK(dev3 == dev, "a version-4 config must read as no profile");
+    CHECK(cfg.profile == NULL, "config_init: no profile");
+    dspark_config prof = cfg;
+    prof.profile = "/nonexistent/profile.json";
+    EXPECT(DSPARK_ERR_FORMAT, dspark_register(&prof, &dev3));
+    CHECK(strstr(dspark_last_error(), "cannot read profile") != NULL, "profile error: %s", dspark_last_error());
     CHECK(cfg.attn_budget_tokens == 0 && cfg.attn_dense_layers == 0, "config_init: dense attention, no layer forced dense");
     dspark_config sel = cfg;
     sel.attn_budget_tokens = 1024;
@@ -1350,6 +1361,7 @@ static void print_layout(void) {
     SZ(dspark_config); OF(dspark_config, format); OF(dspark_config, window);
     OF(dspark_config, kv_budget_bytes); OF(dspark_config, prefetch_depth);
     OF(dspark_config, attn_budget_tokens); OF(dspark_config, attn_dense_layers);
+    OF(dspark_config, profile);
     SZ(dspark_stats); OF(dspark_stats, kv_bytes); OF(dspark_stats, pages_f16);
     OF(dspark_stats, pages_compressed); OF(dspark_stats, cells); OF(dspark_stats, elems);
     OF(dspark_stats, bits_per_elem); OF(dspark_stats, compression_ratio); OF(dspark_stats, attn_calls);
