@@ -119,8 +119,10 @@ pub struct Request<'a> {
 
 /// Measures each side's sensitivity and allocates widths (see [`crate::profile`]).
 pub fn calibrate(path: &Path, r: &Request) -> Result<Profile> {
-    if r.probe_ctx < 16 || r.probe_ctx % 2 != 0 {
-        bail!("--probe-ctx must be an even number of at least 16 tokens");
+    // Half the chunk at least must be compressed for the probes to measure anything.
+    let least = 2 * (crate::kv::PAGE + r.window);
+    if r.probe_ctx < least || r.probe_ctx % 2 != 0 {
+        bail!("--probe-ctx must be an even number of at least {least} tokens with --window {} (the sink page and the window stay f16)", r.window);
     }
     let base_cfg = ggml::Config { format: None, window: r.window, ..ggml::Config::default() };
     let (id, chunk) = {
