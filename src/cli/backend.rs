@@ -47,6 +47,12 @@ impl BackendSpec {
         matches!(self, BackendSpec::Dspark(n) if dspark_config(n).is_ok_and(|c| c.attn_budget > 0))
     }
 
+    /// Whether a configuration named in a report has per-layer widths (`autoB` or
+    /// `profile=FILE`).
+    pub fn names_profile(name: &str) -> bool {
+        matches!(BackendSpec::parse(name), Ok(BackendSpec::Dspark(n)) if auto_bits(&n).is_ok_and(|b| b.is_some()) || n.split(':').any(|o| o.trim_start().starts_with("profile=")))
+    }
+
     /// [`BackendSpec::has_attn_budget`] of a configuration named in a report.
     pub fn names_attn_budget(name: &str) -> bool {
         BackendSpec::parse(name).is_ok_and(|s| s.has_attn_budget())
@@ -198,8 +204,10 @@ impl Runner {
     fn resolve(&self, spec: &BackendSpec, p: &CtxParams) -> Result<BackendSpec> {
         let BackendSpec::Dspark(name) = spec else { return Ok(spec.clone()) };
         let Some(bits) = auto_bits(name)? else { return Ok(spec.clone()) };
-        let window = dspark_config(name)?.window;
+        let explicit = name.split(':').skip(1).any(|o| o.trim_start().starts_with("window="));
+        let window = if explicit { dspark_config(name)?.window } else { super::calibrate::AUTO_WINDOW };
         let path = super::calibrate::auto_profile(&self.path, bits, p.n_ctx as usize, window, p.n_threads as usize)?;
+        // The profile brings its window; the spec's other options follow it.
         let opts = name.split_once(':').map_or(String::new(), |(_, o)| format!(":{o}"));
         Ok(BackendSpec::Dspark(format!("profile={}{opts}", path.display())))
     }

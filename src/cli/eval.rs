@@ -254,9 +254,15 @@ pub fn plot(r: &EvalReport, path: &Path) -> Result<()> {
             .y_label_area_size(70)
             .build_cartesian_2d(0.0..x_max, (y_min..y_max).log_scale())?;
         chart.configure_mesh().x_desc("bits per K/V element (metadata included)").y_desc("mean KL divergence (log)").draw()?;
-        // Stock types, DSpark formats, and DSpark with page selection (an attention budget).
-        let kind = |name: &str| if name.starts_with("stock") { 0 } else if BackendSpec::names_attn_budget(name) { 2 } else { 1 };
-        for (k, label, color) in [(0, "stock llama.cpp", BLUE), (1, "DSpark", RED), (2, "DSpark, page selection (attn=)", GREEN)] {
+        // Stock types, DSpark formats, DSpark with page selection (an attention budget), and
+        // calibrated per-layer profiles.
+        let kind = |name: &str| match name {
+            _ if name.starts_with("stock") => 0,
+            _ if BackendSpec::names_attn_budget(name) => 2,
+            _ if BackendSpec::names_profile(name) => 3,
+            _ => 1,
+        };
+        for (k, label, color) in [(0, "stock llama.cpp", BLUE), (1, "DSpark, one format", RED), (2, "DSpark, page selection (attn=)", GREEN), (3, "DSpark, calibrated profile", MAGENTA)] {
             let series: Vec<_> = pts.iter().filter(|p| kind(p.2) == k).collect();
             if series.is_empty() {
                 continue;
