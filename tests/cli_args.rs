@@ -177,6 +177,8 @@ fn dspark_spec_options_parse_and_bad_ones_are_clear_errors() {
     assert_eq!((c.kv_budget, c.prefetch), (Some(16 << 20), 0));
     assert_eq!(dspark_config("k8v8:kv=1.5G").unwrap().kv_budget, Some(3 << 29));
     assert_eq!(dspark_config("k4v4").unwrap().kv_budget, None);
+    let c = dspark_config("k5v7:window=64").unwrap();
+    assert_eq!((c.format_name(), c.window, c.spec_name()), ("k5v7".to_string(), 64, "k5v7:window=64".to_string()));
     let c = dspark_config("k4v4:attn=2048:attn_dense=2").unwrap();
     assert_eq!((c.attn_budget, c.attn_dense_layers, c.spec_name()), (2048, 2, "k4v4:attn=2048:attn_dense=2".to_string()));
     for (bad, says) in [
@@ -186,6 +188,10 @@ fn dspark_spec_options_parse_and_bad_ones_are_clear_errors() {
         ("k4v4:kv", "key=value"),
         ("k4v4:attn=2k", "attn=2k: expected a number of cells"),
         ("k4v4:attn_dense=x", "attn_dense=x"),
+        ("k4v4:window=-3", "window=-3"),
+        ("profile=/nonexistent/p.json", "cannot read profile /nonexistent/p.json"),
+        ("k9v4", "b from 2 to 8"),
+        ("auto", "expected autoB"),
     ] {
         let e = dspark_config(bad).unwrap_err().to_string();
         assert!(e.contains(says), "{bad}: {e}");

@@ -26,9 +26,10 @@ pub struct EvalArgs {
     /// Chunks to evaluate (default: as many as the text holds, at most 8).
     #[arg(long)]
     pub chunks: Option<usize>,
-    /// Configurations compared against stock:f16: a comma-separated list of stock:<type>
-    /// and dspark:<format>, or `all` (stock f16, q8_0, q5_1, q5_0, iq4_nl, q4_0 and every DSpark preset:
-    /// k8v8, k8v4, k4v4, k4v3, k4v2).
+    /// Configurations compared against stock:f16: a comma-separated list of stock:<type>,
+    /// dspark:<format> and `all` (stock f16, q8_0, q5_1, q5_0, iq4_nl, q4_0, every DSpark
+    /// preset: k8v8, k8v4, k4v4, k4v3, k4v2, and the calibrated auto3.5, auto4.5, auto6.5,
+    /// which calibrate the model once, ~90 s, and cache the result next to it).
     #[arg(long, default_value = "all")]
     pub backends: String,
     /// Threads (default: all cores).
@@ -68,10 +69,14 @@ pub struct EvalReport {
     pub results: Vec<EvalResult>,
 }
 
+/// The calibrated presets `--backends all` includes: one per stock type's bits they are
+/// measured against (q4_0 4.5, q5_0 5.5, q8_0 8.5) less one bit.
+const AUTO_PRESETS: [&str; 3] = ["auto3.5", "auto4.5", "auto6.5"];
+
 /// The configurations `--backends all` stands for.
 fn all_specs() -> Vec<BackendSpec> {
     let mut v: Vec<BackendSpec> = KvType::ALL.iter().map(|&t| BackendSpec::Stock(t)).collect();
-    v.extend(format_names().into_iter().map(BackendSpec::Dspark));
+    v.extend(format_names().into_iter().chain(AUTO_PRESETS.map(String::from)).map(BackendSpec::Dspark));
     v
 }
 
@@ -131,7 +136,15 @@ struct Acc {
 
 pub fn run_eval(args: &EvalArgs) -> Result<EvalReport> {
     args.tier.export_spill_dir();
-    let specs = args.tier.apply(if args.backends.trim() == "all" { all_specs() } else { BackendSpec::parse_list(&args.backends)? });
+    let mut specs = Vec::new();
+    for item in args.backends.split(',').map(str::trim).filter(|x| !x.is_empty()) {
+        if item == "all" {
+            specs.extend(all_specs());
+        } else {
+            specs.push(BackendSpec::parse(item)?);
+        }
+    }
+    let specs = args.tier.apply(specs);
     if args.ctx < 16 || args.ctx % 2 != 0 {
         bail!("--ctx must be an even number of at least 16 tokens");
     }

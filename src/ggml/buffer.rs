@@ -401,8 +401,9 @@ pub(crate) unsafe fn kv_root(t: *const ll::ggml_tensor) -> Option<KvRoot> {
         let name = tensor_name(root);
         let is_k = is_kv_name(&name)?;
         let cfg = &buft_dev((*(r.buffer as *mut sys::ggml_backend_buffer)).buft).config;
-        // A layer the profile lacks has no store either (init_tensor refused it).
-        let quant = cfg.quant(name.get(9..).and_then(|l| l.parse().ok()), is_k).ok()?;
+        // A layer the profile lacks answers as f16 here (llama.cpp's fitting pass asks before
+        // any store exists, and a "no" aborts it); init_tensor refuses its store with the reason.
+        let quant = cfg.quant(name.get(9..).and_then(|l| l.parse().ok()), is_k).unwrap_or(None);
         Some(KvRoot { root, is_k, row_len: r.ne[0] as usize, cells: r.ne[1] as usize, quant })
     }
 }
