@@ -123,7 +123,7 @@ pub struct Request<'a> {
 pub fn calibrate(path: &Path, r: &Request) -> Result<Profile> {
     // Half the chunk at least must be compressed for the probes to measure anything.
     let least = 2 * (crate::kv::PAGE + r.window);
-    if r.probe_ctx < least || r.probe_ctx % 2 != 0 {
+    if r.probe_ctx < least || !r.probe_ctx.is_multiple_of(2) {
         bail!("--probe-ctx must be an even number of at least {least} tokens with --window {} (the sink page and the window stay f16)", r.window);
     }
     let base_cfg = ggml::Config { format: None, window: r.window, ..ggml::Config::default() };
@@ -189,7 +189,7 @@ pub fn table(p: &Profile) -> String {
     for (name, c) in [("K (V at 8): KLD over 8/8", &sens.curve_k), ("V (K at 8): KLD over 8/8", &sens.curve_v)] {
         s += &format!("| {name} | {} |\n", c.iter().map(|x| format!("{x:.4}")).collect::<Vec<_>>().join(" | "));
     }
-    s += &format!("\n| layer | K bits | V bits | K weight | V weight |\n|---:|---:|---:|---:|---:|\n");
+    s += "\n| layer | K bits | V bits | K weight | V weight |\n|---:|---:|---:|---:|---:|\n";
     for (il, (l, x)) in p.layers.iter().zip(&sens.layers).enumerate() {
         s += &format!("| {il} | {} | {} | {:.2e} | {:.2e} |\n", l.k, l.v, x.k, x.v);
     }

@@ -11,15 +11,20 @@ const LICENSES: [&str; 6] = ["GPL-3", "GPL-2", "Apache-2.0", "LGPL-2.1", "MPL-2.
 
 /// The default text: the license texts in LICENSE_DIR, concatenated (about 140 KB).
 pub fn default_text() -> Result<String> {
+    licenses(&LICENSES)
+}
+
+/// The licenses `names` in LICENSE_DIR, concatenated (those missing are skipped).
+fn licenses(names: &[&str]) -> Result<String> {
     let mut text = String::new();
-    for name in LICENSES {
+    for name in names {
         if let Ok(s) = std::fs::read_to_string(Path::new(LICENSE_DIR).join(name)) {
             text.push_str(&s);
             text.push('\n');
         }
     }
     if text.is_empty() {
-        bail!("no license texts found under {LICENSE_DIR}; pass a text file with -f");
+        bail!("none of the license texts {} found under {LICENSE_DIR}; pass a text file with -f", names.join(", "));
     }
     Ok(text)
 }
@@ -31,17 +36,7 @@ const CALIBRATION_LICENSES: [&str; 2] = ["MPL-1.1", "Artistic"];
 /// The default calibration text (`dspark calibrate`, `dspark:autoB`): the licenses in
 /// CALIBRATION_LICENSES, concatenated (about 33 KB).
 pub fn calibration_text() -> Result<String> {
-    let mut text = String::new();
-    for name in CALIBRATION_LICENSES {
-        if let Ok(s) = std::fs::read_to_string(Path::new(LICENSE_DIR).join(name)) {
-            text.push_str(&s);
-            text.push('\n');
-        }
-    }
-    if text.is_empty() {
-        bail!("no calibration texts ({}) under {LICENSE_DIR}; pass a text file with -f", CALIBRATION_LICENSES.join(", "));
-    }
-    Ok(text)
+    licenses(&CALIBRATION_LICENSES)
 }
 
 pub fn load_text(path: Option<&Path>) -> Result<String> {
