@@ -374,7 +374,7 @@ fn bench_compression(c: &mut Criterion) {
         let mut rng = StdRng::seed_from_u64(5);
         let n = 1024;
         let x: Vec<f32> = (0..n * d).map(|_| gaussian(&mut rng)).collect();
-        for q in [Quant::Q8, Quant::Q4, Quant::Q3, Quant::Q2] {
+        for q in Quant::ALL {
             let id = format!("compress/encode_q{}_d{d}", q.bits());
             if !keep(&id) {
                 continue;
@@ -542,6 +542,8 @@ fn main() {
     let mut rows = Vec::new();
     let mut all: Vec<Option<Format>> = vec![None];
     all.extend(Format::ALL_PRESETS.iter().copied().map(Some));
+    // Widths without SIMD decoders (per-layer profiles use them): what the generic path costs.
+    all.extend(["k5v5", "k6v6"].map(|f| Format::parse(f).ok()));
     bench_attention(&mut c, "decode", 1, &[512, 4096, 8192, 16384], &all, &mut rows);
     let prefill_depths: &[usize] = if full() { &[512, 4096, 8192, 16384] } else { &[512, 4096, 8192] };
     let pre = [None, Some(Format::parse("k4v4").unwrap()), Some(Format::parse("k4v3").unwrap())];
