@@ -319,6 +319,13 @@ typedef struct dspark_cache_params {
      *  their duration. A failing spill file makes those calls return #DSPARK_ERR_IO with the
      *  cache unchanged. 0 (the default): no budget. */
     uint64_t kv_budget_bytes;
+    /* Appended in API version 5. */
+    /** Path of a profile from `dspark calibrate` (per-layer K/V widths): it replaces `format`
+     *  and `window`. Its model must have n_layer layers of n_head_kv heads of head_dim
+     *  values, else #DSPARK_ERR_FORMAT. Saves of a cache whose layers differ in width use
+     *  file-format version 3 (per-layer widths), which older libraries refuse. NULL (the
+     *  default): none. */
+    const char *profile;
 } dspark_cache_params;
 
 /**

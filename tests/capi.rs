@@ -183,7 +183,7 @@ fn struct_layouts_match_the_header() {
         dspark_stats { kv_bytes, pages_f16, pages_compressed, cells, elems, bits_per_elem, compression_ratio, attn_calls,
                        kv_cold_bytes, cold_read_bytes, cold_write_bytes, transfer_busy_s, compute_wait_s, hidden_fraction,
                        attended_tokens, select_s, prefetch_hit_rate }
-        dspark_cache_params { n_layer, n_head_kv, n_head, head_dim, max_tokens, n_seq_max, format, window, n_threads, kv_budget_bytes }
+        dspark_cache_params { n_layer, n_head_kv, n_head, head_dim, max_tokens, n_seq_max, format, window, n_threads, kv_budget_bytes, profile }
         dspark_attn_params { scale, max_bias, softcap, flags, mask, mask_type, mask_stride, sinks, n_threads }
     };
     rust.push(format!("sizeof dspark_mask_type {}", std::mem::size_of::<i32>()));

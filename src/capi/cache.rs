@@ -6,7 +6,7 @@ use std::ffi::{c_char, c_void};
 use half::f16;
 
 use super::device::dspark_stats;
-use super::error::{dspark_status, fail, guard, DSPARK_ERR_ARG, DSPARK_ERR_NULL, DSPARK_ERR_RANGE};
+use super::error::{dspark_status, fail, guard, Result, DSPARK_ERR_ARG, DSPARK_ERR_FORMAT, DSPARK_ERR_NULL, DSPARK_ERR_RANGE};
 use super::store::{parse_format, AttnArgs, Cache, MaskData, Shape};
 use super::{handles, overlaps, read_versioned, slice, slice_mut, span, write_versioned, Versioned};
 
@@ -43,12 +43,16 @@ pub struct dspark_cache_params {
     pub n_threads: u32,
     /// KV memory budget in bytes (0: none). Appended in API version 3.
     pub kv_budget_bytes: u64,
+    /// Profile path or NULL. Appended in API version 5.
+    pub profile: *const c_char,
 }
 
 // SAFETY: repr(C), starts with size_t, fields are integers and a pointer.
 unsafe impl Versioned for dspark_cache_params {
     /// The struct before `kv_budget_bytes` was appended: old callers keep working.
     const MIN_SIZE: usize = std::mem::offset_of!(dspark_cache_params, kv_budget_bytes);
+    /// API version 3's struct ended with `kv_budget_bytes`.
+    const PAST_SIZES: &'static [usize] = &[std::mem::offset_of!(dspark_cache_params, profile)];
     fn defaults() -> Self {
         dspark_cache_params {
             size: std::mem::size_of::<Self>(),
@@ -62,6 +66,7 @@ unsafe impl Versioned for dspark_cache_params {
             window: 128,
             n_threads: 0,
             kv_budget_bytes: 0,
+            profile: std::ptr::null(),
         }
     }
 }
@@ -157,8 +162,8 @@ pub unsafe extern "C" fn dspark_attn_params_init(params: *mut dspark_attn_params
 /// Creates a cache; see dspark.h.
 ///
 /// # Safety
-/// `params` is NULL or a `dspark_cache_params` with a correct `size` whose `format` is NULL
-/// or a NUL-terminated string; `out` is NULL or writable.
+/// `params` is NULL or a `dspark_cache_params` with a correct `size` whose `format` and
+/// `profile` are NULL or NUL-terminated strings; `out` is NULL or writable.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn dspark_cache_new(params: *const dspark_cache_params, out: *mut *mut dspark_cache) -> dspark_status {
     guard("dspark_cache_new", || {
@@ -177,8 +182,14 @@ pub unsafe extern "C" fn dspark_cache_new(params: *const dspark_cache_params, ou
             max_tokens: u(p.max_tokens),
             n_seq_max: u(p.n_seq_max),
             format: parse_format(name)?,
+            layers: None,
         };
-        let mut cache = Cache::new(shape, u(p.window), u(p.n_threads))?;
+        // SAFETY: p.profile is NULL or a NUL-terminated string (caller).
+        let (shape, window) = match unsafe { super::opt_str(p.profile, "params->profile") }? {
+            Some(path) => with_profile(shape, path)?,
+            None => (shape, u(p.window)),
+        };
+        let mut cache = Cache::new(shape, window, u(p.n_threads))?;
         if p.kv_budget_bytes > 0 {
             cache = cache.with_budget(p.kv_budget_bytes)?;
         }
@@ -187,6 +198,21 @@ pub unsafe extern "C" fn dspark_cache_new(params: *const dspark_cache_params, ou
         unsafe { out.write_unaligned(token) };
         Ok(())
     })
+}
+
+/// `shape` with the widths of the profile at `path`, and the profile's window.
+fn with_profile(shape: Shape, path: &str) -> Result<(Shape, usize)> {
+    let p = crate::profile::Profile::load(std::path::Path::new(path)).or_else(|e| fail(DSPARK_ERR_FORMAT, e))?;
+    let m = &p.model;
+    if (m.n_layer, m.n_head_kv, m.head_dim) != (shape.n_layer, shape.n_head_kv, shape.head_dim) {
+        return fail(
+            DSPARK_ERR_FORMAT,
+            format!("profile {path} was made for {} ({} layers, {} KV heads of {}); this cache has {} layers, {} KV heads of {}", m.name, m.n_layer, m.n_head_kv, m.head_dim, shape.n_layer, shape.n_head_kv, shape.head_dim),
+        );
+    }
+    let layers = (0..shape.n_layer).map(|l| p.quant(Some(l), true).and_then(|k| Ok((k, p.quant(Some(l), false)?)))).collect::<std::result::Result<Vec<_>, _>>();
+    let layers = layers.or_else(|e| fail(DSPARK_ERR_FORMAT, e))?;
+    Ok((Shape { layers: Some(layers.into()), ..shape }, p.window))
 }
 
 /// Deletes a cache; see dspark.h.

@@ -1,4 +1,4 @@
-//! The saved form of a standalone cache (file-format version 2), in safe Rust.
+//! The saved form of a standalone cache (file-format versions 2 and 3), in safe Rust.
 //!
 //! All integers little-endian. A 64-byte header, the payload, then a CRC-32 (IEEE) of every
 //! byte before it:
@@ -6,15 +6,17 @@
 //! | offset | field |
 //! |---:|---|
 //! | 0 | magic `DSPARKKV` |
-//! | 8 | u32 file-format version (2) |
+//! | 8 | u32 file-format version (2: one format; 3: per-layer widths) |
 //! | 12 | u32 header bytes (64) |
 //! | 16 | u32 n_layer, n_head_kv, n_head, head_dim, max_tokens, n_seq_max |
-//! | 40 | u8 K bits, u8 V bits (0 = f16), u16 cells per page (64) |
+//! | 40 | u8 K bits, u8 V bits (0 = f16; 0xFF in version 3), u16 cells per page (64) |
 //! | 44 | u32 reserved (0) |
 //! | 48 | u64 payload bytes |
 //! | 56 | u64 reserved (0) |
 //!
-//! Payload: for each sequence, for each layer: u32 length, u32 hole count, then (u32 p0,
+//! A cache whose layers all have the same widths is written as version 2, as before per-layer
+//! widths existed; one with a profile of mixed widths as version 3, whose payload starts with
+//! u8 K bits, u8 V bits for each layer. Then, in both: for each sequence, for each layer: u32 length, u32 hole count, then (u32 p0,
 //! u32 p1) per hole. Then for each layer, for K then V, for each sequence: u32 count of
 //! allocated pages, then per allocated page, in increasing page order: u32 page index, u8
 //! tag (1 f16, 2 packed) and the page's bytes as stored (f16 values, or the codec's packed
@@ -49,9 +51,12 @@ const _: () = assert!(64.0 * F16_MAX / (2.0 * 127.0) * 1.01 < MAX_ROW_SCALE);
 
 /// First bytes of every saved cache.
 pub const MAGIC: &[u8; 8] = b"DSPARKKV";
-/// The file-format version written, and the only one read.
-pub const VERSION: u32 = 2;
-/// Header bytes in version 2.
+/// The newest file-format version written and read (version 2 is also read, and written for
+/// caches of one format).
+pub const VERSION: u32 = 3;
+/// Version of a cache whose layers all have the same widths.
+const VERSION_UNIFORM: u32 = 2;
+/// Header bytes in versions 2 and 3.
 pub const HEADER: usize = 64;
 /// Trailer (CRC-32) bytes.
 pub const TRAILER: usize = 4;
@@ -151,7 +156,17 @@ fn bits(q: Option<Quant>) -> u8 {
     q.map_or(0, |q| u8::try_from(q.bits()).expect("bits fit u8"))
 }
 
+/// Each layer's K and V bits (0 = f16).
+fn layer_bits(shape: &Shape) -> Vec<[u8; 2]> {
+    (0..shape.n_layer).map(|l| [bits(shape.quant(l, true)), bits(shape.quant(l, false))]).collect()
+}
+
 fn payload(shape: &Shape, st: &State, s: &mut impl Sink) {
+    if !shape.is_uniform() {
+        for b in layer_bits(shape) {
+            s.put(&b);
+        }
+    }
     for lanes in &st.lanes {
         for lane in lanes {
             put_u32(s, lane.len);
@@ -204,13 +219,14 @@ pub fn write(shape: &Shape, st: &State, payload_len: usize, sink: &mut impl Sink
     let mut s = Crc { inner: sink, hasher: crc32fast::Hasher::new() };
     let mut h = [0u8; HEADER];
     h[0..8].copy_from_slice(MAGIC);
-    h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    let version = if shape.is_uniform() { VERSION_UNIFORM } else { VERSION };
+    h[8..12].copy_from_slice(&version.to_le_bytes());
     h[12..16].copy_from_slice(&u32::try_from(HEADER).expect("64").to_le_bytes());
     for (i, v) in [shape.n_layer, shape.n_head_kv, shape.n_head, shape.head_dim, shape.max_tokens, shape.n_seq_max].into_iter().enumerate() {
         h[16 + 4 * i..20 + 4 * i].copy_from_slice(&u32::try_from(v).expect("checked at creation").to_le_bytes());
     }
-    h[40] = bits(shape.format.map(|f| f.k));
-    h[41] = bits(shape.format.map(|f| f.v));
+    let [k, v] = if shape.is_uniform() { layer_bits(shape)[0] } else { [0xFF; 2] };
+    (h[40], h[41]) = (k, v);
     h[42..44].copy_from_slice(&u16::try_from(PAGE).expect("PAGE fits u16").to_le_bytes());
     h[48..56].copy_from_slice(&(payload_len as u64).to_le_bytes());
     s.put(&h);
@@ -284,7 +300,7 @@ pub fn parse(bytes: &[u8], shape: &Shape, window: usize) -> Result<State> {
             format!("file-format version 1 (DSpark before C API version 2) is no longer read; this library reads version {VERSION}"),
         );
     }
-    if version != VERSION || le_u32(bytes, 12) as usize != HEADER {
+    if !(version == VERSION || version == VERSION_UNIFORM) || le_u32(bytes, 12) as usize != HEADER {
         return corrupt(format!("bad header (version {version}, header size {})", le_u32(bytes, 12)));
     }
     let payload_len = le_u64(bytes, 48);
@@ -302,19 +318,21 @@ pub fn parse(bytes: &[u8], shape: &Shape, window: usize) -> Result<State> {
     // The data is what was written; now it must be ours.
     let dims: Vec<usize> = (0..6).map(|i| le_u32(bytes, 16 + 4 * i) as usize).collect();
     let ours = [shape.n_layer, shape.n_head_kv, shape.n_head, shape.head_dim, shape.max_tokens, shape.n_seq_max];
-    let (kb, vb) = (bytes[40], bytes[41]);
-    let our_bits = (bits(shape.format.map(|f| f.k)), bits(shape.format.map(|f| f.v)));
-    if dims != ours || (kb, vb) != our_bits || u16::from_le_bytes([bytes[42], bytes[43]]) as usize != PAGE {
-        return fail(
-            DSPARK_ERR_MISMATCH,
-            format!(
-                "saved for n_layer/n_head_kv/n_head/head_dim/max_tokens/n_seq_max {dims:?}, K/V bits {kb}/{vb}; this cache is {ours:?}, {}/{}",
-                our_bits.0, our_bits.1
-            ),
-        );
+    if dims != ours || u16::from_le_bytes([bytes[42], bytes[43]]) as usize != PAGE {
+        return fail(DSPARK_ERR_MISMATCH, format!("saved for n_layer/n_head_kv/n_head/head_dim/max_tokens/n_seq_max {dims:?}; this cache is {ours:?}"));
+    }
+    let mut r = Reader { b: &bytes[HEADER..body], pos: 0 };
+    let saved: Vec<[u8; 2]> = if version == VERSION_UNIFORM {
+        vec![[bytes[40], bytes[41]]; shape.n_layer]
+    } else {
+        r.take(2 * shape.n_layer)?.chunks_exact(2).map(|b| [b[0], b[1]]).collect()
+    };
+    let our_bits = layer_bits(shape);
+    if saved != our_bits {
+        let show = |b: &[[u8; 2]]| b.iter().map(|[k, v]| format!("k{k}v{v}")).collect::<Vec<_>>().join(" ");
+        return fail(DSPARK_ERR_MISMATCH, format!("saved with K/V bits per layer {}; this cache has {} (0 = f16)", show(&saved), show(&our_bits)));
     }
     let mut st = State::empty(shape, window)?;
-    let mut r = Reader { b: &bytes[HEADER..body], pos: 0 };
     for lanes in &mut st.lanes {
         for lane in lanes.iter_mut() {
             *lane = read_lane(&mut r, shape)?;
@@ -322,7 +340,7 @@ pub fn parse(bytes: &[u8], shape: &Shape, window: usize) -> Result<State> {
     }
     let f16_vals = shape.page_bytes(None) / 2;
     for (layer, lk) in st.layers.iter_mut().enumerate() {
-        for (store, q) in [(&mut lk.k, shape.format.map(|f| f.k)), (&mut lk.v, shape.format.map(|f| f.v))] {
+        for (store, q) in [(&mut lk.k, shape.quant(layer, true)), (&mut lk.v, shape.quant(layer, false))] {
             let packed = q.map(|q| (q, shape.page_bytes(Some(q))));
             for seq in 0..shape.n_seq_max {
                 let len = st.lanes[seq][layer].len;

@@ -15,7 +15,7 @@ use half::f16;
 
 use super::error::{fail, Error, Result, DSPARK_ERR_ARG, DSPARK_ERR_FORMAT, DSPARK_ERR_FULL, DSPARK_ERR_IO, DSPARK_ERR_RANGE};
 use crate::attn::{self, FaParams, Mask};
-use crate::codec::{Format, RowCodec};
+use crate::codec::{Format, Quant, RowCodec};
 use crate::kv::cold::{ColdStore, SpillFile};
 use crate::kv::tier::{self, Tier};
 use crate::kv::{KvStore, PageView, StoreConfig, PAGE};
@@ -36,8 +36,11 @@ const MASK_BLOCK_VALUES: usize = 1 << 20;
 /// Most threads one attention call may use.
 pub const MAX_THREADS: usize = 256;
 
+/// The widths of one layer's K and V (`None`: f16).
+pub type LayerQuants = (Option<Quant>, Option<Quant>);
+
 /// The shape and format of a cache: what a saved cache must match to be loaded.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Shape {
     /// Layers.
     pub n_layer: usize,
@@ -53,9 +56,27 @@ pub struct Shape {
     pub n_seq_max: usize,
     /// `None`: f16.
     pub format: Option<Format>,
+    /// Per-layer widths from a profile; they replace `format`.
+    pub layers: Option<std::sync::Arc<[LayerQuants]>>,
 }
 
 impl Shape {
+    /// The width of layer `layer`'s K (`is_k`) or V.
+    #[must_use]
+    pub fn quant(&self, layer: usize, is_k: bool) -> Option<Quant> {
+        let (k, v) = match &self.layers {
+            Some(l) => l[layer],
+            None => (self.format.map(|f| f.k), self.format.map(|f| f.v)),
+        };
+        if is_k { k } else { v }
+    }
+
+    /// Whether every layer has the same widths (a file-format version 2 image can hold it).
+    #[must_use]
+    pub fn is_uniform(&self) -> bool {
+        (0..self.n_layer).all(|l| (self.quant(l, true), self.quant(l, false)) == (self.quant(0, true), self.quant(0, false)))
+    }
+
     /// Checks that the shape can be built.
     ///
     /// # Errors
@@ -253,7 +274,7 @@ impl State {
                 .or_else(|e| fail(DSPARK_ERR_ARG, e))
         };
         let layers = (0..shape.n_layer)
-            .map(|_| Ok(LayerKv { k: store(shape.format.map(|f| f.k))?, v: store(shape.format.map(|f| f.v))? }))
+            .map(|l| Ok(LayerKv { k: store(shape.quant(l, true))?, v: store(shape.quant(l, false))? }))
             .collect::<Result<Vec<_>>>()?;
         Ok(State { layers, lanes: vec![vec![Lane::default(); shape.n_layer]; shape.n_seq_max] })
     }
@@ -583,7 +604,7 @@ impl Cache {
         if p0 > self.shape.max_tokens {
             return fail(DSPARK_ERR_RANGE, format!("p0 {p0} is beyond max_tokens {}", self.shape.max_tokens));
         }
-        let sh = self.shape;
+        let sh = self.shape.clone();
         let mut st = self.write();
         for s in seq.map_or(0..sh.n_seq_max, |s| s..s + 1) {
             for layer in 0..sh.n_layer {
@@ -633,7 +654,7 @@ impl Cache {
         if let Some(s) = seq {
             check_range("sequence", s, self.shape.n_seq_max)?;
         }
-        let sh = self.shape;
+        let sh = self.shape.clone();
         if p0 > sh.max_tokens {
             return fail(DSPARK_ERR_RANGE, format!("p0 {p0} is beyond max_tokens {}", sh.max_tokens));
         }
@@ -652,7 +673,7 @@ impl Cache {
         }
         for (s, layer, plan) in plans {
             let lk = &mut st.layers[layer];
-            for (store, q) in [(&mut lk.k, sh.format.map(|f| f.k)), (&mut lk.v, sh.format.map(|f| f.v))] {
+            for (store, q) in [(&mut lk.k, sh.quant(layer, true)), (&mut lk.v, sh.quant(layer, false))] {
                 shift_pages(store, q, s, &plan);
                 store.set_high_water(s, plan.lane.len);
             }
@@ -890,7 +911,7 @@ mod tests {
     use super::*;
 
     fn shape(format: &str) -> Shape {
-        Shape { n_layer: 2, n_head_kv: 2, n_head: 4, head_dim: 32, max_tokens: 300, n_seq_max: 3, format: parse_format(format).unwrap() }
+        Shape { n_layer: 2, n_head_kv: 2, n_head: 4, head_dim: 32, max_tokens: 300, n_seq_max: 3, format: parse_format(format).unwrap(), layers: None }
     }
 
     fn rows(n: usize, rl: usize, seed: u32) -> Vec<f32> {
@@ -914,9 +935,9 @@ mod tests {
     #[test]
     fn a_budget_moves_pages_cold_and_changes_no_result() {
         use crate::kv::cold::MemCold;
-        let sh = Shape { n_layer: 2, n_head_kv: 2, n_head: 4, head_dim: 64, max_tokens: 2048, n_seq_max: 2, format: parse_format("k4v4").unwrap() };
-        let plain = Cache::new(sh, 128, 1).unwrap();
-        let mut tiered = Cache::new(sh, 128, 1).unwrap();
+        let sh = Shape { n_layer: 2, n_head_kv: 2, n_head: 4, head_dim: 64, max_tokens: 2048, n_seq_max: 2, format: parse_format("k4v4").unwrap(), layers: None };
+        let plain = Cache::new(sh.clone(), 128, 1).unwrap();
+        let mut tiered = Cache::new(sh.clone(), 128, 1).unwrap();
         let cold = MemCold::default();
         tiered.set_cold(Box::new(cold.clone()), 600_000); // the f16 sinks and windows are 512 KiB
         let rl = sh.row_len();
@@ -954,6 +975,51 @@ mod tests {
         assert_eq!(attn(&plain).unwrap(), attn(&tiered).unwrap(), "a failed call changed nothing");
     }
 
+    /// Per-layer widths: each layer's stores take their own, a save of mixed widths is
+    /// file-format version 3 and loads only into a cache of the same widths, and a uniform
+    /// profile saves as version 2.
+    #[test]
+    fn per_layer_widths_save_and_load() {
+        use super::super::format;
+        let save = |c: &Cache| {
+            c.with_pages(|st| {
+                let n = format::size(&c.shape, st);
+                let mut out = vec![0u8; n];
+                format::write(&c.shape, st, n - format::HEADER - format::TRAILER, &mut format::SliceSink { buf: &mut out, pos: 0 });
+                out
+            })
+            .unwrap()
+        };
+        let with = |layers: &[LayerQuants]| Shape { layers: Some(layers.into()), ..shape("k4v4") };
+        let mixed = with(&[(Some(Quant::Q5), Some(Quant::Q3)), (Some(Quant::Q8), None)]);
+        let c = Cache::new(mixed.clone(), 0, 1).unwrap();
+        let rl = mixed.row_len();
+        for layer in 0..2 {
+            c.append(layer, 0, &rows(200, rl, 3), &rows(200, rl, 4), 200).unwrap();
+        }
+        let bytes = save(&c);
+        assert_eq!(u32::from_le_bytes(bytes[8..12].try_into().unwrap()), 3);
+        assert_eq!(&bytes[format::HEADER..format::HEADER + 4], &[5, 3, 8, 0]);
+        let q = rows(2, 4 * 32, 9);
+        let attn = |c: &Cache, layer| {
+            let mut out = vec![0.0; q.len()];
+            c.attn(layer, 0, &q, 2, &args(), &mut out).unwrap();
+            out
+        };
+        let st = format::parse(&bytes, &mixed, 0).unwrap();
+        let d = Cache::new(mixed.clone(), 0, 1).unwrap();
+        d.replace(st).unwrap();
+        assert_eq!((attn(&c, 0), attn(&c, 1)), (attn(&d, 0), attn(&d, 1)), "a loaded cache attends as the saved one");
+        let e = format::parse(&bytes, &shape("k4v4"), 0).unwrap_err();
+        assert!(e.code == crate::capi::error::DSPARK_ERR_MISMATCH && e.msg.contains("k5v3 k8v0"), "{}", e.msg);
+        // A uniform profile is a version-2 image, loadable by a plain k4v4 cache.
+        let uniform = Cache::new(with(&[(Some(Quant::Q4), Some(Quant::Q4)); 2]), 0, 1).unwrap();
+        uniform.append(0, 0, &rows(100, rl, 3), &rows(100, rl, 4), 100).unwrap();
+        let bytes = save(&uniform);
+        assert_eq!(u32::from_le_bytes(bytes[8..12].try_into().unwrap()), 2);
+        assert!(format::parse(&bytes, &shape("k4v4"), 0).is_ok());
+    }
+
     #[test]
     fn format_names_are_exact_and_lowercase() {
         assert_eq!(parse_format("f16").unwrap(), None);
@@ -973,7 +1039,7 @@ mod tests {
         assert_eq!(s(1000, 1, 4096).validate().unwrap_err().code, DSPARK_ERR_ARG);
         // The estimate covers what an empty cache really holds per layer.
         let shape = s(30, 1, 64);
-        let c = Cache::new(shape, 128, 1).unwrap();
+        let c = Cache::new(shape.clone(), 128, 1).unwrap();
         assert_eq!(c.stats().kv_bytes, 0);
         assert!(shape.fixed_bytes() >= 30 * 2 * (PAGE as u128 * 64 * 2));
     }

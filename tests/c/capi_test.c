@@ -284,8 +284,17 @@ static void test_create_errors(void) {
     dspark_cache_params q = p;
     q.size = 0;
     EXPECT(DSPARK_ERR_SIZE, dspark_cache_new(&q, &c));
-    q.size = sizeof q - 4; /* cuts kv_budget_bytes */
+    q.size = sizeof q - 4; /* cuts profile */
     EXPECT(DSPARK_ERR_SIZE, dspark_cache_new(&q, &c));
+    q.size = offsetof(dspark_cache_params, profile) - 4; /* cuts kv_budget_bytes */
+    EXPECT(DSPARK_ERR_SIZE, dspark_cache_new(&q, &c));
+    /* API version 3's struct ended with kv_budget_bytes: no profile. */
+    q.size = offsetof(dspark_cache_params, profile);
+    q.profile = "/nonexistent/profile.json"; /* beyond its size: must not be read */
+    dspark_cache_t *v3 = NULL;
+    OK(dspark_cache_new(&q, &v3));
+    OK(dspark_cache_delete(v3));
+    q = p;
     q.size = offsetof(dspark_cache_params, kv_budget_bytes) - 4; /* cuts an older field */
     EXPECT(DSPARK_ERR_SIZE, dspark_cache_new(&q, &c));
     /* A newer caller's larger struct: accepted when the unknown tail is zero. */
@@ -325,6 +334,9 @@ static void test_create_errors(void) {
         q = p; q.format = bad[i];
         EXPECT(DSPARK_ERR_FORMAT, dspark_cache_new(&q, &c));
     }
+    q = p; q.profile = "/nonexistent/profile.json";
+    EXPECT(DSPARK_ERR_FORMAT, dspark_cache_new(&q, &c));
+    CHECK(strstr(dspark_last_error(), "cannot read profile") != NULL, "profile error: %s", dspark_last_error());
     CHECK(c == (dspark_cache_t *)0x1, "out written on failure");
     const char *good[] = {"f16", "k8v8", "k4v4", "k4v2", "k3v3", "k2v8", "k5v6", "k7v4"};
     for (size_t i = 0; i < sizeof good / sizeof *good; i++) {
@@ -713,7 +725,7 @@ static void test_persistence(const char *tmpdir) {
               "flipped byte %zu: %s", flips[i], dspark_status_name(st));
     }
     memcpy(bad, buf, written); /* a newer version */
-    bad[8] = 3;
+    bad[8] = 4;
     EXPECT(DSPARK_ERR_VERSION, dspark_cache_load_mem(d, bad, written));
     memcpy(bad, buf, written); /* trailing garbage */
     memset(bad + written, 0, 8);
@@ -1334,8 +1346,8 @@ static void test_payload_checks(void) {
         int st = dspark_cache_load_mem(d, bad, n);
         CHECK(st == DSPARK_ERR_CORRUPT, "%s: %s (%s)", cases[i].what, dspark_status_name(st), dspark_last_error());
     }
-    /* Versions: 1 is no longer read, 3 is newer, 0 is not a version. */
-    uint32_t versions[] = {1, 3, 0};
+    /* Versions: 1 is no longer read, 4 is newer, 0 is not a version. */
+    uint32_t versions[] = {1, 4, 0};
     int want[] = {DSPARK_ERR_VERSION, DSPARK_ERR_VERSION, DSPARK_ERR_CORRUPT};
     for (int i = 0; i < 3; i++) {
         memcpy(bad, img, n);
@@ -1372,7 +1384,7 @@ static void print_layout(void) {
     OF(dspark_cache_params, n_head); OF(dspark_cache_params, head_dim);
     OF(dspark_cache_params, max_tokens); OF(dspark_cache_params, n_seq_max);
     OF(dspark_cache_params, format); OF(dspark_cache_params, window); OF(dspark_cache_params, n_threads);
-    OF(dspark_cache_params, kv_budget_bytes);
+    OF(dspark_cache_params, kv_budget_bytes); OF(dspark_cache_params, profile);
     SZ(dspark_attn_params); OF(dspark_attn_params, scale); OF(dspark_attn_params, max_bias);
     OF(dspark_attn_params, softcap); OF(dspark_attn_params, flags); OF(dspark_attn_params, mask);
     OF(dspark_attn_params, mask_type); OF(dspark_attn_params, mask_stride);
