@@ -548,7 +548,9 @@ dspark_status dspark_cache_stats(const dspark_cache_t *cache, dspark_stats *out)
  * Saved caches are the allocated pages as stored (no re-encoding, so a loaded cache gives
  * bit-identical attention; an empty cache saves to a few bytes per layer and sequence,
  * whatever its max_tokens), with a header (magic "DSPARKKV", file-format version 2, shape,
- * format) and a CRC-32 over everything. A load parses and checks the whole input into a new
+ * format; version 3 when the layers have different widths from a profile, with each
+ * layer's widths) and a CRC-32 over everything. An image loads only into a cache of the same
+ * shape and the same widths in every layer. A load parses and checks the whole input into a new
  * cache before replacing the old content: beyond the CRC, every length, hole, page index and
  * tag, every f16 value (finite) and every compressed row's scale (finite, non-negative, in
  * the range the codec writes) is checked, so a truncated, corrupt, crafted, foreign or
