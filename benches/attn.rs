@@ -446,6 +446,7 @@ fn quick() {
     let rounds: usize = std::env::var("DSPARK_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(15);
     let mut fmts: Vec<Option<Format>> = vec![None];
     fmts.extend(Format::ALL_PRESETS.iter().copied().map(Some));
+    fmts.extend(["k5v5", "k6v6"].map(|f| Format::parse(f).ok()));
     let clock = if nt == 1 { "thread CPU time" } else { "wall time" };
     println!("## Decode, {nt} threads, ISA {}, {rounds} interleaved rounds (median / min {clock} per call)", attn::active_isa());
     println!("| shape | depth | variant | median | min | KV MB | GB/s (median) | vs ggml f16 | vs ggml q4_0 |");
