@@ -1,4 +1,4 @@
-//! x86-64 row decoders: packed rows (8/4/3/2-bit groups; 5 to 7 bits use the generic body) and f16 rows into f32 tiles, for
+//! x86-64 row decoders: packed rows (every width on AVX-512; 5 to 7 bits use the generic body on AVX2) and f16 rows into f32 tiles, for
 //! AVX-512 (16 lanes) and AVX2+F16C (8 lanes). Each is a safe `#[target_feature]` function
 //! that checks its slice lengths up front; the raw loads and stores it does are in bounds by
 //! those checks. The scalar specification is `RowCodec::decode_rotated` and
@@ -16,11 +16,6 @@ pub fn decode_packed_avx512(codec: &RowCodec, data: &[u8], out: &mut [f32]) {
     let bits = codec.quant().bits();
     assert_eq!(data.len(), codec.row_bytes(), "decode_packed_avx512: row bytes");
     assert_eq!(out.len(), d, "decode_packed_avx512: out length");
-    if bits > 4 && bits < 8 {
-        // 5 to 7 bits: rare widths (per-layer profiles), decoded by the generic body.
-        codec.decode_rotated_inline(data, out);
-        return;
-    }
     let groups = d / GROUP;
     let s = row_scale(data);
     let gb = group_code_bytes(bits);
@@ -32,7 +27,8 @@ pub fn decode_packed_avx512(codec: &RowCodec, data: &[u8], out: &mut [f32]) {
             8 => group8_avx512(c, step, o),
             4 => group4_avx512(c, step, o),
             3 => group3_avx512(c, step, o),
-            _ => group2_avx512(c, step, o),
+            2 => group2_avx512(c, step, o),
+            _ => group_wide_avx512(bits, c, step, o),
         }
     }
 }
@@ -103,21 +99,53 @@ fn group2_avx512(c: &[u8], step: f32, o: &mut [f32; GROUP]) {
     store16(b, 2, st, &mut o[16..]);
 }
 
+/// Bit `i` of the little-endian u32 in `c[..4]`, for codes 0..16 and 16..32 (the 1-bit layout).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[inline]
+fn plane1_avx512(c: &[u8]) -> (__m512i, __m512i) {
+    #[allow(clippy::cast_possible_wrap)]
+    let h = _mm512_set1_epi32(u32::from_le_bytes(c[..4].try_into().expect("4 bytes")) as i32);
+    let one = _mm512_set1_epi32(1);
+    let lo = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    let hi = _mm512_add_epi32(lo, _mm512_set1_epi32(16));
+    (_mm512_and_si512(_mm512_srlv_epi32(h, lo), one), _mm512_and_si512(_mm512_srlv_epi32(h, hi), one))
+}
+
+/// The 3-bit codes: the low two bits, then bit 2 from the 1-bit plane in bytes 8..12.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[inline]
+fn codes3_avx512(c: &[u8]) -> (__m512i, __m512i) {
+    let (a, b) = low2_avx512(c);
+    let (h0, h1) = plane1_avx512(&c[8..12]);
+    (_mm512_or_si512(a, _mm512_slli_epi32::<2>(h0)), _mm512_or_si512(b, _mm512_slli_epi32::<2>(h1)))
+}
+
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 #[inline]
 fn group3_avx512(c: &[u8], step: f32, o: &mut [f32; GROUP]) {
     let st = _mm512_set1_ps(step);
-    let (a, b) = low2_avx512(c);
-    // Bit 2 of code i is bit i of the little-endian u32 in bytes 8..12.
+    let (a, b) = codes3_avx512(c);
+    store16(a, 4, st, &mut o[..16]);
+    store16(b, 4, st, &mut o[16..]);
+}
+
+/// 5, 6 and 7 bits: the low nibbles as in the 4-bit layout, then the high bits as 1-, 2- or
+/// 3-bit codes (see `codec/quant.rs`).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[inline]
+fn group_wide_avx512(bits: u32, c: &[u8], step: f32, o: &mut [f32; GROUP]) {
+    let st = _mm512_set1_ps(step);
+    let b = _mm512_cvtepu8_epi32(load16(c));
+    let (lo0, lo1) = (_mm512_and_si512(b, _mm512_set1_epi32(15)), _mm512_srli_epi32::<4>(b));
+    let (h0, h1) = match bits {
+        5 => plane1_avx512(&c[16..20]),
+        6 => low2_avx512(&c[16..24]),
+        _ => codes3_avx512(&c[16..28]),
+    };
     #[allow(clippy::cast_possible_wrap)]
-    let h = _mm512_set1_epi32(u32::from_le_bytes(c[8..12].try_into().expect("4 bytes")) as i32);
-    let one = _mm512_set1_epi32(1);
-    let lo = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    let hi = _mm512_add_epi32(lo, _mm512_set1_epi32(16));
-    let h0 = _mm512_slli_epi32::<2>(_mm512_and_si512(_mm512_srlv_epi32(h, lo), one));
-    let h1 = _mm512_slli_epi32::<2>(_mm512_and_si512(_mm512_srlv_epi32(h, hi), one));
-    store16(_mm512_or_si512(a, h0), 4, st, &mut o[..16]);
-    store16(_mm512_or_si512(b, h1), 4, st, &mut o[16..]);
+    let off = 1i32 << (bits - 1);
+    store16(_mm512_or_si512(lo0, _mm512_slli_epi32::<4>(h0)), off, st, &mut o[..16]);
+    store16(_mm512_or_si512(lo1, _mm512_slli_epi32::<4>(h1)), off, st, &mut o[16..]);
 }
 
 /// f16 → f32 with non-finite values read as 0 (AVX-512).
