@@ -54,8 +54,8 @@ pub struct CalibrateArgs {
     pub threads: Option<usize>,
 }
 
-/// Tokens each calibration probe runs by default: 75 runs of 384 tokens take about 80 s on
-/// 2 cores with the default model.
+/// Tokens each calibration run takes by default: the f16 base and 74 runs of 384 tokens take
+/// about 90 s on 2 cores with the default model.
 pub const PROBE_CTX: usize = 384;
 
 /// The identity a profile records for a model.
