@@ -14,7 +14,8 @@ fn backend_specs_parse() {
     let list = BackendSpec::parse_list("stock:f16, stock:q8_0,dspark:k8v8").unwrap();
     assert_eq!(list.len(), 3);
     assert_eq!(list[1].to_string(), "stock:q8_0");
-    for bad in ["f16", "stock:q5_1", "gpu:f16", "stock"] {
+    assert_eq!(BackendSpec::parse("stock:iq4_nl").unwrap(), BackendSpec::Stock(KvType::Iq4Nl));
+    for bad in ["f16", "stock:q6_k", "gpu:f16", "stock"] {
         let err = BackendSpec::parse(bad).unwrap_err().to_string();
         assert!(err.contains(bad), "error for {bad:?} should name it: {err}");
     }
