@@ -124,9 +124,9 @@ impl Config {
 
     /// Parses `FORMAT[:key=value...]` as `dspark:` specs take it (after the `dspark:`):
     /// `profile=FILE` (per-layer widths from `dspark calibrate`, and the window they were
-    /// allocated for; it may stand in the format's place), `window=N` (cells kept in f16), `kv=SIZE` (the KV budget, `0`/`none` for no
-    /// budget), `prefetch=N`, `attn=N` (the attention budget in cells, 0 = dense) and
-    /// `attn_dense=L` (layers kept dense).
+    /// allocated for; it may stand in the format's place), `window=N` (cells kept in f16),
+    /// `kv=SIZE` (the KV budget, `0`/`none` for no budget), `prefetch=N`, `attn=N` (the
+    /// attention budget in cells, 0 = dense) and `attn_dense=L` (layers kept dense).
     pub fn with_spec(self, spec: &str) -> Result<Config, String> {
         let mut parts = spec.split(':').peekable();
         let mut c = match parts.peek() {
