@@ -215,17 +215,6 @@ impl Profile {
             self.source, m.name, m.n_layer, m.n_head_kv, m.head_dim, model.name, model.n_layer, model.n_head_kv, model.head_dim
         ))
     }
-
-    /// A compact name for tables: the widths of K and V over the layers, e.g. `k4-6v2-4`.
-    #[must_use]
-    pub fn summary(&self) -> String {
-        let range = |f: fn(&LayerWidths) -> u32| {
-            let lo = self.layers.iter().map(f).min().unwrap_or(0);
-            let hi = self.layers.iter().map(f).max().unwrap_or(0);
-            if lo == hi { lo.to_string() } else { format!("{lo}-{hi}") }
-        };
-        format!("k{}v{}", range(|l| l.k), range(|l| l.v))
-    }
 }
 
 /// Cells of a context of `ctx` cells that a store keeps in f16: the sink page and the pages

@@ -383,8 +383,8 @@ pub(crate) fn run_item<F: Flavor>(ctx: &Ctx, it: &Item) -> Partial {
 }
 
 /// Runs the packed decode kernel on the longest run of whole blocks of rows `r0..r1` of
-/// `seg` (K and V packed, K in 8 or 4 bits, V in 8, 4, 3 or 2); returns how many rows it consumed (0 when the
-/// segment does not qualify, and the tile path takes every row).
+/// `seg` (K and V packed, K in 8 or 4 bits, V in 8, 4, 3 or 2); returns how many rows it
+/// consumed (0 when the segment does not qualify, and the tile path takes every row).
 #[inline(always)]
 fn packed_rows<F: Flavor>(w: &mut Work, seg: &Segment, r0: usize, r1: usize) -> usize {
     let (Rows::Packed { codec: kc, data: kd }, Rows::Packed { codec: vc, data: vd }) = (seg.k, seg.v) else {

@@ -1,8 +1,9 @@
-//! x86-64 row decoders: packed rows (every width on AVX-512; 5 to 7 bits use the generic body on AVX2) and f16 rows into f32 tiles, for
-//! AVX-512 (16 lanes) and AVX2+F16C (8 lanes). Each is a safe `#[target_feature]` function
-//! that checks its slice lengths up front; the raw loads and stores it does are in bounds by
-//! those checks. The scalar specification is `RowCodec::decode_rotated` and
-//! `kernels::f16_rows`; `tests/attn_equivalence.rs` checks every path against it.
+//! x86-64 row decoders: packed rows (every width on AVX-512; on AVX2, 5 to 7 bits take the
+//! generic body) and f16 rows into f32 tiles, for AVX-512 (16 lanes) and AVX2+F16C (8 lanes).
+//! Each is a safe `#[target_feature]` function that checks its slice lengths up front; the raw
+//! loads and stores it does are in bounds by those checks. The scalar specification is
+//! `RowCodec::decode_rotated` and `kernels::f16_rows`; `tests/attn_equivalence.rs` checks every
+//! path against it.
 
 use crate::codec::layout::{group_code_bytes, row_scale, GROUP, HEADER};
 use crate::codec::RowCodec;

@@ -210,8 +210,8 @@ fn with_profile(shape: Shape, path: &str) -> Result<(Shape, usize)> {
             format!("profile {path} was made for {} ({} layers, {} KV heads of {}); this cache has {} layers, {} KV heads of {}", m.name, m.n_layer, m.n_head_kv, m.head_dim, shape.n_layer, shape.n_head_kv, shape.head_dim),
         );
     }
-    let layers = (0..shape.n_layer).map(|l| p.quant(Some(l), true).and_then(|k| Ok((k, p.quant(Some(l), false)?)))).collect::<std::result::Result<Vec<_>, _>>();
-    let layers = layers.or_else(|e| fail(DSPARK_ERR_FORMAT, e))?;
+    let widths = |l| Ok((p.quant(Some(l), true)?, p.quant(Some(l), false)?));
+    let layers: Vec<_> = (0..shape.n_layer).map(widths).collect::<std::result::Result<_, String>>().or_else(|e| fail(DSPARK_ERR_FORMAT, e))?;
     Ok((Shape { layers: Some(layers.into()), ..shape }, p.window))
 }
 

@@ -16,8 +16,8 @@
 //!
 //! A cache whose layers all have the same widths is written as version 2, as before per-layer
 //! widths existed; one with a profile of mixed widths as version 3, whose payload starts with
-//! u8 K bits, u8 V bits for each layer. Then, in both: for each sequence, for each layer: u32 length, u32 hole count, then (u32 p0,
-//! u32 p1) per hole. Then for each layer, for K then V, for each sequence: u32 count of
+//! u8 K bits, u8 V bits for each layer. Then, in both: for each sequence, for each layer:
+//! u32 length, u32 hole count, then (u32 p0, u32 p1) per hole. Then for each layer, for K then V, for each sequence: u32 count of
 //! allocated pages, then per allocated page, in increasing page order: u32 page index, u8
 //! tag (1 f16, 2 packed) and the page's bytes as stored (f16 values, or the codec's packed
 //! rows). Pages are saved as stored, so a loaded cache gives bit-identical attention; only

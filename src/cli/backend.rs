@@ -50,7 +50,7 @@ impl BackendSpec {
     /// Whether a configuration named in a report has per-layer widths (`autoB` or
     /// `profile=FILE`).
     pub fn names_profile(name: &str) -> bool {
-        matches!(BackendSpec::parse(name), Ok(BackendSpec::Dspark(n)) if auto_bits(&n).is_ok_and(|b| b.is_some()) || n.split(':').any(|o| o.trim_start().starts_with("profile=")))
+        matches!(BackendSpec::parse(name), Ok(BackendSpec::Dspark(n)) if auto_bits(&n).is_ok_and(|b| b.is_some()) || has_option(&n, "profile="))
     }
 
     /// [`BackendSpec::has_attn_budget`] of a configuration named in a report.
@@ -97,10 +97,9 @@ impl TierArgs {
             .into_iter()
             .map(|s| match s {
                 BackendSpec::Dspark(mut name) => {
-                    let has = |name: &str, key: &str| name.split(':').skip(1).any(|o| o.trim_start().starts_with(key));
                     let defaults = [("kv=", self.kv_budget.clone()), ("prefetch=", self.prefetch_depth.map(|d| d.to_string())), ("attn=", self.attn_budget.map(|n| n.to_string()))];
                     for (key, value) in defaults {
-                        if let Some(v) = value.filter(|_| !has(&name, key)) {
+                        if let Some(v) = value.filter(|_| !has_option(&name, key)) {
                             name += &format!(":{key}{v}");
                         }
                     }
@@ -145,6 +144,12 @@ pub fn dspark_config(name: &str) -> Result<ggml::Config> {
     ggml::Config::default().with_spec(&spec).map_err(|e| {
         anyhow!("backend `dspark:{name}`: {e}; formats: f16 (no compression), {}, any k<b>v<b> (b from 2 to 8), autoB (a profile calibrated for an average of B bits per value) or profile=FILE", format_names().join(", "))
     })
+}
+
+/// Whether a `dspark:` spec (after `dspark:`) sets the option `key` (e.g. `"kv="`); a
+/// profile may stand in the format's place, so every part counts.
+fn has_option(name: &str, key: &str) -> bool {
+    name.split(':').any(|o| o.trim_start().starts_with(key))
 }
 
 /// The bit budget of an `autoB[:options]` spec (`None` for other specs).
@@ -204,8 +209,7 @@ impl Runner {
     fn resolve(&self, spec: &BackendSpec, p: &CtxParams) -> Result<BackendSpec> {
         let BackendSpec::Dspark(name) = spec else { return Ok(spec.clone()) };
         let Some(bits) = auto_bits(name)? else { return Ok(spec.clone()) };
-        let explicit = name.split(':').skip(1).any(|o| o.trim_start().starts_with("window="));
-        let window = if explicit { dspark_config(name)?.window } else { super::calibrate::AUTO_WINDOW };
+        let window = if has_option(name, "window=") { dspark_config(name)?.window } else { super::calibrate::AUTO_WINDOW };
         let path = super::calibrate::auto_profile(&self.path, bits, p.n_ctx as usize, window, p.n_threads as usize)?;
         // The profile brings its window; the spec's other options follow it.
         let opts = name.split_once(':').map_or(String::new(), |(_, o)| format!(":{o}"));

@@ -64,11 +64,16 @@ pub fn model_id(model: &Model, path: &Path) -> ModelId {
     ModelId { name, n_layer: model.n_layer(), n_head_kv: model.n_head_kv(), head_dim: model.head_dim() }
 }
 
+/// A file next to the model: its name with `suffix` appended.
+fn beside_model(model: &Path, suffix: &str) -> PathBuf {
+    let mut name = model.as_os_str().to_os_string();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
 /// Where `dspark:autoB` keeps the profile for this model, budget, context and window.
 pub fn auto_profile_path(model: &Path, bits: f64, ctx: usize, window: usize) -> PathBuf {
-    let mut name = model.file_name().map_or_else(Default::default, |f| f.to_os_string());
-    name.push(format!(".dspark-auto{bits}-ctx{ctx}-w{window}.json"));
-    model.with_file_name(name)
+    beside_model(model, &format!(".dspark-auto{bits}-ctx{ctx}-w{window}.json"))
 }
 
 /// The log-probabilities of the scored half of `chunk` with the KV on a device of `cfg`.
@@ -210,9 +215,7 @@ pub fn auto_profile(model: &Path, bits: f64, ctx: usize, window: usize, threads:
     if Profile::load(&path).is_ok_and(|p| (p.bits, p.ctx, p.window) == (bits, ctx, window)) {
         return Ok(path);
     }
-    let mut measured = model.as_os_str().to_os_string();
-    measured.push(format!(".dspark-calibration-w{window}.json"));
-    let measured = PathBuf::from(measured);
+    let measured = beside_model(model, &format!(".dspark-calibration-w{window}.json"));
     let m = match Profile::load(&measured) {
         Ok(p) if p.window == window => p,
         _ => {

@@ -66,9 +66,9 @@ pub mod layout {
 /// Values per quantization group.
 pub const GROUP: usize = quant::GROUP;
 
-/// Bit width of one K or V code. 8, 4, 3 and 2 bits have their own SIMD decoders; 7, 6 and 5
-/// bits (used by per-layer profiles, see [`crate::profile`]) are decoded by the generic body
-/// of `quant.rs` on every instruction set.
+/// Bit width of one K or V code. Every width has an AVX-512 row decoder; on AVX2, 7, 6 and 5
+/// bits (used by per-layer profiles, see [`crate::profile`]) take the generic body of
+/// `quant.rs`, and the VNNI decode kernel takes K at 8 or 4 bits and V at 8, 4, 3 or 2.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Quant {
     /// 8-bit codes.
@@ -286,15 +286,7 @@ impl RowCodec {
     pub fn decode_rotated(&self, data: &[u8], out: &mut [f32]) {
         assert_eq!(data.len(), self.row_bytes(), "RowCodec::decode: data length");
         assert_eq!(out.len(), self.head_dim, "RowCodec::decode: out length");
-        match self.quant {
-            Quant::Q8 => quant::decode_rotated_body::<8>(data, out),
-            Quant::Q7 => quant::decode_rotated_body::<7>(data, out),
-            Quant::Q6 => quant::decode_rotated_body::<6>(data, out),
-            Quant::Q5 => quant::decode_rotated_body::<5>(data, out),
-            Quant::Q4 => quant::decode_rotated_body::<4>(data, out),
-            Quant::Q3 => quant::decode_rotated_body::<3>(data, out),
-            Quant::Q2 => quant::decode_rotated_body::<2>(data, out),
-        }
+        self.decode_rotated_inline(data, out);
     }
 
     /// Encodes `n` consecutive rows (`x.len() == n·head_dim`, `out.len() == n·row_bytes()`).

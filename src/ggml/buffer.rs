@@ -283,6 +283,11 @@ unsafe extern "C" fn get_base(buf: ll::ggml_backend_buffer_t) -> *mut c_void {
     unsafe { ctx(buf) }.base.cast()
 }
 
+/// The model layer of a KV root's name (`cache_k_l<layer>`).
+fn layer_of(name: &str) -> Option<usize> {
+    name.get("cache_k_l".len()..)?.parse().ok()
+}
+
 /// Whether `name` names a KV cache root that DSpark stores compressed.
 fn is_kv_name(name: &str) -> Option<bool> {
     let is_k = name.starts_with("cache_k_l");
@@ -317,7 +322,7 @@ unsafe extern "C" fn init_tensor(buf: ll::ggml_backend_buffer_t, t: *mut ll::ggm
             return ll::GGML_STATUS_FAILED;
         }
         let c = &ctx.dev.config;
-        let layer = name[9..].parse().ok();
+        let layer = layer_of(&name);
         let quant = match c.quant(layer, is_k) {
             Ok(q) => q,
             Err(e) => {
@@ -361,7 +366,6 @@ pub(crate) struct KvRoot {
     pub row_len: usize,
     /// Cells per stream.
     pub cells: usize,
-    quant: Option<crate::codec::Quant>,
 }
 
 impl KvRoot {
@@ -377,7 +381,15 @@ impl KvRoot {
     pub fn can_shape(&self, head_dim: usize) -> Result<(), String> {
         match self.entry() {
             Some(e) => e.can_shape(head_dim),
-            None => head_dim_fits(self.row_len, self.quant, head_dim),
+            None => {
+                // SAFETY: as in `entry`; the root lives in one of our buffers (`kv_root`
+                // checked), whose type points to its device.
+                let (cfg, name) = unsafe { (&buft_dev((*((*self.root).buffer as *mut sys::ggml_backend_buffer)).buft).config, tensor_name(self.root)) };
+                // A layer the profile lacks answers as f16 here (llama.cpp's fitting pass
+                // asks before any store exists, and a "no" aborts it); init_tensor refuses
+                // its store with the reason.
+                head_dim_fits(self.row_len, cfg.quant(layer_of(&name), self.is_k).unwrap_or(None), head_dim)
+            }
         }
     }
 
@@ -398,13 +410,8 @@ pub(crate) unsafe fn kv_root(t: *const ll::ggml_tensor) -> Option<KvRoot> {
         if !is_ours(r.buffer) || r.type_ != ll::GGML_TYPE_F16 || r.ne[3] != 1 {
             return None;
         }
-        let name = tensor_name(root);
-        let is_k = is_kv_name(&name)?;
-        let cfg = &buft_dev((*(r.buffer as *mut sys::ggml_backend_buffer)).buft).config;
-        // A layer the profile lacks answers as f16 here (llama.cpp's fitting pass asks before
-        // any store exists, and a "no" aborts it); init_tensor refuses its store with the reason.
-        let quant = cfg.quant(name.get(9..).and_then(|l| l.parse().ok()), is_k).unwrap_or(None);
-        Some(KvRoot { root, is_k, row_len: r.ne[0] as usize, cells: r.ne[1] as usize, quant })
+        let is_k = is_kv_name(&tensor_name(root))?;
+        Some(KvRoot { root, is_k, row_len: r.ne[0] as usize, cells: r.ne[1] as usize })
     }
 }
 
