@@ -88,7 +88,7 @@ impl Store {
     fn rows(&self) -> Rows<'_> {
         match self {
             Store::F16(v) => Rows::F16(v),
-            Store::Packed(c, d) => Rows::Packed { codec: c, data: d },
+            Store::Packed(c, d) => Rows::Packed { codec: c, data: d, center: None },
         }
     }
 

@@ -29,17 +29,18 @@
 //! share; what it ignores is the interaction between sides, which made measured KL
 //! divergences 1.4x the predicted ones at 4.5 bits on the default model.
 //! The budget counts every byte the store holds at the context given: codes, row scales,
-//! group multipliers, and the f16 sinks and window.
+//! group multipliers, the pages' centroids ([`crate::kv::page`]), and the f16 sinks and
+//! window. Version 2: pages are centred (version 1 profiles counted no centroids).
 
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use crate::codec::{Quant, RowCodec};
-use crate::kv::PAGE;
+use crate::kv::{PageCodec, PAGE};
 
 /// The profile format version this build reads and writes.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// The width every side has in the configuration the layer weights are measured from.
 pub const PROBE: Quant = Quant::Q4;
@@ -233,7 +234,8 @@ pub fn f16_cells(ctx: usize, window: usize) -> usize {
 #[must_use]
 pub fn side_bits(bits: u32, head_dim: usize, ctx: usize, window: usize) -> f64 {
     let Ok(Some(q)) = quant_of(bits) else { return 16.0 };
-    let packed = RowCodec::new(q, head_dim).expect("head size checked by the caller").bits_per_elem();
+    let rows = RowCodec::new(q, head_dim).expect("head size checked by the caller");
+    let packed = PageCodec { rows, n_head: 1, centered: true }.bits_per_elem();
     let f16 = f16_cells(ctx, window) as f64;
     (f16 * 16.0 + (ctx as f64 - f16) * packed) / ctx as f64
 }
@@ -369,11 +371,11 @@ mod tests {
         let other = ModelId { name: "other".into(), ..p.model.clone() };
         assert!(q.check_model(&other).unwrap_err().contains("was made for m"));
         assert!(q.check_model(&p.model).is_ok());
-        for (edit, why) in [("\"dspark_profile\": 1", "\"dspark_profile\": 2"), ("\"k\": 5", "\"k\": 9")] {
+        for (edit, why) in [("\"dspark_profile\": 2", "\"dspark_profile\": 1"), ("\"k\": 5", "\"k\": 9")] {
             let text = std::fs::read_to_string(&path).unwrap().replace(edit, why);
             std::fs::write(dir.join("bad.json"), text).unwrap();
             let e = Profile::load(&dir.join("bad.json")).unwrap_err();
-            assert!(e.contains("version 2") || e.contains("code width 9"), "{e}");
+            assert!(e.contains("version 1") || e.contains("code width 9"), "{e}");
         }
         std::fs::write(dir.join("bad.json"), "{}").unwrap();
         assert!(Profile::load(&dir.join("bad.json")).unwrap_err().contains("not a DSpark profile"));

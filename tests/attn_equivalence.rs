@@ -11,14 +11,26 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 #[derive(Clone, Debug)]
 enum Store {
     F16(Vec<f16>),
-    Packed(RowCodec, Vec<u8>),
+    /// Codec, rows, and the centroid row they are relative to (a centred page's).
+    Packed(RowCodec, Vec<u8>, Option<Vec<u8>>),
 }
 
 impl Store {
     fn rows(&self) -> Rows<'_> {
         match self {
             Store::F16(v) => Rows::F16(v),
-            Store::Packed(c, d) => Rows::Packed { codec: c, data: d },
+            Store::Packed(c, d, center) => Rows::Packed { codec: c, data: d, center: center.as_deref() },
+        }
+    }
+
+    /// Packed row `r` decoded into the rotated space, centroid added.
+    fn decode_rotated(&self, r: usize, out: &mut [f32]) {
+        let Store::Packed(codec, data, center) = self else { panic!("not packed") };
+        codec.decode_rotated(&data[r * codec.row_bytes()..][..codec.row_bytes()], out);
+        if let Some(c) = center {
+            let mut cv = vec![0.0; out.len()];
+            RowCodec::centroid(out.len()).decode_rotated(c, &mut cv);
+            out.iter_mut().zip(&cv).for_each(|(o, c)| *o += c);
         }
     }
 }
@@ -64,15 +76,28 @@ fn row(rng: &mut StdRng, d: usize, scale: f32) -> Vec<f32> {
     }
 }
 
+/// `n` rows; half the packed stores are centred as a page is (rows with a common part,
+/// stored relative to their mean as its 8-bit codes decode).
 fn store(rng: &mut StdRng, q: Option<Quant>, n: usize, d: usize, scale: f32) -> Store {
-    let x: Vec<f32> = (0..n).flat_map(|_| row(rng, d, scale)).collect();
+    let mut x: Vec<f32> = (0..n).flat_map(|_| row(rng, d, scale)).collect();
     match q {
         None => Store::F16(x.iter().map(|v| f16::from_f32(*v)).collect()),
         Some(q) => {
             let c = RowCodec::new(q, d).unwrap();
             let mut data = vec![0u8; n * c.row_bytes()];
+            let center = rng.gen_bool(0.5).then(|| {
+                let common: Vec<f32> = (0..d).map(|_| gaussian(rng) * 3.0 * scale).collect();
+                x.chunks_exact_mut(d).for_each(|r| r.iter_mut().zip(&common).for_each(|(v, m)| *v += m));
+                let cc = RowCodec::centroid(d);
+                let mut bytes = vec![0u8; cc.row_bytes()];
+                cc.encode(&common, &mut bytes);
+                let mut back = vec![0.0; d];
+                cc.decode(&bytes, &mut back);
+                x.chunks_exact_mut(d).for_each(|r| r.iter_mut().zip(&back).for_each(|(v, m)| *v -= m));
+                bytes
+            });
             c.encode_rows(&x, &mut data);
-            Store::Packed(c, data)
+            Store::Packed(c, data, center)
         }
     }
 }
@@ -158,10 +183,13 @@ fn vmax(c: &Case) -> f32 {
     for s in c.kv.iter().flatten() {
         match &s.v {
             Store::F16(v) => v.iter().filter(|x| x.is_finite()).for_each(|x| m = m.max(x.to_f32().abs())),
-            Store::Packed(codec, data) => {
-                let mut out = vec![0.0; s.n * c.d];
-                codec.decode_rows(data, &mut out);
-                out.iter().for_each(|x| m = m.max(x.abs()));
+            packed => {
+                let mut out = vec![0.0; c.d];
+                for r in 0..s.n {
+                    packed.decode_rotated(r, &mut out);
+                    dspark::codec::unrotate(&mut out);
+                    out.iter().for_each(|x| m = m.max(x.abs()));
+                }
             }
         }
     }
@@ -207,9 +235,9 @@ fn int8q_bound(c: &Case) -> Vec<f32> {
                 q.chunks_exact(32).map(|g| f64::from(g.iter().fold(0.0f32, |m, x| m.max(x.abs()))) / 254.0).collect();
             let mut big = 0.0f64;
             for s in &c.kv[h / group] {
-                if let Store::Packed(codec, data) = &s.k {
+                if let Store::Packed(..) = &s.k {
                     for r in 0..s.n {
-                        codec.decode_rotated(&data[r * codec.row_bytes()..][..codec.row_bytes()], &mut k);
+                        s.k.decode_rotated(r, &mut k);
                         let delta: f64 = k
                             .chunks_exact(32)
                             .zip(&half_step)
@@ -413,7 +441,7 @@ fn int8_query_error() {
                             let codec = RowCodec::new(q, d).unwrap();
                             let mut data = vec![0u8; s.n * codec.row_bytes()];
                             codec.encode_rows(x, &mut data);
-                            Store::Packed(codec, data)
+                            Store::Packed(codec, data, None)
                         }
                     };
                     (s.k, s.v, sp.k, sp.v) = (enc(&k, lk), enc(&v, lv), enc(&k, None), enc(&v, None));

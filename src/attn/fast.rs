@@ -9,7 +9,7 @@
 
 use super::kernels::{self, Flavor, PACKED_BLOCK};
 use super::{alibi_slope, isa, Problem, Rows, Segment, Threads};
-use crate::codec::{rotate, unrotate};
+use crate::codec::{rotate, unrotate, RowCodec, MAX_HEAD_DIM};
 
 /// Rows per tile: K and V tiles of 32 × 128 f32 take 32 KiB of L1 together.
 pub(crate) const TILE: usize = 32;
@@ -76,6 +76,8 @@ pub(crate) struct DecodeJob<'a> {
     pub mask: Option<&'a [&'a [half::f16]]>,
     /// `[m]` ALiBi slopes.
     pub slopes: &'a [f32],
+    /// `[m]` added to every score before softcapping (a centred K's `q · center`).
+    pub kbias: &'a [f32],
     pub softcap: f32,
 }
 
@@ -387,13 +389,13 @@ pub(crate) fn run_item<F: Flavor>(ctx: &Ctx, it: &Item) -> Partial {
 /// consumed (0 when the segment does not qualify, and the tile path takes every row).
 #[inline(always)]
 fn packed_rows<F: Flavor>(w: &mut Work, seg: &Segment, r0: usize, r1: usize) -> usize {
-    let (Rows::Packed { codec: kc, data: kd }, Rows::Packed { codec: vc, data: vd }) = (seg.k, seg.v) else {
+    let (Rows::Packed { codec: kc, data: kd, center: kcenter }, Rows::Packed { codec: vc, data: vd, center: vcenter }) = (seg.k, seg.v) else {
         return 0;
     };
     let kbits = kc.quant().bits();
     let n = (r1 - r0) / PACKED_BLOCK * PACKED_BLOCK;
     let Some(iq) = w.iq.as_ref() else { return 0 };
-    if n == 0 || !(kbits == 8 || kbits == 4) || !matches!(vc.quant().bits(), 8 | 4 | 3 | 2) {
+    if n == 0 || w.m > QUERY_ROWS || !(kbits == 8 || kbits == 4) || !matches!(vc.quant().bits(), 8 | 4 | 3 | 2) {
         return 0;
     }
     let pb = w.ctx.pb;
@@ -407,6 +409,23 @@ fn packed_rows<F: Flavor>(w: &mut Work, seg: &Segment, r0: usize, r1: usize) -> 
             *m = &mk.data[q * mk.stride + seg.first_cell + r0..][..n];
         }
     }
+    let d = pb.d;
+    let mut buf = [0.0f32; MAX_HEAD_DIM];
+    // A centred K adds `q · center` to every score of the segment.
+    let mut kbias = [0.0f32; QUERY_ROWS];
+    if let Some(c) = kcenter {
+        RowCodec::centroid(d).decode_rotated_inline(c, &mut buf[..d]);
+        for (b, q) in kbias.iter_mut().zip(w.q_rot.chunks_exact(d)) {
+            *b = q.iter().zip(&buf[..d]).map(|(x, y)| x * y).sum();
+        }
+    }
+    // A centred V adds `center` times the softmax mass of the rows (below).
+    let before: Option<([f32; QUERY_ROWS], [f32; QUERY_ROWS])> = vcenter.map(|_| {
+        let (mut mx, mut sm) = ([0.0; QUERY_ROWS], [0.0; QUERY_ROWS]);
+        mx[..w.m].copy_from_slice(&w.st.max);
+        sm[..w.m].copy_from_slice(&w.st.sum);
+        (mx, sm)
+    });
     let job = DecodeJob {
         d: pb.d,
         m: w.m,
@@ -423,12 +442,22 @@ fn packed_rows<F: Flavor>(w: &mut Work, seg: &Segment, r0: usize, r1: usize) -> 
         qsum: &iq.sum,
         mask: pb.mask.map(|_| &masks[..nq]),
         slopes: &w.row_slopes,
+        kbias: &kbias[..w.m],
         softcap: pb.p.softcap,
     };
     if w.st.rot.is_empty() {
         w.st.rot.resize(w.m * pb.d, 0.0);
     }
     F::packed_decode(&job, &mut w.st.max, &mut w.st.sum, &mut w.st.rot, &mut w.st.plain);
+    if let (Some(c), Some((max0, sum0))) = (vcenter, before) {
+        RowCodec::centroid(d).decode_rotated_inline(c, &mut buf[..d]);
+        for r in 0..w.m {
+            let (max, sum) = (w.st.max[r], w.st.sum[r]);
+            let old = if max0[r] == f32::NEG_INFINITY { 0.0 } else { sum0[r] * (max0[r] - max).exp() };
+            let mass = sum - old;
+            w.st.rot[r * d..(r + 1) * d].iter_mut().zip(&buf[..d]).for_each(|(a, c)| *a += mass * c);
+        }
+    }
     n
 }
 
@@ -456,10 +485,17 @@ fn decode_tile<F: Flavor>(rows: Rows, d: usize, r0: usize, nj: usize, out: &mut 
             F::f16_rows(&v[r0 * d..(r0 + nj) * d], &mut out[..nj * d]);
             false
         }
-        Rows::Packed { codec, data } => {
+        Rows::Packed { codec, data, center } => {
             let rb = codec.row_bytes();
             for (j, o) in out[..nj * d].chunks_exact_mut(d).enumerate() {
                 F::decode_packed(codec, &data[(r0 + j) * rb..][..rb], o);
+            }
+            if let Some(c) = center {
+                let mut buf = [0.0f32; MAX_HEAD_DIM];
+                F::decode_packed(&RowCodec::centroid(d), c, &mut buf[..d]);
+                for o in out[..nj * d].chunks_exact_mut(d) {
+                    o.iter_mut().zip(&buf[..d]).for_each(|(x, c)| *x += c);
+                }
             }
             true
         }

@@ -56,6 +56,9 @@ pub enum Rows<'a> {
         codec: &'a RowCodec,
         /// The encoded rows, back to back.
         data: &'a [u8],
+        /// A row that every row is relative to: row `i` is `decode(data_i) + decode(center)`.
+        /// It is written by the 8-bit codec of the same head size ([`RowCodec::centroid`]).
+        center: Option<&'a [u8]>,
     },
 }
 
@@ -65,7 +68,7 @@ impl Rows<'_> {
     pub fn len(&self, head_dim: usize) -> usize {
         match self {
             Rows::F16(v) => v.len() / head_dim.max(1),
-            Rows::Packed { codec, data } => data.len() / codec.row_bytes(),
+            Rows::Packed { codec, data, .. } => data.len() / codec.row_bytes(),
         }
     }
 
@@ -170,9 +173,12 @@ impl Problem<'_, '_> {
             for (what, r) in [("k", seg.k), ("v", seg.v)] {
                 match r {
                     Rows::F16(v) => assert_eq!(v.len(), seg.n * d, "flash_attn: f16 {what} length"),
-                    Rows::Packed { codec, data } => {
+                    Rows::Packed { codec, data, center } => {
                         assert_eq!(codec.head_dim(), d, "flash_attn: codec head_dim");
                         assert_eq!(data.len(), seg.n * codec.row_bytes(), "flash_attn: packed {what} length");
+                        if let Some(c) = center {
+                            assert_eq!(c.len(), RowCodec::centroid(d).row_bytes(), "flash_attn: {what} center length");
+                        }
                     }
                 }
             }

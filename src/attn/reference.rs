@@ -2,7 +2,7 @@
 
 use super::fast::quantize_queries;
 use super::{alibi_slope, Problem, Rows};
-use crate::codec::rotate;
+use crate::codec::{rotate, RowCodec};
 
 /// f16 → f32 with the attention rule for non-finite values (read as 0).
 pub(crate) fn f16_value(h: half::f16) -> f32 {
@@ -22,18 +22,28 @@ fn row(rows: Rows, r: usize, d: usize, out: &mut [f32]) {
                 *o = f16_value(*h);
             }
         }
-        Rows::Packed { codec, data } => {
+        Rows::Packed { codec, data, center } => {
             let rb = codec.row_bytes();
             codec.decode(&data[r * rb..(r + 1) * rb], out);
+            if let Some(c) = center {
+                let mut cv = vec![0.0; d];
+                RowCodec::centroid(d).decode(c, &mut cv);
+                out.iter_mut().zip(&cv).for_each(|(o, c)| *o += c);
+            }
         }
     }
 }
 
 /// Packed rows `r` of `rows` decoded into the rotated space.
 fn row_rotated(rows: Rows, r: usize, out: &mut [f32]) {
-    if let Rows::Packed { codec, data } = rows {
+    if let Rows::Packed { codec, data, center } = rows {
         let rb = codec.row_bytes();
         codec.decode_rotated(&data[r * rb..(r + 1) * rb], out);
+        if let Some(c) = center {
+            let mut cv = vec![0.0; out.len()];
+            RowCodec::centroid(out.len()).decode_rotated(c, &mut cv);
+            out.iter_mut().zip(&cv).for_each(|(o, c)| *o += c);
+        }
     }
 }
 

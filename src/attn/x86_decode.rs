@@ -76,7 +76,7 @@ pub fn decode_packed_avx512(job: &DecodeJob, max: &mut [f32], sum: &mut [f32], a
     assert_eq!(job.vrb, row_bytes(job.vbits, d), "decode_packed_avx512: V row bytes");
     assert!(job.k.len() >= n * job.krb && job.v.len() >= n * job.vrb, "decode_packed_avx512: rows");
     assert!(job.q32.len() >= m * ng * 8 && job.qstep.len() >= m * ng && job.qsum.len() >= m * ng, "decode_packed_avx512: q");
-    assert!(job.slopes.len() >= m && max.len() >= m && sum.len() >= m && acc.len() >= m * d, "decode_packed_avx512: state");
+    assert!(job.slopes.len() >= m && job.kbias.len() >= m && max.len() >= m && sum.len() >= m && acc.len() >= m * d, "decode_packed_avx512: state");
     assert!(job.g > 0 && m % job.g == 0, "decode_packed_avx512: group");
     assert!(plain.is_empty() || plain.len() >= m * d, "decode_packed_avx512: plain");
     if let Some(masks) = job.mask {
@@ -149,7 +149,7 @@ pub fn decode_packed_avx512(job: &DecodeJob, max: &mut [f32], sum: &mut [f32], a
 
         // 2. Softmax.
         for h in 0..m {
-            let mut s = _mm512_mul_ps(sacc[h], sk);
+            let mut s = _mm512_fmadd_ps(sacc[h], sk, _mm512_set1_ps(job.kbias[h]));
             if job.softcap != 0.0 {
                 s = softcap(s, job.softcap);
             }

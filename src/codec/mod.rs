@@ -194,6 +194,16 @@ impl RowCodec {
         Ok(RowCodec { quant, head_dim })
     }
 
+    /// The codec of a page's centroid: the row that the rows of a centred page are stored
+    /// relative to (8-bit codes, so that its own error is small next to the rows').
+    ///
+    /// # Panics
+    /// If `head_dim` is not one a codec accepts (callers hold a codec of that size).
+    #[must_use]
+    pub fn centroid(head_dim: usize) -> RowCodec {
+        RowCodec::new(Quant::Q8, head_dim).expect("centroid of a valid head size")
+    }
+
     /// The code width.
     #[must_use]
     pub fn quant(&self) -> Quant {

@@ -76,7 +76,7 @@ impl KvEntry {
 
     /// The store of a KV whose head size is not known: whole rows, f16, exact.
     fn exact_store(row_len: usize, cells: usize, streams: usize, window: usize) -> Result<KvStore, String> {
-        KvStore::new(StoreConfig { quant: None, window, digests: false }, 1, row_len, cells, streams)
+        KvStore::new(StoreConfig { quant: None, window, digests: false, centered: false }, 1, row_len, cells, streams)
     }
 
     /// Whether [`KvEntry::shape`] would accept `head_dim` (changes nothing).
@@ -334,7 +334,7 @@ unsafe extern "C" fn init_tensor(buf: ll::ggml_backend_buffer_t, t: *mut ll::ggm
             log_error(&format!("{name}: rows of {} values, but profile {} was made for {} ({} KV heads of {})", tr.ne[0], p.source, p.model.name, p.model.n_head_kv, p.model.head_dim));
             return ll::GGML_STATUS_FAILED;
         }
-        let cfg = StoreConfig { quant, window: c.window, digests: is_k && c.attn_budget > 0 };
+        let cfg = StoreConfig { quant, window: c.window, digests: is_k && c.attn_budget > 0, centered: c.center };
         let tier = match ctx.dev.budget() {
             Ok(b) => b.map(|b| b.tier.clone()),
             Err(e) => {

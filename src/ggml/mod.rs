@@ -62,6 +62,8 @@ pub struct Config {
     /// keep 2; on the default model they changed the KL divergence by 0.0003 at attn=2048,
     /// ctx 8192, and would double the attention reads at depth 32768, so none by default).
     pub attn_dense_layers: usize,
+    /// Store each compressed page relative to its rows' mean ([`crate::kv::page`]).
+    pub center: bool,
 }
 
 impl Default for Config {
@@ -75,12 +77,13 @@ impl Default for Config {
             prefetch: 2,
             attn_budget: 0,
             attn_dense_layers: 0,
+            center: true,
         }
     }
 }
 
 /// The options a `dspark:` spec takes after its format.
-const OPTIONS: &str = "profile=FILE, window=N, kv=SIZE, prefetch=N, attn=N, attn_dense=L";
+const OPTIONS: &str = "profile=FILE, window=N, kv=SIZE, prefetch=N, attn=N, attn_dense=L, center=0|1";
 
 /// Parses a size: bytes, or a number with K, M or G (binary: 16M = 16 MiB), e.g. `512M`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -126,7 +129,8 @@ impl Config {
     /// `profile=FILE` (per-layer widths from `dspark calibrate`, and the window they were
     /// allocated for; it may stand in the format's place), `window=N` (cells kept in f16),
     /// `kv=SIZE` (the KV budget, `0`/`none` for no budget), `prefetch=N`, `attn=N` (the
-    /// attention budget in cells, 0 = dense) and `attn_dense=L` (layers kept dense).
+    /// attention budget in cells, 0 = dense), `attn_dense=L` (layers kept dense) and
+    /// `center=0|1` (pages stored relative to their mean).
     pub fn with_spec(self, spec: &str) -> Result<Config, String> {
         let mut parts = spec.split(':').peekable();
         let mut c = match parts.peek() {
@@ -155,6 +159,13 @@ impl Config {
             "prefetch" => self.prefetch = value.parse().map_err(|_| format!("prefetch={value}: expected a layer count (0 = synchronous)"))?,
             "attn" => self.attn_budget = value.parse().map_err(|_| format!("attn={value}: expected a number of cells (0 = dense)"))?,
             "attn_dense" => self.attn_dense_layers = value.parse().map_err(|_| format!("attn_dense={value}: expected a layer count"))?,
+            "center" => {
+                self.center = match value {
+                    "1" => true,
+                    "0" => false,
+                    _ => return Err(format!("center={value}: expected 1 (pages stored relative to their mean) or 0")),
+                }
+            }
             _ => return Err(format!("unknown option `{key}` (options: {OPTIONS})")),
         }
         Ok(self)
@@ -179,6 +190,9 @@ impl Config {
         }
         if self.attn_dense_layers != d.attn_dense_layers {
             s += &format!(":attn_dense={}", self.attn_dense_layers);
+        }
+        if self.center != d.center {
+            s += &format!(":center={}", u8::from(self.center));
         }
         s
     }

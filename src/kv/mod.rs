@@ -24,6 +24,7 @@
 //! which a decode query chooses the cells it reads ([`select`]).
 
 pub mod cold;
+pub mod page;
 pub mod select;
 pub mod tier;
 
@@ -35,6 +36,7 @@ use half::f16;
 
 use crate::attn::{Rows, Segment, Threads};
 use crate::codec::{Quant, RowCodec};
+pub use page::PageCodec;
 use tier::{Region, Slot, Tier};
 
 /// Cells per page.
@@ -205,6 +207,8 @@ pub struct StoreConfig {
     /// Keep a digest of each compressed page's rows for query-aware selection
     /// ([`select`]; K stores).
     pub digests: bool,
+    /// Store each compressed page's rows relative to their mean ([`page`]; K stores).
+    pub centered: bool,
 }
 
 enum Page {
@@ -286,7 +290,7 @@ pub enum PageView<'a> {
 
 /// One KV tensor, paged and compressed. See the module documentation.
 pub struct KvStore {
-    codec: Option<RowCodec>,
+    codec: Option<PageCodec>,
     window: usize,
     digests: bool,
     n_head: usize,
@@ -307,7 +311,7 @@ impl KvStore {
     /// # Errors
     /// If the codec cannot encode rows of `head_dim` values.
     pub fn new(cfg: StoreConfig, n_head: usize, head_dim: usize, cells: usize, n_stream: usize) -> Result<KvStore, String> {
-        let codec = cfg.quant.map(|q| RowCodec::new(q, head_dim)).transpose()?;
+        let codec = cfg.quant.map(|q| RowCodec::new(q, head_dim)).transpose()?.map(|rows| PageCodec { rows, n_head, centered: cfg.centered });
         Ok(KvStore {
             codec,
             window: cfg.window,
@@ -396,7 +400,7 @@ impl KvStore {
             PageView::Empty => Page::Empty,
             PageView::F16(d) if d.len() == per_page * self.head_dim => Page::F16(d.into()),
             PageView::Packed(d) => match self.codec {
-                Some(c) if d.len() == per_page * c.row_bytes() => Page::Packed(d.into()),
+                Some(c) if d.len() == c.page_bytes() => Page::Packed(d.into()),
                 Some(_) => return Err(format!("packed page of {} bytes does not fit this store", d.len())),
                 None => return Err("packed page given to an uncompressed store".to_string()),
             },
@@ -498,7 +502,7 @@ impl KvStore {
             // their codes decode, and is compressed again when it leaves the window.
             Page::Packed(data) if new => {
                 let codec = codec.expect("packed page without codec");
-                page.data = Page::F16(decode_page(&codec, data, d));
+                page.data = Page::F16(codec.decode_page(data));
             }
             _ => {}
         }
@@ -511,9 +515,8 @@ impl KvStore {
             }
             Page::Packed(data) => {
                 let codec = codec.expect("packed page without codec");
-                let rb = codec.row_bytes();
                 for (h, src) in row.chunks_exact(d).enumerate() {
-                    codec.encode(src, &mut data[(h * PAGE + slot) * rb..][..rb]);
+                    codec.encode_row(data, h, slot, src);
                 }
             }
             Page::Empty | Page::Cold { .. } => unreachable!(),
@@ -554,9 +557,8 @@ impl KvStore {
                     }
                 };
                 let codec = self.codec.expect("packed page without codec");
-                let rb = codec.row_bytes();
                 for (h, dst) in out.chunks_exact_mut(d).enumerate() {
-                    codec.decode(&data[(h * PAGE + slot) * rb..][..rb], dst);
+                    codec.decode_row(data, h, slot, dst);
                 }
             }
         }
@@ -589,9 +591,9 @@ impl KvStore {
         threads.for_each_mut(&mut due, |slot| match &slot.data {
             Page::F16(data) => {
                 slot.digest = digests.then(|| select::digest(data, nh, d));
-                slot.data = Page::Packed(encode_page(&codec, data, d, nh));
+                slot.data = Page::Packed(codec.encode_page(data));
             }
-            Page::Packed(data) => slot.digest = Some(select::digest(&decode_page(&codec, data, d), nh, d)),
+            Page::Packed(data) => slot.digest = Some(select::digest(&codec.decode_page(data), nh, d)),
             _ => {}
         });
     }
@@ -599,7 +601,7 @@ impl KvStore {
     /// The digest of a packed page, when the store keeps digests.
     fn digest_of(&self, packed: &[u8]) -> Option<Box<[u8]>> {
         let codec = self.codec.as_ref().filter(|_| self.digests)?;
-        Some(select::digest(&decode_page(codec, packed, self.head_dim), self.n_head, self.head_dim))
+        Some(select::digest(&codec.decode_page(packed), self.n_head, self.head_dim))
     }
 
     /// Per KV head, the cells of [first, first + n) of a stream that a decode call reads with
@@ -726,7 +728,7 @@ impl KvStore {
 
     /// Bytes a page of this store takes in its compressed form (0 without a codec).
     pub fn packed_page_bytes(&self) -> usize {
-        self.codec.map_or(0, |c| self.n_head * PAGE * c.row_bytes())
+        self.codec.map_or(0, |c| c.page_bytes())
     }
 
     /// Pages allocated (f16, compressed: cold ones included).
@@ -900,9 +902,7 @@ impl KvStore {
                 Page::F16(data) => Rows::F16(&data[(head * PAGE + slot) * d..][..len * d]),
                 page => {
                     let data = page.packed().expect("a cold page is staged before attention reads it");
-                    let codec = self.codec.as_ref().expect("packed page without codec");
-                    let rb = codec.row_bytes();
-                    Rows::Packed { codec, data: &data[(head * PAGE + slot) * rb..][..len * rb] }
+                    self.codec.as_ref().expect("packed page without codec").rows(data, head, slot, len)
                 }
             };
             out.push((c, len, rows));
@@ -912,29 +912,6 @@ impl KvStore {
     }
 }
 
-/// Encodes an f16 page ([head][slot] rows of `d` values) into packed rows, same order.
-fn encode_page(codec: &RowCodec, data: &[f16], d: usize, nh: usize) -> Box<[u8]> {
-    let rb = codec.row_bytes();
-    let mut packed = vec![0u8; nh * PAGE * rb].into_boxed_slice();
-    let mut rowf = vec![0.0f32; d];
-    for (src, dst) in data.chunks_exact(d).zip(packed.chunks_exact_mut(rb)) {
-        rowf.iter_mut().zip(src).for_each(|(o, x)| *o = x.to_f32());
-        codec.encode(&rowf, dst);
-    }
-    packed
-}
-
-/// Decodes a packed page (`[head][slot]` rows) into f16 rows, same order.
-fn decode_page(codec: &RowCodec, data: &[u8], d: usize) -> Box<[f16]> {
-    let rb = codec.row_bytes();
-    let mut out = vec![f16::ZERO; data.len() / rb * d].into_boxed_slice();
-    let mut rowf = vec![0.0f32; d];
-    for (src, dst) in data.chunks_exact(rb).zip(out.chunks_exact_mut(d)) {
-        codec.decode(src, &mut rowf);
-        dst.iter_mut().zip(&rowf).for_each(|(o, x)| *o = f16::from_f32(*x));
-    }
-    out
-}
 
 /// The attention segments of one KV head over cells [first, first + n) of a stream, K and V
 /// side by side. `first_cell` of each segment counts from `first` (the mask's column).
