@@ -170,6 +170,7 @@ fn k4v4_storage_is_close() {
 #[test]
 fn memory_is_what_the_pages_hold() {
     use dspark::codec::{Quant, RowCodec};
+    use dspark::kv::PageCodec;
     for (format, quant) in [("f16", None), ("k8v8", Some(Quant::Q8)), ("k4v4", Some(Quant::Q4))] {
         let kv = alloc(format);
         kv.shape();
@@ -178,7 +179,8 @@ fn memory_is_what_the_pages_hold() {
         let s = kv.stats();
         // 4 pages of 64 cells: page 0 (sinks) and the two pages of the 128-cell window stay
         // f16; page 1 is compressed (f16 storage: all four are f16).
-        let b = quant.map_or(16.0, |q| RowCodec::new(q, 64).unwrap().bits_per_elem());
+        // A compressed page holds its rows and a centroid row per head (centred pages).
+        let b = quant.map_or(16.0, |q| PageCodec { rows: RowCodec::new(q, 64).unwrap(), n_head: 1, centered: true }.bits_per_elem());
         let want = (3.0 * 16.0 + b) / 4.0;
         assert_eq!(s.cells, CELLS as u64);
         assert!((s.bits_per_elem() - want).abs() < 1e-9, "{format}: {} bits/elem, want {want}", s.bits_per_elem());

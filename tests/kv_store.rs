@@ -10,7 +10,7 @@ const HEADS: usize = 3;
 const D: usize = 64;
 
 fn store(cells: usize) -> KvStore {
-    KvStore::new(StoreConfig { quant: Some(Quant::Q4), window: 128, digests: false }, HEADS, D, cells, 1).unwrap()
+    KvStore::new(StoreConfig { quant: Some(Quant::Q4), window: 128, digests: false, centered: true }, HEADS, D, cells, 1).unwrap()
 }
 
 fn write(s: &mut KvStore, cells: std::ops::Range<usize>) {
@@ -62,7 +62,7 @@ fn a_rewrite_in_place_does_not_make_a_page_recent() {
 
 #[test]
 fn an_empty_store_costs_no_page_table() {
-    let s = KvStore::new(StoreConfig { quant: Some(Quant::Q4), window: 128, digests: false }, 8, 128, 1 << 30, 4).unwrap();
+    let s = KvStore::new(StoreConfig { quant: Some(Quant::Q4), window: 128, digests: false, centered: true }, 8, 128, 1 << 30, 4).unwrap();
     assert_eq!(s.bytes(), 0);
     assert!((0..4).all(|st| s.pages_allocated_span(st) == 0));
     let mut s = s;
@@ -200,7 +200,7 @@ mod tier {
 /// dense.
 #[test]
 fn selection_keeps_the_sinks_and_the_window_and_picks_the_matching_page() {
-    let mut s = KvStore::new(StoreConfig { quant: Some(Quant::Q4), window: 128, digests: true }, HEADS, D, 1024, 1).unwrap();
+    let mut s = KvStore::new(StoreConfig { quant: Some(Quant::Q4), window: 128, digests: true, centered: true }, HEADS, D, 1024, 1).unwrap();
     let mut row = vec![0.0f32; HEADS * D];
     for c in 0..1024 {
         for (i, x) in row.iter_mut().enumerate() {

@@ -177,7 +177,7 @@ mod tests {
             let back = pc.decode_page(&page);
             let mut row = vec![0.0; d];
             pc.decode_row(&page, 1, 5, &mut row);
-            assert!(row.iter().zip(&back[(PAGE + 5) * d..][..d]).all(|(a, b)| (f16::from_f32(*a) == *b)));
+            assert!(row.iter().zip(&back[(PAGE + 5) * d..][..d]).all(|(a, b)| f16::from_f32(*a) == *b));
             data.iter().zip(back.iter()).map(|(a, b)| f64::from((a.to_f32() - b.to_f32()).powi(2))).sum::<f64>()
         };
         let (plain, centred) = (err(false), err(true));
