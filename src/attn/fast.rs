@@ -9,7 +9,7 @@
 
 use super::kernels::{self, Flavor, PACKED_BLOCK};
 use super::{alibi_slope, isa, Problem, Rows, Segment, Threads};
-use crate::codec::{rotate, unrotate, RowCodec, MAX_HEAD_DIM};
+use crate::codec::{rotate, unrotate, RowCodec};
 
 /// Rows per tile: K and V tiles of 32 × 128 f32 take 32 KiB of L1 together.
 pub(crate) const TILE: usize = 32;
@@ -265,6 +265,7 @@ struct Work<'c, 'p, 'a, 'b> {
     m: usize,
     q_plain: Vec<f32>,
     q_rot: Vec<f32>,
+    /// K and V tiles (`TILE × d`), and one spare row each for a page's centroid.
     kt: Vec<f32>,
     vt: Vec<f32>,
     s: Vec<f32>,
@@ -347,8 +348,8 @@ pub(crate) fn run_item<F: Flavor>(ctx: &Ctx, it: &Item) -> Partial {
         m,
         q_plain: gather(&ctx.q_plain),
         q_rot: gather(&ctx.q_rot),
-        kt: vec![0.0; TILE * d],
-        vt: vec![0.0; TILE * d],
+        kt: vec![0.0; (TILE + 1) * d],
+        vt: vec![0.0; (TILE + 1) * d],
         s: vec![0.0; m * TILE],
         mv: vec![0.0; (it.q1 - it.q0) * TILE],
         st: Partial::new(m),
@@ -410,14 +411,12 @@ fn packed_rows<F: Flavor>(w: &mut Work, seg: &Segment, r0: usize, r1: usize) -> 
         }
     }
     let d = pb.d;
-    let mut buf = [0.0f32; MAX_HEAD_DIM];
-    // A centred K adds `q · center` to every score of the segment.
+    // A centred K adds `q · center` to every score of the segment (the centroid is decoded
+    // into the K tile's scratch, free between tiles).
     let mut kbias = [0.0f32; QUERY_ROWS];
     if let Some(c) = kcenter {
-        RowCodec::centroid(d).decode_rotated_inline(c, &mut buf[..d]);
-        for (b, q) in kbias.iter_mut().zip(w.q_rot.chunks_exact(d)) {
-            *b = q.iter().zip(&buf[..d]).map(|(x, y)| x * y).sum();
-        }
+        F::decode_packed(&RowCodec::centroid(d), c, &mut w.kt[..d]);
+        kernels::scores::<F>(&w.q_rot, w.m, &w.kt[..d], 1, d, &mut kbias, 1);
     }
     // A centred V adds `center` times the softmax mass of the rows (below).
     let before: Option<([f32; QUERY_ROWS], [f32; QUERY_ROWS])> = vcenter.map(|_| {
@@ -450,12 +449,13 @@ fn packed_rows<F: Flavor>(w: &mut Work, seg: &Segment, r0: usize, r1: usize) -> 
     }
     F::packed_decode(&job, &mut w.st.max, &mut w.st.sum, &mut w.st.rot, &mut w.st.plain);
     if let (Some(c), Some((max0, sum0))) = (vcenter, before) {
-        RowCodec::centroid(d).decode_rotated_inline(c, &mut buf[..d]);
+        let center = &mut w.vt[..d];
+        F::decode_packed(&RowCodec::centroid(d), c, center);
         for r in 0..w.m {
             let (max, sum) = (w.st.max[r], w.st.sum[r]);
             let old = if max0[r] == f32::NEG_INFINITY { 0.0 } else { sum0[r] * (max0[r] - max).exp() };
             let mass = sum - old;
-            w.st.rot[r * d..(r + 1) * d].iter_mut().zip(&buf[..d]).for_each(|(a, c)| *a += mass * c);
+            w.st.rot[r * d..(r + 1) * d].iter_mut().zip(center.iter()).for_each(|(a, c)| *a += mass * c);
         }
     }
     n
@@ -477,7 +477,8 @@ fn load_mask(w: &mut Work, seg: &Segment, r0: usize, nj: usize) -> bool {
     any
 }
 
-/// Decodes rows `r0..r0+nj` of `rows` into `out`; returns whether they are in rotated space.
+/// Decodes rows `r0..r0+nj` of `rows` into `out` (a tile and one spare row for a centroid);
+/// returns whether they are in rotated space.
 #[inline(always)]
 fn decode_tile<F: Flavor>(rows: Rows, d: usize, r0: usize, nj: usize, out: &mut [f32]) -> bool {
     match rows {
@@ -491,10 +492,10 @@ fn decode_tile<F: Flavor>(rows: Rows, d: usize, r0: usize, nj: usize, out: &mut 
                 F::decode_packed(codec, &data[(r0 + j) * rb..][..rb], o);
             }
             if let Some(c) = center {
-                let mut buf = [0.0f32; MAX_HEAD_DIM];
-                F::decode_packed(&RowCodec::centroid(d), c, &mut buf[..d]);
-                for o in out[..nj * d].chunks_exact_mut(d) {
-                    o.iter_mut().zip(&buf[..d]).for_each(|(x, c)| *x += c);
+                let (tile, spare) = out.split_at_mut(TILE * d);
+                F::decode_packed(&RowCodec::centroid(d), c, &mut spare[..d]);
+                for o in tile[..nj * d].chunks_exact_mut(d) {
+                    o.iter_mut().zip(&spare[..d]).for_each(|(x, c)| *x += c);
                 }
             }
             true

@@ -23,7 +23,7 @@ use half::f16;
 
 use super::PAGE;
 use crate::attn::Rows;
-use crate::codec::{RowCodec, MAX_HEAD_DIM};
+use crate::codec::RowCodec;
 
 /// How a store encodes its compressed pages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,10 +83,8 @@ impl PageCodec {
         let (d, rb, cb) = (self.d(), self.rows.row_bytes(), self.centroid_bytes());
         let mut packed = vec![0u8; self.page_bytes()].into_boxed_slice();
         let (rows, centroids) = packed.split_at_mut(self.n_head * PAGE * rb);
-        let mut c = [0.0f32; MAX_HEAD_DIM];
-        let mut x = [0.0f32; MAX_HEAD_DIM];
+        let (mut c, mut x) = (vec![0.0f32; d], vec![0.0f32; d]);
         for (h, src) in data.chunks_exact(PAGE * d).enumerate() {
-            let c = &mut c[..d];
             if self.centered {
                 c.fill(0.0);
                 for r in src.chunks_exact(d) {
@@ -96,13 +94,12 @@ impl PageCodec {
                 c.iter_mut().for_each(|m| *m /= PAGE as f32);
                 let dst = &mut centroids[h * cb..][..cb];
                 let centroid = RowCodec::centroid(d);
-                centroid.encode(c, dst);
-                centroid.decode(dst, c);
+                centroid.encode(&c, dst);
+                centroid.decode(dst, &mut c);
             }
             for (r, dst) in src.chunks_exact(d).zip(rows[h * PAGE * rb..].chunks_exact_mut(rb)) {
-                let x = &mut x[..d];
-                x.iter_mut().zip(r).zip(c.iter()).for_each(|((o, v), m)| *o = v.to_f32() - m);
-                self.rows.encode(x, dst);
+                x.iter_mut().zip(r).zip(&c).for_each(|((o, v), m)| *o = v.to_f32() - m);
+                self.rows.encode(&x, dst);
             }
         }
         packed
@@ -111,14 +108,14 @@ impl PageCodec {
     /// Decodes a compressed page into f16 rows, same layout as [`PageCodec::encode_page`] takes.
     #[must_use]
     pub fn decode_page(&self, data: &[u8]) -> Box<[f16]> {
-        let d = self.d();
+        let (d, rb) = (self.d(), self.rows.row_bytes());
         let mut out = vec![f16::ZERO; self.n_head * PAGE * d].into_boxed_slice();
-        let mut x = [0.0f32; MAX_HEAD_DIM];
+        let (mut c, mut x) = (vec![0.0f32; d], vec![0.0f32; d]);
         for (h, dst) in out.chunks_exact_mut(PAGE * d).enumerate() {
-            for (slot, o) in dst.chunks_exact_mut(d).enumerate() {
-                let x = &mut x[..d];
-                self.decode_row(data, h, slot, x);
-                o.iter_mut().zip(x.iter()).for_each(|(o, v)| *o = f16::from_f32(*v));
+            self.centroid_values(data, h, &mut c);
+            for (src, o) in data[h * PAGE * rb..].chunks_exact(rb).zip(dst.chunks_exact_mut(d)) {
+                self.rows.decode(src, &mut x);
+                o.iter_mut().zip(&x).zip(&c).for_each(|((o, v), m)| *o = f16::from_f32(v + m));
             }
         }
         out
@@ -129,20 +126,19 @@ impl PageCodec {
         let rb = self.rows.row_bytes();
         self.rows.decode(&page[(h * PAGE + slot) * rb..][..rb], out);
         if self.centered {
-            let mut c = [0.0f32; MAX_HEAD_DIM];
-            self.centroid_values(page, h, &mut c[..self.d()]);
+            let mut c = vec![0.0f32; self.d()];
+            self.centroid_values(page, h, &mut c);
             out.iter_mut().zip(&c).for_each(|(o, c)| *o += c);
         }
     }
 
     /// Encodes `x` as row `slot` of head `h` (relative to the page's centroid).
     pub fn encode_row(&self, page: &mut [u8], h: usize, slot: usize, x: &[f32]) {
-        let (d, rb) = (self.d(), self.rows.row_bytes());
-        let mut c = [0.0f32; MAX_HEAD_DIM];
-        self.centroid_values(page, h, &mut c[..d]);
-        let mut y = [0.0f32; MAX_HEAD_DIM];
-        y[..d].iter_mut().zip(x).zip(&c).for_each(|((o, v), m)| *o = v - m);
-        self.rows.encode(&y[..d], &mut page[(h * PAGE + slot) * rb..][..rb]);
+        let rb = self.rows.row_bytes();
+        let mut y = vec![0.0f32; self.d()];
+        self.centroid_values(page, h, &mut y);
+        y.iter_mut().zip(x).for_each(|(m, v)| *m = v - *m);
+        self.rows.encode(&y, &mut page[(h * PAGE + slot) * rb..][..rb]);
     }
 
     /// Rows `slot..slot + len` of head `h`, for attention.
