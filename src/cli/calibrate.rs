@@ -14,7 +14,7 @@ use super::{default_threads, model_path, text};
 use crate::ggml;
 use crate::llama::{Context, CtxParams, KvType, Model, Placement};
 use crate::codec::{Format, Quant};
-use crate::profile::{self, LayerSensitivity, LayerWidths, ModelId, Profile, Sensitivity, PROBE, WIDTHS};
+use crate::profile::{self, LayerSensitivity, LayerWidths, ModelId, Profile, Sensitivity, PROBE, PROBE_LOW, WIDTHS};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct CalibrateArgs {
@@ -160,14 +160,14 @@ pub fn calibrate(path: &Path, r: &Request) -> Result<Profile> {
         curve_k.push(k - full);
         curve_v.push(v - full);
     }
-    // The layer weights: from every side at PROBE bits, one side at 8.
-    let p = PROBE.bits();
+    // The layer weights: from every side at PROBE bits, one side at PROBE_LOW.
+    let (p, low) = (PROBE.bits(), PROBE_LOW.bits());
     let probed = mean_kld("layer weights", uniform_config(r.window, p, p))?;
     let mut layers = Vec::with_capacity(id.n_layer);
     for layer in 0..id.n_layer {
-        let k = mean_kld(&format!("layer {layer}"), probe_config(&id, r.window, layer, LayerWidths { k: top, v: p }))?;
-        let v = mean_kld(&format!("layer {layer}"), probe_config(&id, r.window, layer, LayerWidths { k: p, v: top }))?;
-        layers.push(LayerSensitivity { k: probed - k, v: probed - v });
+        let k = mean_kld(&format!("layer {layer}"), probe_config(&id, r.window, layer, LayerWidths { k: low, v: p }))?;
+        let v = mean_kld(&format!("layer {layer}"), probe_config(&id, r.window, layer, LayerWidths { k: p, v: low }))?;
+        layers.push(LayerSensitivity { k: k - probed, v: v - probed });
     }
     let sens = Sensitivity { curve_k, curve_v, layers };
     eprintln!("\rcalibrated {} layers in {:.0} s{}", id.n_layer, t.elapsed().as_secs_f64(), " ".repeat(20));
