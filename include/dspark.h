@@ -142,7 +142,9 @@ typedef struct dspark_config {
     /** KV format name: "f16" (paged, uncompressed) or "k<b>v<b>" with b from 2 to 8
      *  (bits per K and V code), e.g. "k4v4". Names are exact and lowercase: nothing else is
      *  accepted (not "K4V4", "F16", " k4v4", "k04v4" or "k+4v4"). NULL means "k4v4". Copied;
-     *  the library does not keep the pointer. */
+     *  the library does not keep the pointer. A device's compressed pages are centred (each
+     *  holds its rows' mean per head as one 8-bit row, ~0.13 bit per value, for less error);
+     *  the standalone cache of dspark_cache_create() does not centre its pages. */
     const char *format;
     /** Most recent tokens of each sequence kept in f16 before they are compressed (rounded
      *  up to whole 64-token pages). Default 128. */
