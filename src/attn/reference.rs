@@ -2,7 +2,7 @@
 
 use super::fast::quantize_queries;
 use super::{alibi_slope, Problem, Rows};
-use crate::codec::{rotate, RowCodec};
+use crate::codec::{rotate, unrotate, RowCodec};
 
 /// f16 → f32 with the attention rule for non-finite values (read as 0).
 pub(crate) fn f16_value(h: half::f16) -> f32 {
@@ -22,19 +22,14 @@ fn row(rows: Rows, r: usize, d: usize, out: &mut [f32]) {
                 *o = f16_value(*h);
             }
         }
-        Rows::Packed { codec, data, center } => {
-            let rb = codec.row_bytes();
-            codec.decode(&data[r * rb..(r + 1) * rb], out);
-            if let Some(c) = center {
-                let mut cv = vec![0.0; d];
-                RowCodec::centroid(d).decode(c, &mut cv);
-                out.iter_mut().zip(&cv).for_each(|(o, c)| *o += c);
-            }
+        Rows::Packed { .. } => {
+            row_rotated(rows, r, out);
+            unrotate(out);
         }
     }
 }
 
-/// Packed rows `r` of `rows` decoded into the rotated space.
+/// Packed row `r` of `rows` decoded into the rotated space, its centroid added.
 fn row_rotated(rows: Rows, r: usize, out: &mut [f32]) {
     if let Rows::Packed { codec, data, center } = rows {
         let rb = codec.row_bytes();

@@ -203,8 +203,8 @@ pub fn table(p: &Profile) -> String {
 
 /// The window `dspark:autoB` allocates for unless the spec sets one: at ctx 2048 and equal
 /// bits, profiles without a window scored better than with a 64-cell one (KL divergence
-/// 0.059 against 0.107 at 4.5 bits, before pages were centred; the window's f16 cells cost 0.5 bit per value that codes
-/// use better).
+/// 0.059 against 0.107 at 4.5 bits, before pages were centred; the window's f16 cells cost
+/// 0.5 bit per value that codes use better).
 pub const AUTO_WINDOW: usize = 0;
 
 /// The profile file for `dspark:autoB` at this context: read from the cache next to the
