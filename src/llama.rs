@@ -188,6 +188,9 @@ pub enum Placement {
     /// All layers offloaded to these devices (weights stay on the CPU when the device
     /// declines them), e.g. DSPARK0.
     Offload(Vec<sys::ggml_backend_dev_t>),
+    /// All layers on these devices in these shares (llama.cpp's `--tensor-split`: one weight
+    /// per device, any scale), e.g. remote DSPARK0s behind ggml-rpc.
+    Split(Vec<sys::ggml_backend_dev_t>, Vec<f32>),
 }
 
 impl Model {
@@ -196,19 +199,32 @@ impl Model {
         check_model_file(path)?;
         let cpath = CString::new(path.to_string_lossy().as_bytes()).context("model path contains NUL")?;
         // The device list must stay alive during loading and be NULL-terminated.
-        let mut devs: Vec<sys::ggml_backend_dev_t> = match &placement {
-            Placement::Cpu => vec![],
-            Placement::Offload(d) => d.clone(),
+        let (mut devs, split): (Vec<sys::ggml_backend_dev_t>, Vec<f32>) = match &placement {
+            Placement::Cpu => (vec![], vec![]),
+            Placement::Offload(d) => (d.clone(), vec![]),
+            Placement::Split(d, s) => (d.clone(), s.clone()),
         };
+        // SAFETY: a pure query.
+        let max_devices = unsafe { sys::llama_max_devices() };
+        if split.len() > max_devices {
+            bail!("a tensor split over {} devices: llama.cpp takes at most {max_devices}", split.len());
+        }
+        // llama.cpp reads llama_max_devices() weights.
+        let mut split_all = split.clone();
+        split_all.resize(max_devices, 0.0);
         devs.push(std::ptr::null_mut());
-        // SAFETY: default params are plain data; devs outlives the call; cpath is NUL-terminated.
+        // SAFETY: default params are plain data; devs and split_all outlive the call; cpath
+        // is NUL-terminated.
         let ptr = unsafe {
             let mut p = sys::llama_model_default_params();
             p.devices = devs.as_mut_ptr();
             p.n_gpu_layers = match placement {
                 Placement::Cpu => 0,
-                Placement::Offload(_) => -1,
+                Placement::Offload(_) | Placement::Split(..) => -1,
             };
+            if !split.is_empty() {
+                p.tensor_split = split_all.as_ptr();
+            }
             sys::llama_model_load_from_file(cpath.as_ptr(), p)
         };
         let ptr = NonNull::new(ptr)

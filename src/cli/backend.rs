@@ -16,17 +16,22 @@ pub enum BackendSpec {
     Stock(KvType),
     /// DSpark's DSPARK0 device with this compressed KV format name (e.g. "k4v4").
     Dspark(String),
+    /// The layers on these RPC servers (`host:port`), e.g. `dspark rpc-server`s, each of
+    /// which keeps its layers' KV in the format it was started with.
+    Rpc(Vec<String>),
 }
 
 impl BackendSpec {
     pub fn parse(s: &str) -> Result<BackendSpec> {
-        let (kind, arg) = s.split_once(':').ok_or_else(|| anyhow!("backend `{s}`: expected stock:<type> or dspark:<format>"))?;
+        let expected = || anyhow!("backend `{s}`: expected stock:<type>, dspark:<format> or rpc:<host:port>[+<host:port>...]");
+        let (kind, arg) = s.split_once(':').ok_or_else(expected)?;
         match kind {
             "stock" => KvType::parse(arg).map(BackendSpec::Stock).ok_or_else(|| {
                 anyhow!("backend `{s}`: unknown stock KV type `{arg}` (use f16, q8_0, q5_1, q5_0, iq4_nl or q4_0)")
             }),
             "dspark" => Ok(BackendSpec::Dspark(arg.to_string())),
-            _ => bail!("backend `{s}`: expected stock:<type> or dspark:<format>"),
+            "rpc" => Ok(BackendSpec::Rpc(arg.split('+').map(|e| check_endpoint(e).map_err(|e| anyhow!("backend `{s}`: {e}"))).collect::<Result<_>>()?)),
+            _ => Err(expected()),
         }
     }
 
@@ -64,7 +69,16 @@ impl fmt::Display for BackendSpec {
         match self {
             BackendSpec::Stock(t) => write!(f, "stock:{}", t.name()),
             BackendSpec::Dspark(name) => write!(f, "dspark:{name}"),
+            BackendSpec::Rpc(endpoints) => write!(f, "rpc:{}", endpoints.join("+")),
         }
+    }
+}
+
+/// `endpoint` if it reads `host:port`.
+pub fn check_endpoint(endpoint: &str) -> Result<String> {
+    match endpoint.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(endpoint.to_string()),
+        _ => bail!("RPC server `{endpoint}`: expected HOST:PORT, e.g. 127.0.0.1:50052"),
     }
 }
 
@@ -132,6 +146,9 @@ pub struct Runner {
     stock: OnceLock<Model>,
     /// Append-only (models never move or drop while contexts may borrow them).
     dspark: elsa::sync::FrozenVec<Box<(ggml::Config, Model)>>,
+    remote: elsa::sync::FrozenVec<Box<(Vec<String>, Model)>>,
+    /// Shares of the layers for `rpc:` configurations, one per server (empty: equal).
+    tensor_split: Vec<f32>,
 }
 
 /// The DSpark configuration for a `dspark:<format>[:key=value...]` spec (after `dspark:`).
@@ -168,7 +185,14 @@ pub fn format_names() -> Vec<String> {
 
 impl Runner {
     pub fn new(path: PathBuf) -> Runner {
-        Runner { path, stock: OnceLock::new(), dspark: elsa::sync::FrozenVec::new() }
+        Runner { path, stock: OnceLock::new(), dspark: elsa::sync::FrozenVec::new(), remote: elsa::sync::FrozenVec::new(), tensor_split: Vec::new() }
+    }
+
+    /// Shares of the layers for `rpc:` configurations, one per server (as llama.cpp's
+    /// `--tensor-split`); empty: equal shares.
+    pub fn with_tensor_split(mut self, split: Vec<f32>) -> Runner {
+        self.tensor_split = split;
+        self
     }
 
     /// Refuses configurations this build cannot run, before any work starts.
@@ -176,6 +200,10 @@ impl Runner {
         match spec {
             BackendSpec::Stock(_) => Ok(()),
             BackendSpec::Dspark(name) => dspark_config(name).map(|_| ()),
+            BackendSpec::Rpc(e) if !self.tensor_split.is_empty() && self.tensor_split.len() != e.len() => {
+                bail!("--tensor-split has {} shares for the {} servers of `{spec}`", self.tensor_split.len(), e.len())
+            }
+            BackendSpec::Rpc(_) => Ok(()),
         }
     }
 
@@ -193,6 +221,7 @@ impl Runner {
             // An autoB spec's profile depends on the context; its tokenizer is the stock one.
             BackendSpec::Dspark(name) if auto_bits(name)?.is_some() => return self.model(&BackendSpec::Stock(KvType::F16)),
             BackendSpec::Dspark(name) => dspark_config(name)?,
+            BackendSpec::Rpc(endpoints) => return self.remote_model(endpoints),
         };
         if let Some((_, m)) = self.dspark.iter().find(|(c, _)| *c == cfg) {
             return Ok(m);
@@ -202,6 +231,23 @@ impl Runner {
             p.check_model(&super::calibrate::model_id(&m, &self.path)).map_err(|e| anyhow!("backend `{spec}`: {e}"))?;
         }
         Ok(&self.dspark.push_get(Box::new((cfg, m))).1)
+    }
+
+    /// The model with its layers on the RPC servers at `endpoints`.
+    fn remote_model(&self, endpoints: &[String]) -> Result<&Model> {
+        if let Some((_, m)) = self.remote.iter().find(|(e, _)| e == endpoints) {
+            return Ok(m);
+        }
+        let mut devs = Vec::new();
+        for e in endpoints {
+            devs.extend(ggml::rpc::remote_devices(e).map_err(|e| anyhow!(e))?);
+        }
+        let split = if self.tensor_split.is_empty() { vec![1.0; devs.len()] } else { self.tensor_split.clone() };
+        if split.len() != devs.len() {
+            bail!("--tensor-split has {} shares for {} remote devices", split.len(), devs.len());
+        }
+        let m = Model::load(&self.path, Placement::Split(devs, split))?;
+        Ok(&self.remote.push_get(Box::new((endpoints.to_vec(), m))).1)
     }
 
     /// `spec` with an `autoB` format replaced by its profile for a context of `p`'s size
@@ -227,7 +273,7 @@ impl Runner {
         let model = self.model(spec)?;
         match spec {
             BackendSpec::Stock(t) => Context::new(model, &CtxParams { kv: *t, ..p.clone() }),
-            BackendSpec::Dspark(_) => Context::new(model, &CtxParams { kv: KvType::F16, ..p.clone() }),
+            BackendSpec::Dspark(_) | BackendSpec::Rpc(_) => Context::new(model, &CtxParams { kv: KvType::F16, ..p.clone() }),
         }
     }
 

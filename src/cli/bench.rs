@@ -60,6 +60,8 @@ pub struct BenchArgs {
     pub file: Option<PathBuf>,
     #[command(flatten)]
     pub tier: TierArgs,
+    #[command(flatten)]
+    pub remote: super::rpc::RemoteArgs,
     /// Internal: measure the one configuration at the one depth given in this process and
     /// print the measurement as JSON (what every measurement of a bench runs as).
     #[arg(long, hide = true)]
@@ -287,7 +289,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 pub fn run_bench(args: &BenchArgs) -> Result<BenchReport> {
-    let specs = args.tier.apply(BackendSpec::parse_list(&args.backends)?);
+    let mut specs = BackendSpec::parse_list(&args.backends)?;
+    specs.extend(args.remote.spec()?);
+    let specs = args.tier.apply(specs);
     if specs.is_empty() || args.depths.is_empty() || args.reps == 0 {
         bail!("bench needs at least one backend, one depth and one repetition");
     }
@@ -295,7 +299,7 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchReport> {
         bail!("depths must be positive");
     }
     let path = model_path(args.model.clone());
-    let runner = Runner::new(path.clone());
+    let runner = Runner::new(path.clone()).with_tensor_split(args.remote.tensor_split.clone());
     for s in &specs {
         runner.check(s)?;
     }
@@ -424,7 +428,7 @@ pub fn table(r: &BenchReport) -> String {
             _ => "-".into(),
         };
         let kv = match base {
-            Some(b) if b.kv_bytes > 0 => format!("{:.0}%", 100.0 * x.kv_bytes as f64 / b.kv_bytes as f64),
+            Some(b) if b.kv_bytes > 0 && x.kv_bytes > 0 => format!("{:.0}%", 100.0 * x.kv_bytes as f64 / b.kv_bytes as f64),
             _ => "-".into(),
         };
         let mut row = vec![
@@ -436,7 +440,10 @@ pub fn table(r: &BenchReport) -> String {
         if pp.is_some() {
             row.push(format!("{:.1}", x.prompt_at_depth_tps));
         }
-        row.extend([format!("{:.2}", mib(x.kv_bytes)), format!("{:.2}", x.kv_bits_per_elem), format!("{:.0}", mib(x.peak_rss_bytes))]);
+        // An rpc: configuration's KV is on its servers (their logs show it).
+        let remote = x.backend.starts_with("rpc:");
+        let (kv_mib, bits) = if remote { ("remote".into(), "-".into()) } else { (format!("{:.2}", mib(x.kv_bytes)), format!("{:.2}", x.kv_bits_per_elem)) };
+        row.extend([kv_mib, bits, format!("{:.0}", mib(x.peak_rss_bytes))]);
         row.extend([ratio(|b| b.prefill_tps), ratio(|b| b.decode_tps)]);
         if pp.is_some() {
             row.push(ratio(|b| b.prompt_at_depth_tps));
@@ -469,6 +476,9 @@ fn measure_in_child(
     if let Some(d) = &args.tier.spill_dir {
         cmd.env("DSPARK_SPILL_DIR", d);
     }
+    if !args.remote.tensor_split.is_empty() {
+        cmd.arg("--tensor-split").arg(args.remote.tensor_split.iter().map(f32::to_string).collect::<Vec<_>>().join(","));
+    }
     let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("cannot run {}", exe.display()))?;
     let log = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
@@ -490,7 +500,7 @@ fn measure_here(args: &BenchArgs) -> Result<Sample> {
         ([spec], [depth]) => (spec, depth),
         _ => bail!("bench --child takes one configuration and one depth"),
     };
-    let runner = Runner::new(model_path(args.model.clone()));
+    let runner = Runner::new(model_path(args.model.clone())).with_tensor_split(args.remote.tensor_split.clone());
     runner.check(spec)?;
     let text = text::load_text(args.file.as_deref())?;
     let tokens = text::prompt_tokens(runner.model(spec)?, &text, depth + args.prompt_at_depth)?;

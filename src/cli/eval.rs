@@ -47,6 +47,8 @@ pub struct EvalArgs {
     pub decode: bool,
     #[command(flatten)]
     pub tier: super::backend::TierArgs,
+    #[command(flatten)]
+    pub remote: super::rpc::RemoteArgs,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -144,12 +146,13 @@ pub fn run_eval(args: &EvalArgs) -> Result<EvalReport> {
             specs.push(BackendSpec::parse(item)?);
         }
     }
+    specs.extend(args.remote.spec()?);
     let specs = args.tier.apply(specs);
     if args.ctx < 16 || args.ctx % 2 != 0 {
         bail!("--ctx must be an even number of at least 16 tokens");
     }
     let path = model_path(args.model.clone());
-    let runner = Runner::new(path.clone());
+    let runner = Runner::new(path.clone()).with_tensor_split(args.remote.tensor_split.clone());
     for s in &specs {
         runner.check(s)?;
     }

@@ -7,6 +7,7 @@ pub mod eval;
 pub mod info;
 pub mod load;
 pub mod passkey;
+pub mod rpc;
 pub mod run;
 pub mod text;
 
@@ -48,6 +49,9 @@ pub enum Command {
     Calibrate(calibrate::CalibrateArgs),
     /// Retrieval check: a pass key stated once in a long text, asked for at the end.
     Passkey(passkey::PasskeyArgs),
+    /// Serve DSPARK0 to other machines through llama.cpp's RPC backend: clients place layers
+    /// here with `--rpc HOST:PORT` (dspark run/bench/eval, llama.cpp's tools).
+    RpcServer(rpc::ServerArgs),
     /// Show versions, registered ggml devices and CPU features.
     Info,
 }
@@ -90,6 +94,7 @@ pub fn main_with(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(a) => eval::eval(a),
         Command::Passkey(a) => passkey::passkey(a),
         Command::Calibrate(a) => calibrate::calibrate_cmd(a),
+        Command::RpcServer(a) => rpc::serve(a),
         Command::Info => info::info(),
     }
 }

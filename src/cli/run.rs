@@ -35,6 +35,8 @@ pub struct RunArgs {
     pub threads: Option<usize>,
     #[command(flatten)]
     pub tier: super::backend::TierArgs,
+    #[command(flatten)]
+    pub remote: super::rpc::RemoteArgs,
 }
 
 /// A small xorshift generator, so a seed gives the same text everywhere.
@@ -84,8 +86,11 @@ pub fn generate(ctx: &mut Context, prompt: &[i32], n: usize, seed: Option<u64>, 
 
 pub fn run(a: RunArgs) -> Result<()> {
     a.tier.export_spill_dir();
-    let spec = a.tier.apply(vec![BackendSpec::parse(&a.backend)?]).remove(0);
-    let runner = Runner::new(model_path(a.model));
+    // --rpc names the configuration in --backend's place.
+    let spec = a.remote.spec()?.map_or_else(|| BackendSpec::parse(&a.backend), Ok)?;
+    let spec = a.tier.apply(vec![spec]).remove(0);
+    let runner = Runner::new(model_path(a.model)).with_tensor_split(a.remote.tensor_split);
+    runner.check(&spec)?;
     let model = runner.model(&spec)?;
     let prompt = model.tokenize(&a.prompt, true)?;
     let n_ctx = a.ctx.unwrap_or(prompt.len() + a.n);
@@ -99,15 +104,10 @@ pub fn run(a: RunArgs) -> Result<()> {
     })?;
     let secs = t.elapsed().as_secs_f64();
     println!();
-    eprintln!(
-        "\n{}: {} prompt + {} generated tokens in {:.2} s ({:.1} t/s overall); KV cache {:.2} MiB ({:.2} bits/elem)",
-        spec,
-        prompt.len(),
-        toks.len(),
-        secs,
-        (prompt.len() + toks.len()) as f64 / secs,
-        runner.kv_bytes(&ctx, ctx.n_ctx()) as f64 / 1048576.0,
-        runner.kv_bits_per_elem(&ctx)
-    );
+    let kv = match spec {
+        BackendSpec::Rpc(_) => "KV cache on the RPC servers (their logs show it)".to_string(),
+        _ => format!("KV cache {:.2} MiB ({:.2} bits/elem)", runner.kv_bytes(&ctx, ctx.n_ctx()) as f64 / 1048576.0, runner.kv_bits_per_elem(&ctx)),
+    };
+    eprintln!("\n{}: {} prompt + {} generated tokens in {:.2} s ({:.1} t/s overall); {kv}", spec, prompt.len(), toks.len(), secs, (prompt.len() + toks.len()) as f64 / secs);
     Ok(())
 }

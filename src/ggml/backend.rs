@@ -17,7 +17,7 @@ use half::f16;
 use llama_cpp_sys_2 as ll;
 
 use super::budget::{KvRanges, Stager};
-use super::buffer::{kv_entry, kv_root, root_of, KvEntry, KvRoot};
+use super::buffer::{adopt_kv, kv_entry, kv_root, root_of, KvRoot};
 use super::device::{dev_ctx, DeviceCtx};
 use super::{guard, log_error, log_warn, sys};
 use super::cpu::{self, CpuBackend};
@@ -238,25 +238,20 @@ unsafe extern "C" fn graph_compute(b: ll::ggml_backend_t, g: *mut ll::ggml_cgrap
     })
 }
 
-/// Whether a graph node reads or writes a KV store (so DSpark's kernels run it).
+/// Whether a graph node reads or writes a KV store (so DSpark's kernels run it). A KV root
+/// the buffer has not seen yet gets its store here (ggml-rpc's server, see `buffer.rs`).
 ///
 /// # Safety
 /// `node` and its srcs must be valid tensors.
-unsafe fn is_kv_node(node: *const ll::ggml_tensor) -> bool {
+unsafe fn is_kv_node(node: *const ll::ggml_tensor) -> Result<bool, String> {
     // SAFETY: valid node and srcs (caller).
-    unsafe { touches_kv(node, |t| kv_entry(t).is_some()) }
-}
-
-/// Whether `node` is an attention over a KV cache in a DSpark buffer that has no store: the
-/// buffer's callbacks never saw the tensor (ggml-rpc's server rebuilds tensors for each
-/// command and skips `init_tensor` for f16 ones), so its bytes are plain f16 and the CPU
-/// backend runs the attention, correctly but without compression.
-///
-/// # Safety
-/// `node` and its srcs must be valid tensors.
-unsafe fn is_unmanaged_kv_attention(node: *const ll::ggml_tensor) -> bool {
-    // SAFETY: valid node and srcs (caller).
-    unsafe { (*node).op == ll::GGML_OP_FLASH_ATTN_EXT && !(*node).src[1].is_null() && kv_root((*node).src[1]).is_some() }
+    let tensors = std::iter::once(node).chain(unsafe { (*node).src }.into_iter().filter(|s| !s.is_null()).map(|s| s.cast_const()));
+    let mut kv = false;
+    for t in tensors {
+        // SAFETY: as above.
+        kv |= unsafe { adopt_kv(t) }?.is_some();
+    }
+    Ok(kv)
 }
 
 /// Runs a graph: the nodes on the KV with DSpark's kernels, every run of other nodes on the
@@ -270,7 +265,7 @@ unsafe fn compute_graph(ctx: &BackendCtx, g: *mut ll::ggml_cgraph) -> Result<(),
     // SAFETY: indices below n_nodes are valid nodes of a valid graph (caller).
     let nodes: Vec<*mut ll::ggml_tensor> = unsafe { (0..ll::ggml_graph_n_nodes(g)).map(|i| ll::ggml_graph_node(g, i)).collect() };
     // SAFETY: valid nodes and srcs (caller).
-    let kv: Vec<bool> = nodes.iter().map(|&n| unsafe { is_kv_node(n) }).collect();
+    let kv: Vec<bool> = nodes.iter().map(|&n| unsafe { is_kv_node(n) }).collect::<Result<_, _>>()?;
     let threads = Threads::on(&ctx.cpu);
     // SAFETY: valid nodes (caller).
     let name = |n| unsafe { super::buffer::tensor_name(n) };
@@ -288,10 +283,6 @@ unsafe fn compute_graph(ctx: &BackendCtx, g: *mut ll::ggml_cgraph) -> Result<(),
                 }
             }
         }
-    }
-    // SAFETY: valid nodes (caller).
-    if nodes.iter().zip(&kv).any(|(&n, &k)| !k && unsafe { is_unmanaged_kv_attention(n) }) {
-        warn_once("a KV cache in DSpark's buffer has no DSpark store (a ggml-rpc server does not initialise f16 tensors), so it is kept uncompressed");
     }
     // With a memory budget: the attention nodes' cold pages are staged as the graph runs.
     let budget = ctx.dev.budget()?;
@@ -352,7 +343,7 @@ unsafe fn compute_graph(ctx: &BackendCtx, g: *mut ll::ggml_cgraph) -> Result<(),
 ///
 /// # Safety
 /// `node` must be a valid FLASH_ATTN_EXT node on DSpark's KV.
-pub(crate) unsafe fn kv_ranges<'g>(node: *const ll::ggml_tensor) -> Result<KvRanges<'g>, String> {
+pub(crate) unsafe fn kv_ranges(node: *const ll::ggml_tensor) -> Result<KvRanges, String> {
     // SAFETY: valid node and srcs (caller).
     let (kview, vview, k) = unsafe {
         let (kview, vview) = flash_attn_check(node)?;
@@ -378,7 +369,7 @@ unsafe fn kv_failure(node: *const ll::ggml_tensor) -> Option<String> {
     unsafe {
         std::iter::once(node)
             .chain((*node).src.iter().map(|s| s.cast_const()).filter(|s| !s.is_null()))
-            .find_map(|t| kv_entry(t).and_then(KvEntry::failure))
+            .find_map(|t| kv_entry(t).and_then(|e| e.failure()))
     }
 }
 
@@ -445,7 +436,7 @@ unsafe fn set_rows(node: *mut ll::ggml_tensor, threads: Threads) -> Result<(), S
             // SAFETY: sp points to ne0 contiguous values of src's type.
             unsafe { read_row(sp, src.type_, &mut row) };
             super::buffer::f32_to_f16_bytes(&row, &mut bytes);
-            super::buffer::kv_write_bytes(e, off, &bytes)?;
+            super::buffer::kv_write_bytes(&e, off, &bytes)?;
         }
         return Ok(());
     }

@@ -87,18 +87,17 @@ impl Budget {
 
 /// What one attention node reads: its K and V entries, and per KV stream (stream, first
 /// cell, cells).
-pub(crate) type KvRanges<'g> = (Vec<&'g KvEntry>, Vec<(usize, usize, usize)>);
+pub(crate) type KvRanges = (Vec<Arc<KvEntry>>, Vec<(usize, usize, usize)>);
 
 /// The cold pages one attention node will read: per K/V entry, the pages and their slots.
-type Want<'g> = Vec<(&'g KvEntry, Vec<(PageId, Slot)>)>;
+type Want = Vec<(Arc<KvEntry>, Vec<(PageId, Slot)>)>;
 
 /// One graph's staging: which attention nodes read which KV, and the fetches in flight.
-/// The entries are borrowed for the graph's computation (their buffers outlive it).
 pub(crate) struct Stager<'g> {
     budget: &'g Budget,
     /// Per attention node of the graph, in order: its K and V entries and cell ranges.
-    nodes: Vec<KvRanges<'g>>,
-    inflight: Vec<Option<(Want<'g>, Arc<Fence>)>>,
+    nodes: Vec<KvRanges>,
+    inflight: Vec<Option<(Want, Arc<Fence>)>>,
     /// Bytes staged by this graph so far, per node, and those kept after their node ran.
     staged: Vec<u64>,
     kept: u64,
@@ -118,15 +117,15 @@ impl<'g> Stager<'g> {
 
     /// The cold pages node `j` is expected to read: those its K entry's last call read (the
     /// same layer's selection for the previous token), or all of its cells.
-    fn want(&self, j: usize) -> Want<'g> {
+    fn want(&self, j: usize) -> Want {
         let (entries, ranges) = &self.nodes[j];
         let predicted = entries[0].last_reads.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let ranges = predicted.as_ref().unwrap_or(ranges);
         entries
             .iter()
-            .map(|&e| {
+            .map(|e| {
                 let s = e.read();
-                (e, ranges.iter().flat_map(|&(stream, first, n)| s.cold_pages(stream, first, n)).collect::<Vec<_>>())
+                (e.clone(), ranges.iter().flat_map(|&(stream, first, n)| s.cold_pages(stream, first, n)).collect::<Vec<_>>())
             })
             .filter(|(_, p)| !p.is_empty())
             .collect()

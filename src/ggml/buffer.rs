@@ -2,11 +2,17 @@
 //!
 //! Every buffer reserves its logical size as anonymous memory with MAP_NORESERVE: compute
 //! tensors (copies of q, masks, attention outputs) live there as plain bytes, and the kernel
-//! commits pages only when they are touched. KV roots (`cache_k_l*`, `cache_v_l*`) are never
-//! touched through their address: `init_tensor` gives each one a compressed [`KvStore`]
-//! (pointed to by `tensor->extra`), and every read or write of their bytes is translated to
-//! and from that store. So the KV's logical f16 size costs address space, not memory. The
-//! buffer type is not host memory: no one else may dereference these addresses.
+//! commits pages only when they are touched. KV roots (`cache_k_l<N>`, `cache_v_l<N>`) are
+//! never touched through their address: each one has a compressed [`KvStore`], which the
+//! buffer keeps by the root's place in it, and every read or write of their bytes is
+//! translated to and from that store. So the KV's logical f16 size costs address space, not
+//! memory. The buffer type is not host memory: no one else may dereference these addresses.
+//!
+//! A root gets its store when the buffer first sees it: from `init_tensor` when llama.cpp
+//! allocates it here, or, where `init_tensor` is never called, from the first graph or byte
+//! write that touches it ([`adopt_kv`]). That second way is ggml-rpc's server: it rebuilds the
+//! tensor structs for every command (so nothing can hang off `tensor->extra`) and calls
+//! `init_tensor` for quantized tensors only. The name and the place survive the wire.
 //!
 //! A KV root is created before anyone says how its rows split into heads; the attention op
 //! that reads it does. Until DSpark has seen that op in a graph it is about to run, the rows
@@ -19,7 +25,8 @@
 //! `llama_decode` reports an error) until the cache is cleared.
 
 use std::ffi::{c_char, c_void};
-use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use half::f16;
 use llama_cpp_sys_2 as ll;
@@ -39,6 +46,8 @@ const CHUNK_BYTES: usize = 1 << 20;
 
 /// The store behind one KV root tensor, [row_len, cells, streams].
 pub(crate) struct KvEntry {
+    /// The root's data address (its logical bytes start there).
+    addr: usize,
     row_len: usize,
     cells: usize,
     streams: usize,
@@ -59,8 +68,9 @@ pub(crate) struct KvEntry {
 }
 
 impl KvEntry {
-    fn new(row_len: usize, cells: usize, streams: usize, cfg: StoreConfig, tier: Option<Arc<Tier>>, layer: Option<usize>) -> Result<KvEntry, String> {
+    fn new(addr: usize, row_len: usize, cells: usize, streams: usize, cfg: StoreConfig, tier: Option<Arc<Tier>>, layer: Option<usize>) -> Result<KvEntry, String> {
         Ok(KvEntry {
+            addr,
             layer,
             last_reads: Mutex::new(None),
             row_len,
@@ -132,6 +142,11 @@ impl KvEntry {
         self.row_len
     }
 
+    /// The root's logical size in bytes (f16 rows).
+    fn bytes(&self) -> usize {
+        self.row_len * 2 * self.cells * self.streams
+    }
+
     /// Records that the store's content can no longer be trusted (and logs it).
     pub fn fail(&self, msg: &str) {
         log_error(msg);
@@ -173,7 +188,21 @@ pub(crate) struct BufferCtx {
     base: *mut u8,
     size: usize,
     dev: &'static DeviceCtx,
-    kv: Mutex<Vec<Arc<KvEntry>>>,
+    /// The KV stores by their root's data address.
+    kv: Mutex<BTreeMap<usize, Arc<KvEntry>>>,
+}
+
+impl BufferCtx {
+    fn kv(&self) -> MutexGuard<'_, BTreeMap<usize, Arc<KvEntry>>> {
+        self.kv.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The store whose root's bytes hold `addr`.
+    fn entry_at(&self, addr: usize) -> Option<Arc<KvEntry>> {
+        let kv = self.kv();
+        let (_, e) = kv.range(..=addr).next_back()?;
+        (addr < e.addr + e.bytes()).then(|| e.clone())
+    }
 }
 
 pub(crate) static BUFFER_IFACE: sys::ggml_backend_buffer_i = sys::ggml_backend_buffer_i {
@@ -248,7 +277,7 @@ unsafe extern "C" fn alloc_buffer(buft: ll::ggml_backend_buffer_type_t, size: us
         }
         // SAFETY: ggml calls alloc_buffer on our buffer type only.
         let dev = unsafe { buft_dev(buft) };
-        let ctx = Box::new(BufferCtx { base: base.cast(), size: len, dev, kv: Mutex::new(Vec::new()) });
+        let ctx = Box::new(BufferCtx { base: base.cast(), size: len, dev, kv: Mutex::new(BTreeMap::new()) });
         // SAFETY: ggml_backend_buffer_init copies the iface and takes ownership of the
         // context pointer until free_buffer.
         unsafe { sys::ggml_backend_buffer_init(buft, BUFFER_IFACE, Box::into_raw(ctx).cast(), size) }
@@ -288,10 +317,13 @@ fn layer_of(name: &str) -> Option<usize> {
     name.get("cache_k_l".len()..)?.parse().ok()
 }
 
-/// Whether `name` names a KV cache root that DSpark stores compressed.
+/// Whether `name` names a KV cache root that DSpark stores compressed (`Some(is_k)`): exactly
+/// `cache_k_l<N>` or `cache_v_l<N>`, so that a view named after its root ("cache_k_l0
+/// (view)"), which ggml-rpc's server sends without its root, is not taken for one.
 fn is_kv_name(name: &str) -> Option<bool> {
     let is_k = name.starts_with("cache_k_l");
-    (is_k || name.starts_with("cache_v_l")).then_some(is_k)
+    let layer = name.get("cache_k_l".len()..).filter(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_digit()));
+    (layer.is_some() && (is_k || name.starts_with("cache_v_l"))).then_some(is_k)
 }
 
 /// Reads a tensor's name.
@@ -305,55 +337,72 @@ pub(crate) unsafe fn tensor_name(t: *const ll::ggml_tensor) -> String {
 
 /// # Safety
 /// ggml callback: `buf` is a live buffer made by `alloc_buffer`; tensors are valid, placed in it, and byte ranges lie inside them (ggml checks them before calling).
-unsafe extern "C" fn init_tensor(buf: ll::ggml_backend_buffer_t, t: *mut ll::ggml_tensor) -> ll::ggml_status {
+unsafe extern "C" fn init_tensor(_buf: ll::ggml_backend_buffer_t, t: *mut ll::ggml_tensor) -> ll::ggml_status {
     guard("init_tensor", ll::GGML_STATUS_FAILED, || {
         // SAFETY: ggml passes a valid tensor placed in our live buffer.
-        let (tr, ctx) = unsafe { (&mut *t, ctx(buf)) };
-        // SAFETY: t is a valid tensor.
-        let name = unsafe { tensor_name(t) };
+        let (tr, name) = unsafe { (&*t, tensor_name(t)) };
         if !tr.view_src.is_null() {
             return ll::GGML_STATUS_SUCCESS;
         }
-        let Some(is_k) = is_kv_name(&name) else { return ll::GGML_STATUS_SUCCESS };
-        if tr.type_ != ll::GGML_TYPE_F16 || tr.ne[3] != 1 {
+        if is_kv_name(&name).is_some() && (tr.type_ != ll::GGML_TYPE_F16 || tr.ne[3] != 1) {
             // SAFETY: ggml_type_name returns a static string for any type.
             let ty = unsafe { std::ffi::CStr::from_ptr(ll::ggml_type_name(tr.type_)) }.to_string_lossy();
             log_error(&format!("{name}: DSpark takes the KV cache as 3-D F16 (it compresses it itself), got {ty}: use KV type f16 (-ctk f16 -ctv f16)"));
             return ll::GGML_STATUS_FAILED;
         }
-        let c = &ctx.dev.config;
-        let layer = layer_of(&name);
-        let quant = match c.quant(layer, is_k) {
-            Ok(q) => q,
+        // SAFETY: as above.
+        match unsafe { adopt_kv(t) } {
+            Ok(_) => ll::GGML_STATUS_SUCCESS,
             Err(e) => {
-                log_error(&format!("{name}: {e}"));
-                return ll::GGML_STATUS_FAILED;
+                log_error(&e);
+                ll::GGML_STATUS_FAILED
             }
-        };
-        if let Some(p) = c.profile.as_ref().filter(|p| p.model.n_head_kv * p.model.head_dim != tr.ne[0] as usize) {
-            log_error(&format!("{name}: rows of {} values, but profile {} was made for {} ({} KV heads of {})", tr.ne[0], p.source, p.model.name, p.model.n_head_kv, p.model.head_dim));
-            return ll::GGML_STATUS_FAILED;
         }
-        let cfg = StoreConfig { quant, window: c.window, digests: is_k && c.attn_budget > 0, centered: c.center };
-        let tier = match ctx.dev.budget() {
-            Ok(b) => b.map(|b| b.tier.clone()),
-            Err(e) => {
-                log_error(&format!("{name}: {e}"));
-                return ll::GGML_STATUS_FAILED;
-            }
-        };
-        let entry = match KvEntry::new(tr.ne[0] as usize, tr.ne[1] as usize, tr.ne[2] as usize, cfg, tier, layer) {
-            Ok(e) => Arc::new(e),
-            Err(e) => {
-                log_error(&format!("{name}: {e}"));
-                return ll::GGML_STATUS_FAILED;
-            }
-        };
-        tr.extra = Arc::as_ptr(&entry).cast_mut().cast();
-        ctx.dev.track(&entry);
-        ctx.kv.lock().unwrap_or_else(|e| e.into_inner()).push(entry);
-        ll::GGML_STATUS_SUCCESS
     })
+}
+
+/// The store of the KV root behind `t` (a root or a view of one), made now if the buffer has
+/// not seen that root yet (see the module documentation); `Ok(None)` if `t` is not in a KV
+/// root of one of our buffers.
+///
+/// # Safety
+/// `t` must point to a valid tensor whose buffer, if any, is alive.
+pub(crate) unsafe fn adopt_kv(t: *const ll::ggml_tensor) -> Result<Option<Arc<KvEntry>>, String> {
+    // SAFETY: valid tensor (caller).
+    if let Some(e) = unsafe { kv_entry(t) } {
+        return Ok(Some(e));
+    }
+    // SAFETY: as above; kv_root checked that the root lives in one of our buffers.
+    unsafe {
+        let Some(kv) = kv_root(t) else { return Ok(None) };
+        let buf = (*kv.root).buffer;
+        if (*(buf as *mut sys::ggml_backend_buffer)).context.is_null() {
+            return Ok(None); // llama.cpp's fitting pass: a placeholder buffer holds no store
+        }
+        let name = tensor_name(kv.root);
+        new_entry(ctx(buf), kv, &name, (*kv.root).data as usize, (*kv.root).ne[2] as usize).map(Some).map_err(|e| format!("{name}: {e}"))
+    }
+}
+
+/// Makes the store of a KV root at `addr` in `ctx`'s buffer (or returns the one another
+/// thread made meanwhile), as the device's configuration says.
+fn new_entry(ctx: &BufferCtx, kv: KvRoot, name: &str, addr: usize, streams: usize) -> Result<Arc<KvEntry>, String> {
+    let mut map = ctx.kv();
+    if let Some(e) = map.get(&addr) {
+        return Ok(e.clone());
+    }
+    let c = &ctx.dev.config;
+    let layer = layer_of(name);
+    let quant = c.quant(layer, kv.is_k)?;
+    if let Some(p) = c.profile.as_ref().filter(|p| p.model.n_head_kv * p.model.head_dim != kv.row_len) {
+        return Err(format!("rows of {} values, but profile {} was made for {} ({} KV heads of {})", kv.row_len, p.source, p.model.name, p.model.n_head_kv, p.model.head_dim));
+    }
+    let cfg = StoreConfig { quant, window: c.window, digests: kv.is_k && c.attn_budget > 0, centered: c.center };
+    let tier = ctx.dev.budget()?.map(|b| b.tier.clone());
+    let entry = Arc::new(KvEntry::new(addr, kv.row_len, kv.cells, streams, cfg, tier, layer)?);
+    ctx.dev.track(&entry);
+    map.insert(addr, entry.clone());
+    Ok(entry)
 }
 
 /// A KV root in one of our buffers as its tensor describes it, with or without a store:
@@ -370,7 +419,7 @@ pub(crate) struct KvRoot {
 
 impl KvRoot {
     /// The store behind the root; `None` in a placeholder buffer.
-    pub fn entry<'a>(&self) -> Option<&'a KvEntry> {
+    pub fn entry(&self) -> Option<Arc<KvEntry>> {
         // SAFETY: `root` was valid when this KvRoot was made, and ggml keeps tensors alive
         // for the duration of the op that made it.
         unsafe { kv_entry(self.root) }
@@ -410,7 +459,8 @@ pub(crate) unsafe fn kv_root(t: *const ll::ggml_tensor) -> Option<KvRoot> {
         if !is_ours(r.buffer) || r.type_ != ll::GGML_TYPE_F16 || r.ne[3] != 1 {
             return None;
         }
-        let is_k = is_kv_name(&tensor_name(root))?;
+        // Not `tensor_name`: this runs for every tensor of every graph, and need not allocate.
+        let is_k = is_kv_name(std::ffi::CStr::from_ptr(r.name.as_ptr()).to_str().ok()?)?;
         Some(KvRoot { root, is_k, row_len: r.ne[0] as usize, cells: r.ne[1] as usize })
     }
 }
@@ -420,28 +470,30 @@ pub(crate) unsafe fn kv_root(t: *const ll::ggml_tensor) -> Option<KvRoot> {
 /// # Safety
 /// `buf` must be NULL or a live buffer.
 pub(crate) unsafe fn entries_of(buf: ll::ggml_backend_buffer_t) -> Vec<Arc<KvEntry>> {
-    // SAFETY: NULL or a live buffer (caller); ours carry a BufferCtx, placeholders none.
-    if !unsafe { is_ours(buf) } || unsafe { (*(buf as *mut sys::ggml_backend_buffer)).context.is_null() } {
-        return Vec::new();
+    // SAFETY: NULL or a live buffer (caller).
+    match unsafe { buffer_ctx(buf) } {
+        Some(c) => c.kv().values().cloned().collect(),
+        None => Vec::new(),
     }
-    // SAFETY: as above.
-    unsafe { ctx(buf) }.kv.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
-/// The KV entry behind `t` (a KV root or a view of one), if `t` lives in a DSpark buffer.
+/// The context of `buf` if it is one of our buffers with memory (a placeholder has none).
+///
+/// # Safety
+/// `buf` must be NULL or a live buffer.
+unsafe fn buffer_ctx<'a>(buf: ll::ggml_backend_buffer_t) -> Option<&'a BufferCtx> {
+    // SAFETY: NULL or a live buffer (caller); ours carry a BufferCtx, placeholders none.
+    unsafe { (is_ours(buf) && !(*(buf as *mut sys::ggml_backend_buffer)).context.is_null()).then(|| ctx(buf)) }
+}
+
+/// The KV store whose bytes `t` (a KV root or a view of one) lies in, if `t` lives in a DSpark
+/// buffer. Found by address, so a view that ggml-rpc's server sends without its root is found.
 ///
 /// # Safety
 /// `t` must point to a valid tensor whose buffer, if any, is alive.
-pub(crate) unsafe fn kv_entry<'a>(t: *const ll::ggml_tensor) -> Option<&'a KvEntry> {
-    // SAFETY: t and its root are valid tensors (caller); `extra` of a KV root in our buffer
-    // points to its KvEntry, which the buffer keeps alive.
-    unsafe {
-        let root = root_of(t);
-        if !is_ours((*root).buffer) || (*root).extra.is_null() {
-            return None;
-        }
-        Some(&*((*root).extra as *const KvEntry))
-    }
+pub(crate) unsafe fn kv_entry(t: *const ll::ggml_tensor) -> Option<Arc<KvEntry>> {
+    // SAFETY: t and its root are valid tensors whose buffer is alive (caller).
+    unsafe { buffer_ctx((*root_of(t)).buffer)?.entry_at((*t).data as usize) }
 }
 
 /// The tensor that owns `t`'s memory (`t` itself unless it is a view).
@@ -467,13 +519,13 @@ pub(crate) unsafe fn is_ours(buf: ll::ggml_backend_buffer_t) -> bool {
     !buf.is_null() && is_our_buft(unsafe { (*(buf as *mut sys::ggml_backend_buffer)).buft })
 }
 
-/// Byte offset of `t`'s data (plus `offset`) from its root's data.
+/// Byte offset of `t`'s data (plus `offset`) from the start of `e`'s root, which holds it.
 ///
 /// # Safety
 /// `t` must point to a valid tensor with data.
-unsafe fn root_offset(t: *const ll::ggml_tensor, offset: usize) -> usize {
-    // SAFETY: t and its root are valid (caller).
-    unsafe { ((*t).data as usize - (*root_of(t)).data as usize) + offset }
+unsafe fn root_offset(e: &KvEntry, t: *const ll::ggml_tensor, offset: usize) -> usize {
+    // SAFETY: t is valid (caller).
+    unsafe { (*t).data as usize - e.addr + offset }
 }
 
 /// Reads logical f16 bytes [off, off + out.len()) of a KV root from its store.
@@ -546,10 +598,24 @@ fn f16_bytes_to_f32(src: &[u8], dst: &mut [f32]) {
 /// `t` must point to a valid tensor.
 unsafe fn chunk_len(t: *const ll::ggml_tensor) -> usize {
     // SAFETY: t is valid (caller).
-    match unsafe { kv_entry(t) } {
+    match unsafe { kv_store(t) } {
         Some(e) => (CHUNK_BYTES / (e.row_len * 2)).max(1) * e.row_len * 2,
         None => CHUNK_BYTES,
     }
+}
+
+/// The store behind `t` for a byte access (made now if need be, see [`adopt_kv`]); `None`
+/// for plain bytes. A store that cannot be made is logged, and the bytes stay plain: the
+/// next graph on that KV fails with the same error.
+///
+/// # Safety
+/// `t` must point to a valid tensor whose buffer, if any, is alive.
+unsafe fn kv_store(t: *const ll::ggml_tensor) -> Option<Arc<KvEntry>> {
+    // SAFETY: as the caller's.
+    unsafe { adopt_kv(t) }.unwrap_or_else(|e| {
+        log_error(&e);
+        None
+    })
 }
 
 /// # Safety
@@ -559,9 +625,9 @@ unsafe extern "C" fn set_tensor(_buf: ll::ggml_backend_buffer_t, t: *mut ll::ggm
         // SAFETY: ggml guarantees offset + size <= nbytes(t) and that data holds size bytes.
         let src = unsafe { std::slice::from_raw_parts(data as *const u8, size) };
         // SAFETY: t is a valid tensor in our live buffer.
-        match unsafe { kv_entry(t) } {
+        match unsafe { kv_store(t) } {
             // SAFETY: as above.
-            Some(e) => e.run("set_tensor", || kv_write_bytes(e, unsafe { root_offset(t, offset) }, src)),
+            Some(e) => e.run("set_tensor", || kv_write_bytes(&e, unsafe { root_offset(&e, t, offset) }, src)),
             // SAFETY: a plain tensor's bytes are ours to write, inside its range (ggml).
             None => unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), ((*t).data as *mut u8).add(offset), size) },
         }
@@ -575,13 +641,13 @@ unsafe extern "C" fn get_tensor(_buf: ll::ggml_backend_buffer_t, t: *const ll::g
         // SAFETY: as in set_tensor; data has room for size bytes.
         let dst = unsafe { std::slice::from_raw_parts_mut(data as *mut u8, size) };
         // SAFETY: t is a valid tensor in our live buffer.
-        match unsafe { kv_entry(t) } {
+        match unsafe { kv_store(t) } {
             Some(e) => {
                 dst.fill(0);
                 // SAFETY: as above.
-                let off = unsafe { root_offset(t, offset) };
+                let off = unsafe { root_offset(&e, t, offset) };
                 e.run("get_tensor", || {
-                    kv_read_bytes(e, off, dst);
+                    kv_read_bytes(&e, off, dst);
                     Ok(())
                 });
             }
@@ -639,15 +705,23 @@ unsafe extern "C" fn clear(buf: ll::ggml_backend_buffer_t, value: u8) {
     guard("clear", (), || {
         // SAFETY: buf is a live buffer of ours.
         let ctx = unsafe { ctx(buf) };
-        let kv = ctx.kv.lock().unwrap_or_else(|e| e.into_inner());
-        if kv.is_empty() {
-            // SAFETY: base..base+size is our mapping.
+        let kv = ctx.kv();
+        if value == 0 {
+            // Zero pages without touching them: a KV buffer whose roots have no store yet
+            // (ggml-rpc's server, see the module documentation) is cleared when its context
+            // is made, and writing zeros would commit its whole logical f16 size.
+            // SAFETY: base..base+size is our private anonymous mapping; MADV_DONTNEED makes
+            // its pages read as zeros again.
+            if unsafe { libc::madvise(ctx.base.cast(), ctx.size, libc::MADV_DONTNEED) } != 0 {
+                // SAFETY: as above.
+                unsafe { std::ptr::write_bytes(ctx.base, 0, ctx.size) };
+            }
+        } else if kv.is_empty() {
+            // SAFETY: as above.
             unsafe { std::ptr::write_bytes(ctx.base, value, ctx.size) };
-            return;
-        }
-        if value != 0 {
+        } else {
             log_warn(&format!("clearing a KV buffer to {value} is treated as clearing to 0"));
         }
-        kv.iter().for_each(|e| e.clear());
+        kv.values().for_each(|e| e.clear());
     })
 }

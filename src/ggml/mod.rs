@@ -9,6 +9,7 @@
 //! - `backend`: `supports_op` and `graph_compute` (SET_ROWS, FLASH_ATTN_EXT, ROPE K-shift).
 //! - `budget`: the KV memory budget during a graph (staging and prefetch of cold pages).
 //! - `log`: messages through the host's ggml log callback.
+//! - `rpc`: ggml's RPC backend: serving a DSpark device, adding remote devices.
 //!
 //! All raw pointers of the integration stay in this module.
 
@@ -18,6 +19,7 @@ mod buffer;
 mod cpu;
 mod device;
 mod log;
+pub mod rpc;
 pub mod sys;
 
 pub use device::{register, Stats};
