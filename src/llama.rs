@@ -566,10 +566,16 @@ impl<'m> Context<'m> {
         Ok(())
     }
 
-    /// Decodes the filled batch.
+    /// Decodes the filled batch and waits for the devices to finish it: an asynchronous
+    /// backend (ggml-rpc) returns from llama_decode before its graph has run, and a timing
+    /// must not stop there (llama-bench synchronizes after each decode too).
     fn decode_batch(&mut self) -> i32 {
-        // SAFETY: fill_batch left only valid entries in the batch.
-        unsafe { sys::llama_decode(self.raw(), self.batch) }
+        // SAFETY: fill_batch left only valid entries in the batch; the context is valid.
+        unsafe {
+            let rc = sys::llama_decode(self.raw(), self.batch);
+            sys::llama_synchronize(self.raw());
+            rc
+        }
     }
 
     /// Fills the batch with (token, position, sequence, wants logits) entries; the caller

@@ -193,6 +193,9 @@ impl Stats {
     /// Stored bits per K/V value, page metadata included, in RAM and cold (NaN with nothing
     /// stored).
     pub fn bits_per_elem(&self) -> f64 {
+        if self.elems == 0 {
+            return 0.0; // no KV (or not DSpark's, e.g. a remote device): JSON has no NaN
+        }
         8.0 * (self.kv_bytes + self.kv_cold_bytes) as f64 / self.elems as f64
     }
 }
