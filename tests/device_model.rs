@@ -97,6 +97,7 @@ fn kl_divergence_at_2048_beats_stock(model: Option<std::path::PathBuf>) {
         plot: None,
         decode: false,
         tier: Default::default(),
+        remote: Default::default(),
     };
     let rep = run_eval(&args).unwrap();
     let get = |b: &str| rep.results.iter().find(|x| x.backend == b).unwrap().clone();

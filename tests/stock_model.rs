@@ -93,6 +93,7 @@ fn bench_small_depth_gives_sane_figures() {
         json: None,
         file: None,
         tier: Default::default(),
+        remote: Default::default(),
         child: false,
         exe: Some(env!("CARGO_BIN_EXE_dspark").into()),
     };
