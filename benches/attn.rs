@@ -7,6 +7,10 @@
 //! with a table of ratios (ggml time / DSpark time) and the effective GB/s of KV read.
 //! `DSPARK_BENCH_THREADS` sets the thread count of both sides (default 2),
 //! `DSPARK_BENCH_FILTER` keeps only benchmarks whose id contains it.
+//!
+//! The quick mode (`DSPARK_BENCH_QUICK=1`, see [`quick`]) first measures the machine's read
+//! bandwidth with a STREAM-like probe ([`read_bandwidth`]), so that the kernels' GB/s of KV
+//! read can be put against it.
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use dspark::attn::{self, FaParams, Mask, Rows, Segment};
@@ -448,9 +452,12 @@ fn quick() {
     fmts.extend(Format::ALL_PRESETS.iter().copied().map(Some));
     fmts.extend(["k5v5", "k6v6"].map(|f| Format::parse(f).ok()));
     let clock = if nt == 1 { "thread CPU time" } else { "wall time" };
+    let (mem, cache) = (read_bandwidth(512 << 20, nt), read_bandwidth(4 << 20, nt));
+    println!("## Read bandwidth, {nt} threads (STREAM-like sum): {mem:.1} GB/s from a 512 MiB buffer (memory), {cache:.1} GB/s from a 4 MiB one (caches)\n");
     println!("## Decode, {nt} threads, ISA {}, {rounds} interleaved rounds (median / min {clock} per call)", attn::active_isa());
-    println!("| shape | depth | variant | median | min | KV MB | GB/s (median) | vs ggml f16 | vs ggml q4_0 |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("A call reads one layer's KV, the same each round, so it is cache-resident here; in a model every layer's KV is read once per token. \"of memory\": GB/s over the 512 MiB probe's.");
+    println!("| shape | depth | variant | median | min | KV MB | GB/s (median) | of memory | vs ggml f16 | vs ggml q4_0 |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for s in SHAPES {
         for &depth in &depths {
             let data = data(s, depth);
@@ -518,10 +525,35 @@ fn quick() {
                 #[allow(clippy::cast_precision_loss)]
                 let (mb, gbs) = (bytes[i] as f64 / 1e6, bytes[i] as f64 / med / 1e9);
                 let (rf, rq) = if n.starts_with('(') { (String::new(), String::new()) } else { (ratio(gf), ratio(gq)) };
-                println!("| {} | {depth} | {n} | {:.3} ms | {:.3} ms | {mb:.1} | {gbs:.1} | {rf} | {rq} |", s.name, med * 1e3, min * 1e3);
+                println!("| {} | {depth} | {n} | {:.3} ms | {:.3} ms | {mb:.1} | {gbs:.1} | {:.0}% | {rf} | {rq} |", s.name, med * 1e3, min * 1e3, 100.0 * gbs / mem);
             }
         }
     }
+}
+
+/// Read bandwidth in GB/s with `threads` threads, STREAM-like: each thread sums its share of
+/// a buffer of `bytes` (written first, so its pages exist), best of 5 passes. A buffer much
+/// larger than the caches measures memory; one of a layer's KV size, the caches.
+fn read_bandwidth(bytes: usize, threads: usize) -> f64 {
+    let buf: Vec<u64> = (0..bytes / 8).map(|i| i as u64).collect();
+    let chunk = buf.len().div_ceil(threads);
+    let passes = if bytes > 64 << 20 { 5 } else { 200 };
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let start = std::time::Instant::now();
+        let total: u64 = std::thread::scope(|sc| {
+            let hs: Vec<_> = buf
+                .chunks(chunk)
+                .map(|c| sc.spawn(move || (0..passes).map(|_| c.iter().fold(0u64, |a, &x| a.wrapping_add(x))).fold(0u64, u64::wrapping_add)))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).fold(0, u64::wrapping_add)
+        });
+        std::hint::black_box(total);
+        best = best.min(start.elapsed().as_secs_f64() / f64::from(passes));
+    }
+    #[allow(clippy::cast_precision_loss)]
+    let gbs = bytes as f64 / best / 1e9;
+    gbs
 }
 
 /// CPU time of the calling thread, in seconds.

@@ -219,3 +219,21 @@ fn an_unwritable_spill_dir_is_a_clear_error() {
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("spill file") && err.contains("/nonexistent/dspark-spill"), "{err}");
 }
+
+#[test]
+fn rpc_specs_and_flags_parse() {
+    let s = BackendSpec::parse("rpc:127.0.0.1:50052+10.0.0.2:50053").unwrap();
+    assert_eq!(s, BackendSpec::Rpc(vec!["127.0.0.1:50052".into(), "10.0.0.2:50053".into()]));
+    assert_eq!(s.to_string(), "rpc:127.0.0.1:50052+10.0.0.2:50053");
+    for bad in ["rpc:", "rpc:host", "rpc:host:port", "rpc:127.0.0.1:70000", "rpc::50052"] {
+        let err = BackendSpec::parse(bad).unwrap_err().to_string();
+        assert!(err.contains("expected HOST:PORT"), "{bad}: {err}");
+    }
+    let cli = Cli::try_parse_from(["dspark", "run", "--rpc", "127.0.0.1:1,127.0.0.1:2", "--tensor-split", "1,3"]).unwrap();
+    let Command::Run(r) = cli.command else { panic!("not run") };
+    assert_eq!(r.remote.spec().unwrap(), Some(BackendSpec::Rpc(vec!["127.0.0.1:1".into(), "127.0.0.1:2".into()])));
+    assert_eq!(r.remote.tensor_split, vec![1.0, 3.0]);
+    let cli = Cli::try_parse_from(["dspark", "rpc-server"]).unwrap();
+    let Command::RpcServer(a) = cli.command else { panic!("not rpc-server") };
+    assert_eq!((a.host.as_str(), a.port, a.format.as_str()), ("127.0.0.1", 50052, "k4v4"));
+}

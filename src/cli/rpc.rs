@@ -1,7 +1,7 @@
 //! `dspark rpc-server`: DSPARK0 served to other machines through llama.cpp's RPC backend, and
 //! `--rpc`, which places a model's layers on such servers (an `rpc:` configuration).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
 
@@ -58,25 +58,36 @@ pub fn serve(a: ServerArgs) -> Result<()> {
     ggml::rpc::serve(&endpoint, threads, dev).map_err(|e| anyhow!(e))
 }
 
-/// Prints the device's KV memory whenever it changes (checked every 2 s), so that a server's
-/// share of a model's KV can be read off its log.
+/// Prints the device's KV memory as it changes, at most every 2 s, and the last figure before
+/// it empties (a client left), so that a server's share of a model's KV can be read off its log.
 fn report_kv(dev: llama_cpp_sys_2::ggml_backend_dev_t) {
     let dev = dev as usize; // a device lives for the process; ggml shares it across threads
     std::thread::spawn(move || {
-        let mut last = (0, 0);
+        // (bytes, cells, bits per value) last printed and last seen
+        let (mut shown, mut seen) = ((0, 0, 0.0), (0, 0, 0.0));
+        let mut last_print = Instant::now();
         loop {
-            std::thread::sleep(Duration::from_secs(2));
+            std::thread::sleep(Duration::from_millis(100));
             let s = ggml::Stats::of(dev as llama_cpp_sys_2::ggml_backend_dev_t);
-            if (s.kv_bytes, s.cells) == last {
-                continue;
+            let now = (s.kv_bytes, s.cells, s.bits_per_elem());
+            let emptied = now.1 == 0 && seen.1 != 0;
+            if emptied && (seen.0, seen.1) != (shown.0, shown.1) {
+                print_kv(seen);
             }
-            last = (s.kv_bytes, s.cells);
-            match s.cells {
-                0 => eprintln!("dspark rpc-server: KV empty"),
-                _ => eprintln!("dspark rpc-server: KV {:.2} MiB in {} K and V rows ({:.2} bits per value)", s.kv_bytes as f64 / (1 << 20) as f64, s.cells, s.bits_per_elem()),
+            if (now.0, now.1) != (shown.0, shown.1) && (emptied || last_print.elapsed() >= Duration::from_secs(2)) {
+                print_kv(now);
+                (shown, last_print) = (now, Instant::now());
             }
+            seen = now;
         }
     });
+}
+
+fn print_kv((bytes, cells, bits): (u64, u64, f64)) {
+    match cells {
+        0 => eprintln!("dspark rpc-server: KV empty"),
+        _ => eprintln!("dspark rpc-server: KV {:.2} MiB in {cells} K and V rows ({bits:.2} bits per value)", bytes as f64 / (1 << 20) as f64),
+    }
 }
 
 fn is_loopback(host: &str) -> bool {

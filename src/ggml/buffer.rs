@@ -372,15 +372,13 @@ pub(crate) unsafe fn adopt_kv(t: *const ll::ggml_tensor) -> Result<Option<Arc<Kv
     if let Some(e) = unsafe { kv_entry(t) } {
         return Ok(Some(e));
     }
-    // SAFETY: as above; kv_root checked that the root lives in one of our buffers.
+    // SAFETY: as above; a KvRoot's root is a valid tensor in one of our live buffers.
     unsafe {
         let Some(kv) = kv_root(t) else { return Ok(None) };
-        let buf = (*kv.root).buffer;
-        if (*(buf as *mut sys::ggml_backend_buffer)).context.is_null() {
-            return Ok(None); // llama.cpp's fitting pass: a placeholder buffer holds no store
-        }
+        // llama.cpp's fitting pass places the KV in a placeholder buffer, which holds no store.
+        let Some(ctx) = buffer_ctx((*kv.root).buffer) else { return Ok(None) };
         let name = tensor_name(kv.root);
-        new_entry(ctx(buf), kv, &name, (*kv.root).data as usize, (*kv.root).ne[2] as usize).map(Some).map_err(|e| format!("{name}: {e}"))
+        new_entry(ctx, kv, &name, (*kv.root).data as usize, (*kv.root).ne[2] as usize).map(Some).map_err(|e| format!("{name}: {e}"))
     }
 }
 
