@@ -60,27 +60,39 @@ pub fn row_scale(data: &[u8]) -> f32 {
     f32::from_bits(u32::from(u16::from_le_bytes([data[0], data[1]])) << 16)
 }
 
+/// `x.round()` (half away from zero), written as LLVM lowers it, `trunc(x ± 0.49999997)`
+/// (exact for every float), because `f32::round` in a loop does not vectorize.
+#[inline(always)]
+fn round(x: f32) -> f32 {
+    (x + 0.499_999_97_f32.copysign(x)).trunc()
+}
+
 /// Quantizes one value with a given step; the result is a code in `0..2·off`.
 #[inline(always)]
 fn quantize(v: f32, inv_step: f32, off: i32) -> i32 {
-    // `as` saturates, so huge ratios cannot wrap.
-    #[allow(clippy::cast_possible_truncation)]
-    let q = (v * inv_step).round() as i32 + off;
-    q.clamp(0, 2 * off - 1)
+    // Clamped as a float, then converted: the same codes, and the loop over a group
+    // vectorizes (a saturating `as i32` first does not).
+    #[allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)]
+    let q = round(v * inv_step).max(-(off as f32)).min((off - 1) as f32) as i32;
+    q + off
 }
 
+/// Squared error of quantizing `v` with `step`: what [`quantize`] then decoding gives, as
+/// `clamp(round(x / step), -off, off - 1) · step`. Summed in 16 lanes (then the lanes added),
+/// not left to right, so that it vectorizes: the scale search calls it 9 times per group,
+/// and a sequential sum made compression a visible share of prefill.
 #[allow(clippy::cast_precision_loss)]
 fn group_error(v: &[f32], step: f32, off: i32) -> f32 {
-    if step == 0.0 {
-        return v.iter().map(|x| x * x).sum();
+    let mut lanes = [0.0f32; 16];
+    let (inv, lo, hi) = if step == 0.0 { (0.0, 0.0, 0.0) } else { (1.0 / step, -(off as f32), (off - 1) as f32) };
+    for c in v.chunks_exact(16) {
+        let c: &[f32; 16] = c.try_into().expect("16 values");
+        for (l, &x) in lanes.iter_mut().zip(c) {
+            let e = x - round(x * inv).max(lo).min(hi) * step;
+            *l += e * e;
+        }
     }
-    let inv = 1.0 / step;
-    v.iter()
-        .map(|&x| {
-            let e = x - (quantize(x, inv, off) - off) as f32 * step;
-            e * e
-        })
-        .sum()
+    lanes.iter().sum()
 }
 
 /// Picks the signed 8-bit multiplier for one group. `ideal` is the absmax step (negative when
@@ -105,10 +117,19 @@ fn pick_multiplier(v: &[f32], ideal: f32, row_scale: f32, off: i32, search: bool
     best.1 as i8
 }
 
-/// Signed value of largest magnitude (ggml's q4_0 convention), 0 for an all-zero group.
+/// Signed value of largest magnitude (ggml's q4_0 convention: the first one, should several
+/// share it), 0 for an all-zero group. The magnitude is found in 16 lanes, so it vectorizes.
 fn signed_extreme(v: &[f32]) -> f32 {
-    v.iter()
-        .fold(0.0f32, |m, &x| if x.abs() > m.abs() { x } else { m })
+    let mut lanes = [0.0f32; 16];
+    for c in v.chunks_exact(16) {
+        let c: &[f32; 16] = c.try_into().expect("16 values");
+        lanes.iter_mut().zip(c).for_each(|(l, &x)| *l = l.max(x.abs()));
+    }
+    let m = lanes.iter().fold(0.0f32, |a, &b| a.max(b));
+    if m == 0.0 {
+        return 0.0;
+    }
+    v.iter().copied().find(|x| x.abs() == m).unwrap_or(0.0)
 }
 
 /// Encodes one rotated, finite row. `search` turns the per-group MSE scale search on.
@@ -289,4 +310,54 @@ fn unpack_wide<const BITS: u32>(c: &[u8], step: f32, o: &mut [f32; GROUP]) {
         t[k] = level(code[k], off, step);
     }
     *o = t;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The vectorizable helpers give exactly what the plain formulations give.
+    #[test]
+    fn vectorized_helpers_match_the_plain_definitions() {
+        let mut x = 0x9e37_79b9_u32;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x
+        };
+        // Halves, their neighbours, and arbitrary floats of every magnitude.
+        let mut vals: Vec<f32> = (-40..40).flat_map(|k| [k as f32 + 0.5, (k as f32 + 0.5).next_up(), (k as f32 + 0.5).next_down()]).collect();
+        vals.extend([0.0, -0.0, 0.499_999_97, -0.499_999_97, 8_388_607.5, 1e30, -1e30]);
+        vals.extend((0..10_000).map(|_| f32::from_bits(next() & 0xbfff_ffff))); // finite, |x| < 2^64
+        vals.extend((0..10_000).map(|_| (next() as i32) as f32 / 1e8)); // row-sized values, |x| < 22
+        for &v in &vals {
+            assert_eq!(round(v).to_bits(), v.round().to_bits(), "round({v:e})");
+        }
+        for chunk in vals.chunks_exact(GROUP) {
+            let plain = chunk.iter().fold(0.0f32, |m, &x| if x.abs() > m.abs() { x } else { m });
+            assert_eq!(signed_extreme(chunk).to_bits(), plain.to_bits());
+            if plain.abs() > 1e6 {
+                continue; // squares beyond f32's range: not what rows hold
+            }
+            for (off, step) in [(8, 0.37f32), (2, 3.0), (128, 1e-3), (8, 0.0)] {
+                let plain: f32 = chunk
+                    .iter()
+                    .map(|&x| {
+                        let e = if step == 0.0 { x } else { x - ((x / step).round().clamp(-off as f32, (off - 1) as f32)) * step };
+                        f64::from(e * e) as f32
+                    })
+                    .map(f64::from)
+                    .sum::<f64>() as f32;
+                let got = group_error(chunk, step, off);
+                assert!((got - plain).abs() <= 1e-5 * plain.max(1e-30), "group_error {got} vs {plain}");
+            }
+        }
+        // Ties in magnitude: the first of them, with its sign.
+        let mut g = [0.0f32; GROUP];
+        g[3] = -2.0;
+        g[20] = 2.0;
+        assert_eq!(signed_extreme(&g), -2.0);
+        assert_eq!(signed_extreme(&[0.0; GROUP]), 0.0);
+    }
 }
