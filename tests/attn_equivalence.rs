@@ -341,8 +341,9 @@ proptest! {
 #[test]
 fn prefill_with_causal_mask() {
     let layout: Layout = vec![(0, 4, None, None), (4, 300, Some(Quant::Q4), Some(Quant::Q4)), (304, 70, None, None)];
-    for (d, n_kv, group) in [(128, 2, 4), (64, 3, 3)] {
-        let c = build(7, d, n_kv, group, 45, &layout, 2, false, 0.0, 0.0);
+    // 45 queries: one item of up to 128 rows at head size 64 and a partial one; 130: several.
+    for (d, n_kv, group, n_q) in [(128, 2, 4, 45), (64, 3, 3, 45), (64, 3, 3, 130), (128, 1, 8, 130)] {
+        let c = build(7, d, n_kv, group, n_q, &layout, 2, false, 0.0, 0.0);
         check(&c).unwrap();
     }
 }
