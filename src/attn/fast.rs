@@ -280,6 +280,8 @@ struct Work<'c, 'p, 'a, 'b> {
     s: Vec<f32>,
     /// Mask values of the tile, `[query][TILE]` (the head's slope is applied later).
     mv: Vec<f32>,
+    /// Whether the tile's mask values (`mv`) are all zero: it then changes no score.
+    mask_zero: bool,
     st: Partial,
     /// Transposed layout for wide (prefill) tiles: `m` rounded up to 16, q as `d × mp`,
     /// scores as `TILE × mp`. Empty when the tile kernels run row by row.
@@ -361,6 +363,7 @@ pub(crate) fn run_item<F: Flavor>(ctx: &Ctx, it: &Item) -> Partial {
         vt: vec![0.0; (TILE + 1) * d],
         s: vec![0.0; m * TILE],
         mv: vec![0.0; (it.q1 - it.q0) * TILE],
+        mask_zero: false,
         st: Partial::new(m),
         mp: 0,
         qt_plain: Vec::new(),
@@ -474,15 +477,17 @@ fn packed_rows<F: Flavor>(w: &mut Work, seg: &Segment, r0: usize, r1: usize) -> 
 #[inline(always)]
 fn load_mask(w: &mut Work, seg: &Segment, r0: usize, nj: usize) -> bool {
     let Some(mask) = w.ctx.pb.mask else { return true };
-    let mut any = false;
+    let (mut any, mut zero) = (false, true);
     for (i, qi) in (w.it.q0..w.it.q1).enumerate() {
         let src = &mask.data[qi * mask.stride + seg.first_cell + r0..][..nj];
         let dst = &mut w.mv[i * TILE..i * TILE + nj];
         for (o, h) in dst.iter_mut().zip(src) {
             *o = h.to_f32();
             any |= *o != f32::NEG_INFINITY;
+            zero &= *o == 0.0;
         }
     }
+    w.mask_zero = zero;
     any
 }
 
@@ -575,12 +580,15 @@ fn softmax_update_t<F: Flavor>(w: &mut Work, nj: usize) -> bool {
         let c = pb.p.softcap;
         st.iter_mut().for_each(|x| *x = kernels::softcap::<F>(*x, c));
     }
-    if pb.mask.is_some() {
+    // A tile whose mask is all zeros (every tile off the causal diagonal) changes no score.
+    if pb.mask.is_some() && !w.mask_zero {
         for (j, row) in st.chunks_exact_mut(mp).enumerate() {
-            for (r, x) in row[..m].iter_mut().enumerate() {
-                let mv = w.mv[(r / g) * TILE + j];
-                let slope = w.ctx.slopes[w.it.kh * g + r % g];
-                *x = if mv == f32::NEG_INFINITY { f32::NEG_INFINITY } else { F::fma(slope, mv, *x) };
+            // Rows are (query, head in group): one mask value per query.
+            for (qi, rows) in row[..m].chunks_exact_mut(g).enumerate() {
+                let mv = w.mv[qi * TILE + j];
+                for (x, &slope) in rows.iter_mut().zip(&w.row_slopes[qi * g..]) {
+                    *x = if mv == f32::NEG_INFINITY { f32::NEG_INFINITY } else { F::fma(slope, mv, *x) };
+                }
             }
         }
     }
