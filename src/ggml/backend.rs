@@ -247,7 +247,8 @@ unsafe fn is_kv_node(node: *const ll::ggml_tensor) -> Result<bool, String> {
     // SAFETY: valid node and srcs (caller).
     let tensors = std::iter::once(node).chain(unsafe { (*node).src }.into_iter().filter(|s| !s.is_null()).map(|s| s.cast_const()));
     let mut kv = false;
-    for t in tensors {
+    // SAFETY: as above.
+    for t in tensors.filter(|&t| unsafe { super::buffer::named_like_kv(t) }) {
         // SAFETY: as above.
         kv |= unsafe { adopt_kv(t) }?.is_some();
     }

@@ -463,6 +463,17 @@ pub(crate) unsafe fn kv_root(t: *const ll::ggml_tensor) -> Option<KvRoot> {
     }
 }
 
+/// Whether the root of `t` has a name that starts like a KV root's (`cache_`): a test of a
+/// few bytes, which spares the lookups of [`adopt_kv`] to the graph scan's other tensors.
+///
+/// # Safety
+/// `t` must point to a valid tensor.
+pub(crate) unsafe fn named_like_kv(t: *const ll::ggml_tensor) -> bool {
+    // SAFETY: t and its root are valid (caller); a name is a NUL-padded array of 64 bytes.
+    let name = unsafe { &(*root_of(t)).name };
+    name[..6].iter().zip(b"cache_").all(|(&c, &k)| c as u8 == k)
+}
+
 /// The KV entries of a buffer (none if it is NULL or not ours).
 ///
 /// # Safety
