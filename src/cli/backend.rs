@@ -146,6 +146,7 @@ pub struct Runner {
     stock: OnceLock<Model>,
     /// Append-only (models never move or drop while contexts may borrow them).
     dspark: elsa::sync::FrozenVec<Box<(ggml::Config, Model)>>,
+    /// Models whose layers are on RPC servers, by the servers' endpoints.
     remote: elsa::sync::FrozenVec<Box<(Vec<String>, Model)>>,
     /// Shares of the layers for `rpc:` configurations, one per server (empty: equal).
     tensor_split: Vec<f32>,
