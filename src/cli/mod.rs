@@ -28,7 +28,8 @@ pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 This tool runs a GGUF model with DSpark or with stock llama.cpp and compares them side by side.\n\n\
 Backend configurations are named stock:<kv type> (llama.cpp's CPU backend with KV type f16, q8_0, q5_1, q5_0, iq4_nl or q4_0,\n\
 flash attention on) and dspark:<format> (DSpark's compressed KV: dspark:k4v4, any k<b>v<b> with b from 2 to 8,\n\
-dspark:auto4.5 for per-layer widths calibrated to 4.5 bits per value, or dspark:profile=FILE from `dspark calibrate`).\n\n\
+dspark:auto4.5 for per-layer widths calibrated to 4.5 bits per value, or dspark:profile=FILE from `dspark calibrate`);\n\
+rpc:HOST:PORT[+HOST:PORT...] places the layers on `dspark rpc-server`s (llama.cpp's RPC backend).\n\n\
 The default model is models/SmolLM2-135M-Instruct.Q4_1.gguf; `bash scripts/setup.sh` fetches it."
 )]
 pub struct Cli {

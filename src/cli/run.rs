@@ -21,7 +21,8 @@ pub struct RunArgs {
     /// Tokens to generate.
     #[arg(short = 'n', long, default_value_t = 64)]
     pub n: usize,
-    /// Backend configuration: stock:f16, stock:q8_0, stock:q4_0 or dspark:<format>.
+    /// Backend configuration: stock:f16, stock:q8_0, stock:q4_0, dspark:<format> or
+    /// rpc:HOST:PORT[+HOST:PORT...].
     #[arg(long, default_value = "stock:f16")]
     pub backend: String,
     /// Sample with this seed (temperature 0.8) instead of greedy decoding.
