@@ -199,7 +199,7 @@ impl Model {
         check_model_file(path)?;
         let cpath = CString::new(path.to_string_lossy().as_bytes()).context("model path contains NUL")?;
         // The device list must stay alive during loading and be NULL-terminated.
-        let (mut devs, split): (Vec<sys::ggml_backend_dev_t>, Vec<f32>) = match &placement {
+        let (mut devs, mut split): (Vec<sys::ggml_backend_dev_t>, Vec<f32>) = match &placement {
             Placement::Cpu => (vec![], vec![]),
             Placement::Offload(d) => (d.clone(), vec![]),
             Placement::Split(d, s) => (d.clone(), s.clone()),
@@ -210,10 +210,10 @@ impl Model {
             bail!("a tensor split over {} devices: llama.cpp takes at most {max_devices}", split.len());
         }
         // llama.cpp reads llama_max_devices() weights.
-        let mut split_all = split.clone();
-        split_all.resize(max_devices, 0.0);
+        let has_split = !split.is_empty();
+        split.resize(max_devices, 0.0);
         devs.push(std::ptr::null_mut());
-        // SAFETY: default params are plain data; devs and split_all outlive the call; cpath
+        // SAFETY: default params are plain data; devs and split outlive the call; cpath
         // is NUL-terminated.
         let ptr = unsafe {
             let mut p = sys::llama_model_default_params();
@@ -222,8 +222,8 @@ impl Model {
                 Placement::Cpu => 0,
                 Placement::Offload(_) | Placement::Split(..) => -1,
             };
-            if !split.is_empty() {
-                p.tensor_split = split_all.as_ptr();
+            if has_split {
+                p.tensor_split = split.as_ptr();
             }
             sys::llama_model_load_from_file(cpath.as_ptr(), p)
         };

@@ -225,6 +225,7 @@ fn rpc_specs_and_flags_parse() {
     let s = BackendSpec::parse("rpc:127.0.0.1:50052+10.0.0.2:50053").unwrap();
     assert_eq!(s, BackendSpec::Rpc(vec!["127.0.0.1:50052".into(), "10.0.0.2:50053".into()]));
     assert_eq!(s.to_string(), "rpc:127.0.0.1:50052+10.0.0.2:50053");
+    assert!(BackendSpec::names_remote(&s.to_string()) && !BackendSpec::names_remote("dspark:k4v4"));
     for bad in ["rpc:", "rpc:host", "rpc:host:port", "rpc:127.0.0.1:70000", "rpc::50052"] {
         let err = BackendSpec::parse(bad).unwrap_err().to_string();
         assert!(err.contains("expected HOST:PORT"), "{bad}: {err}");

@@ -58,6 +58,12 @@ impl BackendSpec {
         matches!(BackendSpec::parse(name), Ok(BackendSpec::Dspark(n)) if auto_bits(&n).is_ok_and(|b| b.is_some()) || has_option(&n, "profile="))
     }
 
+    /// Whether a configuration named in a report runs on RPC servers (`rpc:`), whose KV
+    /// this process cannot measure.
+    pub fn names_remote(name: &str) -> bool {
+        matches!(BackendSpec::parse(name), Ok(BackendSpec::Rpc(_)))
+    }
+
     /// [`BackendSpec::has_attn_budget`] of a configuration named in a report.
     pub fn names_attn_budget(name: &str) -> bool {
         BackendSpec::parse(name).is_ok_and(|s| s.has_attn_budget())

@@ -441,8 +441,7 @@ pub fn table(r: &BenchReport) -> String {
             row.push(format!("{:.1}", x.prompt_at_depth_tps));
         }
         // An rpc: configuration's KV is on its servers (their logs show it).
-        let remote = x.backend.starts_with("rpc:");
-        let (kv_mib, bits) = if remote { ("remote".into(), "-".into()) } else { (format!("{:.2}", mib(x.kv_bytes)), format!("{:.2}", x.kv_bits_per_elem)) };
+        let (kv_mib, bits) = if BackendSpec::names_remote(&x.backend) { ("remote".into(), "-".into()) } else { (format!("{:.2}", mib(x.kv_bytes)), format!("{:.2}", x.kv_bits_per_elem)) };
         row.extend([kv_mib, bits, format!("{:.0}", mib(x.peak_rss_bytes))]);
         row.extend([ratio(|b| b.prefill_tps), ratio(|b| b.decode_tps)]);
         if pp.is_some() {

@@ -235,10 +235,11 @@ pub fn run_eval(args: &EvalArgs) -> Result<EvalReport> {
 pub fn table(r: &EvalReport) -> String {
     let mut s = String::from("| backend | bits/elem | KLD mean | KLD p99 | top-1 agree | PPL | ΔPPL | tokens |\n|---|---:|---:|---:|---:|---:|---:|---:|\n");
     for x in &r.results {
+        // An rpc: configuration's KV is on its servers: its bits are not known here.
+        let bits = if BackendSpec::names_remote(&x.backend) { "-".to_string() } else { format!("{:.2}", x.kv_bits_per_elem) };
         s += &format!(
-            "| {} | {:.2} | {:.6} | {:.5} | {:.2}% | {:.4} | {:+.4} | {} |\n",
+            "| {} | {bits} | {:.6} | {:.5} | {:.2}% | {:.4} | {:+.4} | {} |\n",
             x.backend,
-            x.kv_bits_per_elem,
             x.kld_mean,
             x.kld_p99,
             100.0 * x.top1_agree,
@@ -256,7 +257,13 @@ pub fn plot(r: &EvalReport, path: &Path) -> Result<()> {
     if path.extension().and_then(|e| e.to_str()) != Some("svg") {
         bail!("--plot writes SVG; give a file name ending in .svg");
     }
-    let pts: Vec<(f64, f64, &str)> = r.results.iter().map(|x| (x.kv_bits_per_elem, x.kld_mean.max(1e-7), x.backend.as_str())).collect();
+    // Rows on RPC servers have no bits to place them by.
+    let pts: Vec<(f64, f64, &str)> = r
+        .results
+        .iter()
+        .filter(|x| !BackendSpec::names_remote(&x.backend))
+        .map(|x| (x.kv_bits_per_elem, x.kld_mean.max(1e-7), x.backend.as_str()))
+        .collect();
     let x_max = pts.iter().map(|p| p.0).fold(0.0, f64::max) * 1.1 + 0.5;
     let y_max = pts.iter().map(|p| p.1).fold(1e-6, f64::max) * 3.0;
     let y_min = pts.iter().map(|p| p.1).fold(f64::INFINITY, f64::min) / 3.0;

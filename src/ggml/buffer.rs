@@ -378,13 +378,13 @@ pub(crate) unsafe fn adopt_kv(t: *const ll::ggml_tensor) -> Result<Option<Arc<Kv
         // llama.cpp's fitting pass places the KV in a placeholder buffer, which holds no store.
         let Some(ctx) = buffer_ctx((*kv.root).buffer) else { return Ok(None) };
         let name = tensor_name(kv.root);
-        new_entry(ctx, kv, &name, (*kv.root).data as usize, (*kv.root).ne[2] as usize).map(Some).map_err(|e| format!("{name}: {e}"))
+        new_entry(ctx, kv, &name, (*kv.root).data as usize).map(Some).map_err(|e| format!("{name}: {e}"))
     }
 }
 
 /// Makes the store of a KV root at `addr` in `ctx`'s buffer (or returns the one another
 /// thread made meanwhile), as the device's configuration says.
-fn new_entry(ctx: &BufferCtx, kv: KvRoot, name: &str, addr: usize, streams: usize) -> Result<Arc<KvEntry>, String> {
+fn new_entry(ctx: &BufferCtx, kv: KvRoot, name: &str, addr: usize) -> Result<Arc<KvEntry>, String> {
     let mut map = ctx.kv();
     if let Some(e) = map.get(&addr) {
         return Ok(e.clone());
@@ -397,7 +397,7 @@ fn new_entry(ctx: &BufferCtx, kv: KvRoot, name: &str, addr: usize, streams: usiz
     }
     let cfg = StoreConfig { quant, window: c.window, digests: kv.is_k && c.attn_budget > 0, centered: c.center };
     let tier = ctx.dev.budget()?.map(|b| b.tier.clone());
-    let entry = Arc::new(KvEntry::new(addr, kv.row_len, kv.cells, streams, cfg, tier, layer)?);
+    let entry = Arc::new(KvEntry::new(addr, kv.row_len, kv.cells, kv.streams, cfg, tier, layer)?);
     ctx.dev.track(&entry);
     map.insert(addr, entry.clone());
     Ok(entry)
@@ -413,6 +413,7 @@ pub(crate) struct KvRoot {
     pub row_len: usize,
     /// Cells per stream.
     pub cells: usize,
+    pub streams: usize,
 }
 
 impl KvRoot {
@@ -459,7 +460,7 @@ pub(crate) unsafe fn kv_root(t: *const ll::ggml_tensor) -> Option<KvRoot> {
         }
         // Not `tensor_name`: this runs for every tensor of every graph, and need not allocate.
         let is_k = is_kv_name(std::ffi::CStr::from_ptr(r.name.as_ptr()).to_str().ok()?)?;
-        Some(KvRoot { root, is_k, row_len: r.ne[0] as usize, cells: r.ne[1] as usize })
+        Some(KvRoot { root, is_k, row_len: r.ne[0] as usize, cells: r.ne[1] as usize, streams: r.ne[2] as usize })
     }
 }
 

@@ -190,11 +190,11 @@ impl Stats {
         self.select_ns += o.select_ns;
     }
 
-    /// Stored bits per K/V value, page metadata included, in RAM and cold (NaN with nothing
-    /// stored).
+    /// Stored bits per K/V value, page metadata included, in RAM and cold (0 with nothing
+    /// stored, e.g. a device that is not DSpark's: JSON has no NaN).
     pub fn bits_per_elem(&self) -> f64 {
         if self.elems == 0 {
-            return 0.0; // no KV (or not DSpark's, e.g. a remote device): JSON has no NaN
+            return 0.0;
         }
         8.0 * (self.kv_bytes + self.kv_cold_bytes) as f64 / self.elems as f64
     }
