@@ -381,8 +381,12 @@ pub(crate) fn run_item<F: Flavor>(ctx: &Ctx, it: &Item) -> Partial {
         w.iq = item_q(ctx, it);
     }
     let mut base = 0;
-    for seg in &pb.kv[it.kh] {
+    let segs = &pb.kv[it.kh];
+    for (i, seg) in segs.iter().enumerate() {
         let (lo, hi) = (it.r0.max(base), it.r1.min(base + seg.n));
+        if let Some(next) = segs.get(i + 1).filter(|_| base + seg.n < it.r1) {
+            prefetch_segment(next);
+        }
         let mut r = lo;
         if F::PACKED_DECODE && hi > lo {
             r += packed_rows::<F>(&mut w, seg, lo - base, hi - base);
@@ -395,6 +399,35 @@ pub(crate) fn run_item<F: Flavor>(ctx: &Ctx, it: &Item) -> Partial {
         base += seg.n;
     }
     w.st
+}
+
+/// Asks the CPU to bring a packed segment's bytes into cache while the current one is being
+/// read. A head's consecutive pages are separate allocations, so the hardware prefetcher,
+/// which follows sequential streams, started each page with misses, and a page's centroids
+/// (stored after its rows) always missed: perf put 8% of a decode step at depth 8192 on their
+/// first load. Measured at depth 8192 (k4v4): decode 60 -> 75–81 t/s. A page's work (~2 µs)
+/// is far longer than a memory round trip, so one page ahead suffices (two ahead, or into L2
+/// only, measured no better).
+#[inline(always)]
+fn prefetch_segment(seg: &Segment) {
+    for rows in [seg.k, seg.v] {
+        if let Rows::Packed { data, center, .. } = rows {
+            prefetch(data);
+            prefetch(center.unwrap_or_default());
+        }
+    }
+}
+
+/// Prefetches every cache line of `bytes` into L1 (a hint: it never faults).
+#[inline(always)]
+fn prefetch(bytes: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in bytes.chunks(64) {
+        // SAFETY: a prefetch is a hint that cannot fault, and SSE is in x86_64's baseline.
+        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(line.as_ptr().cast()) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = bytes;
 }
 
 /// Runs the packed decode kernel on the longest run of whole blocks of rows `r0..r1` of
