@@ -150,57 +150,100 @@ fn merge_acc(mine: &mut Vec<f32>, theirs: &[f32], r: usize, d: usize, a: f32, b:
 }
 
 pub(crate) fn run(pb: &Problem, kernels: &isa::Kernels, threads: Threads, out: &mut [f32]) {
-    let ctx = prepare(pb);
+    let ctx = prepare(pb, threads);
     let items = plan(pb, threads.count());
     let partials = threads.map(&items, |it| (kernels.item)(&ctx, it));
-    let mut partials = partials.into_iter();
-    let mut i = 0;
-    while i < items.len() {
-        let mut acc = partials.next().expect("one partial per item");
-        let mut j = i + 1;
-        while j < items.len() && items[j].kh == items[i].kh && items[j].q0 == items[i].q0 {
-            acc.merge(partials.next().expect("one partial per item"), pb.d);
-            j += 1;
+    // Items that share a query tile (a KV split across threads) merge into one partial.
+    let mut groups: Vec<(Item, Partial)> = Vec::new();
+    for (it, st) in items.into_iter().zip(partials) {
+        match groups.last_mut() {
+            Some((first, acc)) if first.kh == it.kh && first.q0 == it.q0 => acc.merge(st, pb.d),
+            _ => groups.push((it, st)),
         }
-        finish(pb, &items[i], acc, out);
-        i = j;
+    }
+    // Finishing (normalise, un-rotate) is row-wise work too: on the threads, then scattered.
+    let rows = threads.map(&groups, |(it, st)| finish(pb, it, st));
+    let (d, g) = (pb.d, pb.group());
+    for ((it, _), rows) in groups.iter().zip(rows) {
+        for ((qi, h), o) in rows_of(it, g).zip(rows.chunks_exact(d)) {
+            out[(qi * pb.n_head + h) * d..][..d].copy_from_slice(o);
+        }
     }
 }
 
-fn prepare<'p, 'a, 'b>(pb: &'p Problem<'a, 'b>) -> Ctx<'p, 'a, 'b> {
+/// Queries per chunk of [`prepare`]'s parallel work.
+const PREPARE_ROWS: usize = 64;
+
+fn prepare<'p, 'a, 'b>(pb: &'p Problem<'a, 'b>, threads: Threads) -> Ctx<'p, 'a, 'b> {
     let p = pb.p;
     let qscale = if p.softcap == 0.0 { p.scale } else { p.scale / p.softcap };
-    let q_plain: Vec<f32> = pb.q.iter().map(|x| x * qscale).collect();
     let any_packed_k = pb.kv.iter().flatten().any(|s| matches!(s.k, Rows::Packed { .. }));
-    let mut q_rot = Vec::new();
-    let mut q_int = None;
-    if any_packed_k {
-        q_rot = q_plain.clone();
-        q_rot.chunks_exact_mut(pb.d).for_each(rotate);
-        q_int = quantize_queries(&mut q_rot);
-    }
+    let len = pb.q.len();
+    let mut q_plain = vec![0.0f32; len];
+    let mut q_rot = vec![0.0f32; if any_packed_k { len } else { 0 }];
+    // Chunks of whole query rows (a multiple of 32 values: d is), scaled and rotated on the
+    // threads; a prefill has hundreds of rows, and this was serial work the other threads
+    // waited for.
+    let per = PREPARE_ROWS * pb.n_head * pb.d;
+    let mut chunks: Vec<(&[f32], &mut [f32], &mut [f32], bool)> = pb
+        .q
+        .chunks(per)
+        .zip(q_plain.chunks_mut(per))
+        .zip(q_rot.chunks_mut(per).chain(std::iter::repeat_with(|| &mut [][..])))
+        .map(|((q, plain), rot)| (q, plain, rot, true))
+        .collect();
+    threads.for_each_mut(&mut chunks, |(q, plain, rot, finite)| {
+        for (y, x) in plain.iter_mut().zip(q.iter()) {
+            *y = x * qscale;
+        }
+        if !rot.is_empty() {
+            rot.copy_from_slice(plain);
+            rot.chunks_exact_mut(pb.d).for_each(rotate);
+            *finite = rot.iter().all(|x| x.is_finite());
+        }
+    });
+    let finite = chunks.iter().all(|c| c.3);
+    drop(chunks);
+    let q_int = (any_packed_k && finite).then(|| {
+        let groups = len / 32;
+        let mut qi = QInt { q8: vec![0; len], step: vec![0.0; groups], sum: vec![0; groups] };
+        let per_g = per / 32;
+        let mut chunks: Vec<_> = q_rot
+            .chunks_mut(per)
+            .zip(qi.q8.chunks_mut(per))
+            .zip(qi.step.chunks_mut(per_g).zip(qi.sum.chunks_mut(per_g)))
+            .map(|((x, q8), (step, sum))| (x, q8, step, sum))
+            .collect();
+        threads.for_each_mut(&mut chunks, |(x, q8, step, sum)| quantize_groups(x, q8, step, sum));
+        qi
+    });
     let slopes = (0..pb.n_head).map(|h| alibi_slope(p.max_bias, h, pb.n_head)).collect();
     Ctx { pb, q_plain, q_rot, q_int, slopes }
 }
 
 /// Rounds the rotated queries to their int8 image in place (`q ← q8 · step` per group of
 /// 32) and returns the codes; leaves them unchanged and returns `None` when any value is not
-/// finite. The scalar oracle's int8 mode (`reference.rs`) calls this same function.
+/// finite. The scalar oracle's int8 mode (`reference.rs`) calls this; `prepare` does the
+/// same per chunk ([`quantize_groups`]).
 pub(crate) fn quantize_queries(q_rot: &mut [f32]) -> Option<QInt> {
     if !q_rot.iter().all(|x| x.is_finite()) {
         return None;
     }
     let groups = q_rot.len() / 32;
     let mut qi = QInt { q8: vec![0; q_rot.len()], step: vec![0.0; groups], sum: vec![0; groups] };
-    for (g, (x, q)) in q_rot.chunks_exact_mut(32).zip(qi.q8.chunks_exact_mut(32)).enumerate() {
-        let step = kernels::quantize_q8(x, q);
-        for (v, c) in x.iter_mut().zip(q.iter()) {
-            *v = f32::from(*c) * step;
-        }
-        qi.step[g] = step;
-        qi.sum[g] = q.iter().map(|c| i32::from(*c)).sum();
-    }
+    quantize_groups(q_rot, &mut qi.q8, &mut qi.step, &mut qi.sum);
     Some(qi)
+}
+
+/// [`quantize_queries`] on finite values, into the given codes, steps and sums.
+fn quantize_groups(x: &mut [f32], q8: &mut [i8], step: &mut [f32], sum: &mut [i32]) {
+    for (((x, q), st), sm) in x.chunks_exact_mut(32).zip(q8.chunks_exact_mut(32)).zip(step.iter_mut()).zip(sum.iter_mut()) {
+        *st = kernels::quantize_q8(x, q);
+        for (v, c) in x.iter_mut().zip(q.iter()) {
+            *v = f32::from(*c) * *st;
+        }
+        *sm = q.iter().map(|c| i32::from(*c)).sum();
+    }
 }
 
 /// Query tiles × row ranges, ordered so that the items of one query tile are adjacent.
@@ -231,21 +274,21 @@ fn plan(pb: &Problem, n_threads: usize) -> Vec<Item> {
     items
 }
 
-/// Sinks, normalisation, un-rotation, and the write to `out`.
-fn finish(pb: &Problem, it: &Item, mut st: Partial, out: &mut [f32]) {
+/// Sinks, normalisation and un-rotation: the item's output rows (`m × d`, in
+/// [`rows_of`] order).
+fn finish(pb: &Problem, it: &Item, st: &Partial) -> Vec<f32> {
     let (d, g) = (pb.d, pb.group());
+    let mut out = vec![0.0f32; st.max.len() * d];
     let mut rot = vec![0.0f32; d];
-    for (r, (qi, h)) in rows_of(it, g).enumerate() {
-        let mut scale_acc = 1.0;
+    for (r, ((_, h), o)) in rows_of(it, g).zip(out.chunks_exact_mut(d)).enumerate() {
+        let (mut scale_acc, mut sum) = (1.0, st.sum[r]);
         if let Some(sinks) = pb.sinks {
             let s = sinks[h];
             let m = st.max[r].max(s);
             scale_acc = (st.max[r] - m).exp();
-            st.sum[r] = st.sum[r] * scale_acc + (s - m).exp();
+            sum = sum * scale_acc + (s - m).exp();
         }
-        let inv = if st.sum[r] == 0.0 { 0.0 } else { scale_acc / st.sum[r] };
-        let o = &mut out[(qi * pb.n_head + h) * d..][..d];
-        o.fill(0.0);
+        let inv = if sum == 0.0 { 0.0 } else { scale_acc / sum };
         if !st.plain.is_empty() {
             for (y, x) in o.iter_mut().zip(&st.plain[r * d..(r + 1) * d]) {
                 *y = x * inv;
@@ -259,6 +302,7 @@ fn finish(pb: &Problem, it: &Item, mut st: Partial, out: &mut [f32]) {
             }
         }
     }
+    out
 }
 
 /// The (query, head) pairs of an item's rows, in row order.

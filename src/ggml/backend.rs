@@ -193,7 +193,7 @@ unsafe fn supports_kv_op(dev: ll::ggml_backend_dev_t, op: *const ll::ggml_tensor
     // SAFETY: as above.
     unsafe {
         match (*op).op {
-            ll::GGML_OP_NONE | ll::GGML_OP_VIEW | ll::GGML_OP_RESHAPE | ll::GGML_OP_PERMUTE | ll::GGML_OP_TRANSPOSE => true,
+            op if is_view_op(op) => true,
             ll::GGML_OP_SET_ROWS => set_rows_check(op).is_ok(),
             ll::GGML_OP_FLASH_ATTN_EXT if dev_ctx(dev).config.cpu_attention => false,
             ll::GGML_OP_FLASH_ATTN_EXT => match flash_attn_check(op) {
@@ -207,6 +207,11 @@ unsafe fn supports_kv_op(dev: ll::ggml_backend_dev_t, op: *const ll::ggml_tensor
             _ => false,
         }
     }
+}
+
+/// Ops that only describe a tensor (no computation).
+fn is_view_op(op: ll::ggml_op) -> bool {
+    matches!(op, ll::GGML_OP_NONE | ll::GGML_OP_VIEW | ll::GGML_OP_RESHAPE | ll::GGML_OP_PERMUTE | ll::GGML_OP_TRANSPOSE)
 }
 
 /// Prints a reason for falling back to the stock path, once per distinct reason.
@@ -291,48 +296,54 @@ unsafe fn compute_graph(ctx: &BackendCtx, g: *mut ll::ggml_cgraph) -> Result<(),
         // SAFETY: valid nodes (caller).
         .filter(|&i| kv[i] && unsafe { (*nodes[i]).op == ll::GGML_OP_FLASH_ATTN_EXT && (*nodes[i]).flags & ll::GGML_TENSOR_FLAG_COMPUTE as i32 != 0 })
         .collect();
-    let mut stager = match &budget {
+    let stager = match &budget {
         // SAFETY: the graph's valid attention nodes on our KV, in order (checked above).
         Some(b) => Some(unsafe { Stager::new(b, &attn_nodes.iter().map(|&i| nodes[i]).collect::<Vec<_>>()) }?),
         None => None,
     };
-    let mut i = 0;
-    while i < nodes.len() {
-        if !kv[i] {
-            let j = (i..nodes.len()).find(|&j| kv[j]).unwrap_or(nodes.len());
-            // SAFETY: nodes i..j do not touch the KV: their srcs and outputs are host memory
-            // or plain bytes of our compute buffers (caller).
-            unsafe { ctx.cpu.compute(g, i, j) }?;
-            i = j;
-            continue;
+    // DSpark runs the KV nodes that compute; the CPU backend every other node, in the same
+    // pass of its pool (views are no-ops to both).
+    let own: Vec<usize> = (0..nodes.len())
+        // SAFETY: valid nodes (caller).
+        .filter(|&i| kv[i] && unsafe { (*nodes[i]).flags & ll::GGML_TENSOR_FLAG_COMPUTE as i32 != 0 && !is_view_op((*nodes[i]).op) })
+        .collect();
+    for &i in &own {
+        // SAFETY: valid node (caller).
+        let op = unsafe { (*nodes[i]).op };
+        if !matches!(op, ll::GGML_OP_SET_ROWS | ll::GGML_OP_FLASH_ATTN_EXT | ll::GGML_OP_ROPE) {
+            return Err(format!("{}: op {op} on the KV was not accepted by DSPARK0", name(nodes[i])));
         }
-        let node = nodes[i];
-        // SAFETY: valid nodes and srcs (caller).
+    }
+    let stager = std::cell::RefCell::new(stager);
+    let run = |k: usize, threads: Threads| -> Result<(), String> {
+        let (i, node) = (own[k], nodes[own[k]]);
+        // SAFETY: valid nodes and srcs (caller); this node is a compute node on our KV whose
+        // op was checked above, and the nodes before it have been computed.
         let r = unsafe {
             match (*node).op {
-                _ if (*node).flags & ll::GGML_TENSOR_FLAG_COMPUTE as i32 == 0 => Ok(()),
-                ll::GGML_OP_NONE | ll::GGML_OP_VIEW | ll::GGML_OP_RESHAPE | ll::GGML_OP_PERMUTE | ll::GGML_OP_TRANSPOSE => Ok(()),
                 ll::GGML_OP_SET_ROWS => set_rows(node, threads),
                 ll::GGML_OP_FLASH_ATTN_EXT => {
                     ctx.dev.attn_calls.fetch_add(1, Ordering::Relaxed);
                     let at = attn_nodes.binary_search(&i).ok();
                     let plan = attn_plan(node, ctx.dev, threads)?;
-                    if let (Some(s), Some(a)) = (&mut stager, at) {
+                    let mut stager = stager.borrow_mut();
+                    if let (Some(s), Some(a)) = (stager.as_mut(), at) {
                         s.before(a, plan.reads())?;
                     }
                     let r = flash_attn(node, &plan, threads);
-                    if let (Some(s), Some(a)) = (&mut stager, at) {
+                    if let (Some(s), Some(a)) = (stager.as_mut(), at) {
                         s.after(a);
                     }
                     r
                 }
-                ll::GGML_OP_ROPE => rope_shift(node),
-                op => Err(format!("op {op} on the KV was not accepted by DSPARK0")),
+                _ => rope_shift(node),
             }
         };
-        r.map_err(|msg| format!("{}: {msg}", name(node)))?;
-        i += 1;
-    }
+        r.map_err(|msg| format!("{}: {msg}", name(node)))
+    };
+    // SAFETY: nodes outside `own` do not touch the KV: their srcs and outputs are host
+    // memory or plain bytes of our compute buffers (caller); `own` is ascending and in range.
+    unsafe { ctx.cpu.compute_with(g, &own, &run) }?;
     match budget {
         Some(b) => b.enforce(&ctx.dev.entries()),
         None => Ok(()),

@@ -10,18 +10,19 @@
 //! nodes. The instance comes from ggml's registry, so in the plugin case it is the host's CPU
 //! backend module, the one llama.cpp itself would use.
 //!
-//! DSpark's own kernels run on the same thread pool, as a ggml custom op (see
-//! [`CpuBackend::run`]): one set of threads does all the work of a graph, and a polling pool
-//! never spins against DSpark's workers.
+//! DSpark's own kernels run on the same thread pool: [`CpuBackend::compute_with`] hands the
+//! whole graph to the CPU backend in one call, its KV nodes swapped for ggml custom ops that
+//! run DSpark's code on the pool's threads ([`Team`]). One set of threads does all the work of
+//! a graph in one pass, and a polling pool never spins against DSpark's workers.
 
 use std::ffi::{c_int, c_void, CStr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use llama_cpp_sys_2 as ll;
 
 use super::sys;
-use crate::attn::Executor;
+use crate::attn::{Executor, Threads};
 
 /// How long the pool's threads spin for new work before they sleep: llama.cpp's tools'
 /// default (`common_params::cpuparams.poll`), so that back-to-back runs of a graph do not pay
@@ -33,6 +34,7 @@ type ThreadpoolNew = unsafe extern "C" fn(*mut ll::ggml_threadpool_params) -> *m
 type ThreadpoolFree = unsafe extern "C" fn(*mut ll::ggml_threadpool);
 type SetThreadpool = unsafe extern "C" fn(ll::ggml_backend_t, *mut ll::ggml_threadpool);
 type SetNThreads = unsafe extern "C" fn(ll::ggml_backend_t, c_int);
+type SetAbortCallback = unsafe extern "C" fn(ll::ggml_backend_t, ll::ggml_abort_callback, *mut c_void);
 
 /// ggml's CPU device, if one is registered (looked up when first needed: in the plugin case
 /// the host registers it).
@@ -49,6 +51,7 @@ pub(crate) struct CpuBackend {
     threadpool_free: ThreadpoolFree,
     set_threadpool: SetThreadpool,
     set_n_threads: SetNThreads,
+    set_abort_callback: SetAbortCallback,
     /// The pool and its size; rebuilt when llama.cpp changes the thread count.
     pool: Mutex<(*mut ll::ggml_threadpool, usize)>,
 }
@@ -80,11 +83,20 @@ impl CpuBackend {
             let threadpool_free: ThreadpoolFree = std::mem::transmute(find(c"ggml_threadpool_free")?);
             let set_threadpool: SetThreadpool = std::mem::transmute(find(c"ggml_backend_cpu_set_threadpool")?);
             let set_n_threads: SetNThreads = std::mem::transmute(find(c"ggml_backend_set_n_threads")?);
+            let set_abort_callback: SetAbortCallback = std::mem::transmute(find(c"ggml_backend_set_abort_callback")?);
             let backend = ll::ggml_backend_dev_init(dev, std::ptr::null());
             if backend.is_null() {
                 return Err("ggml's CPU backend could not be started".into());
             }
-            Ok(CpuBackend { backend, threadpool_new, threadpool_free, set_threadpool, set_n_threads, pool: Mutex::new((std::ptr::null_mut(), 0)) })
+            Ok(CpuBackend {
+                backend,
+                threadpool_new,
+                threadpool_free,
+                set_threadpool,
+                set_n_threads,
+                set_abort_callback,
+                pool: Mutex::new((std::ptr::null_mut(), 0)),
+            })
         }
     }
 
@@ -113,27 +125,61 @@ impl CpuBackend {
         Ok(())
     }
 
-    /// Computes nodes `i0..i1` of `g` with ggml's CPU kernels.
+    /// Computes every node of `g` in one call of ggml's CPU backend, with node `own[k]`
+    /// replaced by a custom op that runs `body(k, threads)` on the pool's threads (`own`
+    /// ascending). ggml puts a barrier between nodes, so each op sees its predecessors done.
+    /// The first error stops the graph (ggml's abort callback, checked after each node) and
+    /// is returned; ops after it are skipped. `body` runs on this thread only: ggml computes
+    /// thread 0's part of every node on the thread that called it (ggml-cpu.c,
+    /// `ggml_graph_compute`: OpenMP's master thread, or worker 0 of ggml's own pool), and only
+    /// thread 0 calls `body`; so it need not be `Sync`.
     ///
     /// # Safety
-    /// `g` must be a valid graph whose nodes' sources are readable and whose destinations are
-    /// writable host memory, and `i0 <= i1 <= n_nodes`.
-    pub unsafe fn compute(&self, g: *mut ll::ggml_cgraph, i0: usize, i1: usize) -> Result<(), String> {
-        // SAFETY: a view of nodes i0..i1, as ggml_graph_view makes it (caller: valid graph
-        // and range); it borrows the graph's arrays for the duration of the call.
+    /// `g` must be a valid graph whose nodes other than `own` read host memory and write
+    /// host memory, and each `own[k] < n_nodes`.
+    pub unsafe fn compute_with(&self, g: *mut ll::ggml_cgraph, own: &[usize], body: &dyn Fn(usize, Threads) -> Result<(), String>) -> Result<(), String> {
+        let failed = Failure::default();
+        let jobs: Vec<OwnOp> = (0..own.len()).map(|k| OwnOp { k, body, team: Team::default(), failed: &failed }).collect();
+        // Room for the custom nodes, without tensor data (no_alloc).
+        // SAFETY: a plain size computation.
+        let mem = own.len() * unsafe { ll::ggml_tensor_overhead() } + 256;
+        let mut arena = vec![0u8; mem];
+        let params = ll::ggml_init_params { mem_size: mem, mem_buffer: arena.as_mut_ptr().cast(), no_alloc: true };
+        // SAFETY: the context lives in `arena` for this call and is freed before it; each
+        // custom node has no sources and no data, and its job (in `jobs`) outlives the compute
+        // call that reads it. The graph view borrows `g`'s fields and our node array for the
+        // call (caller: valid graph and indices), as ggml_graph_view makes views.
         let status = unsafe {
+            let ctx = ll::ggml_init(params);
+            if ctx.is_null() {
+                return Err("ggml_init failed".into());
+            }
             let mut view = *(g as *const sys::graph::ggml_cgraph);
+            let mut nodes: Vec<*mut ll::ggml_tensor> = std::slice::from_raw_parts(view.nodes.cast(), view.n_nodes as usize).to_vec();
+            for (&i, job) in own.iter().zip(&jobs) {
+                let userdata = (job as *const OwnOp).cast_mut().cast();
+                let node = ll::ggml_custom_4d(ctx, ll::GGML_TYPE_F32, 1, 1, 1, 1, std::ptr::null_mut(), 0, Some(own_op), -1, userdata);
+                // ggml computes only nodes so flagged (graph building sets it).
+                (*node).flags |= ll::GGML_TENSOR_FLAG_COMPUTE as i32;
+                nodes[i] = node;
+            }
             view.size = 0;
-            view.n_nodes = (i1 - i0) as c_int;
+            view.nodes = nodes.as_mut_ptr().cast();
             view.n_leafs = 0;
-            view.nodes = view.nodes.add(i0);
             view.grads = std::ptr::null_mut();
             view.grad_accs = std::ptr::null_mut();
             view.leafs = std::ptr::null_mut();
             view.uid = 0;
-            ll::ggml_backend_graph_compute(self.backend, (&mut view as *mut sys::graph::ggml_cgraph).cast())
+            (self.set_abort_callback)(self.backend, Some(stop_after_failure), (&failed as *const Failure).cast_mut().cast());
+            let s = ll::ggml_backend_graph_compute(self.backend, (&mut view as *mut sys::graph::ggml_cgraph).cast());
+            (self.set_abort_callback)(self.backend, None, std::ptr::null_mut());
+            ll::ggml_free(ctx);
+            s
         };
-        checked(status)
+        match failed.take() {
+            Some(msg) => Err(msg),
+            None => checked(status),
+        }
     }
 }
 
@@ -148,6 +194,160 @@ impl Drop for CpuBackend {
                 (self.threadpool_free)(pool.0);
             }
         }
+    }
+}
+
+/// The first error of a graph's own ops; ggml's abort callback stops the graph on it.
+#[derive(Default)]
+struct Failure {
+    set: AtomicBool,
+    msg: Mutex<Option<String>>,
+}
+
+impl Failure {
+    fn record(&self, msg: String) {
+        let mut m = self.msg.lock().unwrap_or_else(|e| e.into_inner());
+        m.get_or_insert(msg);
+        self.set.store(true, Ordering::Release);
+    }
+
+    fn take(&self) -> Option<String> {
+        self.msg.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+/// ggml's abort callback during [`CpuBackend::compute_with`].
+///
+/// # Safety
+/// ggml callback: `data` is the `Failure` that `compute_with` keeps alive over the compute.
+unsafe extern "C" fn stop_after_failure(data: *mut c_void) -> bool {
+    // SAFETY: see above.
+    unsafe { &*(data as *const Failure) }.set.load(Ordering::Acquire)
+}
+
+/// One of DSpark's ops in a graph that the CPU backend computes: `body(k, ..)` on `team`.
+/// Every thread of the pool reaches it; only thread 0 touches `body` (see `compute_with`).
+struct OwnOp<'a> {
+    k: usize,
+    body: &'a dyn Fn(usize, Threads) -> Result<(), String>,
+    team: Team,
+    failed: &'a Failure,
+}
+
+/// The custom op's body for [`OwnOp`]: thread 0 runs the op's code, whose parallel parts
+/// the other threads serve.
+///
+/// # Safety
+/// ggml callback: `userdata` is an `OwnOp` that `compute_with` keeps alive until the graph has
+/// been computed.
+unsafe extern "C" fn own_op(_dst: *mut ll::ggml_tensor, ith: c_int, nth: c_int, userdata: *mut c_void) {
+    // SAFETY: see above.
+    let op = unsafe { &*(userdata as *const OwnOp) };
+    let (ith, nth) = (ith.max(0) as usize, nth.max(1) as usize);
+    if ith > 0 {
+        op.team.serve(ith, nth);
+        return;
+    }
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        if op.failed.set.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        (op.body)(op.k, op.team.lead(nth))
+    }));
+    op.team.dismiss();
+    match r {
+        Ok(Ok(())) => {}
+        Ok(Err(msg)) => op.failed.record(msg),
+        Err(_) => op.failed.record("a DSpark kernel panicked on a ggml thread".into()),
+    }
+}
+
+/// The threads of one custom op as an [`Executor`]. Thread 0 (the leader) runs the op's code;
+/// each `run` it makes publishes the closure, and the other threads, which wait inside the
+/// same op ([`Team::serve`]), run it with the leader. A fork costs an atomic store and the
+/// spin of threads that are running anyway, where a graph of its own per kernel
+/// ([`CpuBackend::run`]) woke the pool each time: with OpenMP a parallel region, ~10% of a
+/// decode step at short context (perf, llama-bench tg256), 4 per layer.
+#[derive(Default)]
+pub(crate) struct Team {
+    n: AtomicUsize,
+    /// Bumped by the leader to publish `task`; `usize::MAX` once the op is over.
+    round: AtomicUsize,
+    /// Points at the leader's `&dyn Fn` while a round runs.
+    task: AtomicPtr<()>,
+    /// Followers done with the current round.
+    done: AtomicUsize,
+    panicked: AtomicBool,
+}
+
+type Task<'f> = &'f (dyn Fn(usize, usize) + Sync);
+
+impl Team {
+    /// Called by thread 0 with the op's thread count: the team's threads, for the op's code.
+    fn lead(&self, n: usize) -> Threads<'_> {
+        self.n.store(n, Ordering::Relaxed);
+        Threads::on(self)
+    }
+
+    /// Ends the op: the followers return from [`Team::serve`].
+    fn dismiss(&self) {
+        self.round.store(usize::MAX, Ordering::Release);
+    }
+
+    /// Thread `ith`'s part: runs each published task until the leader dismisses the team.
+    fn serve(&self, ith: usize, n: usize) {
+        let mut seen = 0;
+        loop {
+            let mut spins = 0u32;
+            let round = loop {
+                let r = self.round.load(Ordering::Acquire);
+                if r != seen {
+                    break r;
+                }
+                spins = spins.saturating_add(1);
+                if spins < 1 << 16 {
+                    std::hint::spin_loop();
+                } else {
+                    std::thread::yield_now();
+                }
+            };
+            if round == usize::MAX {
+                return;
+            }
+            seen = round;
+            // SAFETY: the leader stored a pointer to its `Task` before bumping `round`
+            // (release/acquire) and keeps it alive until every follower has counted itself
+            // in `done` below.
+            let f: Task = unsafe { *self.task.load(Ordering::Acquire).cast::<Task>() };
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(ith, n))).is_err() {
+                self.panicked.store(true, Ordering::Relaxed);
+            }
+            self.done.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Executor for Team {
+    fn threads(&self) -> usize {
+        self.n.load(Ordering::Relaxed).max(1)
+    }
+
+    fn run(&self, f: &(dyn Fn(usize, usize) + Sync)) -> Result<(), String> {
+        let n = self.threads();
+        let task: Task = f;
+        self.done.store(0, Ordering::Relaxed);
+        self.task.store((&task as *const Task).cast_mut().cast(), Ordering::Release);
+        self.round.fetch_add(1, Ordering::AcqRel);
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(0, n))).is_err() {
+            self.panicked.store(true, Ordering::Relaxed);
+        }
+        while self.done.load(Ordering::Acquire) < n - 1 {
+            std::hint::spin_loop();
+        }
+        if self.panicked.swap(false, Ordering::Relaxed) {
+            return Err("a DSpark kernel panicked on a ggml thread".into());
+        }
+        Ok(())
     }
 }
 
