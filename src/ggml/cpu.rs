@@ -5,10 +5,10 @@
 //! copied in and the attention output copied back, and llama.cpp's CPU thread pool would wake
 //! (or spin, when it polls as llama.cpp's tools make it) while DSpark's threads work. Instead
 //! DSPARK0 accepts every op the CPU backend accepts, reads the weights where llama.cpp keeps
-//! them (host and CPU "extra" buffer types, so repacked layouts stay), and hands the nodes
-//! that do not touch the KV to an instance of ggml's own CPU backend, in runs of consecutive
-//! nodes. The instance comes from ggml's registry, so in the plugin case it is the host's CPU
-//! backend module, the one llama.cpp itself would use.
+//! them (host and CPU "extra" buffer types, so repacked layouts stay), and computes the
+//! nodes that do not touch the KV on an instance of ggml's own CPU backend. The instance comes
+//! from ggml's registry, so in the plugin case it is the host's CPU backend module, the one
+//! llama.cpp itself would use.
 //!
 //! DSpark's own kernels run on the same thread pool: [`CpuBackend::compute_with`] hands the
 //! whole graph to the CPU backend in one call, its KV nodes swapped for ggml custom ops that
@@ -269,7 +269,7 @@ unsafe extern "C" fn own_op(_dst: *mut ll::ggml_tensor, ith: c_int, nth: c_int, 
 /// ([`CpuBackend::run`]) woke the pool each time: with OpenMP a parallel region, ~10% of a
 /// decode step at short context (perf, llama-bench tg256), 4 per layer.
 #[derive(Default)]
-pub(crate) struct Team {
+struct Team {
     n: AtomicUsize,
     /// Bumped by the leader to publish `task`; `usize::MAX` once the op is over.
     round: AtomicUsize,
