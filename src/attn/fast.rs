@@ -428,7 +428,9 @@ pub(crate) fn run_item<F: Flavor>(ctx: &Ctx, it: &Item) -> Partial {
     let segs = &pb.kv[it.kh];
     for (i, seg) in segs.iter().enumerate() {
         let (lo, hi) = (it.r0.max(base), it.r1.min(base + seg.n));
-        if let Some(next) = segs.get(i + 1).filter(|_| base + seg.n < it.r1) {
+        // The next segment, when this item reads any of it.
+        let next_at = base + seg.n;
+        if let Some(next) = segs.get(i + 1).filter(|n| next_at < it.r1 && next_at + n.n > it.r0) {
             prefetch_segment(next);
         }
         let mut r = lo;
