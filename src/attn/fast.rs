@@ -174,6 +174,15 @@ pub(crate) fn run(pb: &Problem, kernels: &isa::Kernels, threads: Threads, out: &
 /// Queries per chunk of [`prepare`]'s parallel work.
 const PREPARE_ROWS: usize = 64;
 
+/// Whole query rows for [`prepare`]'s first pass: scaled into `plain`, rotated into `rot`
+/// (empty when no K is packed), and whether every rotated value came out finite.
+struct QChunk<'a> {
+    q: &'a [f32],
+    plain: &'a mut [f32],
+    rot: &'a mut [f32],
+    finite: bool,
+}
+
 fn prepare<'p, 'a, 'b>(pb: &'p Problem<'a, 'b>, threads: Threads) -> Ctx<'p, 'a, 'b> {
     let p = pb.p;
     let qscale = if p.softcap == 0.0 { p.scale } else { p.scale / p.softcap };
@@ -185,24 +194,24 @@ fn prepare<'p, 'a, 'b>(pb: &'p Problem<'a, 'b>, threads: Threads) -> Ctx<'p, 'a,
     // threads; a prefill has hundreds of rows, and this was serial work the other threads
     // waited for.
     let per = PREPARE_ROWS * pb.n_head * pb.d;
-    let mut chunks: Vec<(&[f32], &mut [f32], &mut [f32], bool)> = pb
+    let mut chunks: Vec<QChunk> = pb
         .q
         .chunks(per)
         .zip(q_plain.chunks_mut(per))
         .zip(q_rot.chunks_mut(per).chain(std::iter::repeat_with(|| &mut [][..])))
-        .map(|((q, plain), rot)| (q, plain, rot, true))
+        .map(|((q, plain), rot)| QChunk { q, plain, rot, finite: true })
         .collect();
-    threads.for_each_mut(&mut chunks, |(q, plain, rot, finite)| {
-        for (y, x) in plain.iter_mut().zip(q.iter()) {
+    threads.for_each_mut(&mut chunks, |c| {
+        for (y, x) in c.plain.iter_mut().zip(c.q) {
             *y = x * qscale;
         }
-        if !rot.is_empty() {
-            rot.copy_from_slice(plain);
-            rot.chunks_exact_mut(pb.d).for_each(rotate);
-            *finite = rot.iter().all(|x| x.is_finite());
+        if !c.rot.is_empty() {
+            c.rot.copy_from_slice(c.plain);
+            c.rot.chunks_exact_mut(pb.d).for_each(rotate);
+            c.finite = c.rot.iter().all(|x| x.is_finite());
         }
     });
-    let finite = chunks.iter().all(|c| c.3);
+    let finite = chunks.iter().all(|c| c.finite);
     drop(chunks);
     let q_int = (any_packed_k && finite).then(|| {
         let groups = len / 32;

@@ -275,46 +275,42 @@ unsafe fn compute_graph(ctx: &BackendCtx, g: *mut ll::ggml_cgraph) -> Result<(),
     let threads = Threads::on(&ctx.cpu);
     // SAFETY: valid nodes (caller).
     let name = |n| unsafe { super::buffer::tensor_name(n) };
-    for (&node, _) in nodes.iter().zip(&kv).filter(|(&n, &k)| k && unsafe { (*n).flags } & ll::GGML_TENSOR_FLAG_COMPUTE as i32 != 0) {
+    // The KV nodes that compute; DSpark runs those that are not views (`own`), the CPU backend
+    // every other node, in the same pass of its pool (views are no-ops to both).
+    let mut own = Vec::new();
+    // SAFETY: valid nodes (caller).
+    for i in (0..nodes.len()).filter(|&i| kv[i] && unsafe { (*nodes[i]).flags } & ll::GGML_TENSOR_FLAG_COMPUTE as i32 != 0) {
+        let node = nodes[i];
         // SAFETY: valid nodes and srcs (caller).
         unsafe {
             if let Some(why) = kv_failure(node) {
                 return Err(format!("{}: the KV cache is unreliable after an earlier error ({why}); clear it", name(node)));
             }
-            if (*node).op == ll::GGML_OP_FLASH_ATTN_EXT {
-                let (k, v) = flash_attn_check(node).map_err(|e| format!("{}: {e}", name(node)))?;
-                let d = (*(*node).src[1]).ne[0] as usize;
-                for kv in [k.root, v.root] {
-                    kv.entry().ok_or("KV has no store")?.shape(d, threads)?;
+            match (*node).op {
+                op if is_view_op(op) => continue,
+                ll::GGML_OP_FLASH_ATTN_EXT => {
+                    let (k, v) = flash_attn_check(node).map_err(|e| format!("{}: {e}", name(node)))?;
+                    let d = (*(*node).src[1]).ne[0] as usize;
+                    for kv in [k.root, v.root] {
+                        kv.entry().ok_or("KV has no store")?.shape(d, threads)?;
+                    }
                 }
+                ll::GGML_OP_SET_ROWS | ll::GGML_OP_ROPE => {}
+                op => return Err(format!("{}: op {op} on the KV was not accepted by DSPARK0", name(node))),
             }
         }
+        own.push(i);
     }
     // With a memory budget: the attention nodes' cold pages are staged as the graph runs.
     let budget = ctx.dev.budget()?;
-    let attn_nodes: Vec<usize> = (0..nodes.len())
-        // SAFETY: valid nodes (caller).
-        .filter(|&i| kv[i] && unsafe { (*nodes[i]).op == ll::GGML_OP_FLASH_ATTN_EXT && (*nodes[i]).flags & ll::GGML_TENSOR_FLAG_COMPUTE as i32 != 0 })
-        .collect();
-    let stager = match &budget {
+    // SAFETY: valid nodes (caller).
+    let attn_nodes: Vec<usize> = own.iter().copied().filter(|&i| unsafe { (*nodes[i]).op } == ll::GGML_OP_FLASH_ATTN_EXT).collect();
+    // Only the thread that calls `compute_with` runs `run` (see there): a RefCell suffices.
+    let stager = std::cell::RefCell::new(match &budget {
         // SAFETY: the graph's valid attention nodes on our KV, in order (checked above).
         Some(b) => Some(unsafe { Stager::new(b, &attn_nodes.iter().map(|&i| nodes[i]).collect::<Vec<_>>()) }?),
         None => None,
-    };
-    // DSpark runs the KV nodes that compute; the CPU backend every other node, in the same
-    // pass of its pool (views are no-ops to both).
-    let own: Vec<usize> = (0..nodes.len())
-        // SAFETY: valid nodes (caller).
-        .filter(|&i| kv[i] && unsafe { (*nodes[i]).flags & ll::GGML_TENSOR_FLAG_COMPUTE as i32 != 0 && !is_view_op((*nodes[i]).op) })
-        .collect();
-    for &i in &own {
-        // SAFETY: valid node (caller).
-        let op = unsafe { (*nodes[i]).op };
-        if !matches!(op, ll::GGML_OP_SET_ROWS | ll::GGML_OP_FLASH_ATTN_EXT | ll::GGML_OP_ROPE) {
-            return Err(format!("{}: op {op} on the KV was not accepted by DSPARK0", name(nodes[i])));
-        }
-    }
-    let stager = std::cell::RefCell::new(stager);
+    });
     let run = |k: usize, threads: Threads| -> Result<(), String> {
         let (i, node) = (own[k], nodes[own[k]]);
         // SAFETY: valid nodes and srcs (caller); this node is a compute node on our KV whose
@@ -718,8 +714,8 @@ unsafe fn flash_attn(node: *mut ll::ggml_tensor, plan: &AttnPlan, threads: Threa
 /// saves. The other threads already wait inside the op (`cpu::Team`), so handing them work
 /// costs an atomic store and the bar is low: 64 row visits (two tiles) per thread. Measured
 /// through llama-bench (tg256 from depth 0, k4v4, stock 174): 147 t/s at 512, 156 at 64.
-/// Before the team, 4096 (right for rayon workers) left decode
-/// single-threaded up to depth 2730, and 512 decoded 7% faster at depth 512 and 24% at 2048.
+/// Before the team, 4096 (right for rayon workers) left decode single-threaded up to depth
+/// 2730, and 512 decoded 7% faster at depth 512 and 24% at 2048.
 fn attn_threads(n_threads: usize, row_visits: usize) -> usize {
     const MIN_ROWS_PER_THREAD: usize = 64;
     n_threads.min(row_visits / MIN_ROWS_PER_THREAD).max(1)
