@@ -59,7 +59,10 @@ else
         -DGGML_AVX512="$(have avx512f && have avx512bw && have avx512dq && have avx512vl && echo ON || echo OFF)"
         -DGGML_AVX512_VBMI="$(onoff avx512vbmi)" -DGGML_AVX512_VNNI="$(onoff avx512_vnni)"
         -DGGML_AVX512_BF16="$(onoff avx512_bf16)"
-        -DGGML_AMX_TILE="$(onoff amx_tile)" -DGGML_AMX_INT8="$(onoff amx_int8)" -DGGML_AMX_BF16="$(onoff amx_bf16)")
+        # AMX off: ggml's AMX matmul stops with SIGSEGV at its first tile-config load on the
+        # Xeon VMs DSpark is tested on (llama.cpp issue 20824); DSpark's own build leaves it
+        # out too (.cargo/config.toml), so both sides run the same AVX-512 kernels.
+        -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
 fi
 
 rm -rf "$BUILD"
