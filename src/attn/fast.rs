@@ -475,7 +475,7 @@ fn prefetch_segment(seg: &Segment) {
 
 /// Prefetches every cache line of `bytes` into L1 (a hint: it never faults).
 #[inline(always)]
-fn prefetch(bytes: &[u8]) {
+pub(crate) fn prefetch(bytes: &[u8]) {
     #[cfg(target_arch = "x86_64")]
     for line in bytes.chunks(64) {
         // SAFETY: a prefetch is a hint that cannot fault, and SSE is in x86_64's baseline.

@@ -44,6 +44,7 @@ use crate::codec::RowCodec;
 use half::f16;
 
 pub use isa::{active_isa, available_isas};
+pub(crate) use fast::prefetch;
 
 /// K or V rows of one segment, for one KV head.
 #[derive(Clone, Copy, Debug)]

@@ -2,7 +2,7 @@
 //!
 //! Each compressed page of a K store keeps, per KV head and per block of [`BLOCK`] cells, a
 //! digest of its keys: per channel the mean `c` and the mean absolute deviation `r`, in the
-//! model's (unrotated, post-RoPE) space, as f16. A query `q` scores a block
+//! model's (unrotated, post-RoPE) space, as 8-bit codes. A query `q` scores a block
 //! `q·c + Σ|q_i|·r_i`: the highest score of a key inside the box `c ± r` (ArkVale's
 //! "cuboid-mean"). Measured against the alternatives on the default model (`dspark eval
 //! --decode`, ctx 8192, attn=2048; dense k4v4 0.0122 KLD): this digest 0.0292, Quest's
@@ -11,6 +11,9 @@
 //! because one outlying key widens a channel's range for the whole block, so it ranks blocks by
 //! spread rather than relevance. The digest lives in the unrotated space because the codec's
 //! Hadamard rotation makes keys near-isotropic, which makes boxes loose and alike.
+//!
+//! Each page also keeps the same summary of all its cells, so that ranking is two-level: pages
+//! first, then the blocks of the best pages ([`REFINE`]).
 //!
 //! A decode call (at most [`MAX_QUERY_ROWS`] query rows) then reads, per KV head: the
 //! stream's sink page, every f16 page (the recent window), every page without a digest, and
@@ -39,39 +42,68 @@ pub fn block_bytes(d: usize) -> usize {
     2 * d + 8
 }
 
-/// Bytes of one page's digest: per head and block, [`block_bytes`].
+/// Summaries per head in a page's digest: one per block, then one of the whole page.
+const PER_HEAD: usize = PAGE / BLOCK + 1;
+
+/// Pages are ranked by their whole-page summary first, and only the blocks of the best pages,
+/// holding `REFINE` times the attention budget, are ranked by their own: at depth 32768 this
+/// scores a quarter of the summaries a flat block ranking scores, which at budget 2048 cost
+/// more time per token than the attention it chose (see `benches/select.rs`).
+pub const REFINE: usize = 2;
+
+/// Bytes of one page's digest: per head, [`block_bytes`] for each block and the page.
 pub fn digest_len(n_head: usize, d: usize) -> usize {
-    n_head * (PAGE / BLOCK) * block_bytes(d)
+    n_head * PER_HEAD * block_bytes(d)
 }
 
-/// The digest of one page's keys, `rows` laid out `[head][slot][d]` (the f16 page), laid
-/// out `[head][block]`.
+/// Block `b`'s summary for head `h` in a page's digest.
+pub fn block_digest(g: &[u8], h: usize, b: usize, d: usize) -> &[u8] {
+    &g[(h * PER_HEAD + b) * block_bytes(d)..][..block_bytes(d)]
+}
+
+/// The whole page's summary for head `h` in a page's digest.
+pub fn page_digest(g: &[u8], h: usize, d: usize) -> &[u8] {
+    block_digest(g, h, PAGE / BLOCK, d)
+}
+
+/// The digest of one page's keys, `rows` laid out `[head][slot][d]` (the f16 page): per head,
+/// the summary of each block of [`BLOCK`] rows, then of all [`PAGE`] rows.
 pub fn digest(rows: &[f16], n_head: usize, d: usize) -> Box<[u8]> {
     let mut out = vec![0u8; digest_len(n_head, d)].into_boxed_slice();
-    let mut mean = vec![0.0f32; d];
-    let mut dev = vec![0.0f32; d];
-    for (block, dst) in rows.chunks_exact(BLOCK * d).zip(out.chunks_exact_mut(block_bytes(d))) {
-        mean.fill(0.0);
-        dev.fill(0.0);
-        for row in block.chunks_exact(d) {
-            mean.iter_mut().zip(row).for_each(|(m, x)| *m += x.to_f32());
+    let bb = block_bytes(d);
+    for (head, dst) in rows.chunks_exact(PAGE * d).zip(out.chunks_exact_mut(PER_HEAD * bb)) {
+        let (blocks, page) = dst.split_at_mut((PER_HEAD - 1) * bb);
+        for (block, dst) in head.chunks_exact(BLOCK * d).zip(blocks.chunks_exact_mut(bb)) {
+            summarize(block, d, dst);
         }
-        mean.iter_mut().for_each(|m| *m /= BLOCK as f32);
-        for row in block.chunks_exact(d) {
-            dev.iter_mut().zip(row).zip(&mean).for_each(|((r, x), m)| *r += (x.to_f32() - m).abs() / BLOCK as f32);
-        }
-        let (codes, steps) = dst.split_at_mut(2 * d);
-        let (center, radius) = codes.split_at_mut(d);
-        // 8 bits keep the ranking: the steps are 1/127 and 1/255 of the largest channel.
-        let c_step = mean.iter().fold(0.0f32, |m, x| m.max(x.abs())) / 127.0;
-        let r_step = dev.iter().fold(0.0f32, |m, &x| m.max(x)) / 255.0;
-        let code = |x: f32, step: f32| if step > 0.0 { (x / step).round() } else { 0.0 };
-        center.iter_mut().zip(&mean).for_each(|(o, &m)| *o = code(m, c_step) as i8 as u8);
-        radius.iter_mut().zip(&dev).for_each(|(o, &r)| *o = code(r, r_step) as u8);
-        steps[..4].copy_from_slice(&c_step.to_le_bytes());
-        steps[4..].copy_from_slice(&r_step.to_le_bytes());
+        summarize(head, d, page);
     }
     out
+}
+
+/// The mean and mean absolute deviation per channel of `rows` (`[n][d]`), as 8-bit codes with
+/// a step each ([`block_bytes`] bytes into `dst`).
+fn summarize(rows: &[f16], d: usize, dst: &mut [u8]) {
+    let n = (rows.len() / d) as f32;
+    let mut mean = vec![0.0f32; d];
+    let mut dev = vec![0.0f32; d];
+    for row in rows.chunks_exact(d) {
+        mean.iter_mut().zip(row).for_each(|(m, x)| *m += x.to_f32());
+    }
+    mean.iter_mut().for_each(|m| *m /= n);
+    for row in rows.chunks_exact(d) {
+        dev.iter_mut().zip(row).zip(&mean).for_each(|((r, x), m)| *r += (x.to_f32() - m).abs() / n);
+    }
+    let (codes, steps) = dst.split_at_mut(2 * d);
+    let (center, radius) = codes.split_at_mut(d);
+    // 8 bits keep the ranking: the steps are 1/127 and 1/255 of the largest channel.
+    let c_step = mean.iter().fold(0.0f32, |m, x| m.max(x.abs())) / 127.0;
+    let r_step = dev.iter().fold(0.0f32, |m, &x| m.max(x)) / 255.0;
+    let code = |x: f32, step: f32| if step > 0.0 { (x / step).round() } else { 0.0 };
+    center.iter_mut().zip(&mean).for_each(|(o, &m)| *o = code(m, c_step) as i8 as u8);
+    radius.iter_mut().zip(&dev).for_each(|(o, &r)| *o = code(r, r_step) as u8);
+    steps[..4].copy_from_slice(&c_step.to_le_bytes());
+    steps[4..].copy_from_slice(&r_step.to_le_bytes());
 }
 
 /// The steps of one block's digest.
@@ -88,26 +120,88 @@ pub fn unpack(block: &[u8], d: usize, out: &mut [f32]) {
     radius.iter_mut().zip(&block[d..2 * d]).for_each(|(o, &x)| *o = f32::from(x) * r_step);
 }
 
-/// The score of one block's digest for one head ([`block_bytes`] bytes) for the query rows
-/// `q` (`[n][d]`) and their absolute values `q_abs`: the largest over the rows of
-/// `q·c + Σ|q_i|·r_i`, computed on the codes.
-pub fn score(block: &[u8], q: &[f32], q_abs: &[f32], d: usize) -> f32 {
-    let (c_step, r_step) = steps(block, d);
-    let (c, r) = (&block[..d], &block[d..2 * d]);
-    q.chunks_exact(d).zip(q_abs.chunks_exact(d)).map(|(q, qa)| dot(q, qa, c, r, c_step, r_step)).fold(f32::NEG_INFINITY, f32::max)
+/// One KV head's query rows (its GQA group) and their absolute values, for scoring digests.
+pub struct Query {
+    d: usize,
+    q: Vec<f32>,
+    q_abs: Vec<f32>,
+    #[cfg(target_arch = "x86_64")]
+    avx512: bool,
 }
 
-/// `c_step · Σ q_i c_i + r_step · Σ |q_i| r_i` over codes, in 16 lanes summed once, so that
-/// the compiler vectorizes it (`d` is a multiple of 32): every block of a layer is scored for
-/// each decoded token, and at head size 64 the final sum costs as much as the products.
-fn dot(q: &[f32], q_abs: &[f32], c: &[u8], r: &[u8], c_step: f32, r_step: f32) -> f32 {
-    let mut acc = [0.0f32; 16];
-    for (((q, qa), c), r) in q.chunks_exact(16).zip(q_abs.chunks_exact(16)).zip(c.chunks_exact(16)).zip(r.chunks_exact(16)) {
-        for j in 0..16 {
-            acc[j] += c_step * q[j] * f32::from(c[j] as i8) + r_step * qa[j] * f32::from(r[j]);
+impl Query {
+    /// `q` holds the rows `[n][d]` (vector code for `d` a multiple of 16).
+    pub fn new(q: &[f32], d: usize) -> Query {
+        let q_abs = q.iter().map(|x| x.abs()).collect();
+        #[cfg(target_arch = "x86_64")]
+        let avx512 = is_x86_feature_detected!("avx512f") && d.is_multiple_of(16);
+        Query {
+            d,
+            q: q.to_vec(),
+            q_abs,
+            #[cfg(target_arch = "x86_64")]
+            avx512,
         }
     }
-    acc.iter().sum()
+
+    /// The score of one summary for one head ([`block_bytes`] bytes): the largest over the
+    /// rows of `q·c + Σ|q_i|·r_i`.
+    pub fn score(&self, block: &[u8]) -> f32 {
+        let d = self.d;
+        let (c_step, r_step) = steps(block, d);
+        let (c, r) = (&block[..d], &block[d..2 * d]);
+        #[cfg(target_arch = "x86_64")]
+        if self.avx512 {
+            // SAFETY: `avx512` is set only where the CPU has AVX-512F (detected at run time).
+            return unsafe { x86::score_avx512(&self.q, &self.q_abs, c, r, c_step, r_step) };
+        }
+        let rows = self.q.chunks_exact(d).zip(self.q_abs.chunks_exact(d));
+        rows.map(|(q, qa)| dot(q, qa, c, r, c_step, r_step)).fold(f32::NEG_INFINITY, f32::max)
+    }
+}
+
+/// `c_step · Σ q_i c_i + r_step · Σ |q_i| r_i` over the codes: the portable scorer, and the
+/// specification of the vector one (`tests::the_vector_scorer_matches_the_portable_one`).
+fn dot(q: &[f32], q_abs: &[f32], c: &[u8], r: &[u8], c_step: f32, r_step: f32) -> f32 {
+    let (mut sc, mut sr) = (0.0f32, 0.0f32);
+    for (((q, qa), &c), &r) in q.iter().zip(q_abs).zip(c).zip(r) {
+        sc += q * f32::from(c as i8);
+        sr += qa * f32::from(r);
+    }
+    c_step * sc + r_step * sr
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// [`super::dot`] of each row of `q` (`[n][d]`, `d = c.len()`, a multiple of 16), the
+    /// largest. Every candidate summary of a layer is scored for each decoded token: the
+    /// codes are widened 16 at a time and each row's products kept in 16 lanes, summed once
+    /// per row (the compiler's own vectorization of the portable loop kept a 16-add chain and
+    /// ran at ~130 cycles per summary at head size 64).
+    #[target_feature(enable = "avx512f")]
+    pub fn score_avx512(q: &[f32], q_abs: &[f32], c: &[u8], r: &[u8], c_step: f32, r_step: f32) -> f32 {
+        let d = c.len();
+        assert!(d.is_multiple_of(16) && r.len() == d && q.len() == q_abs.len() && q.len().is_multiple_of(d), "score_avx512: shapes");
+        let (cs, rs) = (_mm512_set1_ps(c_step), _mm512_set1_ps(r_step));
+        let mut best = f32::NEG_INFINITY;
+        for (q, qa) in q.chunks_exact(d).zip(q_abs.chunks_exact(d)) {
+            // Two sums, so that the products do not wait on each other.
+            let (mut ac, mut ar) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+            for k in (0..d).step_by(16) {
+                // SAFETY: k + 16 <= d, and c, r, q and qa each hold d values (asserted).
+                unsafe {
+                    let cv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(c.as_ptr().add(k).cast())));
+                    let rv = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(r.as_ptr().add(k).cast())));
+                    ac = _mm512_fmadd_ps(_mm512_loadu_ps(q.as_ptr().add(k)), cv, ac);
+                    ar = _mm512_fmadd_ps(_mm512_loadu_ps(qa.as_ptr().add(k)), rv, ar);
+                }
+            }
+            best = best.max(_mm512_reduce_add_ps(_mm512_fmadd_ps(ac, cs, _mm512_mul_ps(ar, rs))));
+        }
+        best
+    }
 }
 
 /// What a block of cells is to a selection.
@@ -127,7 +221,8 @@ pub enum PageKind {
 ///
 /// `blocks[i]` is the kind of the `i`-th block of [`BLOCK`] cells overlapping `cells` (the
 /// range's cells, counted from the stream's cell 0), and `scores[h][i]` its score for KV head
-/// `h` (read for candidates only).
+/// `h` (read for candidates only; a candidate scored −∞, whose page ranked out, is never
+/// picked).
 pub fn choose(cells: Range<usize>, blocks: &[PageKind], scores: &[Vec<f32>], budget: usize) -> Option<Vec<Vec<Range<usize>>>> {
     let first_block = cells.start / BLOCK;
     let span = |i: usize| {
@@ -143,7 +238,7 @@ pub fn choose(cells: Range<usize>, blocks: &[PageKind], scores: &[Vec<f32>], bud
     let ranges = scores
         .iter()
         .map(|score| {
-            let mut cand: Vec<usize> = (0..blocks.len()).filter(|&i| blocks[i] == PageKind::Candidate).collect();
+            let mut cand: Vec<usize> = (0..blocks.len()).filter(|&i| blocks[i] == PageKind::Candidate && score[i] != f32::NEG_INFINITY).collect();
             if picks < cand.len() {
                 cand.select_nth_unstable_by(picks, |&a, &b| score[b].total_cmp(&score[a]));
                 cand.truncate(picks);
@@ -202,23 +297,29 @@ mod tests {
     }
 
     #[test]
-    fn the_digest_holds_each_blocks_mean_and_mean_absolute_deviation() {
+    fn the_digest_holds_each_blocks_and_pages_mean_and_mean_absolute_deviation() {
         let (nh, d) = (2, 64);
         let mut rnd = rng(7);
         let rows: Vec<f16> = (0..nh * PAGE * d).map(|i| f16::from_f32(3.0 * rnd() + (i % d) as f32 * 0.1)).collect();
         let g = digest(&rows, nh, d);
         let mut u = vec![0.0f32; 2 * d];
-        for (b, block) in rows.chunks_exact(BLOCK * d).enumerate() {
-            unpack(&g[b * block_bytes(d)..][..block_bytes(d)], d, &mut u);
+        // Per head, its blocks and then the whole page.
+        let parts = (0..nh).flat_map(|h| (0..PAGE / BLOCK).map(move |b| (h, Some(b))).chain([(h, None)]));
+        for (h, b) in parts {
+            let block = match b {
+                Some(b) => &rows[(h * PAGE + b * BLOCK) * d..][..BLOCK * d],
+                None => &rows[h * PAGE * d..][..PAGE * d],
+            };
+            unpack(b.map_or_else(|| page_digest(&g, h, d), |b| block_digest(&g, h, b, d)), d, &mut u);
             let tol = |v: &[f32]| f64::from(v.iter().fold(0.0f32, |m, x| m.max(x.abs()))) / 200.0;
             let (c_tol, r_tol) = (tol(&u[..d]), tol(&u[d..]));
             for i in 0..d {
                 let col: Vec<f64> = block.chunks_exact(d).map(|r| f64::from(r[i].to_f32())).collect();
-                let mean = col.iter().sum::<f64>() / BLOCK as f64;
-                let dev = col.iter().map(|x| (x - mean).abs()).sum::<f64>() / BLOCK as f64;
+                let mean = col.iter().sum::<f64>() / col.len() as f64;
+                let dev = col.iter().map(|x| (x - mean).abs()).sum::<f64>() / col.len() as f64;
                 let (c, r) = (f64::from(u[i]), f64::from(u[d + i]));
                 // Within half a step of 8-bit codes (1/127 and 1/255 of the largest channel).
-                assert!((c - mean).abs() <= c_tol && (r - dev).abs() <= r_tol, "block {b} channel {i}: {c} vs {mean}, {r} vs {dev}");
+                assert!((c - mean).abs() <= c_tol && (r - dev).abs() <= r_tol, "head {h} block {b:?} channel {i}: {c} vs {mean}, {r} vs {dev}");
             }
         }
     }
@@ -239,18 +340,41 @@ mod tests {
             for _ in 0..n_blocks {
                 let mean: Vec<f32> = (0..d).map(|i| scale[i] * rnd()).collect();
                 let block: Vec<f16> = (0..BLOCK * d).map(|j| f16::from_f32(mean[j % d] + 0.5 * scale[j % d] * rnd())).collect();
-                digests.push(digest(&block, 1, d)[..block_bytes(d)].to_vec());
+                let mut g = vec![0u8; block_bytes(d)];
+                summarize(&block, d, &mut g);
+                digests.push(g);
                 keys.push(block);
             }
             let q: Vec<f32> = (0..d).map(|_| rnd()).collect();
             let exact = |b: &[f16]| b.chunks_exact(d).map(|k| q.iter().zip(k).map(|(a, x)| a * x.to_f32()).sum::<f32>()).fold(f32::MIN, f32::max);
             let best = (0..n_blocks).max_by(|&a, &b| exact(&keys[a]).total_cmp(&exact(&keys[b]))).unwrap();
-            let q_abs: Vec<f32> = q.iter().map(|x| x.abs()).collect();
-            let est: Vec<f32> = digests.iter().map(|g| score(g, &q, &q_abs, d)).collect();
+            let query = Query::new(&q, d);
+            let est: Vec<f32> = digests.iter().map(|g| query.score(g)).collect();
             let rank = est.iter().filter(|&&e| e > est[best]).count();
             hits += usize::from(rank < n_blocks / 4);
         }
         assert!(hits * 10 >= trials * 9, "the best block ranked in the top quarter in {hits} of {trials} trials");
+    }
+
+    /// The scorer in use (AVX-512 where the CPU has it) against the portable one, on fresh
+    /// random summaries and 1 to 8 query rows of several head sizes.
+    #[test]
+    fn the_vector_scorer_matches_the_portable_one() {
+        let mut rnd = rng(0x9E37_79B9_7F4A_7C15);
+        for d in [16, 64, 80, 128, 256] {
+            for n in 1..=8 {
+                let q: Vec<f32> = (0..n * d).map(|_| 4.0 * rnd()).collect();
+                let rows: Vec<f16> = (0..BLOCK * d).map(|_| f16::from_f32(8.0 * rnd())).collect();
+                let mut g = vec![0u8; block_bytes(d)];
+                summarize(&rows, d, &mut g);
+                let (c_step, r_step) = steps(&g, d);
+                let q_abs: Vec<f32> = q.iter().map(|x| x.abs()).collect();
+                let want = q.chunks_exact(d).zip(q_abs.chunks_exact(d)).map(|(q, qa)| dot(q, qa, &g[..d], &g[d..2 * d], c_step, r_step)).fold(f32::MIN, f32::max);
+                let got = Query::new(&q, d).score(&g);
+                let scale = q_abs.iter().sum::<f32>() * 8.0;
+                assert!((got - want).abs() <= 1e-5 * scale, "d {d}, {n} rows: {got} vs {want}");
+            }
+        }
     }
 
     #[test]
