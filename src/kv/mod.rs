@@ -674,7 +674,7 @@ impl KvStore {
                 }
             }
         }
-        let todo: Vec<Vec<usize>> = scores.iter().map(|s| (0..blocks.len()).filter(|&i| kinds[i] == PageKind::Candidate && s[i] == 0.0).collect()).collect();
+        let todo: Vec<Vec<usize>> = scores.iter().map(|s| (0..blocks.len()).filter(|&i| kinds[i] == PageKind::Candidate && s[i] != f32::NEG_INFINITY).collect()).collect();
         let block_scores = score_heads(threads, &qs, &todo, |h, i| digest(blocks[i]).map(|g| select::block_digest(g, h, blocks[i] % per_page, d)));
         for ((out, todo), scored) in scores.iter_mut().zip(&todo).zip(block_scores) {
             todo.iter().zip(scored).for_each(|(&i, s)| out[i] = s);
