@@ -632,23 +632,21 @@ impl KvStore {
         let st = &self.streams[stream];
         let cells = first..first + n;
         let blocks: Vec<usize> = (first / BLOCK..(first + n).div_ceil(BLOCK)).collect();
+        // The digest of block `b`'s page: only compressed pages (in RAM or cold) have one.
+        let digest = |b: usize| st.pages.get(b / per_page).and_then(|s| s.digest.as_deref());
         let kinds: Vec<PageKind> = blocks
             .iter()
             .map(|&b| {
                 let span = (b * BLOCK).max(first)..((b + 1) * BLOCK).min(first + n);
-                let p = b / per_page;
-                // Only compressed pages (in RAM or cold) have digests.
-                let digest = st.pages.get(p).and_then(|s| s.digest.as_ref());
                 if !visible(span.start - first..span.end - first) {
                     PageKind::Hidden
-                } else if p == 0 || span.len() < BLOCK || digest.is_none() {
+                } else if b < per_page || span.len() < BLOCK || digest(b).is_none() {
                     PageKind::Always
                 } else {
                     PageKind::Candidate
                 }
             })
             .collect();
-        let digest = |b: usize| st.pages.get(b / per_page).and_then(|s| s.digest.as_deref());
         // Each head's query rows (its GQA group).
         let qs: Vec<select::Query> = (0..nh)
             .map(|h| {
