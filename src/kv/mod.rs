@@ -245,14 +245,14 @@ struct PageSlot {
     /// page's cells (0: never). Pages of removed tokens stop being seen; a memory budget
     /// moves them out first.
     last_seen: AtomicU64,
-    /// The digest of a compressed page's rows ([`select`]), in RAM whatever the page's tier;
-    /// `None` until the page is compressed, and again once a row of it is written.
-    digest: Option<Box<[u8]>>,
+    /// Whether the page has a digest ([`select::Digest`], in its stream's tables, in RAM
+    /// whatever the page's tier): from when it is compressed until a row of it is written.
+    digest: bool,
 }
 
 impl PageSlot {
     fn empty() -> PageSlot {
-        PageSlot { data: Page::Empty, last_write: 0, last_seen: AtomicU64::new(0), digest: None }
+        PageSlot { data: Page::Empty, last_write: 0, last_seen: AtomicU64::new(0), digest: false }
     }
 }
 
@@ -265,6 +265,15 @@ struct Stream {
     clock: u64,
     /// One past the highest cell written since the last clear.
     high_water: usize,
+    /// The pages' digests, in two tables indexed by page (an entry is valid while its page
+    /// has a digest): the whole-page summaries, `[page][head]`, which ranking reads for every
+    /// page, and the block summaries, `[page][head][block]`, read for the pages ranked best.
+    /// Kept together rather than with each page, ranking streams through one small region
+    /// of memory: with a digest in each page's own allocation, spread over the whole KV
+    /// heap, reading the chosen pages' blocks stalled on cache and TLB misses (75% of their
+    /// scoring time in `perf` at depth 16384).
+    page_summaries: Vec<u8>,
+    block_summaries: Vec<u8>,
 }
 
 impl Stream {
@@ -277,6 +286,20 @@ impl Stream {
             self.pages.resize_with(p + 1, PageSlot::empty);
         }
         &mut self.pages[p]
+    }
+
+    /// Gives page `p` a digest, or drops its digest.
+    fn set_digest(&mut self, p: usize, digest: Option<select::Digest>) {
+        self.slot_mut(p).digest = digest.is_some();
+        if let Some(g) = digest {
+            for (table, part) in [(&mut self.page_summaries, &g.page), (&mut self.block_summaries, &g.blocks)] {
+                let n = part.len();
+                if table.len() < (p + 1) * n {
+                    table.resize((p + 1) * n, 0);
+                }
+                table[p * n..][..n].copy_from_slice(part);
+            }
+        }
     }
 }
 
@@ -421,7 +444,7 @@ impl KvStore {
         let slot = st.slot_mut(page);
         slot.data = new;
         slot.last_write = clock;
-        slot.digest = digest;
+        st.set_digest(page, digest);
         st.pages.truncate(st.pages.iter().rposition(|s| !matches!(s.data, Page::Empty)).map_or(0, |i| i + 1));
         Ok(())
     }
@@ -497,7 +520,7 @@ impl KvStore {
         if new || matches!(page.data, Page::Empty) {
             page.last_write = clock;
         }
-        page.digest = None;
+        page.digest = false;
         match &page.data {
             Page::Empty => page.data = Page::F16(vec![f16::ZERO; nh * PAGE * d].into_boxed_slice()),
             // A new row makes its page recent again (a context shift or a ring writes new
@@ -578,31 +601,40 @@ impl KvStore {
         let digests = self.digests;
         // Pages due for compression, and (with digests) compressed pages in RAM whose digest
         // a rewrite in place (a K-shift) dropped.
-        let mut due: Vec<&mut PageSlot> = Vec::new();
-        for st in &mut self.streams {
+        let mut due: Vec<PageId> = Vec::new();
+        for (s, st) in self.streams.iter().enumerate() {
             let clock = st.clock;
-            due.extend(st.pages.iter_mut().skip(1).filter(|s| match s.data {
-                Page::F16(_) => clock - s.last_write >= window,
-                Page::Packed(_) => digests && s.digest.is_none(),
-                _ => false,
+            due.extend(st.pages.iter().enumerate().skip(1).filter_map(|(p, slot)| {
+                let due = match slot.data {
+                    Page::F16(_) => clock - slot.last_write >= window,
+                    Page::Packed(_) => digests && !slot.digest,
+                    _ => false,
+                };
+                due.then_some((s, p))
             }));
         }
         if due.is_empty() {
             return;
         }
         let (d, nh) = (self.head_dim, self.n_head);
-        threads.for_each_mut(&mut due, |slot| match &slot.data {
-            Page::F16(data) => {
-                slot.digest = digests.then(|| select::digest(data, nh, d));
-                slot.data = Page::Packed(codec.encode_page(data));
-            }
-            Page::Packed(data) => slot.digest = Some(select::digest(&codec.decode_page(data), nh, d)),
-            _ => {}
+        // Encoded on the threads, then swapped in: a digest's page summaries go to its
+        // stream's table, which the threads do not share.
+        let done = threads.map(&due, |&(s, p)| match self.streams[s].page(p) {
+            Page::F16(data) => (Some(codec.encode_page(data)), digests.then(|| select::digest(data, nh, d))),
+            Page::Packed(data) => (None, Some(select::digest(&codec.decode_page(data), nh, d))),
+            _ => (None, None),
         });
+        for ((s, p), (packed, digest)) in due.into_iter().zip(done) {
+            let st = &mut self.streams[s];
+            if let Some(packed) = packed {
+                st.pages[p].data = Page::Packed(packed);
+            }
+            st.set_digest(p, digest);
+        }
     }
 
     /// The digest of a packed page, when the store keeps digests.
-    fn digest_of(&self, packed: &[u8]) -> Option<Box<[u8]>> {
+    fn digest_of(&self, packed: &[u8]) -> Option<select::Digest> {
         let codec = self.codec.as_ref().filter(|_| self.digests)?;
         Some(select::digest(&codec.decode_page(packed), self.n_head, self.head_dim))
     }
@@ -631,53 +663,74 @@ impl KvStore {
         let (group, per_page) = (n_head_q / nh, PAGE / BLOCK);
         let st = &self.streams[stream];
         let cells = first..first + n;
-        let blocks: Vec<usize> = (first / BLOCK..(first + n).div_ceil(BLOCK)).collect();
-        // The digest of block `b`'s page: only compressed pages (in RAM or cold) have one.
-        let digest = |b: usize| st.pages.get(b / per_page).and_then(|s| s.digest.as_deref());
-        let kinds: Vec<PageKind> = blocks
-            .iter()
-            .map(|&b| {
+        let first_block = first / BLOCK;
+        let n_blocks = (first + n).div_ceil(BLOCK) - first_block;
+        // Whether block `i`'s page has a digest: only compressed pages (in RAM or cold) have one.
+        let digest = |i: usize| st.pages.get((first_block + i) / per_page).is_some_and(|s| s.digest);
+        let kinds: Vec<PageKind> = (0..n_blocks)
+            .map(|i| {
+                let b = first_block + i;
                 let span = (b * BLOCK).max(first)..((b + 1) * BLOCK).min(first + n);
                 if !visible(span.start - first..span.end - first) {
                     PageKind::Hidden
-                } else if b < per_page || span.len() < BLOCK || digest(b).is_none() {
+                } else if b < per_page || span.len() < BLOCK || !digest(i) {
                     PageKind::Always
                 } else {
                     PageKind::Candidate
                 }
             })
             .collect();
-        // Each head's query rows (its GQA group).
-        let qs: Vec<select::Query> = (0..nh)
-            .map(|h| {
-                let qh: Vec<f32> = (0..n_q).flat_map(|i| &q[(i * n_head_q + h * group) * d..][..group * d]).copied().collect();
-                select::Query::new(&qh, d)
-            })
-            .collect();
-        // Pages whose blocks are all candidates (as the index in `blocks` of their first
-        // block) are ranked by their whole-page summary; only the best `keep` of them per head
-        // have their blocks scored, the others' blocks score −∞.
-        let whole: Vec<usize> = (0..blocks.len())
-            .filter(|&i| blocks[i].is_multiple_of(per_page) && kinds.get(i..i + per_page).is_some_and(|k| k.iter().all(|&k| k == PageKind::Candidate)))
-            .collect();
-        let keep = (select::REFINE * budget).div_ceil(PAGE);
-        let mut scores = vec![vec![0.0f32; blocks.len()]; nh];
-        if whole.len() > keep {
-            let page_scores = score_heads(threads, &qs, &vec![whole.clone(); nh], |h, i| digest(blocks[i]).map(|g| select::page_digest(g, h, d)));
-            for (score, out) in page_scores.iter().zip(&mut scores) {
-                let mut order: Vec<usize> = (0..whole.len()).collect();
-                order.select_nth_unstable_by(keep, |&a, &b| score[b].total_cmp(&score[a]));
-                for &i in &order[keep..] {
-                    out[whole[i]..whole[i] + per_page].fill(f32::NEG_INFINITY);
-                }
+        let picks = select::picks(cells.clone(), &kinds, budget)?;
+        // Pages whose blocks are all candidates (as the index of their first block) are
+        // ranked by their whole-page summary first, and only the best `keep` of them per head
+        // have their blocks scored; candidates outside such pages (a page cut by the range
+        // or the mask) are always scored.
+        let (mut whole, mut loose, mut always) = (Vec::new(), Vec::new(), Vec::new());
+        let mut i = 0;
+        while i < n_blocks {
+            if (first_block + i).is_multiple_of(per_page) && kinds.get(i..i + per_page).is_some_and(|k| k.iter().all(|&k| k == PageKind::Candidate)) {
+                whole.push(i);
+                i += per_page;
+                continue;
             }
+            match kinds[i] {
+                PageKind::Candidate => loose.push(i),
+                PageKind::Always => always.push(i),
+                PageKind::Hidden => {}
+            }
+            i += 1;
         }
-        let todo: Vec<Vec<usize>> = scores.iter().map(|s| (0..blocks.len()).filter(|&i| kinds[i] == PageKind::Candidate && s[i] != f32::NEG_INFINITY).collect()).collect();
-        let block_scores = score_heads(threads, &qs, &todo, |h, i| digest(blocks[i]).map(|g| select::block_digest(g, h, blocks[i] % per_page, d)));
-        for ((out, todo), scored) in scores.iter_mut().zip(&todo).zip(block_scores) {
-            todo.iter().zip(scored).for_each(|(&i, s)| out[i] = s);
-        }
-        select::choose(cells, &kinds, &scores, budget)
+        let keep = (select::REFINE * budget).div_ceil(PAGE);
+        let (page_len, blocks_len, bb) = (select::page_summary_len(nh, d), select::block_summaries_len(nh, d), select::block_bytes(d));
+        let page_summary = |i: usize, h: usize| &st.page_summaries[(first_block + i) / per_page * page_len + h * bb..][..bb];
+        let block_summary = |i: usize, h: usize| {
+            let b = first_block + i;
+            select::block_digest(&st.block_summaries[b / per_page * blocks_len..][..blocks_len], h, b % per_page, d)
+        };
+        // One task per KV head, from ranking to its ranges: nothing waits in between.
+        let heads: Vec<usize> = (0..nh).collect();
+        Some(threads.map(&heads, |&h| {
+            let rows: Vec<f32> = (0..n_q).flat_map(|i| &q[(i * n_head_q + h * group) * d..][..group * d]).copied().collect();
+            let query = select::Query::new(&rows, d);
+            let mut kept = whole.clone();
+            if kept.len() > keep {
+                let page_scores: Vec<f32> = whole.iter().map(|&i| query.score(page_summary(i, h))).collect();
+                let mut order: Vec<usize> = (0..whole.len()).collect();
+                order.select_nth_unstable_by(keep, |&a, &b| page_scores[b].total_cmp(&page_scores[a]));
+                kept = order[..keep].iter().map(|&k| whole[k]).collect();
+            }
+            let todo: Vec<usize> = kept.iter().flat_map(|&i| i..i + per_page).chain(loose.iter().copied()).collect();
+            // The chosen pages' blocks are scattered over the table: fetched a few ahead.
+            const AHEAD: usize = 8;
+            todo.iter().take(AHEAD).for_each(|&i| crate::attn::prefetch(block_summary(i, h)));
+            let scored = todo.iter().enumerate().map(|(k, &i)| {
+                if let Some(&next) = todo.get(k + AHEAD) {
+                    crate::attn::prefetch(block_summary(next, h));
+                }
+                (i, query.score(block_summary(i, h)))
+            });
+            select::pick(&cells, &always, scored.collect(), picks)
+        }))
     }
 
     /// Records that an attention call read cells [first, first + n) of a stream where
@@ -724,7 +777,7 @@ impl KvStore {
                 p => p.packed().map_or(0, <[u8]>::len),
             })
             .sum();
-        let digests: usize = self.streams.iter().flat_map(|s| &s.pages).map(|s| s.digest.as_ref().map_or(0, |g| g.len())).sum();
+        let digests: usize = self.streams.iter().map(|s| s.page_summaries.len() + s.block_summaries.len()).sum();
         pages + digests
     }
 
@@ -935,35 +988,6 @@ pub fn segments_in<'a>(k: &'a KvStore, v: &'a KvStore, stream: usize, first: usi
         let vs = v.head_rows(stream, first + r.start, r.len(), head);
         debug_assert_eq!(ks.len(), vs.len());
         out.extend(ks.into_iter().zip(vs).map(|((c, len, kr), (_, _, vr))| Segment { first_cell: c - first, n: len, k: kr, v: vr }));
-    }
-    out
-}
-
-/// Per head `h` of `qs`, the score of `summary(h, i)` for each item `i` of `items[h]` (0 where
-/// there is none), split over `threads` in parts of each head's items. The summaries live in
-/// each page's own allocation, so every first touch missed the cache (98% of the scorer's own
-/// time in `perf` at depth 8192): a summary is prefetched [`AHEAD`] items before it is scored.
-fn score_heads<'a>(threads: Threads, qs: &[select::Query], items: &[Vec<usize>], summary: impl Fn(usize, usize) -> Option<&'a [u8]> + Sync) -> Vec<Vec<f32>> {
-    const AHEAD: usize = 8;
-    let part = items.iter().map(Vec::len).max().unwrap_or(0).div_ceil(threads.count()).max(1);
-    let parts: Vec<(usize, &[usize])> = items.iter().enumerate().flat_map(|(h, it)| it.chunks(part).map(move |c| (h, c))).collect();
-    let scored = threads.map(&parts, |&(h, part)| {
-        let ahead = |k: usize| {
-            if let Some(g) = part.get(k).and_then(|&i| summary(h, i)) {
-                crate::attn::prefetch(g);
-            }
-        };
-        (0..AHEAD).for_each(ahead);
-        (0..part.len())
-            .map(|k| {
-                ahead(k + AHEAD);
-                summary(h, part[k]).map_or(0.0, |g| qs[h].score(g))
-            })
-            .collect::<Vec<f32>>()
-    });
-    let mut out: Vec<Vec<f32>> = items.iter().map(|it| Vec::with_capacity(it.len())).collect();
-    for (&(h, _), s) in parts.iter().zip(scored) {
-        out[h].extend(s);
     }
     out
 }

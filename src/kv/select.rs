@@ -42,8 +42,8 @@ pub fn block_bytes(d: usize) -> usize {
     2 * d + 8
 }
 
-/// Summaries per head in a page's digest: one per block, then one of the whole page.
-const PER_HEAD: usize = PAGE / BLOCK + 1;
+/// Block summaries per head in a page's digest.
+const BLOCKS: usize = PAGE / BLOCK;
 
 /// Pages are ranked by their whole-page summary first, and only the blocks of the best pages,
 /// holding `REFINE` times the attention budget, are ranked by their own: at depth 32768 and
@@ -51,34 +51,44 @@ const PER_HEAD: usize = PAGE / BLOCK + 1;
 /// (see `benches/select.rs`), for 0.001 more KLD (`dspark eval --decode`, ctx 8192).
 pub const REFINE: usize = 2;
 
-/// Bytes of one page's digest: per head, [`block_bytes`] for each block and the page.
-pub fn digest_len(n_head: usize, d: usize) -> usize {
-    n_head * PER_HEAD * block_bytes(d)
+/// A page's digest, in two parts: the summaries of its blocks, `[head][block]`, which the
+/// page keeps, and of the whole page, `[head]`, which go to its stream's table of page
+/// summaries (ranking reads every page's, so they lie together: one stream of memory, not a
+/// scattered read per page).
+pub struct Digest {
+    pub blocks: Box<[u8]>,
+    pub page: Box<[u8]>,
 }
 
-/// Block `b`'s summary for head `h` in a page's digest.
-pub fn block_digest(g: &[u8], h: usize, b: usize, d: usize) -> &[u8] {
-    &g[(h * PER_HEAD + b) * block_bytes(d)..][..block_bytes(d)]
+/// Bytes of one page's summaries for all heads (its entry in a stream's table).
+pub fn page_summary_len(n_head: usize, d: usize) -> usize {
+    n_head * block_bytes(d)
 }
 
-/// The whole page's summary for head `h` in a page's digest.
-pub fn page_digest(g: &[u8], h: usize, d: usize) -> &[u8] {
-    block_digest(g, h, PAGE / BLOCK, d)
+/// Bytes of one page's block summaries for all heads (its entry in a stream's table).
+pub fn block_summaries_len(n_head: usize, d: usize) -> usize {
+    n_head * BLOCKS * block_bytes(d)
+}
+
+/// Block `b`'s summary for head `h` in a page's block summaries.
+pub fn block_digest(blocks: &[u8], h: usize, b: usize, d: usize) -> &[u8] {
+    &blocks[(h * BLOCKS + b) * block_bytes(d)..][..block_bytes(d)]
 }
 
 /// The digest of one page's keys, `rows` laid out `[head][slot][d]` (the f16 page): per head,
-/// the summary of each block of [`BLOCK`] rows, then of all [`PAGE`] rows.
-pub fn digest(rows: &[f16], n_head: usize, d: usize) -> Box<[u8]> {
-    let mut out = vec![0u8; digest_len(n_head, d)].into_boxed_slice();
+/// the summary of each block of [`BLOCK`] rows and of all [`PAGE`] rows.
+pub fn digest(rows: &[f16], n_head: usize, d: usize) -> Digest {
     let bb = block_bytes(d);
-    for (head, dst) in rows.chunks_exact(PAGE * d).zip(out.chunks_exact_mut(PER_HEAD * bb)) {
-        let (blocks, page) = dst.split_at_mut((PER_HEAD - 1) * bb);
-        for (block, dst) in head.chunks_exact(BLOCK * d).zip(blocks.chunks_exact_mut(bb)) {
+    let mut blocks = vec![0u8; block_summaries_len(n_head, d)].into_boxed_slice();
+    let mut page = vec![0u8; page_summary_len(n_head, d)].into_boxed_slice();
+    let heads = rows.chunks_exact(PAGE * d).zip(blocks.chunks_exact_mut(BLOCKS * bb)).zip(page.chunks_exact_mut(bb));
+    for ((head, dst), whole) in heads {
+        for (block, dst) in head.chunks_exact(BLOCK * d).zip(dst.chunks_exact_mut(bb)) {
             summarize(block, d, dst);
         }
-        summarize(head, d, page);
+        summarize(head, d, whole);
     }
-    out
+    Digest { blocks, page }
 }
 
 /// The mean and mean absolute deviation per channel of `rows` (`[n][d]`), as 8-bit codes with
@@ -120,27 +130,43 @@ pub fn unpack(block: &[u8], d: usize, out: &mut [f32]) {
     radius.iter_mut().zip(&block[d..2 * d]).for_each(|(o, &x)| *o = f32::from(x) * r_step);
 }
 
-/// One KV head's query rows (its GQA group) and their absolute values, for scoring digests.
+/// One KV head's query rows (its GQA group), as 16-bit integers, for scoring digests.
+///
+/// A summary's codes are integers, so with integer rows a score is two exact integer dot
+/// products and one scaling: the compiler turns the loops into the CPU's integer
+/// multiply-add (VNNI's `vpdpwssd` here), three times fewer instructions per summary than
+/// widening the codes to f32. 13 bits keep the ranking (a row's rounding error is 1/16382 of
+/// its largest value), and keep the sums within `i32` for head sizes up to 1024 (radii are
+/// at most 255).
 pub struct Query {
     d: usize,
-    q: Vec<f32>,
-    q_abs: Vec<f32>,
+    /// `[n][d]`: each row divided by its `scale` and rounded.
+    q: Vec<i16>,
+    q_abs: Vec<i16>,
+    scale: Vec<f32>,
     #[cfg(target_arch = "x86_64")]
-    avx512: bool,
+    vnni: bool,
 }
 
+/// The largest magnitude of a row's integer values.
+const Q_MAX: f32 = 8191.0;
+
 impl Query {
-    /// `q` holds the rows `[n][d]` (vector code for `d` a multiple of 16).
+    /// `q` holds the rows `[n][d]`, `d` at most 1024.
     pub fn new(q: &[f32], d: usize) -> Query {
+        assert!(d <= 1024 && !q.is_empty() && q.len().is_multiple_of(d), "query rows of {} values for head size {d}", q.len());
+        let scale: Vec<f32> = q.chunks_exact(d).map(|row| row.iter().fold(0.0f32, |m, x| m.max(x.abs())) / Q_MAX).collect();
+        let q: Vec<i16> = q.chunks_exact(d).zip(&scale).flat_map(|(row, &s)| row.iter().map(move |&x| if s > 0.0 { (x / s).round() as i16 } else { 0 })).collect();
         let q_abs = q.iter().map(|x| x.abs()).collect();
         #[cfg(target_arch = "x86_64")]
-        let avx512 = is_x86_feature_detected!("avx512f") && d.is_multiple_of(16);
+        let vnni = d.is_multiple_of(32) && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vnni");
         Query {
             d,
-            q: q.to_vec(),
+            q,
             q_abs,
+            scale,
             #[cfg(target_arch = "x86_64")]
-            avx512,
+            vnni,
         }
     }
 
@@ -151,56 +177,81 @@ impl Query {
         let (c_step, r_step) = steps(block, d);
         let (c, r) = (&block[..d], &block[d..2 * d]);
         #[cfg(target_arch = "x86_64")]
-        if self.avx512 {
-            // SAFETY: `avx512` is set only where the CPU has AVX-512F (detected at run time).
-            return unsafe { x86::score_avx512(&self.q, &self.q_abs, c, r, c_step, r_step) };
+        if self.vnni {
+            // SAFETY: `vnni` is set only where the CPU has these features (detected at run
+            // time) and `d` is a multiple of 32.
+            return unsafe { x86::score_vnni(self, c, r, c_step, r_step) };
         }
-        let rows = self.q.chunks_exact(d).zip(self.q_abs.chunks_exact(d));
-        rows.map(|(q, qa)| dot(q, qa, c, r, c_step, r_step)).fold(f32::NEG_INFINITY, f32::max)
+        (0..self.scale.len()).map(|i| self.row_score(i, c, r, c_step, r_step)).fold(f32::NEG_INFINITY, f32::max)
+    }
+
+    /// Row `i`'s score: the portable scorer, and the specification of the vector one
+    /// (`tests::the_vector_scorer_matches_the_portable_one`): the integer sums are exact,
+    /// and both scale them with the same float operations.
+    fn row_score(&self, i: usize, c: &[u8], r: &[u8], c_step: f32, r_step: f32) -> f32 {
+        let (q, qa) = (&self.q[i * self.d..][..self.d], &self.q_abs[i * self.d..][..self.d]);
+        let sc: i32 = q.iter().zip(c).map(|(&q, &c)| i32::from(q) * i32::from(c as i8)).sum();
+        let sr: i32 = qa.iter().zip(r).map(|(&q, &r)| i32::from(q) * i32::from(r)).sum();
+        scaled(self.scale[i], sc, sr, c_step, r_step)
     }
 }
 
-/// `c_step · Σ q_i c_i + r_step · Σ |q_i| r_i` over the codes: the portable scorer, and the
-/// specification of the vector one (`tests::the_vector_scorer_matches_the_portable_one`).
-fn dot(q: &[f32], q_abs: &[f32], c: &[u8], r: &[u8], c_step: f32, r_step: f32) -> f32 {
-    let (mut sc, mut sr) = (0.0f32, 0.0f32);
-    for (((q, qa), &c), &r) in q.iter().zip(q_abs).zip(c).zip(r) {
-        sc += q * f32::from(c as i8);
-        sr += qa * f32::from(r);
-    }
-    c_step * sc + r_step * sr
+/// A row's score from its integer sums.
+#[inline(always)]
+fn scaled(scale: f32, sc: i32, sr: i32, c_step: f32, r_step: f32) -> f32 {
+    scale * (c_step * sc as f32 + r_step * sr as f32)
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
-    /// [`super::dot`] of each row of `q` (`[n][d]`, `d = c.len()`, a multiple of 16), the
-    /// largest. Every candidate summary of a layer is scored for each decoded token: the
-    /// codes are widened 16 at a time and each row's products kept in 16 lanes, summed once
-    /// per row (the compiler's own vectorization of the portable loop kept a 16-add chain and
-    /// ran at ~130 cycles per summary at head size 64).
-    #[target_feature(enable = "avx512f")]
-    pub fn score_avx512(q: &[f32], q_abs: &[f32], c: &[u8], r: &[u8], c_step: f32, r_step: f32) -> f32 {
-        let d = c.len();
-        assert!(d.is_multiple_of(16) && r.len() == d && q.len() == q_abs.len() && q.len().is_multiple_of(d), "score_avx512: shapes");
-        let (cs, rs) = (_mm512_set1_ps(c_step), _mm512_set1_ps(r_step));
-        let mut best = f32::NEG_INFINITY;
-        for (q, qa) in q.chunks_exact(d).zip(q_abs.chunks_exact(d)) {
-            // Two sums, so that the products do not wait on each other.
-            let (mut ac, mut ar) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-            for k in (0..d).step_by(16) {
-                // SAFETY: k + 16 <= d, and c, r, q and qa each hold d values (asserted).
+    /// [`super::Query::row_score`] of each row, the largest (`d`, a multiple of 32, codes
+    /// each in `c` and `r`). The codes are widened to 16 bits 32 at a time and multiplied
+    /// into 32-bit sums by VNNI (`vpdpwssd`) for 4 rows at once, whose sums are then added
+    /// across lanes together.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub fn score_vnni(query: &super::Query, c: &[u8], r: &[u8], c_step: f32, r_step: f32) -> f32 {
+        let (d, n) = (query.d, query.scale.len());
+        assert!(d.is_multiple_of(32) && c.len() == d && r.len() == d && query.q.len() == n * d && query.q_abs.len() == n * d, "score_vnni: shapes");
+        let mut best = _mm_set1_ps(f32::NEG_INFINITY);
+        for g in (0..n).step_by(4) {
+            // Rows g..g+4, the last one repeated where fewer remain (the largest is the same).
+            let rows = [0, 1, 2, 3].map(|j| (g + j).min(n - 1));
+            let (mut ac, mut ar) = ([_mm512_setzero_si512(); 4], [_mm512_setzero_si512(); 4]);
+            for k in (0..d).step_by(32) {
+                // SAFETY: k + 32 <= d; c and r hold d codes and each row d values (asserted).
                 unsafe {
-                    let cv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(c.as_ptr().add(k).cast())));
-                    let rv = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(r.as_ptr().add(k).cast())));
-                    ac = _mm512_fmadd_ps(_mm512_loadu_ps(q.as_ptr().add(k)), cv, ac);
-                    ar = _mm512_fmadd_ps(_mm512_loadu_ps(qa.as_ptr().add(k)), rv, ar);
+                    let cv = _mm512_cvtepi8_epi16(_mm256_loadu_si256(c.as_ptr().add(k).cast()));
+                    let rv = _mm512_cvtepu8_epi16(_mm256_loadu_si256(r.as_ptr().add(k).cast()));
+                    for j in 0..4 {
+                        let at = rows[j] * d + k;
+                        ac[j] = _mm512_dpwssd_epi32(ac[j], cv, _mm512_loadu_si512(query.q.as_ptr().add(at).cast()));
+                        ar[j] = _mm512_dpwssd_epi32(ar[j], rv, _mm512_loadu_si512(query.q_abs.as_ptr().add(at).cast()));
+                    }
                 }
             }
-            best = best.max(_mm512_reduce_add_ps(_mm512_fmadd_ps(ac, cs, _mm512_mul_ps(ar, rs))));
+            // The rows' scores as [`super::scaled`] computes them, lane by lane: the largest
+            // is kept in 4 lanes, so that rows and summaries do not wait on each other.
+            let scale = _mm_setr_ps(query.scale[rows[0]], query.scale[rows[1]], query.scale[rows[2]], query.scale[rows[3]]);
+            let (sc, sr) = (_mm_cvtepi32_ps(sum4(ac)), _mm_cvtepi32_ps(sum4(ar)));
+            let score = _mm_mul_ps(scale, _mm_add_ps(_mm_mul_ps(_mm_set1_ps(c_step), sc), _mm_mul_ps(_mm_set1_ps(r_step), sr)));
+            best = _mm_max_ps(best, score);
         }
-        best
+        let mut lanes = [0.0f32; 4];
+        // SAFETY: `lanes` holds 4 floats.
+        unsafe { _mm_storeu_ps(lanes.as_mut_ptr(), best) };
+        lanes.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x))
+    }
+
+    /// The sums of the lanes of 4 vectors, as 4 lanes.
+    #[target_feature(enable = "avx512f")]
+    fn sum4(v: [__m512i; 4]) -> __m128i {
+        let half = |x: __m512i| _mm256_add_epi32(_mm512_castsi512_si256(x), _mm512_extracti64x4_epi64::<1>(x));
+        let ab = _mm256_hadd_epi32(half(v[0]), half(v[1]));
+        let cd = _mm256_hadd_epi32(half(v[2]), half(v[3]));
+        let abcd = _mm256_hadd_epi32(ab, cd);
+        _mm_add_epi32(_mm256_castsi256_si128(abcd), _mm256_extracti128_si256::<1>(abcd))
     }
 }
 
@@ -216,39 +267,41 @@ pub enum PageKind {
     Candidate,
 }
 
-/// Per KV head, the cell ranges to read (relative to the range's first cell, merged where
-/// adjacent), or `None` when everything visible fits in `budget` cells (a dense call).
+/// How many candidate blocks each head picks under an attention budget of `budget` cells,
+/// once the always-read blocks are counted; `None` when everything visible fits the budget
+/// (a dense call).
 ///
 /// `blocks[i]` is the kind of the `i`-th block of [`BLOCK`] cells overlapping `cells` (the
-/// range's cells, counted from the stream's cell 0), and `scores[h][i]` its score for KV head
-/// `h` (read for candidates only; a candidate scored −∞, whose page ranked out, is never
-/// picked).
-pub fn choose(cells: Range<usize>, blocks: &[PageKind], scores: &[Vec<f32>], budget: usize) -> Option<Vec<Vec<Range<usize>>>> {
-    let first_block = cells.start / BLOCK;
-    let span = |i: usize| {
-        let b = first_block + i;
-        (b * BLOCK).max(cells.start)..((b + 1) * BLOCK).min(cells.end)
-    };
-    let count = |k: PageKind| blocks.iter().enumerate().filter(|(_, &x)| x == k).map(|(i, _)| span(i).len()).sum::<usize>();
-    let always = count(PageKind::Always);
-    if always + count(PageKind::Candidate) <= budget {
-        return None;
+/// range's cells, counted from the stream's cell 0).
+pub fn picks(cells: Range<usize>, blocks: &[PageKind], budget: usize) -> Option<usize> {
+    let (mut always, mut candidate) = (0, 0);
+    for (i, &k) in blocks.iter().enumerate() {
+        match k {
+            PageKind::Always => always += span(&cells, i).len(),
+            PageKind::Candidate => candidate += span(&cells, i).len(),
+            PageKind::Hidden => {}
+        }
     }
-    let picks = budget.saturating_sub(always) / BLOCK;
-    let ranges = scores
-        .iter()
-        .map(|score| {
-            let mut cand: Vec<usize> = (0..blocks.len()).filter(|&i| blocks[i] == PageKind::Candidate && score[i] != f32::NEG_INFINITY).collect();
-            if picks < cand.len() {
-                cand.select_nth_unstable_by(picks, |&a, &b| score[b].total_cmp(&score[a]));
-                cand.truncate(picks);
-            }
-            let mut read: Vec<usize> = (0..blocks.len()).filter(|&i| blocks[i] == PageKind::Always).chain(cand).collect();
-            read.sort_unstable();
-            merge(read.into_iter().map(span).map(|r| r.start - cells.start..r.end - cells.start))
-        })
-        .collect();
-    Some(ranges)
+    (always + candidate > budget).then(|| budget.saturating_sub(always) / BLOCK)
+}
+
+/// One KV head's cell ranges to read (relative to the range's first cell, merged where
+/// adjacent): the `always` blocks and the `picks` best-scoring of the candidates `scored`
+/// (block index, score). Blocks are counted as in [`picks`].
+pub fn pick(cells: &Range<usize>, always: &[usize], mut scored: Vec<(usize, f32)>, picks: usize) -> Vec<Range<usize>> {
+    if picks < scored.len() {
+        scored.select_nth_unstable_by(picks, |a, b| b.1.total_cmp(&a.1));
+        scored.truncate(picks);
+    }
+    let mut read: Vec<usize> = always.iter().copied().chain(scored.into_iter().map(|(i, _)| i)).collect();
+    read.sort_unstable();
+    merge(read.into_iter().map(|i| span(cells, i)).map(|r| r.start - cells.start..r.end - cells.start))
+}
+
+/// The cells of `cells` in the `i`-th block overlapping it.
+fn span(cells: &Range<usize>, i: usize) -> Range<usize> {
+    let b = cells.start / BLOCK + i;
+    (b * BLOCK).max(cells.start)..((b + 1) * BLOCK).min(cells.end)
 }
 
 /// Merges ranges sorted by their start that touch or overlap.
@@ -310,7 +363,8 @@ mod tests {
                 Some(b) => &rows[(h * PAGE + b * BLOCK) * d..][..BLOCK * d],
                 None => &rows[h * PAGE * d..][..PAGE * d],
             };
-            unpack(b.map_or_else(|| page_digest(&g, h, d), |b| block_digest(&g, h, b, d)), d, &mut u);
+            let bb = block_bytes(d);
+            unpack(b.map_or_else(|| &g.page[h * bb..][..bb], |b| block_digest(&g.blocks, h, b, d)), d, &mut u);
             let tol = |v: &[f32]| f64::from(v.iter().fold(0.0f32, |m, x| m.max(x.abs()))) / 200.0;
             let (c_tol, r_tol) = (tol(&u[..d]), tol(&u[d..]));
             for i in 0..d {
@@ -356,25 +410,52 @@ mod tests {
         assert!(hits * 10 >= trials * 9, "the best block ranked in the top quarter in {hits} of {trials} trials");
     }
 
-    /// The scorer in use (AVX-512 where the CPU has it) against the portable one, on fresh
-    /// random summaries and 1 to 8 query rows of several head sizes.
+    /// The scorer in use (VNNI where the CPU has it) against the portable one, on fresh
+    /// random summaries and 1 to 24 query rows (up to 8 query rows of a GQA group of 3) of
+    /// several head sizes: the same integer sums, so the same scores.
     #[test]
     fn the_vector_scorer_matches_the_portable_one() {
         let mut rnd = rng(0x9E37_79B9_7F4A_7C15);
         for d in [16, 64, 80, 128, 256] {
-            for n in 1..=8 {
+            for n in 1..=24 {
                 let q: Vec<f32> = (0..n * d).map(|_| 4.0 * rnd()).collect();
                 let rows: Vec<f16> = (0..BLOCK * d).map(|_| f16::from_f32(8.0 * rnd())).collect();
                 let mut g = vec![0u8; block_bytes(d)];
                 summarize(&rows, d, &mut g);
                 let (c_step, r_step) = steps(&g, d);
-                let q_abs: Vec<f32> = q.iter().map(|x| x.abs()).collect();
-                let want = q.chunks_exact(d).zip(q_abs.chunks_exact(d)).map(|(q, qa)| dot(q, qa, &g[..d], &g[d..2 * d], c_step, r_step)).fold(f32::MIN, f32::max);
-                let got = Query::new(&q, d).score(&g);
-                let scale = q_abs.iter().sum::<f32>() * 8.0;
-                assert!((got - want).abs() <= 1e-5 * scale, "d {d}, {n} rows: {got} vs {want}");
+                let query = Query::new(&q, d);
+                let want = (0..n).map(|i| query.row_score(i, &g[..d], &g[d..2 * d], c_step, r_step)).fold(f32::NEG_INFINITY, f32::max);
+                assert_eq!(query.score(&g), want, "d {d}, {n} rows");
             }
         }
+    }
+
+    /// Integer rows rank like the float products they stand for: each row's score is within
+    /// 1/4000 of the scale of its terms of `q·c + Σ|q_i|·r_i` computed in f64.
+    #[test]
+    fn integer_query_rows_keep_the_float_score() {
+        let mut rnd = rng(0x2545_F491_4F6C_DD1D);
+        let d = 64;
+        for _ in 0..200 {
+            let q: Vec<f32> = (0..d).map(|_| 4.0 * rnd()).collect();
+            let rows: Vec<f16> = (0..BLOCK * d).map(|_| f16::from_f32(8.0 * rnd())).collect();
+            let mut g = vec![0u8; block_bytes(d)];
+            summarize(&rows, d, &mut g);
+            let mut u = vec![0.0f32; 2 * d];
+            unpack(&g, d, &mut u);
+            let terms = (0..d).map(|i| (f64::from(q[i]) * f64::from(u[i]), f64::from(q[i].abs()) * f64::from(u[d + i])));
+            let (exact, size) = terms.fold((0.0, 0.0), |(e, s), (a, b)| (e + a + b, s + a.abs() + b.abs()));
+            let got = f64::from(Query::new(&q, d).score(&g));
+            assert!((got - exact).abs() <= size / 4000.0, "{got} vs {exact} (terms of size {size})");
+        }
+    }
+
+    /// Every head's ranges, or `None` for a dense call; a candidate scored −∞ is not one.
+    fn choose(cells: Range<usize>, blocks: &[PageKind], scores: &[Vec<f32>], budget: usize) -> Option<Vec<Vec<Range<usize>>>> {
+        let n = picks(cells.clone(), blocks, budget)?;
+        let always: Vec<usize> = (0..blocks.len()).filter(|&i| blocks[i] == PageKind::Always).collect();
+        let scored = |s: &Vec<f32>| (0..blocks.len()).filter(|&i| blocks[i] == PageKind::Candidate && s[i] != f32::NEG_INFINITY).map(|i| (i, s[i])).collect();
+        Some(scores.iter().map(|s| pick(&cells, &always, scored(s), n)).collect())
     }
 
     #[test]
