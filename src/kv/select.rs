@@ -51,9 +51,9 @@ const BLOCKS: usize = PAGE / BLOCK;
 /// (see `benches/select.rs`), for 0.001 more KLD (`dspark eval --decode`, ctx 8192).
 pub const REFINE: usize = 2;
 
-/// A page's digest, in two parts: the summaries of its blocks, `[head][block]`, which the
-/// page keeps, and of the whole page, `[head]`, which go to its stream's table of page
-/// summaries (ranking reads every page's, so they lie together: one stream of memory, not a
+/// A page's digest, in two parts: the summaries of its blocks, `[head][block]`, and of the
+/// whole page, `[head]`. The store copies each into a table of its stream (ranking reads
+/// every page's whole-page summary, so those lie together: one stream of memory, not a
 /// scattered read per page).
 pub struct Digest {
     pub blocks: Box<[u8]>,
@@ -133,11 +133,11 @@ pub fn unpack(block: &[u8], d: usize, out: &mut [f32]) {
 /// One KV head's query rows (its GQA group), as 16-bit integers, for scoring digests.
 ///
 /// A summary's codes are integers, so with integer rows a score is two exact integer dot
-/// products and one scaling: the compiler turns the loops into the CPU's integer
-/// multiply-add (VNNI's `vpdpwssd` here), three times fewer instructions per summary than
-/// widening the codes to f32. 13 bits keep the ranking (a row's rounding error is 1/16382 of
-/// its largest value), and keep the sums within `i32` for head sizes up to 1024 (radii are
-/// at most 255).
+/// products and one scaling: AVX-512 VNNI multiplies 32 codes by 32 row values into 32-bit
+/// sums per instruction (`vpdpwssd`), with no widening to f32, and the vector scorer equals
+/// the portable one bit for bit. 13 bits keep the ranking (a row's rounding error is at most
+/// 1/16382 of its largest value), and keep the sums within `i32` for head sizes up to 1024
+/// (radii are at most 255).
 pub struct Query {
     d: usize,
     /// `[n][d]`: each row divided by its `scale` and rounded.
