@@ -701,8 +701,8 @@ impl KvStore {
             i += 1;
         }
         let keep = (select::REFINE * budget).div_ceil(PAGE);
-        let (page_len, blocks_len, bb) = (select::page_summary_len(nh, d), select::block_summaries_len(nh, d), select::block_bytes(d));
-        let page_summary = |i: usize, h: usize| &st.page_summaries[(first_block + i) / per_page * page_len + h * bb..][..bb];
+        let (page_len, blocks_len) = (select::page_summary_len(nh, d), select::block_summaries_len(nh, d));
+        let page_summary = |i: usize, h: usize| select::page_digest(&st.page_summaries[(first_block + i) / per_page * page_len..][..page_len], h, d);
         let block_summary = |i: usize, h: usize| {
             let b = first_block + i;
             select::block_digest(&st.block_summaries[b / per_page * blocks_len..][..blocks_len], h, b % per_page, d)

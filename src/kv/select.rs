@@ -70,6 +70,11 @@ pub fn block_summaries_len(n_head: usize, d: usize) -> usize {
     n_head * BLOCKS * block_bytes(d)
 }
 
+/// Head `h`'s summary in a page's whole-page summaries.
+pub fn page_digest(page: &[u8], h: usize, d: usize) -> &[u8] {
+    &page[h * block_bytes(d)..][..block_bytes(d)]
+}
+
 /// Block `b`'s summary for head `h` in a page's block summaries.
 pub fn block_digest(blocks: &[u8], h: usize, b: usize, d: usize) -> &[u8] {
     &blocks[(h * BLOCKS + b) * block_bytes(d)..][..block_bytes(d)]
@@ -363,8 +368,7 @@ mod tests {
                 Some(b) => &rows[(h * PAGE + b * BLOCK) * d..][..BLOCK * d],
                 None => &rows[h * PAGE * d..][..PAGE * d],
             };
-            let bb = block_bytes(d);
-            unpack(b.map_or_else(|| &g.page[h * bb..][..bb], |b| block_digest(&g.blocks, h, b, d)), d, &mut u);
+            unpack(b.map_or_else(|| page_digest(&g.page, h, d), |b| block_digest(&g.blocks, h, b, d)), d, &mut u);
             let tol = |v: &[f32]| f64::from(v.iter().fold(0.0f32, |m, x| m.max(x.abs()))) / 200.0;
             let (c_tol, r_tol) = (tol(&u[..d]), tol(&u[d..]));
             for i in 0..d {
