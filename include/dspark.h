@@ -191,11 +191,14 @@ dspark_status dspark_config_init(dspark_config *config);
  *
  * Each configuration is its own device, so the format of a KV cache is fixed by the device
  * its model was loaded with and two formats in one process never mix. The first
- * configuration gets `DSPARK0` (the registry is registered with ggml once per process); a
- * call with another configuration returns a new device (`DSPARK1`, ...), also listed by
- * ggml; a call with a configuration already seen returns that device again. It touches no
- * other state of the host: llama.cpp's log callback stays the host's, and DSpark's
- * messages go through it. Pass the device in `llama_model_params.devices` (a
+ * configuration gets `DSPARK0` (the registry is registered with ggml once per process, with
+ * the devices it has then); a call with another configuration returns a new device
+ * (`DSPARK1`, ...), which ggml reaches through the registry but does not add to its own
+ * device list (that list has no lock, and llama.cpp walks it while it loads a model or makes
+ * a context); a call with a configuration already seen returns that device again. Make the
+ * first call before other threads load models: it changes ggml's list. It touches no other
+ * state of the host: llama.cpp's log callback stays the host's, and DSpark's messages go
+ * through it. Pass the device in `llama_model_params.devices` (a
  * NULL-terminated array) with `offload_kqv` and flash attention enabled and the KV types left
  * at f16: DSpark compresses the KV itself.
  * \param config The configuration, or NULL for the defaults. Not retained.

@@ -51,6 +51,8 @@ pub fn init() {
             sys::llama_log_set(Some(log_callback), std::ptr::null_mut());
             sys::llama_backend_init();
         }
+        // Before any model is loaded: ggml's device list must not change while one loads.
+        crate::ggml::list_registry();
     });
 }
 
@@ -99,14 +101,16 @@ pub fn ggml_has_avx512() -> bool {
     system_info().contains("AVX512 = 1")
 }
 
-/// One registered ggml device: (name, description).
+/// Every device of every registry ggml lists: (name, description). A registry's own list
+/// includes the DSpark devices that ggml's device list leaves out (`ggml::list_registry`).
 pub fn devices() -> Vec<(String, String)> {
     init();
-    // SAFETY: indices below ggml_backend_dev_count() are valid; names are static strings.
+    // SAFETY: indices below the counts are valid; names are static strings.
     unsafe {
-        (0..sys::ggml_backend_dev_count())
-            .map(|i| {
-                let d = sys::ggml_backend_dev_get(i);
+        (0..sys::ggml_backend_reg_count())
+            .map(|r| sys::ggml_backend_reg_get(r))
+            .flat_map(|reg| (0..sys::ggml_backend_reg_dev_count(reg)).map(move |i| sys::ggml_backend_reg_dev_get(reg, i)))
+            .map(|d| {
                 (
                     CStr::from_ptr(sys::ggml_backend_dev_name(d)).to_string_lossy().into_owned(),
                     CStr::from_ptr(sys::ggml_backend_dev_description(d)).to_string_lossy().into_owned(),

@@ -106,6 +106,32 @@ fn formats_never_mix_between_contexts_created_concurrently() {
     assert!((b8 - want(8.5)).abs() < 1e-9 && (b4 - want(4.5)).abs() < 1e-9, "k8v8 {b8} bits, k4v4 {b4} bits");
 }
 
+/// llama.cpp walks ggml's device list, which has no lock, whenever it loads a model or
+/// creates a context. A new configuration must leave that list alone: when each one was
+/// added to it, a test binary died with SIGSEGV (a test registered a configuration while
+/// others loaded models), and here the count below grew.
+#[test]
+fn registering_configurations_while_models_load_leaves_ggml_device_list_alone() {
+    use llama_cpp_sys_2 as ll;
+    dspark::llama::init();
+    // SAFETY: a plain query of ggml's list.
+    let listed = || unsafe { ll::ggml_backend_dev_count() };
+    let before = listed();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for w in 0..64 {
+                ggml::register(Config { window: 100_000 + w, ..k4v4() });
+            }
+        });
+        let m = Model::load(&model_path(None), Placement::Cpu).unwrap();
+        drop(Context::new(&m, &CtxParams::new(256, 1, KvType::F16)).unwrap());
+    });
+    assert_eq!(listed(), before, "ggml's device list changed");
+    // ggml reaches every one of them through DSpark's registry.
+    let ours = dspark::llama::devices().into_iter().filter(|(name, _)| name.starts_with("DSPARK")).count();
+    assert!(ours >= 64, "{ours} DSpark devices listed by their registry");
+}
+
 /// llama.cpp's parameter fitting (`--fit on`, the default of its tools) loads the model with
 /// `no_alloc` and builds a context whose KV tensors sit in a zero-size placeholder buffer;
 /// the scheduler then asks DSpark whether it can run SET_ROWS into them. Answering from the

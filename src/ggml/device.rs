@@ -3,10 +3,10 @@
 //!
 //! A device is a KV configuration: every KV cache allocated from a device's buffer type gets
 //! that device's format and window, so two contexts with different formats in one process
-//! can never mix, whichever thread creates them. The first device is `DSPARK0` (the one the
-//! registry lists to ggml when it is registered); [`register`] with another configuration
-//! adds `DSPARK1`, `DSPARK2`, ... . Each device also owns the list of its live KV stores,
-//! for statistics.
+//! can never mix, whichever thread creates them. The first device is `DSPARK0`; [`register`]
+//! with another configuration adds `DSPARK1`, `DSPARK2`, ... . ggml reaches them through the
+//! registry ([`list_registry`] says why they are not added to ggml's own device list). Each
+//! device also owns the list of its live KV stores, for statistics.
 
 use std::ffi::{c_char, CString};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -106,14 +106,13 @@ fn registry_obj() -> &'static Registry {
     })
 }
 
-/// The device for `config`, created if no device has that configuration yet; the bool says
-/// whether it was created now.
-fn device_for(config: Config) -> (ll::ggml_backend_dev_t, bool) {
+/// The device for `config`, created if no device has that configuration yet.
+fn device_for(config: Config) -> ll::ggml_backend_dev_t {
     let r = registry_obj();
     let mut devs = r.devices.lock().unwrap_or_else(|e| e.into_inner());
     // SAFETY: every listed device was made below and is never freed.
     if let Some(d) = devs.iter().find(|d| unsafe { dev_ctx(d.0.cast()) }.config == config) {
-        return (d.0.cast(), false);
+        return d.0.cast();
     }
     let name = CString::new(format!("DSPARK{}", devs.len())).expect("no NUL in a device name");
     let ctx = Box::into_raw(Box::new(DeviceCtx { config, name, buft: std::ptr::null_mut(), kv: Mutex::new(Vec::new()), attn_calls: AtomicU64::new(0), graphs: AtomicU64::new(0), select: Default::default(), budget: Mutex::new(None) }));
@@ -122,7 +121,7 @@ fn device_for(config: Config) -> (ll::ggml_backend_dev_t, bool) {
     // SAFETY: ctx was just allocated and is not shared yet.
     unsafe { (*ctx).buft = buft };
     devs.push(Dev(dev));
-    (dev.cast(), true)
+    dev.cast()
 }
 
 /// A device's context.
@@ -153,23 +152,29 @@ pub(crate) fn registry(config: Config) -> ll::ggml_backend_reg_t {
     registry_obj().reg.cast()
 }
 
-/// Registers DSpark with ggml (the registry, once) and returns the device whose KV caches
-/// use `config`, to pass in `llama_model_params.devices`: `DSPARK0` for the first
-/// configuration, a new `DSPARKn` for each other one (listed to ggml too).
+/// Returns the device whose KV caches use `config`, to pass in `llama_model_params.devices`:
+/// `DSPARK0` for the first configuration, a new `DSPARKn` for each other one; and lists
+/// DSpark's registry with ggml if nothing has yet ([`list_registry`]).
 pub fn register(config: Config) -> ll::ggml_backend_dev_t {
-    static REGISTERED: std::sync::Once = std::sync::Once::new();
-    let (dev, created) = device_for(config);
-    let mut first = false;
-    REGISTERED.call_once(|| {
-        first = true;
-        // SAFETY: the registry lives for the whole process; ggml lists its devices now.
-        unsafe { ll::ggml_backend_register(registry_obj().reg.cast()) };
-    });
-    if created && !first {
-        // SAFETY: the device lives for the whole process.
-        unsafe { ll::ggml_backend_device_register(dev) };
-    }
+    let dev = device_for(config);
+    list_registry();
     dev
+}
+
+/// Lists DSpark's registry in ggml's process-wide list of registries and devices, once per
+/// process, with the devices it has at that moment; devices made later are reached through
+/// the registry (`ggml_backend_reg_dev_get`), never added to ggml's device list.
+///
+/// ggml's list has no lock, and llama.cpp walks it whenever a model is loaded or a context
+/// created: growing it while another thread did either read freed memory (a test binary
+/// that registered a second configuration while other tests loaded models died with
+/// SIGSEGV). So it changes once: from `llama::init`, before a Rust process loads any model,
+/// or from a C host's first `dspark_register`, which, like `ggml_backend_register`, it makes
+/// before loading models on other threads.
+pub fn list_registry() {
+    static LISTED: std::sync::Once = std::sync::Once::new();
+    // SAFETY: the registry lives for the whole process.
+    LISTED.call_once(|| unsafe { ll::ggml_backend_register(registry_obj().reg.cast()) });
 }
 
 /// # Safety
