@@ -2,11 +2,12 @@
 //!
 //! `cargo bench --bench select` builds one K store shaped like a layer of the default model
 //! (3 KV heads, head size 64, 9 query heads, k4 centred pages with digests) at depths 8192,
-//! 16384 and 32768, and times `select` for one decode query with a budget of 2048 cells on 2
+//! 16384 and 32768, and times `select` for one decode query (and its mask, all cells visible,
+//! as llama.cpp passes it) with a budget of 2048 cells on 2
 //! threads (`DSPARK_BENCH_THREADS`; `DSPARK_BENCH_DEPTHS=32768` picks depths). It prints milliseconds per call and per token of a
 //! 30-layer model: the time a token spends choosing before it reads anything.
 
-use dspark::attn::{Threads, Workers};
+use dspark::attn::{Mask, Threads, Workers};
 use dspark::codec::Quant;
 use dspark::kv::{KvStore, StoreConfig};
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -47,8 +48,10 @@ fn main() {
         let mut s = store(depth, &mut rng);
         s.compact(workers.all());
         let q: Vec<f32> = (0..Q_HEADS * D).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let row = vec![half::f16::ZERO; depth];
+        let mask = Mask { data: &row, stride: depth };
         let time = |threads| {
-            let call = || s.select(0, 0, depth, |_| true, &q, 1, Q_HEADS, BUDGET, threads).expect("selects");
+            let call = || s.select(0, 0, depth, |c| mask.sees(1, c), &q, 1, Q_HEADS, BUDGET, threads).expect("selects");
             for _ in 0..20 {
                 std::hint::black_box(call());
             }

@@ -113,6 +113,14 @@ pub struct Mask<'a> {
     pub stride: usize,
 }
 
+impl Mask<'_> {
+    /// Whether one of the first `rows` queries sees a cell of `cells`: its value there is
+    /// not −∞.
+    pub fn sees(&self, rows: usize, cells: std::ops::Range<usize>) -> bool {
+        (0..rows).any(|i| self.data[i * self.stride..][cells.clone()].iter().any(|x| *x != f16::NEG_INFINITY))
+    }
+}
+
 /// ggml's ALiBi slope for head `h` of `n_head` (ops.cpp: `m0^(h+1)` or `m1^(2(h−n2)+1)`).
 #[must_use]
 pub fn alibi_slope(max_bias: f32, h: usize, n_head: usize) -> f32 {

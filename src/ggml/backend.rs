@@ -641,7 +641,7 @@ unsafe fn attn_plan<'m>(node: *mut ll::ggml_tensor, dev: &DeviceCtx, threads: Th
         // A cell is visible unless the mask holds −∞ for it in every row (no mask: all are).
         let visible = |cells: Range<usize>| match mask {
             None => true,
-            Some(m) => (0..n_q).any(|i| m.data[i * m.stride..][cells.clone()].iter().any(|x| *x != f16::NEG_INFINITY)),
+            Some(m) => m.sees(n_q, cells),
         };
         let pick = if selective {
             let t = std::time::Instant::now();
