@@ -266,13 +266,13 @@ struct Stream {
     /// One past the highest cell written since the last clear.
     high_water: usize,
     /// The pages' digests, in two tables indexed by page (an entry is valid while its page
-    /// has a digest): the whole-page summaries, `[page][head]`, which ranking reads for every
-    /// page, and the block summaries, `[page][head][block]`, read for the pages ranked best.
-    /// Kept together rather than with each page, ranking streams through one small region
-    /// of memory: with a digest in each page's own allocation, spread over the whole KV
-    /// heap, reading the chosen pages' blocks stalled on cache and TLB misses (75% of their
+    /// has a digest): the whole-page summaries, which ranking scores for every page, and
+    /// the block summaries, `[page][head][block]`, read for the pages ranked best. Kept
+    /// together rather than with each page, ranking streams through one small region of
+    /// memory: with a digest in each page's own allocation, spread over the whole KV heap,
+    /// reading the chosen pages' blocks stalled on cache and TLB misses (75% of their
     /// scoring time in `perf` at depth 16384).
-    page_summaries: Vec<u8>,
+    page_summaries: select::PageTable,
     block_summaries: Vec<u8>,
 }
 
@@ -292,13 +292,12 @@ impl Stream {
     fn set_digest(&mut self, p: usize, digest: Option<select::Digest>) {
         self.slot_mut(p).digest = digest.is_some();
         if let Some(g) = digest {
-            for (table, part) in [(&mut self.page_summaries, &g.page), (&mut self.block_summaries, &g.blocks)] {
-                let n = part.len();
-                if table.len() < (p + 1) * n {
-                    table.resize((p + 1) * n, 0);
-                }
-                table[p * n..][..n].copy_from_slice(part);
+            self.page_summaries.set(p, &g);
+            let n = g.blocks.len();
+            if self.block_summaries.len() < (p + 1) * n {
+                self.block_summaries.resize((p + 1) * n, 0);
             }
+            self.block_summaries[p * n..][..n].copy_from_slice(&g.blocks);
         }
     }
 }
@@ -701,8 +700,9 @@ impl KvStore {
             i += 1;
         }
         let keep = (select::REFINE * budget).div_ceil(PAGE);
-        let (page_len, blocks_len) = (select::page_summary_len(nh, d), select::block_summaries_len(nh, d));
-        let page_summary = |i: usize, h: usize| select::page_digest(&st.page_summaries[(first_block + i) / per_page * page_len..][..page_len], h, d);
+        let blocks_len = select::block_summaries_len(nh, d);
+        // The pages of the whole ones, as page indices.
+        let ranked = whole.first().zip(whole.last()).map_or(0..0, |(&a, &b)| (first_block + a) / per_page..(first_block + b) / per_page + 1);
         let block_summary = |i: usize, h: usize| {
             let b = first_block + i;
             select::block_digest(&st.block_summaries[b / per_page * blocks_len..][..blocks_len], h, b % per_page, d)
@@ -714,7 +714,8 @@ impl KvStore {
             let query = select::Query::new(&rows, d);
             let mut kept = whole.clone();
             if kept.len() > keep {
-                let page_scores: Vec<f32> = whole.iter().map(|&i| query.score(page_summary(i, h))).collect();
+                let all = st.page_summaries.scores(h, &query, ranked.clone());
+                let page_scores: Vec<f32> = whole.iter().map(|&i| all[(first_block + i) / per_page - ranked.start]).collect();
                 let mut order: Vec<usize> = (0..whole.len()).collect();
                 order.select_nth_unstable_by(keep, |&a, &b| page_scores[b].total_cmp(&page_scores[a]));
                 kept = order[..keep].iter().map(|&k| whole[k]).collect();
@@ -777,7 +778,7 @@ impl KvStore {
                 p => p.packed().map_or(0, <[u8]>::len),
             })
             .sum();
-        let digests: usize = self.streams.iter().map(|s| s.page_summaries.len() + s.block_summaries.len()).sum();
+        let digests: usize = self.streams.iter().map(|s| s.page_summaries.bytes() + s.block_summaries.len()).sum();
         pages + digests
     }
 
