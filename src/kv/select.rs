@@ -275,8 +275,14 @@ impl PageTable {
     /// table holds for them: ignore those).
     pub fn scores(&self, h: usize, query: &Query, pages: Range<usize>) -> Vec<f32> {
         let mut out = Vec::with_capacity(pages.len() + GROUP);
-        for g in pages.start / GROUP..pages.end.div_ceil(GROUP) {
+        let groups = pages.start / GROUP..pages.end.div_ceil(GROUP);
+        for g in groups.clone() {
             let part = self.part(g, h);
+            // In a decode the table comes from memory (every layer has its own): the next
+            // group's part is fetched while this one is scored.
+            if groups.contains(&(g + 1)) {
+                crate::attn::prefetch(self.part(g + 1, h));
+            }
             let mut group = [0.0f32; GROUP];
             #[cfg(target_arch = "x86_64")]
             if query.vnni {
