@@ -230,7 +230,6 @@ pub struct PageTable {
 }
 
 impl PageTable {
-
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         self.data.len()
@@ -283,23 +282,27 @@ impl PageTable {
             if groups.contains(&(g + 1)) {
                 crate::attn::prefetch(self.part(g + 1, h));
             }
-            let mut group = [0.0f32; GROUP];
-            #[cfg(target_arch = "x86_64")]
-            if query.vnni {
-                // SAFETY: `vnni` is set only where the CPU has these features (detected at run
-                // time) and `d` is a multiple of 32.
-                unsafe { x86::group_scores_vnni(query, part, &mut group) };
-                out.extend_from_slice(&group);
-                continue;
-            }
-            for (slot, o) in group.iter_mut().enumerate() {
-                *o = self.page_score(query, part, slot);
-            }
-            out.extend_from_slice(&group);
+            out.extend_from_slice(&self.group_scores(query, part));
         }
         out.drain(..pages.start % GROUP);
         out.truncate(pages.len());
         out
+    }
+
+    /// The scores of the pages of one group's part for one head.
+    fn group_scores(&self, query: &Query, part: &[u8]) -> [f32; GROUP] {
+        let mut group = [0.0f32; GROUP];
+        #[cfg(target_arch = "x86_64")]
+        if query.vnni {
+            // SAFETY: `vnni` is set only where the CPU has these features (detected at run
+            // time) and `d` is a multiple of 32.
+            unsafe { x86::group_scores_vnni(query, part, &mut group) };
+            return group;
+        }
+        for (slot, o) in group.iter_mut().enumerate() {
+            *o = self.page_score(query, part, slot);
+        }
+        group
     }
 
     /// The portable scorer: page `slot` of a group's part, as [`Query::row_score`] scores it.
