@@ -169,8 +169,8 @@ pub fn register(config: Config) -> ll::ggml_backend_dev_t {
 /// created: growing it while another thread did either read freed memory (a test binary
 /// that registered a second configuration while other tests loaded models died with
 /// SIGSEGV). So it changes once: from `llama::init`, before a Rust process loads any model,
-/// or from a C host's first `dspark_register`, which, like `ggml_backend_register`, it makes
-/// before loading models on other threads.
+/// or from a C host's first `dspark_register`, which the host makes before other threads
+/// load models (`dspark.h`).
 pub fn list_registry() {
     static LISTED: std::sync::Once = std::sync::Once::new();
     // SAFETY: the registry lives for the whole process.

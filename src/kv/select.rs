@@ -214,6 +214,18 @@ impl Query {
 /// Pages whose whole-page summaries [`PageTable`] scores together.
 const GROUP: usize = 16;
 
+/// Where the center code of channel `i` of page `slot` lies in a [`PageTable`] group's part
+/// (its radius code lies `d * GROUP` bytes further).
+fn code_at(i: usize, slot: usize) -> usize {
+    i / 2 * 2 * GROUP + 2 * slot + i % 2
+}
+
+/// Where the center step (`k` = 0) or the radius step (`k` = 1) of page `slot` lies in a
+/// [`PageTable`] group's part, for head size `d`.
+fn step_at(d: usize, k: usize, slot: usize) -> usize {
+    2 * d * GROUP + 4 * (k * GROUP + slot)
+}
+
 /// A stream's whole-page summaries, laid out so that one head's scores of [`GROUP`] pages
 /// come out of the same vector operations: per group of pages and per head, the centers
 /// `[d / 2][GROUP][2]` (two neighbouring channels of each page side by side), the radii
@@ -260,13 +272,12 @@ impl PageTable {
             let src = page_digest(page, h, d);
             let dst = &mut self.data[(g * self.n_head + h) * hb..][..hb];
             for i in 0..d {
-                let at = i / 2 * 2 * GROUP + 2 * slot + i % 2;
-                dst[at] = src[i];
-                dst[d * GROUP + at] = src[d + i];
+                dst[code_at(i, slot)] = src[i];
+                dst[d * GROUP + code_at(i, slot)] = src[d + i];
             }
             let (c_step, r_step) = steps(src, d);
-            dst[2 * d * GROUP + 4 * slot..][..4].copy_from_slice(&c_step.to_le_bytes());
-            dst[2 * d * GROUP + 4 * (GROUP + slot)..][..4].copy_from_slice(&r_step.to_le_bytes());
+            dst[step_at(d, 0, slot)..][..4].copy_from_slice(&c_step.to_le_bytes());
+            dst[step_at(d, 1, slot)..][..4].copy_from_slice(&r_step.to_le_bytes());
         }
     }
 
@@ -308,10 +319,9 @@ impl PageTable {
     /// The portable scorer: page `slot` of a group's part, as [`Query::row_score`] scores it.
     fn page_score(&self, query: &Query, part: &[u8], slot: usize) -> f32 {
         let d = self.d;
-        let code = |i: usize| part[i / 2 * 2 * GROUP + 2 * slot + i % 2];
-        let c: Vec<u8> = (0..d).map(code).collect();
-        let r: Vec<u8> = (0..d).map(|i| part[d * GROUP..][i / 2 * 2 * GROUP + 2 * slot + i % 2]).collect();
-        let step = |k: usize| f32::from_le_bytes(part[2 * d * GROUP + 4 * (k * GROUP + slot)..][..4].try_into().expect("4 bytes"));
+        let c: Vec<u8> = (0..d).map(|i| part[code_at(i, slot)]).collect();
+        let r: Vec<u8> = (0..d).map(|i| part[d * GROUP + code_at(i, slot)]).collect();
+        let step = |k: usize| f32::from_le_bytes(part[step_at(d, k, slot)..][..4].try_into().expect("4 bytes"));
         (0..query.scale.len()).map(|i| query.row_score(i, &c, &r, step(0), step(1))).fold(f32::NEG_INFINITY, f32::max)
     }
 }
@@ -377,7 +387,7 @@ mod x86 {
         assert!(d.is_multiple_of(32) && part.len() == G * (2 * d + 8) && query.q_pairs.len() == n * pairs && query.q_abs_pairs.len() == n * pairs, "group_scores_vnni: shapes");
         let steps = |k: usize| -> __m512 {
             // SAFETY: the steps lie at the part's end: 2 x G floats after the codes (asserted).
-            unsafe { _mm512_loadu_ps(part.as_ptr().add(2 * d * G + 4 * k * G).cast()) }
+            unsafe { _mm512_loadu_ps(part.as_ptr().add(super::step_at(d, k, 0)).cast()) }
         };
         let (c_step, r_step) = (steps(0), steps(1));
         let mut best = _mm512_set1_ps(f32::NEG_INFINITY);
