@@ -116,6 +116,7 @@ pub struct Mask<'a> {
 impl Mask<'_> {
     /// Whether one of the first `rows` queries sees a cell of `cells`: its value there is
     /// not −∞.
+    #[inline]
     pub fn sees(&self, rows: usize, cells: std::ops::Range<usize>) -> bool {
         (0..rows).any(|i| self.data[i * self.stride..][cells.clone()].iter().any(|x| *x != f16::NEG_INFINITY))
     }

@@ -245,14 +245,11 @@ struct PageSlot {
     /// page's cells (0: never). Pages of removed tokens stop being seen; a memory budget
     /// moves them out first.
     last_seen: AtomicU64,
-    /// Whether the page has a digest ([`select::Digest`], in its stream's tables, in RAM
-    /// whatever the page's tier): from when it is compressed until a row of it is written.
-    digest: bool,
 }
 
 impl PageSlot {
     fn empty() -> PageSlot {
-        PageSlot { data: Page::Empty, last_write: 0, last_seen: AtomicU64::new(0), digest: false }
+        PageSlot { data: Page::Empty, last_write: 0, last_seen: AtomicU64::new(0) }
     }
 }
 
@@ -274,6 +271,10 @@ struct Stream {
     /// scoring time in `perf` at depth 16384).
     page_summaries: select::PageTable,
     block_summaries: Vec<u8>,
+    /// Per page, whether it has a digest (in RAM whatever the page's tier): from when it is
+    /// compressed until a row of it is written. Kept with the tables it vouches for, and
+    /// dense: a selection checks every page of its range.
+    digested: Vec<bool>,
 }
 
 impl Stream {
@@ -288,9 +289,16 @@ impl Stream {
         &mut self.pages[p]
     }
 
+    fn has_digest(&self, p: usize) -> bool {
+        self.digested.get(p).is_some_and(|&d| d)
+    }
+
     /// Gives page `p` a digest, or drops its digest.
     fn set_digest(&mut self, p: usize, digest: Option<select::Digest>) {
-        self.slot_mut(p).digest = digest.is_some();
+        if p >= self.digested.len() {
+            self.digested.resize(p + 1, false);
+        }
+        self.digested[p] = digest.is_some();
         if let Some(g) = digest {
             self.page_summaries.set(p, &g);
             let n = g.blocks.len();
@@ -515,11 +523,11 @@ impl KvStore {
             st.clock += 1;
         }
         let clock = st.clock;
+        st.set_digest(p, None);
         let page = st.slot_mut(p);
         if new || matches!(page.data, Page::Empty) {
             page.last_write = clock;
         }
-        page.digest = false;
         match &page.data {
             Page::Empty => page.data = Page::F16(vec![f16::ZERO; nh * PAGE * d].into_boxed_slice()),
             // A new row makes its page recent again (a context shift or a ring writes new
@@ -606,7 +614,7 @@ impl KvStore {
             due.extend(st.pages.iter().enumerate().skip(1).filter_map(|(p, slot)| {
                 let due = match slot.data {
                     Page::F16(_) => clock - slot.last_write >= window,
-                    Page::Packed(_) => digests && !slot.digest,
+                    Page::Packed(_) => digests && !st.has_digest(p),
                     _ => false,
                 };
                 due.then_some((s, p))
@@ -657,48 +665,16 @@ impl KvStore {
         budget: usize,
         threads: Threads,
     ) -> Option<Vec<Vec<std::ops::Range<usize>>>> {
-        use select::{PageKind, BLOCK};
+        use select::BLOCK;
         let (d, nh) = (self.head_dim, self.n_head);
         let (group, per_page) = (n_head_q / nh, PAGE / BLOCK);
         let st = &self.streams[stream];
         let cells = first..first + n;
         let first_block = first / BLOCK;
-        let n_blocks = (first + n).div_ceil(BLOCK) - first_block;
-        // Whether block `i`'s page has a digest: only compressed pages (in RAM or cold) have one.
-        let digest = |i: usize| st.pages.get((first_block + i) / per_page).is_some_and(|s| s.digest);
-        let kinds: Vec<PageKind> = (0..n_blocks)
-            .map(|i| {
-                let b = first_block + i;
-                let span = (b * BLOCK).max(first)..((b + 1) * BLOCK).min(first + n);
-                if !visible(span.start - first..span.end - first) {
-                    PageKind::Hidden
-                } else if b < per_page || span.len() < BLOCK || !digest(i) {
-                    PageKind::Always
-                } else {
-                    PageKind::Candidate
-                }
-            })
-            .collect();
-        let picks = select::picks(cells.clone(), &kinds, budget)?;
-        // Pages whose blocks are all candidates (as the index of their first block) are
-        // ranked by their whole-page summary first, and only the best `keep` of them per head
-        // have their blocks scored; candidates outside such pages (a page cut by the range
-        // or the mask) are always scored.
-        let (mut whole, mut loose, mut always) = (Vec::new(), Vec::new(), Vec::new());
-        let mut i = 0;
-        while i < n_blocks {
-            if (first_block + i).is_multiple_of(per_page) && kinds.get(i..i + per_page).is_some_and(|k| k.iter().all(|&k| k == PageKind::Candidate)) {
-                whole.push(i);
-                i += per_page;
-                continue;
-            }
-            match kinds[i] {
-                PageKind::Candidate => loose.push(i),
-                PageKind::Always => always.push(i),
-                PageKind::Hidden => {}
-            }
-            i += 1;
-        }
+        // Only compressed pages (in RAM or cold) have a digest.
+        let blocks = select::Blocks::sort(cells.clone(), |p| st.has_digest(p), visible);
+        let picks = blocks.picks(budget)?;
+        let select::Blocks { whole, loose, always, .. } = &blocks;
         let keep = (select::REFINE * budget).div_ceil(PAGE);
         let blocks_len = select::block_summaries_len(nh, d);
         // The pages of the whole ones, as page indices.
@@ -720,17 +696,21 @@ impl KvStore {
                 order.select_nth_unstable_by(keep, |&a, &b| page_scores[b].total_cmp(&page_scores[a]));
                 kept = order[..keep].iter().map(|&k| whole[k]).collect();
             }
-            let todo: Vec<usize> = kept.iter().flat_map(|&i| i..i + per_page).chain(loose.iter().copied()).collect();
-            // The chosen pages' blocks are scattered over the table: fetched a few ahead.
-            const AHEAD: usize = 8;
-            todo.iter().take(AHEAD).for_each(|&i| crate::attn::prefetch(block_summary(i, h)));
-            let scored = todo.iter().enumerate().map(|(k, &i)| {
-                if let Some(&next) = todo.get(k + AHEAD) {
-                    crate::attn::prefetch(block_summary(next, h));
+            // The chosen pages' blocks are scattered over the table: each page's fetched two
+            // pages ahead, and scored in one call.
+            let page_blocks = |i: usize| select::head_blocks(&st.block_summaries[(first_block + i) / per_page * blocks_len..][..blocks_len], h, d);
+            kept.iter().take(2).for_each(|&i| crate::attn::prefetch(page_blocks(i)));
+            let mut scored = Vec::with_capacity(kept.len() * per_page + loose.len());
+            let mut s = [0.0f32; select::BLOCKS];
+            for (k, &i) in kept.iter().enumerate() {
+                if let Some(&next) = kept.get(k + 2) {
+                    crate::attn::prefetch(page_blocks(next));
                 }
-                (i, query.score(block_summary(i, h)))
-            });
-            select::pick(&cells, &always, scored.collect(), picks)
+                query.scores(page_blocks(i), &mut s);
+                scored.extend((i..).zip(s));
+            }
+            scored.extend(loose.iter().map(|&i| (i, query.score(block_summary(i, h)))));
+            select::pick(&cells, always, scored, picks)
         }))
     }
 
