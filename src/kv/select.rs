@@ -784,7 +784,7 @@ mod tests {
         let s0 = vec![0.0, 0.0, 0.0, 0.0, 5.0, 1.0, 0.5, 3.0, 2.0, 9.0, 4.0, 0.0];
         let s1 = vec![0.0, 0.0, 0.0, 0.0, -1.0, 2.0, 0.0, 1.0, 0.0, 9.0, 0.0, 6.0];
         // Four blocks always read; a budget of 6 blocks: two picks.
-        let r = choose(0..3 * PAGE, &[1, 2], &[9], &[s0.clone(), s1.clone()], 6 * b).unwrap();
+        let r = choose(0..3 * PAGE, &[1, 2], &[9], &[s0.clone(), s1], 6 * b).unwrap();
         assert_eq!(r[0], vec![0..5 * b, 10 * b..11 * b]);
         assert_eq!(r[1], vec![0..4 * b, 5 * b..6 * b, 11 * b..12 * b]);
         // Everything visible fits: dense.
