@@ -788,7 +788,7 @@ mod tests {
         assert_eq!(r[0], vec![0..5 * b, 10 * b..11 * b]);
         assert_eq!(r[1], vec![0..4 * b, 5 * b..6 * b, 11 * b..12 * b]);
         // Everything visible fits: dense.
-        assert!(choose(0..3 * PAGE, &[1, 2], &[9], &[s0.clone()], 11 * b).is_none());
+        assert!(choose(0..3 * PAGE, &[1, 2], &[9], std::slice::from_ref(&s0), 11 * b).is_none());
         // A budget below the always-read blocks reads those only.
         assert_eq!(choose(0..3 * PAGE, &[1, 2], &[9], &[s0], b).unwrap()[0], vec![0..4 * b]);
     }
