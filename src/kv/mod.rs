@@ -667,7 +667,7 @@ impl KvStore {
     ) -> Option<Vec<Vec<std::ops::Range<usize>>>> {
         use select::BLOCK;
         let (d, nh) = (self.head_dim, self.n_head);
-        let (group, per_page) = (n_head_q / nh, PAGE / BLOCK);
+        let (group, per_page) = (n_head_q / nh, select::BLOCKS);
         let st = &self.streams[stream];
         let cells = first..first + n;
         let first_block = first / BLOCK;
@@ -679,10 +679,8 @@ impl KvStore {
         let blocks_len = select::block_summaries_len(nh, d);
         // The pages of the whole ones, as page indices.
         let ranked = whole.first().zip(whole.last()).map_or(0..0, |(&a, &b)| (first_block + a) / per_page..(first_block + b) / per_page + 1);
-        let block_summary = |i: usize, h: usize| {
-            let b = first_block + i;
-            select::block_digest(&st.block_summaries[b / per_page * blocks_len..][..blocks_len], h, b % per_page, d)
-        };
+        // Block `i`'s page's entry in the block summaries.
+        let page_entry = |i: usize| &st.block_summaries[(first_block + i) / per_page * blocks_len..][..blocks_len];
         // One task per KV head, from ranking to its ranges: nothing waits in between.
         let heads: Vec<usize> = (0..nh).collect();
         Some(threads.map(&heads, |&h| {
@@ -698,7 +696,7 @@ impl KvStore {
             }
             // The chosen pages' blocks are scattered over the table: each page's fetched two
             // pages ahead, and scored in one call.
-            let page_blocks = |i: usize| select::head_blocks(&st.block_summaries[(first_block + i) / per_page * blocks_len..][..blocks_len], h, d);
+            let page_blocks = |i: usize| select::head_blocks(page_entry(i), h, d);
             kept.iter().take(2).for_each(|&i| crate::attn::prefetch(page_blocks(i)));
             let mut scored = Vec::with_capacity(kept.len() * per_page + loose.len());
             let mut s = [0.0f32; select::BLOCKS];
@@ -709,7 +707,7 @@ impl KvStore {
                 query.scores(page_blocks(i), &mut s);
                 scored.extend((i..).zip(s));
             }
-            scored.extend(loose.iter().map(|&i| (i, query.score(block_summary(i, h)))));
+            scored.extend(loose.iter().map(|&i| (i, query.score(select::block_digest(page_entry(i), h, (first_block + i) % per_page, d)))));
             select::pick(&cells, always, scored, picks)
         }))
     }

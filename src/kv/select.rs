@@ -433,23 +433,28 @@ mod x86 {
         const G: usize = super::GROUP;
         let (d, n) = (query.d, query.scale.len());
         assert!(d.is_multiple_of(32) && part.len() == G * (2 * d + 8) && query.q_pairs.len() == n * d / 2 && query.q_abs_pairs.len() == n * d / 2, "group_scores_vnni: shapes");
+        let steps = |k: usize| -> __m512 {
+            // SAFETY: the steps lie at the part's end: 2 x G floats after the codes (asserted).
+            unsafe { _mm512_loadu_ps(part.as_ptr().add(super::step_at(d, k, 0)).cast()) }
+        };
+        let steps = (steps(0), steps(1));
         let mut best = _mm512_set1_ps(f32::NEG_INFINITY);
         for g in (0..n).step_by(4) {
             best = match n - g {
-                1 => group_rows::<1>(query, g, part, best),
-                2 => group_rows::<2>(query, g, part, best),
-                3 => group_rows::<3>(query, g, part, best),
-                _ => group_rows::<4>(query, g, part, best),
+                1 => group_rows::<1>(query, g, part, steps, best),
+                2 => group_rows::<2>(query, g, part, steps, best),
+                3 => group_rows::<3>(query, g, part, steps, best),
+                _ => group_rows::<4>(query, g, part, steps, best),
             };
         }
         // SAFETY: `out` holds G = 16 floats.
         unsafe { _mm512_storeu_ps(out.as_mut_ptr(), best) };
     }
 
-    /// [`group_scores_vnni`] for rows `g..g + R` (`R` <= 4): the largest of `best` and their
-    /// scores, lane by lane.
+    /// [`group_scores_vnni`] for rows `g..g + R` (`R` <= 4), with the pages' center and
+    /// radius steps: the largest of `best` and their scores, lane by lane.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    fn group_rows<const R: usize>(query: &super::Query, g: usize, part: &[u8], mut best: __m512) -> __m512 {
+    fn group_rows<const R: usize>(query: &super::Query, g: usize, part: &[u8], (c_step, r_step): (__m512, __m512), mut best: __m512) -> __m512 {
         const G: usize = super::GROUP;
         let pairs = query.d / 2;
         let (mut ac, mut ar) = ([_mm512_setzero_si512(); R], [_mm512_setzero_si512(); R]);
@@ -465,10 +470,6 @@ mod x86 {
                 ar[j] = _mm512_dpwssd_epi32(ar[j], r, _mm512_set1_epi32(query.q_abs_pairs[(g + j) * pairs + k]));
             }
         }
-        // SAFETY: the steps lie at the part's end: 2 x G floats after the codes (asserted by
-        // the caller).
-        let steps = |k: usize| unsafe { _mm512_loadu_ps(part.as_ptr().add(super::step_at(query.d, k, 0)).cast()) };
-        let (c_step, r_step) = (steps(0), steps(1));
         for j in 0..R {
             let scale = _mm512_set1_ps(query.scale[g + j]);
             let sum = _mm512_add_ps(_mm512_mul_ps(c_step, _mm512_cvtepi32_ps(ac[j])), _mm512_mul_ps(r_step, _mm512_cvtepi32_ps(ar[j])));
