@@ -520,3 +520,31 @@ fn batched_queries_equal_queries_alone() {
         }
     }
 }
+
+/// `Mask::sees` and `Mask::visible_end` against their definitions, on causal masks padded
+/// with masked cells (llama.cpp's layout), random masks and masks with nothing visible.
+#[test]
+fn mask_visibility_matches_a_plain_scan() {
+    let mut rng = StdRng::seed_from_u64(rand::random());
+    for case in 0..300 {
+        let (rows, n) = (rng.gen_range(1..40), rng.gen_range(1..300));
+        let stride = n + rng.gen_range(0..5);
+        let p0 = rng.gen_range(0..n);
+        let density = [0.0, 0.01, 0.3][case % 3];
+        let data: Vec<f16> = (0..rows * stride)
+            .map(|i| {
+                let (r, c) = (i / stride, i % stride);
+                let seen = if case % 2 == 0 { c <= p0 + r && c < n } else { rng.gen_bool(density) };
+                if seen { f16::from_f32(rng.gen_range(-2.0..0.0)) } else { f16::NEG_INFINITY }
+            })
+            .collect();
+        let m = Mask { data: &data, stride };
+        let seen = |r: usize, c: usize| data[r * stride + c] != f16::NEG_INFINITY;
+        let end = (0..n).rev().find(|&c| (0..rows).any(|r| seen(r, c))).map_or(0, |c| c + 1);
+        assert_eq!(m.visible_end(rows, n), end, "case {case}: {rows} rows, {n} cells");
+        let (a, b) = (rng.gen_range(0..n), rng.gen_range(0..n));
+        let cells = a.min(b)..a.max(b) + 1;
+        let sees = cells.clone().any(|c| (0..rows).any(|r| seen(r, c)));
+        assert_eq!(m.sees(rows, cells.clone()), sees, "case {case}: cells {cells:?}");
+    }
+}

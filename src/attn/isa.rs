@@ -118,6 +118,16 @@ mod x86 {
             // SAFETY: as in `decode_packed`.
             unsafe { k::f16_rows_avx512(src, out) }
         }
+        #[inline(always)]
+        fn scores(q: &[f32], m: usize, k: &[f32], nj: usize, d: usize, s: &mut [f32], stride: usize) {
+            // SAFETY: as in `decode_packed`.
+            unsafe { k::scores_avx512(q, m, k, nj, d, s, stride) }
+        }
+        #[inline(always)]
+        fn accumulate_rows(p: &[f32], stride: usize, v: &[f32], nj: usize, d: usize, m: usize, acc: &mut [f32]) {
+            // SAFETY: as in `decode_packed`.
+            unsafe { k::accumulate_avx512(p, stride, v, nj, d, m, acc) }
+        }
         const WIDE: bool = true;
         #[inline(always)]
         fn scores_t(qt: &[f32], mp: usize, kt: &[f32], nj: usize, d: usize, st: &mut [f32]) {
@@ -148,6 +158,14 @@ mod x86 {
         #[inline(always)]
         fn f16_rows(src: &[f16], out: &mut [f32]) {
             Avx512::f16_rows(src, out);
+        }
+        #[inline(always)]
+        fn scores(q: &[f32], m: usize, k: &[f32], nj: usize, d: usize, s: &mut [f32], stride: usize) {
+            Avx512::scores(q, m, k, nj, d, s, stride);
+        }
+        #[inline(always)]
+        fn accumulate_rows(p: &[f32], stride: usize, v: &[f32], nj: usize, d: usize, m: usize, acc: &mut [f32]) {
+            Avx512::accumulate_rows(p, stride, v, nj, d, m, acc);
         }
         const WIDE: bool = true;
         #[inline(always)]

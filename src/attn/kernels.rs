@@ -15,6 +15,20 @@ pub(crate) trait Flavor: Copy + Send + Sync + 'static {
     fn f16_rows(src: &[f16], out: &mut [f32]) {
         f16_rows(src, out);
     }
+    /// `s[r·stride + j] = dot(q row r, k row j)` for `m` query rows and `nj` keys, summed in
+    /// the order of [`dot_rows`].
+    #[allow(clippy::too_many_arguments)]
+    fn scores(q: &[f32], m: usize, k: &[f32], nj: usize, d: usize, s: &mut [f32], stride: usize) {
+        scores::<Self>(q, m, k, nj, d, s, stride);
+    }
+    /// `acc row r += Σ_j p[r·stride + j] · v row j` for rows `0..m`, in the order of
+    /// [`accumulate`].
+    #[allow(clippy::too_many_arguments)]
+    fn accumulate_rows(p: &[f32], stride: usize, v: &[f32], nj: usize, d: usize, m: usize, acc: &mut [f32]) {
+        for r in 0..m {
+            accumulate::<Self>(&p[r * stride..r * stride + nj], &v[..nj * d], &mut acc[r * d..(r + 1) * d]);
+        }
+    }
     /// Whether the transposed prefill kernels below exist.
     const WIDE: bool = false;
     /// `st[j·mp + r] = dot(q row r, k row j)` with `qt` transposed (`d × mp`).
@@ -45,9 +59,18 @@ pub(crate) const PACKED_BLOCK: usize = 16;
 /// integer kernels use `q` and `step` separately), so all instruction sets agree on it.
 #[inline]
 pub(crate) fn quantize_q8(x: &[f32], q: &mut [i8]) -> f32 {
-    assert_eq!(x.len(), 32, "quantize_q8: group length");
-    assert_eq!(q.len(), 32, "quantize_q8: output length");
-    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let x: &[f32; 32] = x.try_into().expect("quantize_q8: group length");
+    let q: &mut [i8; 32] = q.try_into().expect("quantize_q8: output length");
+    // Written lane by lane so that LLVM vectorizes it (a prefill quantizes every query row
+    // of every layer, and the scalar fold and rounding loop took ~1% of it): the maximum is
+    // order-independent (`max` ignores NaN), so the lanes give the plain fold's result.
+    let mut lanes = [0.0f32; LANES];
+    for c in x.chunks_exact(LANES) {
+        for (m, v) in lanes.iter_mut().zip(c) {
+            *m = m.max(v.abs());
+        }
+    }
+    let amax = lanes.iter().fold(0.0f32, |m, v| m.max(*v));
     if amax == 0.0 || !amax.is_finite() {
         // Non-finite queries have no int8 image; the float paths keep them as they are.
         q.fill(0);
@@ -56,8 +79,9 @@ pub(crate) fn quantize_q8(x: &[f32], q: &mut [i8]) -> f32 {
     let step = amax / 127.0;
     let inv = 127.0 / amax;
     for (o, v) in q.iter_mut().zip(x) {
+        // In range after the clamp, so the casts are exact.
         #[allow(clippy::cast_possible_truncation)]
-        let c = (v * inv).round().clamp(-127.0, 127.0) as i8;
+        let c = (v * inv).round().clamp(-127.0, 127.0) as i32 as i8;
         *o = c;
     }
     step
@@ -267,5 +291,46 @@ pub(crate) fn f16_to_f32_finite(h: u16) -> f32 {
 pub(crate) fn f16_rows(src: &[half::f16], out: &mut [f32]) {
     for (o, h) in out.iter_mut().zip(src) {
         *o = f16_to_f32_finite(h.to_bits());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    /// `quantize_q8` as first written: a plain fold and a scalar rounding loop.
+    fn quantize_q8_plain(x: &[f32], q: &mut [i8]) -> f32 {
+        let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        if amax == 0.0 || !amax.is_finite() {
+            q.fill(0);
+            return if amax == 0.0 { 0.0 } else { f32::NAN };
+        }
+        let inv = 127.0 / amax;
+        for (o, v) in q.iter_mut().zip(x) {
+            *o = (v * inv).round().clamp(-127.0, 127.0) as i8;
+        }
+        amax / 127.0
+    }
+
+    #[test]
+    fn quantize_q8_matches_the_plain_loop() {
+        let mut rng = StdRng::seed_from_u64(rand::random());
+        for case in 0..2000 {
+            let scale = 10f32.powi(rng.gen_range(-6..6));
+            let mut x: Vec<f32> = (0..32).map(|_| rng.gen_range(-1.0f32..1.0) * scale).collect();
+            match case % 5 {
+                // Values that land exactly on a half step, where rounding direction matters.
+                1 => x.iter_mut().enumerate().for_each(|(i, v)| *v = (i as f32 - 15.5) * 127.0 / 16.5),
+                2 => x.fill(0.0),
+                3 => x[case % 32] = f32::INFINITY,
+                4 => x[case % 32] = f32::NAN,
+                _ => {}
+            }
+            let (mut a, mut b) = ([0i8; 32], [0i8; 32]);
+            let (sa, sb) = (quantize_q8(&x, &mut a), quantize_q8_plain(&x, &mut b));
+            assert_eq!(a, b, "codes of {x:?}");
+            assert_eq!(sa.to_bits(), sb.to_bits(), "step of {x:?}");
+        }
     }
 }

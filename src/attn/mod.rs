@@ -115,10 +115,40 @@ pub struct Mask<'a> {
 
 impl Mask<'_> {
     /// Whether one of the first `rows` queries sees a cell of `cells`: its value there is
-    /// not −∞.
+    /// not −∞. The last rows are tried first: in a causal mask they see the most, so a
+    /// prefill's visible pages are found at the first row instead of after a scan of the
+    /// rows that precede them (which cost a prefill of 512 tokens ~1% of its time).
     #[inline]
     pub fn sees(&self, rows: usize, cells: std::ops::Range<usize>) -> bool {
-        (0..rows).any(|i| self.data[i * self.stride..][cells.clone()].iter().any(|x| *x != f16::NEG_INFINITY))
+        let minus_inf = f16::NEG_INFINITY.to_bits();
+        (0..rows).rev().any(|i| self.data[i * self.stride..][cells.clone()].iter().any(|x| x.to_bits() != minus_inf))
+    }
+
+    /// One past the last of the first `n` cells that one of the first `rows` queries sees
+    /// (0 when none is seen). llama.cpp pads the KV a graph reads to a multiple of 256 cells
+    /// with masked ones; attention reads only the cells before this end. Rows are scanned from
+    /// the last, each only beyond the end found so far, 32 cells at a time.
+    pub fn visible_end(&self, rows: usize, n: usize) -> usize {
+        const STEP: usize = 32;
+        let minus_inf = f16::NEG_INFINITY.to_bits();
+        let mut end = 0;
+        for i in (0..rows).rev() {
+            let row = &self.data[i * self.stride..][..n];
+            let mut hi = n;
+            while hi > end {
+                let lo = hi.saturating_sub(STEP).max(end);
+                // A fold, not `any`: without the early exit it vectorizes.
+                if row[lo..hi].iter().fold(false, |seen, x| seen | (x.to_bits() != minus_inf)) {
+                    end = lo + 1 + row[lo..hi].iter().rposition(|x| x.to_bits() != minus_inf).unwrap_or(0);
+                    break;
+                }
+                hi = lo;
+            }
+            if end == n {
+                break;
+            }
+        }
+        end
     }
 }
 

@@ -245,6 +245,64 @@ pub fn f16_rows_avx2(src: &[f16], out: &mut [f32]) {
     }
 }
 
+/// Scores of `m` query rows against `nj` row-major keys (AVX-512): `s[r·stride + j] =
+/// dot(q row r, k row j)`, up to 4 query rows per pass over a key.
+///
+/// Summed in exactly the order of `kernels::dot_rows` (16 partial sums, partial `l` taking
+/// `x ≡ l (mod 16)` in increasing `x`, then `hsum`'s tree), so every instruction set and the
+/// transposed prefill kernel give the same bits. LLVM compiled that generic code for 1–3
+/// rows into 2-wide vectors; this is the decode step's tile path (f16 rows, and packed rows
+/// without the integer kernel).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub fn scores_avx512(q: &[f32], m: usize, k: &[f32], nj: usize, d: usize, s: &mut [f32], stride: usize) {
+    assert!(
+        d % 16 == 0 && q.len() >= m * d && k.len() >= nj * d && (m == 0 || nj == 0 || s.len() >= (m - 1) * stride + nj) && nj <= stride,
+        "scores_avx512: sizes"
+    );
+    let mut r = 0;
+    while r < m {
+        match m - r {
+            1 => dots::<1>(q, r, k, nj, d, s, stride),
+            2 => dots::<2>(q, r, k, nj, d, s, stride),
+            3 => dots::<3>(q, r, k, nj, d, s, stride),
+            _ => dots::<4>(q, r, k, nj, d, s, stride),
+        }
+        r += 4;
+    }
+}
+
+/// [`scores_avx512`] for query rows `r0..r0 + R` (sizes checked there).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[inline]
+fn dots<const R: usize>(q: &[f32], r0: usize, k: &[f32], nj: usize, d: usize, s: &mut [f32], stride: usize) {
+    for j in 0..nj {
+        let mut acc = [_mm512_setzero_ps(); R];
+        for c in 0..d / 16 {
+            // SAFETY: j < nj and 16c + 16 <= d, so the key chunk lies in `k` (len >= nj·d);
+            // r0 + R <= m rows of d values lie in `q` (len >= m·d).
+            unsafe {
+                let kc = _mm512_loadu_ps(k.as_ptr().add(j * d + 16 * c));
+                for (i, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(_mm512_loadu_ps(q.as_ptr().add((r0 + i) * d + 16 * c)), kc, *a);
+                }
+            }
+        }
+        for (i, a) in acc.iter().enumerate() {
+            s[(r0 + i) * stride + j] = hsum16(*a);
+        }
+    }
+}
+
+/// `kernels::hsum`'s tree on one register: lanes `l` and `l + w` added for w = 8, 4, 2, 1.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[inline]
+fn hsum16(a: __m512) -> f32 {
+    let t8 = _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a))));
+    let t4 = _mm_add_ps(_mm256_castps256_ps128(t8), _mm256_extractf128_ps::<1>(t8));
+    let t2 = _mm_add_ps(t4, _mm_movehl_ps(t4, t4));
+    _mm_cvtss_f32(_mm_add_ss(t2, _mm_shuffle_ps::<1>(t2, t2)))
+}
+
 /// Transposed scores for prefill (AVX-512): `st[j·mp + r] = Σ_x qt[x·mp + r] · k[j·d + x]`
 /// for all `mp` (a multiple of 16) query rows and `nj` keys, one key × 16 query rows per
 /// register block.
@@ -297,11 +355,26 @@ pub fn scores_t_avx512(qt: &[f32], mp: usize, k: &[f32], nj: usize, d: usize, st
 /// `0..m`. `R` rows × `C` 16-lane chunks (`d = 16·C`) stay in registers for the whole tile.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 pub fn accumulate_t_avx512(pt: &[f32], mp: usize, v: &[f32], nj: usize, d: usize, m: usize, acc: &mut [f32]) {
+    acc_rows_any(pt, (mp, 1), v, nj, d, m, acc);
+}
+
+/// Decode V accumulation (AVX-512): `acc[r·d..] += Σ_j p[r·stride + j] · v[j·d..]` for rows
+/// `0..m`, each value summed over `j` in order as `kernels::accumulate` does (same bits).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub fn accumulate_avx512(p: &[f32], stride: usize, v: &[f32], nj: usize, d: usize, m: usize, acc: &mut [f32]) {
+    acc_rows_any(p, (1, stride), v, nj, d, m, acc);
+}
+
+/// [`acc_rows`] with the register blocking for `d`; the weight of key `j` for row `r` is
+/// `w[j·steps.0 + r·steps.1]`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[inline]
+fn acc_rows_any(w: &[f32], steps: (usize, usize), v: &[f32], nj: usize, d: usize, m: usize, acc: &mut [f32]) {
     match d {
-        64 => acc_rows::<4, 4>(pt, mp, v, nj, d, m, acc),
-        128 => acc_rows::<2, 8>(pt, mp, v, nj, d, m, acc),
-        256 => acc_rows::<1, 16>(pt, mp, v, nj, d, m, acc),
-        _ => acc_rows::<2, 2>(pt, mp, v, nj, d, m, acc), // d a multiple of 32: chunks of 32 columns
+        64 => acc_rows::<4, 4>(w, steps, v, nj, d, m, acc),
+        128 => acc_rows::<2, 8>(w, steps, v, nj, d, m, acc),
+        256 => acc_rows::<1, 16>(w, steps, v, nj, d, m, acc),
+        _ => acc_rows::<2, 2>(w, steps, v, nj, d, m, acc), // d a multiple of 32: chunks of 32 columns
     }
 }
 
@@ -309,10 +382,11 @@ pub fn accumulate_t_avx512(pt: &[f32], mp: usize, v: &[f32], nj: usize, d: usize
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 #[inline]
 #[allow(clippy::too_many_arguments)]
-fn acc_rows<const R: usize, const C: usize>(pt: &[f32], mp: usize, v: &[f32], nj: usize, d: usize, m: usize, acc: &mut [f32]) {
+fn acc_rows<const R: usize, const C: usize>(pw: &[f32], (sj, sr): (usize, usize), v: &[f32], nj: usize, d: usize, m: usize, acc: &mut [f32]) {
     let w = 16 * C;
     // The unchecked loads below rely on these (checked once per tile, not per load).
-    assert!(pt.len() >= nj * mp && v.len() >= nj * d && acc.len() >= m * d && m <= mp && d % w == 0, "accumulate_t_avx512: sizes");
+    assert!(v.len() >= nj * d && acc.len() >= m * d && d % w == 0, "accumulate_avx512: sizes");
+    assert!(m == 0 || nj == 0 || pw.len() > (nj - 1) * sj + (m - 1) * sr, "accumulate_avx512: weights");
     let mut r0 = 0;
     while r0 < m {
         let nr = (m - r0).min(R);
@@ -331,7 +405,7 @@ fn acc_rows<const R: usize, const C: usize>(pt: &[f32], mp: usize, v: &[f32], nj
                     *x = unsafe { _mm512_loadu_ps(v.as_ptr().add(j * d + c0 + 16 * c)) };
                 }
                 for (i, row) in a.iter_mut().enumerate().take(nr) {
-                    let p = _mm512_set1_ps(pt[j * mp + r0 + i]);
+                    let p = _mm512_set1_ps(pw[j * sj + (r0 + i) * sr]);
                     for (x, vc) in row.iter_mut().zip(&vv) {
                         *x = _mm512_fmadd_ps(p, *vc, *x);
                     }

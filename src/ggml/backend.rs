@@ -557,6 +557,8 @@ struct SeqAttn<'m> {
     stream: usize,
     /// The first cell of the KV view in its stream.
     first: usize,
+    /// Cells (from `first`) up to the last one a query sees: what dense attention reads.
+    n_vis: usize,
     /// `[n_q][n_head][d]`.
     q: Vec<f32>,
     mask: Option<Mask<'m>>,
@@ -638,6 +640,8 @@ unsafe fn attn_plan<'m>(node: *mut ll::ggml_tensor, dev: &DeviceCtx, threads: Th
             };
             Mask { data, stride: m.nb[1] / 2 }
         });
+        // Cells past the last one any query sees (llama.cpp's padding) are never read.
+        let n_vis = mask.map_or(n_kv, |m| m.visible_end(n_q, n_kv));
         // A cell is visible unless the mask holds −∞ for it in every row (no mask: all are).
         let visible = |cells: Range<usize>| match mask {
             None => true,
@@ -655,7 +659,7 @@ unsafe fn attn_plan<'m>(node: *mut ll::ggml_tensor, dev: &DeviceCtx, threads: Th
             None
         };
         let union = match &pick {
-            None => vec![0..n_kv],
+            None => vec![0..n_vis],
             Some(heads) => {
                 let mut r: Vec<Range<usize>> = heads.iter().flatten().cloned().collect();
                 r.sort_unstable_by_key(|r| r.start);
@@ -670,7 +674,7 @@ unsafe fn attn_plan<'m>(node: *mut ll::ggml_tensor, dev: &DeviceCtx, threads: Th
         };
         ks.note_seen(stream, first, n_kv, read);
         vs.note_seen(stream, first, n_kv, read);
-        seqs.push(SeqAttn { stream, first, q: qbuf, mask, pick, union });
+        seqs.push(SeqAttn { stream, first, n_vis, q: qbuf, mask, pick, union });
     }
     Ok(AttnPlan { seqs })
 }
@@ -687,7 +691,7 @@ unsafe fn flash_attn(node: *mut ll::ggml_tensor, plan: &AttnPlan, threads: Threa
         (&*s[0], &*s[1], s[4].as_ref())
     };
     let (d, n_q, n_head) = (q.ne[0] as usize, q.ne[1] as usize, q.ne[2] as usize);
-    let (n_kv, n_head_kv) = (k.ne[1] as usize, k.ne[2] as usize);
+    let n_head_kv = k.ne[2] as usize;
     // SAFETY: valid node.
     let p = unsafe { FaParams { scale: f32_param(node, 0), max_bias: f32_param(node, 1), softcap: f32_param(node, 2) } };
     // SAFETY: sinks hold one F32 per query head.
@@ -697,7 +701,7 @@ unsafe fn flash_attn(node: *mut ll::ggml_tensor, plan: &AttnPlan, threads: Threa
     for (seq, s) in plan.seqs.iter().enumerate() {
         let kv: Vec<_> = (0..n_head_kv)
             .map(|h| match &s.pick {
-                None => segments(&ks, &vs, s.stream, s.first, n_kv, h),
+                None => segments(&ks, &vs, s.stream, s.first, s.n_vis, h),
                 Some(pick) => segments_in(&ks, &vs, s.stream, s.first, &pick[h], h),
             })
             .collect();
