@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 use llama_cpp_sys_2 as ll;
 
 use super::budget::{KvRanges, Stager};
@@ -471,7 +472,7 @@ unsafe fn read_row(p: *const u8, ty: ll::ggml_type, out: &mut [f32]) {
             out.copy_from_slice(std::slice::from_raw_parts(p as *const f32, out.len()));
         } else {
             let h = std::slice::from_raw_parts(p as *const f16, out.len());
-            out.iter_mut().zip(h).for_each(|(o, x)| *o = x.to_f32());
+            h.convert_to_f32_slice(out);
         }
     }
 }

@@ -29,6 +29,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 use llama_cpp_sys_2 as ll;
 
 use super::device::{dev_ctx, is_our_buft, DeviceCtx};
@@ -590,15 +591,25 @@ pub(crate) fn kv_write_bytes(e: &KvEntry, off: usize, data: &[u8]) -> Result<(),
     Ok(())
 }
 
+// Both convert 8 values at a time with half's slice conversions (F16C where the CPU has it):
+// converting one value at a time costs ~4x more.
 pub(crate) fn f32_to_f16_bytes(src: &[f32], dst: &mut [u8]) {
-    for (x, o) in src.iter().zip(dst.chunks_exact_mut(2)) {
-        o.copy_from_slice(&f16::from_f32(*x).to_le_bytes());
+    let mut h = [f16::ZERO; 8];
+    for (x, o) in src.chunks(8).zip(dst.chunks_mut(16)) {
+        h[..x.len()].convert_from_f32_slice(x);
+        for (v, b) in h.iter().zip(o.chunks_exact_mut(2)) {
+            b.copy_from_slice(&v.to_le_bytes());
+        }
     }
 }
 
 fn f16_bytes_to_f32(src: &[u8], dst: &mut [f32]) {
-    for (b, o) in src.chunks_exact(2).zip(dst.iter_mut()) {
-        *o = f16::from_le_bytes([b[0], b[1]]).to_f32();
+    let mut h = [f16::ZERO; 8];
+    for (b, o) in src.chunks(16).zip(dst.chunks_mut(8)) {
+        for (v, b) in h.iter_mut().zip(b.chunks_exact(2)) {
+            *v = f16::from_le_bytes([b[0], b[1]]);
+        }
+        h[..o.len()].convert_to_f32_slice(o);
     }
 }
 

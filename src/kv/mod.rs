@@ -33,6 +33,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 use crate::attn::{Rows, Segment, Threads};
 use crate::codec::{Quant, RowCodec};
@@ -543,7 +544,7 @@ impl KvStore {
             Page::F16(data) => {
                 for (h, src) in row.chunks_exact(d).enumerate() {
                     let dst = &mut data[(h * PAGE + slot) * d..][..d];
-                    dst.iter_mut().zip(src).for_each(|(o, &x)| *o = f16::from_f32(x));
+                    dst.convert_from_f32_slice(src);
                 }
             }
             Page::Packed(data) => {
@@ -577,7 +578,7 @@ impl KvStore {
             Page::F16(data) => {
                 for (h, dst) in out.chunks_exact_mut(d).enumerate() {
                     let src = &data[(h * PAGE + slot) * d..][..d];
-                    dst.iter_mut().zip(src).for_each(|(o, x)| *o = x.to_f32());
+                    src.convert_to_f32_slice(dst);
                 }
             }
             page => {

@@ -20,6 +20,7 @@
 //! the page's rows, to V's sum.
 
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 use super::PAGE;
 use crate::attn::Rows;
@@ -84,11 +85,14 @@ impl PageCodec {
         let mut packed = vec![0u8; self.page_bytes()].into_boxed_slice();
         let (rows, centroids) = packed.split_at_mut(self.n_head * PAGE * rb);
         let (mut c, mut x) = (vec![0.0f32; d], vec![0.0f32; d]);
+        // One head's rows in f32, converted as a slice (F16C, 8 at a time).
+        let mut rows_f32 = vec![0.0f32; PAGE * d];
         for (h, src) in data.chunks_exact(PAGE * d).enumerate() {
+            src.convert_to_f32_slice(&mut rows_f32);
             if self.centered {
                 c.fill(0.0);
-                for r in src.chunks_exact(d) {
-                    c.iter_mut().zip(r).for_each(|(m, v)| *m += v.to_f32());
+                for r in rows_f32.chunks_exact(d) {
+                    c.iter_mut().zip(r).for_each(|(m, v)| *m += v);
                 }
                 #[allow(clippy::cast_precision_loss)]
                 c.iter_mut().for_each(|m| *m /= PAGE as f32);
@@ -97,8 +101,8 @@ impl PageCodec {
                 centroid.encode(&c, dst);
                 centroid.decode(dst, &mut c);
             }
-            for (r, dst) in src.chunks_exact(d).zip(rows[h * PAGE * rb..].chunks_exact_mut(rb)) {
-                x.iter_mut().zip(r).zip(&c).for_each(|((o, v), m)| *o = v.to_f32() - m);
+            for (r, dst) in rows_f32.chunks_exact(d).zip(rows[h * PAGE * rb..].chunks_exact_mut(rb)) {
+                x.iter_mut().zip(r).zip(&c).for_each(|((o, v), m)| *o = v - m);
                 self.rows.encode(&x, dst);
             }
         }
@@ -115,7 +119,8 @@ impl PageCodec {
             self.centroid_values(data, h, &mut c);
             for (src, o) in data[h * PAGE * rb..].chunks_exact(rb).zip(dst.chunks_exact_mut(d)) {
                 self.rows.decode(src, &mut x);
-                o.iter_mut().zip(&x).zip(&c).for_each(|((o, v), m)| *o = f16::from_f32(v + m));
+                x.iter_mut().zip(&c).for_each(|(v, m)| *v += m);
+                o.convert_from_f32_slice(&x);
             }
         }
         out
