@@ -150,8 +150,40 @@ fn merge_acc(mine: &mut Vec<f32>, theirs: &[f32], r: usize, d: usize, a: f32, b:
     }
 }
 
-pub(crate) fn run(pb: &Problem, kernels: &isa::Kernels, threads: Threads, out: &mut [f32]) {
-    let ctx = prepare(pb, threads);
+/// The query buffers of one attention call, kept by its caller for the next. A prefill's
+/// scaled, rotated and int8 queries take megabytes; allocated afresh for every layer, their
+/// pages were mapped and faulted in again each time (llama-bench pp512, SmolLM2: 180k page
+/// faults against stock's 14k, half a second of system time).
+#[derive(Debug, Default)]
+pub struct Scratch {
+    q_plain: Vec<f32>,
+    q_rot: Vec<f32>,
+    q8: Vec<i8>,
+    step: Vec<f32>,
+    sum: Vec<i32>,
+}
+
+impl Scratch {
+    /// Takes the buffers of a finished call back.
+    fn keep(&mut self, ctx: Ctx) {
+        self.q_plain = ctx.q_plain;
+        self.q_rot = ctx.q_rot;
+        if let Some(qi) = ctx.q_int {
+            (self.q8, self.step, self.sum) = (qi.q8, qi.step, qi.sum);
+        }
+    }
+}
+
+/// `v`'s buffer, now `n` copies of `fill` (no new allocation once it is large enough).
+fn reuse<T: Copy>(v: &mut Vec<T>, n: usize, fill: T) -> Vec<T> {
+    let mut v = std::mem::take(v);
+    v.clear();
+    v.resize(n, fill);
+    v
+}
+
+pub(crate) fn run(pb: &Problem, kernels: &isa::Kernels, threads: Threads, out: &mut [f32], scratch: &mut Scratch) {
+    let ctx = prepare(pb, threads, scratch);
     let items = plan(pb, threads.count());
     let partials = threads.map(&items, |it| (kernels.item)(&ctx, it));
     // Items that share a query tile (a KV split across threads) merge into one partial.
@@ -162,15 +194,18 @@ pub(crate) fn run(pb: &Problem, kernels: &isa::Kernels, threads: Threads, out: &
             _ => groups.push((it, st)),
         }
     }
-    // Finishing (normalise, un-rotate) is row-wise work too: on the threads, then scattered.
-    // A decode step's few rows are finished sooner than the threads are handed work.
-    let rows = threads.at_most(pb.n_q * pb.n_head / FINISH_ROWS).map(&groups, |(it, st)| finish(pb, it, st));
+    // Finishing (normalise, un-rotate) is row-wise work too: on the threads, each group into
+    // its own rows of `out`. A decode step's few rows are finished sooner than the threads
+    // are handed work.
     let (d, g) = (pb.d, pb.group());
-    for ((it, _), rows) in groups.iter().zip(rows) {
-        for ((qi, h), o) in rows_of(it, g).zip(rows.chunks_exact(d)) {
-            out[(qi * pb.n_head + h) * d..][..d].copy_from_slice(o);
-        }
-    }
+    let mut rows: Vec<Option<&mut [f32]>> = out.chunks_exact_mut(d).map(Some).collect();
+    let mut jobs: Vec<(&(Item, Partial), Vec<&mut [f32]>)> = groups
+        .iter()
+        .map(|gp| (gp, rows_of(&gp.0, g).filter_map(|(qi, h)| rows[qi * pb.n_head + h].take()).collect()))
+        .collect();
+    threads.at_most(pb.n_q * pb.n_head / FINISH_ROWS).for_each_mut(&mut jobs, |((it, st), out)| finish(pb, it, st, out));
+    drop(jobs);
+    scratch.keep(ctx);
 }
 
 /// Output rows per thread below which [`finish`] runs on the calling thread: finishing a
@@ -190,13 +225,13 @@ struct QChunk<'a> {
     finite: bool,
 }
 
-fn prepare<'p, 'a, 'b>(pb: &'p Problem<'a, 'b>, threads: Threads) -> Ctx<'p, 'a, 'b> {
+fn prepare<'p, 'a, 'b>(pb: &'p Problem<'a, 'b>, threads: Threads, scratch: &mut Scratch) -> Ctx<'p, 'a, 'b> {
     let p = pb.p;
     let qscale = if p.softcap == 0.0 { p.scale } else { p.scale / p.softcap };
     let any_packed_k = pb.kv.iter().flatten().any(|s| matches!(s.k, Rows::Packed { .. }));
     let len = pb.q.len();
-    let mut q_plain = vec![0.0f32; len];
-    let mut q_rot = vec![0.0f32; if any_packed_k { len } else { 0 }];
+    let mut q_plain = reuse(&mut scratch.q_plain, len, 0.0);
+    let mut q_rot = reuse(&mut scratch.q_rot, if any_packed_k { len } else { 0 }, 0.0);
     // Chunks of whole query rows (a multiple of 32 values: d is), scaled and rotated on the
     // threads; a prefill has hundreds of rows, and this was serial work the other threads
     // waited for.
@@ -223,7 +258,7 @@ fn prepare<'p, 'a, 'b>(pb: &'p Problem<'a, 'b>, threads: Threads) -> Ctx<'p, 'a,
     drop(chunks);
     let q_int = (any_packed_k && finite).then(|| {
         let groups = len / 32;
-        let mut qi = QInt { q8: vec![0; len], step: vec![0.0; groups], sum: vec![0; groups] };
+        let mut qi = QInt { q8: reuse(&mut scratch.q8, len, 0), step: reuse(&mut scratch.step, groups, 0.0), sum: reuse(&mut scratch.sum, groups, 0) };
         let per_g = per / 32;
         let mut chunks: Vec<_> = q_rot
             .chunks_mut(per)
@@ -291,13 +326,12 @@ fn plan(pb: &Problem, n_threads: usize) -> Vec<Item> {
     items
 }
 
-/// Sinks, normalisation and un-rotation: the item's output rows (`m × d`, in
+/// Sinks, normalisation and un-rotation: the item's output rows (`out`, one per row, in
 /// [`rows_of`] order).
-fn finish(pb: &Problem, it: &Item, st: &Partial) -> Vec<f32> {
+fn finish(pb: &Problem, it: &Item, st: &Partial, out: &mut [&mut [f32]]) {
     let (d, g) = (pb.d, pb.group());
-    let mut out = vec![0.0f32; st.max.len() * d];
     let mut rot = vec![0.0f32; d];
-    for (r, ((_, h), o)) in rows_of(it, g).zip(out.chunks_exact_mut(d)).enumerate() {
+    for (r, ((_, h), o)) in rows_of(it, g).zip(out.iter_mut()).enumerate() {
         let (mut scale_acc, mut sum) = (1.0, st.sum[r]);
         if let Some(sinks) = pb.sinks {
             let s = sinks[h];
@@ -306,7 +340,9 @@ fn finish(pb: &Problem, it: &Item, st: &Partial) -> Vec<f32> {
             sum = sum * scale_acc + (s - m).exp();
         }
         let inv = if sum == 0.0 { 0.0 } else { scale_acc / sum };
-        if !st.plain.is_empty() {
+        if st.plain.is_empty() {
+            o.fill(0.0);
+        } else {
             for (y, x) in o.iter_mut().zip(&st.plain[r * d..(r + 1) * d]) {
                 *y = x * inv;
             }
@@ -319,7 +355,6 @@ fn finish(pb: &Problem, it: &Item, st: &Partial) -> Vec<f32> {
             }
         }
     }
-    out
 }
 
 /// The (query, head) pairs of an item's rows, in row order.

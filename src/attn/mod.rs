@@ -33,6 +33,7 @@ mod fast;
 mod isa;
 mod kernels;
 mod pool;
+pub use fast::Scratch;
 pub use pool::{Executor, Threads, Workers};
 mod reference;
 #[cfg(target_arch = "x86_64")]
@@ -258,9 +259,31 @@ pub fn flash_attn(
     threads: Threads,
     out: &mut [f32],
 ) {
+    flash_attn_in(&mut Scratch::default(), q, n_q, n_head, head_dim, kv, mask, sinks, p, threads, out);
+}
+
+/// [`flash_attn`] with its query buffers taken from, and returned to, `scratch`: a caller
+/// that runs attention over and over (a backend, layer after layer) keeps one.
+///
+/// # Panics
+/// As [`flash_attn`].
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attn_in(
+    scratch: &mut Scratch,
+    q: &[f32],
+    n_q: usize,
+    n_head: usize,
+    head_dim: usize,
+    kv: &[Vec<Segment>],
+    mask: Option<Mask>,
+    sinks: Option<&[f32]>,
+    p: &FaParams,
+    threads: Threads,
+    out: &mut [f32],
+) {
     let prob = Problem { q, n_q, n_head, d: head_dim, kv, mask, sinks, p: *p };
     prob.validate(out.len());
-    fast::run(&prob, isa::kernels(), threads, out);
+    fast::run(&prob, isa::kernels(), threads, out, scratch);
 }
 
 /// [`flash_attn`] on a named kernel set (see [`available_isas`]), for tests and benches.
@@ -285,7 +308,7 @@ pub fn flash_attn_isa(
     let kernels = isa::by_name(isa).unwrap_or_else(|| panic!("flash_attn_isa: {isa} not available"));
     let prob = Problem { q, n_q, n_head, d: head_dim, kv, mask, sinks, p: *p };
     prob.validate(out.len());
-    fast::run(&prob, &kernels, threads, out);
+    fast::run(&prob, &kernels, threads, out, &mut Scratch::default());
 }
 
 /// The scalar oracle: decompresses every row, then attends with f64 accumulation.

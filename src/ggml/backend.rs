@@ -34,6 +34,8 @@ struct BackendCtx {
     dev: &'static DeviceCtx,
     n_threads: AtomicUsize,
     cpu: CpuBackend,
+    /// Attention's query buffers, kept from one layer's call to the next.
+    scratch: std::sync::Mutex<attn::Scratch>,
 }
 
 static GUID: [u8; 16] = *b"DSpark-KV-v1\0\0\0\0";
@@ -53,7 +55,7 @@ pub(crate) unsafe extern "C" fn init_backend(dev: ll::ggml_backend_dev_t, _param
             }
         };
         // The pool is built on first use, after llama.cpp has set the context's count.
-        let ctx = Box::new(BackendCtx { dev: dev_ctx, n_threads: AtomicUsize::new(threads), cpu });
+        let ctx = Box::new(BackendCtx { dev: dev_ctx, n_threads: AtomicUsize::new(threads), cpu, scratch: Default::default() });
         let b = Box::new(sys::ggml_backend {
             guid: GUID.as_ptr() as ll::ggml_guid_t,
             iface: backend_iface(),
@@ -327,7 +329,7 @@ unsafe fn compute_graph(ctx: &BackendCtx, g: *mut ll::ggml_cgraph) -> Result<(),
                     if let (Some(s), Some(a)) = (stager.as_mut(), at) {
                         s.before(a, plan.reads())?;
                     }
-                    let r = flash_attn(node, &plan, threads);
+                    let r = flash_attn(node, &plan, threads, &mut ctx.scratch.lock().unwrap_or_else(|e| e.into_inner()));
                     if let (Some(s), Some(a)) = (stager.as_mut(), at) {
                         s.after(a);
                     }
@@ -683,7 +685,7 @@ unsafe fn attn_plan<'m>(node: *mut ll::ggml_tensor, dev: &DeviceCtx, threads: Th
 /// # Safety
 /// `node` is the FLASH_ATTN_EXT node `plan` was made for: valid, with its srcs' data
 /// readable and its own data writable.
-unsafe fn flash_attn(node: *mut ll::ggml_tensor, plan: &AttnPlan, threads: Threads) -> Result<(), String> {
+unsafe fn flash_attn(node: *mut ll::ggml_tensor, plan: &AttnPlan, threads: Threads, scratch: &mut attn::Scratch) -> Result<(), String> {
     // SAFETY: valid node (caller).
     let (kview, vview) = unsafe { flash_attn_check(node) }?;
     // SAFETY: q and k are valid; sinks are NULL or valid (caller).
@@ -710,7 +712,7 @@ unsafe fn flash_attn(node: *mut ll::ggml_tensor, plan: &AttnPlan, threads: Threa
         let threads = threads.at_most(attn_threads(threads.count(), n_q * rows));
         // SAFETY: the output is [d, n_head, n_q, seq] contiguous F32 (ggml's FA output).
         let out = unsafe { std::slice::from_raw_parts_mut(((*node).data as *mut f32).add(seq * n_q * n_head * d), n_q * n_head * d) };
-        attn::flash_attn(&s.q, n_q, n_head, d, &kv, s.mask, sinks, &p, threads, out);
+        attn::flash_attn_in(scratch, &s.q, n_q, n_head, d, &kv, s.mask, sinks, &p, threads, out);
     }
     Ok(())
 }
