@@ -174,10 +174,10 @@ impl Scratch {
     }
 }
 
-/// `v`'s buffer, now `n` copies of `fill` (no new allocation once it is large enough).
+/// `v`'s buffer, `n` long: new elements are `fill`, kept ones keep their old values (every
+/// caller overwrites them all), so a buffer of the right size is neither allocated nor set.
 fn reuse<T: Copy>(v: &mut Vec<T>, n: usize, fill: T) -> Vec<T> {
     let mut v = std::mem::take(v);
-    v.clear();
     v.resize(n, fill);
     v
 }

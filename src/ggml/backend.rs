@@ -626,12 +626,12 @@ unsafe fn attn_plan<'m>(node: *mut ll::ggml_tensor, dev: &DeviceCtx, threads: Th
         let (stream, first) = (gk / ks.cells(), gk % ks.cells());
 
         // q [d, n_q, n_head, seq] (strided) -> [n_q][n_head][d]
-        let mut qbuf = vec![0.0f32; n_q * n_head * d];
+        let mut qbuf = Vec::with_capacity(n_q * n_head * d);
         for i in 0..n_q {
             for h in 0..n_head {
                 // SAFETY: the row lies inside q's data.
                 let src = unsafe { std::slice::from_raw_parts((q.data as *const u8).add(i * q.nb[1] + h * q.nb[2] + seq * q.nb[3]) as *const f32, d) };
-                qbuf[(i * n_head + h) * d..][..d].copy_from_slice(src);
+                qbuf.extend_from_slice(src);
             }
         }
         let mask = mask.map(|m| {
