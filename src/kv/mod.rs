@@ -38,6 +38,7 @@ use half::slice::HalfFloatSliceExt;
 use crate::attn::{Rows, Segment, Threads};
 use crate::codec::{Quant, RowCodec};
 pub use page::PageCodec;
+use page::HeadToEncode;
 use tier::{Region, Slot, Tier};
 
 /// Cells per page.
@@ -625,14 +626,33 @@ impl KvStore {
             return;
         }
         let (d, nh) = (self.head_dim, self.n_head);
-        // Encoded on the threads, then swapped in: a digest's page summaries go to its
-        // stream's table, which the threads do not share.
-        let done = threads.map(&due, |&(s, p)| match self.streams[s].page(p) {
-            Page::F16(data) => (Some(codec.encode_page(data)), digests.then(|| select::digest(data, nh, d))),
-            Page::Packed(data) => (None, Some(select::digest(&codec.decode_page(data), nh, d))),
-            _ => (None, None),
-        });
-        for ((s, p), (packed, digest)) in due.into_iter().zip(done) {
+        // Encoded on the threads a head at a time (a prefill compresses a few pages per
+        // layer, and a page at a time left a thread idle), then swapped in.
+        let mut packed: Vec<Option<Box<[u8]>>> = due
+            .iter()
+            .map(|&(s, p)| matches!(self.streams[s].page(p), Page::F16(_)).then(|| vec![0u8; codec.page_bytes()].into_boxed_slice()))
+            .collect();
+        let mut heads: Vec<HeadToEncode> = due
+            .iter()
+            .zip(packed.iter_mut())
+            .filter_map(|(&(s, p), buf)| match (self.streams[s].page(p), buf) {
+                (Page::F16(data), Some(buf)) => Some(codec.heads(data, buf)),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        threads.for_each_mut(&mut heads, |h| codec.encode_head(h));
+        drop(heads);
+        // A digest's page summaries go to its stream's table, which the threads do not share.
+        let digests: Vec<Option<select::Digest>> = match digests {
+            false => due.iter().map(|_| None).collect(),
+            true => threads.map(&due, |&(s, p)| match self.streams[s].page(p) {
+                Page::F16(data) => Some(select::digest(data, nh, d)),
+                Page::Packed(data) => Some(select::digest(&codec.decode_page(data), nh, d)),
+                _ => None,
+            }),
+        };
+        for (((s, p), packed), digest) in due.into_iter().zip(packed).zip(digests) {
             let st = &mut self.streams[s];
             if let Some(packed) = packed {
                 st.pages[p].data = Page::Packed(packed);

@@ -37,6 +37,17 @@ pub struct PageCodec {
     pub centered: bool,
 }
 
+/// One head of an f16 page and where its encoding goes ([`PageCodec::heads`]).
+#[derive(Debug)]
+pub struct HeadToEncode<'a> {
+    /// `PAGE` rows of `head_dim` values.
+    src: &'a [f16],
+    /// The head's packed rows.
+    rows: &'a mut [u8],
+    /// The head's centroid row (empty when the page is not centred).
+    centroid: &'a mut [u8],
+}
+
 impl PageCodec {
     fn d(&self) -> usize {
         self.rows.head_dim()
@@ -81,32 +92,49 @@ impl PageCodec {
     /// Encodes an f16 page (`[head][slot]` rows of `head_dim` values).
     #[must_use]
     pub fn encode_page(&self, data: &[f16]) -> Box<[u8]> {
-        let (d, rb, cb) = (self.d(), self.rows.row_bytes(), self.centroid_bytes());
         let mut packed = vec![0u8; self.page_bytes()].into_boxed_slice();
-        let (rows, centroids) = packed.split_at_mut(self.n_head * PAGE * rb);
-        let (mut c, mut x) = (vec![0.0f32; d], vec![0.0f32; d]);
-        // One head's rows in f32, converted as a slice (F16C, 8 at a time).
-        let mut rows_f32 = vec![0.0f32; PAGE * d];
-        for (h, src) in data.chunks_exact(PAGE * d).enumerate() {
-            src.convert_to_f32_slice(&mut rows_f32);
-            if self.centered {
-                c.fill(0.0);
-                for r in rows_f32.chunks_exact(d) {
-                    c.iter_mut().zip(r).for_each(|(m, v)| *m += v);
-                }
-                #[allow(clippy::cast_precision_loss)]
-                c.iter_mut().for_each(|m| *m /= PAGE as f32);
-                let dst = &mut centroids[h * cb..][..cb];
-                let centroid = RowCodec::centroid(d);
-                centroid.encode(&c, dst);
-                centroid.decode(dst, &mut c);
-            }
-            for (r, dst) in rows_f32.chunks_exact(d).zip(rows[h * PAGE * rb..].chunks_exact_mut(rb)) {
-                x.iter_mut().zip(r).zip(&c).for_each(|((o, v), m)| *o = v - m);
-                self.rows.encode(&x, dst);
-            }
+        for mut head in self.heads(data, &mut packed) {
+            self.encode_head(&mut head);
         }
         packed
+    }
+
+    /// A page's heads, each to be encoded on its own ([`PageCodec::encode_head`]): what a
+    /// prefill compresses is a few pages per layer, and a page at a time left threads idle.
+    /// `packed` is the page's buffer (`page_bytes()` long).
+    pub fn heads<'a>(&self, data: &'a [f16], packed: &'a mut [u8]) -> Vec<HeadToEncode<'a>> {
+        let (d, rb, cb) = (self.d(), self.rows.row_bytes(), self.centroid_bytes());
+        let (rows, centroids) = packed.split_at_mut(self.n_head * PAGE * rb);
+        let centroids: Box<dyn Iterator<Item = &mut [u8]>> =
+            if cb == 0 { Box::new(std::iter::repeat_with(|| &mut [][..])) } else { Box::new(centroids.chunks_exact_mut(cb)) };
+        data.chunks_exact(PAGE * d)
+            .zip(rows.chunks_exact_mut(PAGE * rb))
+            .zip(centroids)
+            .map(|((src, rows), centroid)| HeadToEncode { src, rows, centroid })
+            .collect()
+    }
+
+    /// Encodes one head of a page (see [`PageCodec::heads`]).
+    pub fn encode_head(&self, head: &mut HeadToEncode) {
+        let d = self.d();
+        let (mut c, mut x) = (vec![0.0f32; d], vec![0.0f32; d]);
+        // The head's rows in f32, converted as a slice (F16C, 8 at a time).
+        let mut rows_f32 = vec![0.0f32; PAGE * d];
+        head.src.convert_to_f32_slice(&mut rows_f32);
+        if self.centered {
+            for r in rows_f32.chunks_exact(d) {
+                c.iter_mut().zip(r).for_each(|(m, v)| *m += v);
+            }
+            #[allow(clippy::cast_precision_loss)]
+            c.iter_mut().for_each(|m| *m /= PAGE as f32);
+            let centroid = RowCodec::centroid(d);
+            centroid.encode(&c, head.centroid);
+            centroid.decode(head.centroid, &mut c);
+        }
+        for (r, dst) in rows_f32.chunks_exact(d).zip(head.rows.chunks_exact_mut(self.rows.row_bytes())) {
+            x.iter_mut().zip(r).zip(&c).for_each(|((o, v), m)| *o = v - m);
+            self.rows.encode(&x, dst);
+        }
     }
 
     /// Decodes a compressed page into f16 rows, same layout as [`PageCodec::encode_page`] takes.
