@@ -437,6 +437,14 @@ fn transpose(q: &[f32], m: usize, d: usize, mp: usize) -> Vec<f32> {
 #[inline(always)]
 pub(crate) fn run_item<F: Flavor>(ctx: &Ctx, it: &Item) -> Partial {
     let pb = ctx.pb;
+    // The first segment the item reads, on its way while the item's scratch is set up.
+    let mut end = 0;
+    if let Some(first) = pb.kv[it.kh].iter().find(|s| {
+        end += s.n;
+        end > it.r0
+    }) {
+        prefetch_segment(first);
+    }
     let (d, g) = (pb.d, pb.group());
     let m = (it.q1 - it.q0) * g;
     let gather = |src: &[f32]| -> Vec<f32> {
@@ -509,23 +517,26 @@ pub(crate) fn run_item<F: Flavor>(ctx: &Ctx, it: &Item) -> Partial {
 #[inline(always)]
 fn prefetch_segment(seg: &Segment) {
     for rows in [seg.k, seg.v] {
-        if let Rows::Packed { data, center, .. } = rows {
-            prefetch(data);
-            prefetch(center.unwrap_or_default());
+        match rows {
+            Rows::Packed { data, center, .. } => {
+                prefetch(data);
+                prefetch(center.unwrap_or_default());
+            }
+            Rows::F16(v) => prefetch(v),
         }
     }
 }
 
-/// Prefetches every cache line of `bytes` into L1 (a hint: it never faults).
+/// Prefetches every cache line of `items` into L1 (a hint: it never faults).
 #[inline(always)]
-pub(crate) fn prefetch(bytes: &[u8]) {
+pub(crate) fn prefetch<T>(items: &[T]) {
     #[cfg(target_arch = "x86_64")]
-    for line in bytes.chunks(64) {
+    for line in items.chunks((64 / std::mem::size_of::<T>()).max(1)) {
         // SAFETY: a prefetch is a hint that cannot fault, and SSE is in x86_64's baseline.
         unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(line.as_ptr().cast()) };
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = bytes;
+    let _ = items;
 }
 
 /// Runs the packed decode kernel on the longest run of whole blocks of rows `r0..r1` of
