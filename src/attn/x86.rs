@@ -256,7 +256,7 @@ pub fn f16_rows_avx2(src: &[f16], out: &mut [f32]) {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 pub fn scores_avx512(q: &[f32], m: usize, k: &[f32], nj: usize, d: usize, s: &mut [f32], stride: usize) {
     assert!(
-        d % 16 == 0 && q.len() >= m * d && k.len() >= nj * d && (m == 0 || nj == 0 || s.len() >= (m - 1) * stride + nj) && nj <= stride,
+        d.is_multiple_of(16) && q.len() >= m * d && k.len() >= nj * d && (m == 0 || nj == 0 || s.len() >= (m - 1) * stride + nj) && nj <= stride,
         "scores_avx512: sizes"
     );
     let mut r = 0;
