@@ -201,7 +201,7 @@ pub(crate) fn run(pb: &Problem, kernels: &isa::Kernels, threads: Threads, out: &
     let mut rows: Vec<Option<&mut [f32]>> = out.chunks_exact_mut(d).map(Some).collect();
     let mut jobs: Vec<FinishJob> = groups
         .iter()
-        .map(|gp| (gp, rows_of(&gp.0, g).filter_map(|(qi, h)| rows[qi * pb.n_head + h].take()).collect()))
+        .map(|gp| (gp, rows_of(&gp.0, g).map(|(qi, h)| rows[qi * pb.n_head + h].take().expect("an output row of two groups")).collect()))
         .collect();
     threads.at_most(pb.n_q * pb.n_head / FINISH_ROWS).for_each_mut(&mut jobs, |((it, st), out)| finish(pb, it, st, out));
     drop(jobs);
@@ -534,7 +534,7 @@ fn prefetch_segment(seg: &Segment) {
 #[inline(always)]
 pub(crate) fn prefetch<T>(items: &[T]) {
     #[cfg(target_arch = "x86_64")]
-    for line in items.chunks((64 / std::mem::size_of::<T>()).max(1)) {
+    for line in items.chunks((64 / std::mem::size_of::<T>().max(1)).max(1)) {
         // SAFETY: a prefetch is a hint that cannot fault, and SSE is in x86_64's baseline.
         unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(line.as_ptr().cast()) };
     }

@@ -644,13 +644,14 @@ impl KvStore {
         threads.for_each_mut(&mut heads, |h| codec.encode_head(h));
         drop(heads);
         // A digest's page summaries go to its stream's table, which the threads do not share.
-        let digests: Vec<Option<select::Digest>> = match digests {
-            false => due.iter().map(|_| None).collect(),
-            true => threads.map(&due, |&(s, p)| match self.streams[s].page(p) {
+        let digests: Vec<Option<select::Digest>> = if digests {
+            threads.map(&due, |&(s, p)| match self.streams[s].page(p) {
                 Page::F16(data) => Some(select::digest(data, nh, d)),
                 Page::Packed(data) => Some(select::digest(&codec.decode_page(data), nh, d)),
                 _ => None,
-            }),
+            })
+        } else {
+            due.iter().map(|_| None).collect()
         };
         for (((s, p), packed), digest) in due.into_iter().zip(packed).zip(digests) {
             let st = &mut self.streams[s];
