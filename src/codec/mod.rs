@@ -246,19 +246,19 @@ impl RowCodec {
 
     fn encode_impl(&self, x: &[f32], out: &mut [u8], search: bool) {
         assert_eq!(x.len(), self.head_dim, "RowCodec::encode: row length");
-        let mut buf = [0.0f32; MAX_HEAD_DIM];
-        let y = &mut buf[..self.head_dim];
-        for (d, &s) in y.iter_mut().zip(x) {
-            *d = if s.is_finite() { s } else { 0.0 };
-        }
-        rotate(y);
-        for v in y.iter_mut() {
-            if !v.is_finite() {
-                *v = 0.0;
-            }
-        }
         assert_eq!(out.len(), self.row_bytes(), "RowCodec::encode: out length");
-        quant::encode_rotated(self.quant.bits(), y, out, search);
+        with_row(self.head_dim, |y| {
+            for (d, &s) in y.iter_mut().zip(x) {
+                *d = if s.is_finite() { s } else { 0.0 };
+            }
+            rotate(y);
+            for v in y.iter_mut() {
+                if !v.is_finite() {
+                    *v = 0.0;
+                }
+            }
+            quant::encode_rotated(self.quant.bits(), y, out, search);
+        });
     }
 
     /// Encodes a row that is already in the rotated space. Non-finite values are encoded as 0.
@@ -271,12 +271,12 @@ impl RowCodec {
         if y.iter().all(|v| v.is_finite()) {
             quant::encode_rotated(self.quant.bits(), y, out, true);
         } else {
-            let mut buf = [0.0f32; MAX_HEAD_DIM];
-            let clean = &mut buf[..self.head_dim];
-            for (d, &s) in clean.iter_mut().zip(y) {
-                *d = if s.is_finite() { s } else { 0.0 };
-            }
-            quant::encode_rotated(self.quant.bits(), clean, out, true);
+            with_row(self.head_dim, |clean| {
+                for (d, &s) in clean.iter_mut().zip(y) {
+                    *d = if s.is_finite() { s } else { 0.0 };
+                }
+                quant::encode_rotated(self.quant.bits(), clean, out, true);
+            });
         }
     }
 
@@ -338,5 +338,17 @@ impl RowCodec {
             Quant::Q3 => quant::decode_rotated_body::<3>(data, out),
             Quant::Q2 => quant::decode_rotated_body::<2>(data, out),
         }
+    }
+}
+
+/// Runs `f` on a zeroed scratch row of `n` values: on the stack up to 256 values (the head
+/// sizes of the models DSpark meets), on the heap beyond. A `[f32; MAX_HEAD_DIM]` on the stack
+/// cost a 16 KiB memset for every encoded row.
+fn with_row<R>(n: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    const STACK: usize = 256;
+    if n <= STACK {
+        f(&mut [0.0f32; STACK][..n])
+    } else {
+        f(&mut vec![0.0f32; n])
     }
 }
