@@ -204,7 +204,6 @@ pub(crate) fn run(pb: &Problem, kernels: &isa::Kernels, threads: Threads, out: &
         .map(|gp| (gp, rows_of(&gp.0, g).map(|(qi, h)| rows[qi * pb.n_head + h].take().expect("an output row of two groups")).collect()))
         .collect();
     threads.at_most(pb.n_q * pb.n_head / FINISH_ROWS).for_each_mut(&mut jobs, |((it, st), out)| finish(pb, it, st, out));
-    drop(jobs);
     scratch.keep(ctx);
 }
 

@@ -105,12 +105,11 @@ impl PageCodec {
     pub fn heads<'a>(&self, data: &'a [f16], packed: &'a mut [u8]) -> Vec<HeadToEncode<'a>> {
         let (d, rb, cb) = (self.d(), self.rows.row_bytes(), self.centroid_bytes());
         let (rows, centroids) = packed.split_at_mut(self.n_head * PAGE * rb);
-        let centroids: Box<dyn Iterator<Item = &mut [u8]>> =
-            if cb == 0 { Box::new(std::iter::repeat_with(|| &mut [][..])) } else { Box::new(centroids.chunks_exact_mut(cb)) };
+        // Empty when the page is not centred (`cb == 0`): every head then gets an empty one.
+        let mut centroids = centroids.chunks_exact_mut(cb.max(1));
         data.chunks_exact(PAGE * d)
             .zip(rows.chunks_exact_mut(PAGE * rb))
-            .zip(centroids)
-            .map(|((src, rows), centroid)| HeadToEncode { src, rows, centroid })
+            .map(|(src, rows)| HeadToEncode { src, rows, centroid: centroids.next().unwrap_or_default() })
             .collect()
     }
 
