@@ -77,8 +77,11 @@ fn text_file(name: &str, chars: usize) -> PathBuf {
 /// A prompt long enough (~330 tokens) that DSpark compresses pages of it: past the 64 sink
 /// cells and the 128-cell f16 window.
 fn long_prompt() -> String {
+    // ~750 tokens, more than one 512-token ubatch: a ubatch attends to its own rows in f16,
+    // so only a longer prompt has compressed rows in its attention (and, with k2v3, a
+    // greedy text that differs from f16's).
     let text = dspark::cli::text::default_text().expect("default text");
-    text.split_whitespace().take(240).collect::<Vec<_>>().join(" ")
+    text.split_whitespace().take(600).collect::<Vec<_>>().join(" ")
 }
 
 /// `llama-completion` with its default flags (greedy sampling asked for, as `dspark run` is

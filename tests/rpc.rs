@@ -67,8 +67,11 @@ impl Server {
 /// A GPL-3 passage of ~330 tokens: long enough that pages past the sinks and the f16 window
 /// are compressed.
 fn prompt() -> String {
+    // ~750 tokens, more than one 512-token ubatch: a ubatch attends to its own rows in f16,
+    // so only a longer prompt has compressed rows in its attention (and, with k2v3, a
+    // greedy text that differs from f16's).
     let text = dspark::cli::text::default_text().expect("default text");
-    text.split_whitespace().take(240).collect::<Vec<_>>().join(" ")
+    text.split_whitespace().take(600).collect::<Vec<_>>().join(" ")
 }
 
 fn run(args: &[&str]) -> Output {

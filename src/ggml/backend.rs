@@ -333,7 +333,7 @@ unsafe fn compute_graph(ctx: &BackendCtx, g: *mut ll::ggml_cgraph) -> Result<(),
                     if let (Some(s), Some(a)) = (stager.as_mut(), at) {
                         s.after(a);
                     }
-                    r
+                    r.and_then(|()| compact_after(node, threads))
                 }
                 _ => rope_shift(node),
             }
@@ -347,6 +347,22 @@ unsafe fn compute_graph(ctx: &BackendCtx, g: *mut ll::ggml_cgraph) -> Result<(),
         Some(b) => b.enforce(&ctx.dev.entries()),
         None => Ok(()),
     }
+}
+
+/// Compresses the pages of an attention node's K and V that left the window. After the
+/// attention, not when the rows are written: a ubatch's attention then reads its own rows in
+/// f16, so a prefill from empty reads no compressed rows at all (no rotated and rounded
+/// queries, no decoded tiles) and its rows are compressed once, as before.
+///
+/// # Safety
+/// `node` must be a valid FLASH_ATTN_EXT node on DSpark's KV.
+unsafe fn compact_after(node: *const ll::ggml_tensor, threads: Threads) -> Result<(), String> {
+    // SAFETY: valid node (caller).
+    let (k, v) = unsafe { flash_attn_check(node) }?;
+    for kv in [k.root, v.root] {
+        kv.entry().ok_or("KV has no store")?.write().compact(threads);
+    }
+    Ok(())
 }
 
 /// The K and V entries an attention node reads and its cell ranges, (stream, first, n), one
@@ -452,6 +468,9 @@ unsafe fn set_rows(node: *mut ll::ggml_tensor, threads: Threads) -> Result<(), S
         return Ok(());
     }
     let mut store = e.write();
+    // Pages that left the window in a graph without attention on this KV (the attention
+    // compresses them otherwise, see `compute_graph`).
+    store.compact(threads);
     let row_bytes = e.row_len() * 2;
     store.stage_cells(dsts.iter().map(|&(off, _)| off / row_bytes)).map_err(|e| format!("reading a cold KV page back: {e}"))?;
     for (off, sp) in dsts {
@@ -459,7 +478,6 @@ unsafe fn set_rows(node: *mut ll::ggml_tensor, threads: Threads) -> Result<(), S
         unsafe { read_row(sp, src.type_, &mut row) };
         store.write_row(off / (e.row_len() * 2), &row);
     }
-    store.compact(threads);
     Ok(())
 }
 
