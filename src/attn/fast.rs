@@ -292,10 +292,13 @@ pub(crate) fn quantize_queries(q_rot: &mut [f32]) -> Option<QInt> {
 /// [`quantize_queries`] on finite values, into the given codes, steps and sums.
 fn quantize_groups(x: &mut [f32], q8: &mut [i8], step: &mut [f32], sum: &mut [i32]) {
     for (((x, q), st), sm) in x.chunks_exact_mut(32).zip(q8.chunks_exact_mut(32)).zip(step.iter_mut()).zip(sum.iter_mut()) {
-        *st = kernels::quantize_q8(x, q);
+        // Fixed lengths, so that the loops below are a few vector instructions each.
+        let (x, q): (&mut [f32; 32], &mut [i8; 32]) = (x.try_into().expect("32 values"), q.try_into().expect("32 codes"));
+        let s = kernels::quantize_q8(x, q);
         for (v, c) in x.iter_mut().zip(q.iter()) {
-            *v = f32::from(*c) * *st;
+            *v = f32::from(*c) * s;
         }
+        *st = s;
         *sm = q.iter().map(|c| i32::from(*c)).sum();
     }
 }

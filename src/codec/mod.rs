@@ -52,7 +52,7 @@
 //! value. The attention kernels read non-finite values of f16 rows as 0 too (see `attn`).
 #![forbid(unsafe_code)]
 
-mod quant;
+pub(crate) mod quant;
 mod rotate;
 
 pub use rotate::{block_len, rotate, unrotate, MAX_HEAD_DIM};

@@ -63,17 +63,27 @@ pub fn row_scale(data: &[u8]) -> f32 {
 /// `x.round()` (half away from zero), written as LLVM lowers it, `trunc(x ± 0.49999997)`
 /// (exact for every float), because `f32::round` in a loop does not vectorize.
 #[inline(always)]
-fn round(x: f32) -> f32 {
+pub(crate) fn round(x: f32) -> f32 {
     (x + 0.499_999_97_f32.copysign(x)).trunc()
+}
+
+/// `t as i32` for an integer-valued `t` of `-2^22..2^22`, in a form that vectorizes: `as`
+/// saturates (and maps NaN to 0) value by value, a scalar conversion and two compares each.
+/// Adding 1.5 · 2^23 puts `t` into the low mantissa bits of the sum exactly.
+#[inline(always)]
+pub(crate) fn small_int(t: f32) -> i32 {
+    const MAGIC: f32 = 12_582_912.0;
+    #[allow(clippy::cast_possible_wrap)]
+    let bits = (t + MAGIC).to_bits() as i32;
+    bits - 0x4B40_0000
 }
 
 /// Quantizes one value with a given step; the result is a code in `0..2·off`.
 #[inline(always)]
 fn quantize(v: f32, inv_step: f32, off: i32) -> i32 {
-    // Clamped as a float, then converted: the same codes, and the loop over a group
-    // vectorizes (a saturating `as i32` first does not).
-    #[allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)]
-    let q = round(v * inv_step).max(-(off as f32)).min((off - 1) as f32) as i32;
+    // Clamped as a float (NaN to the lowest code), then converted ([`small_int`]).
+    #[allow(clippy::cast_precision_loss)]
+    let q = small_int(round(v * inv_step).max(-(off as f32)).min((off - 1) as f32));
     q + off
 }
 
