@@ -121,13 +121,12 @@ fn pick_multiplier(v: &[f32], ideal: f32, row_scale: f32, off: i32, search: bool
     if !search || c0 == 0.0 {
         return c0 as i8;
     }
+    // Every candidate's error first, then the choice: the errors are independent, and
+    // computed apart from the running best they overlap (a search 1.x times faster).
+    let cands = SEARCH.map(|f| (c0 * f).round().clamp(-127.0, 127.0));
+    let errs = cands.map(|c| if c == 0.0 { f32::INFINITY } else { group_error(v, row_scale * c, off) });
     let mut best = (f32::INFINITY, c0);
-    for f in SEARCH {
-        let c = (c0 * f).round().clamp(-127.0, 127.0);
-        if c == 0.0 {
-            continue;
-        }
-        let err = group_error(v, row_scale * c, off);
+    for (err, c) in errs.into_iter().zip(cands) {
         if err < best.0 {
             best = (err, c);
         }
