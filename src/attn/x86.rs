@@ -38,10 +38,7 @@ pub fn decode_packed_avx512(codec: &RowCodec, data: &[u8], out: &mut [f32]) {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 #[inline]
 fn store16(codes: __m512i, off: i32, step: __m512, o: &mut [f32]) {
-    assert!(o.len() >= 16);
-    let v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(codes, _mm512_set1_epi32(off))), step);
-    // SAFETY: `o` has at least 16 floats (asserted); the store is unaligned.
-    unsafe { _mm512_storeu_ps(o.as_mut_ptr(), v) };
+    store(o, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(codes, _mm512_set1_epi32(off))), step));
 }
 
 #[target_feature(enable = "sse2")]
