@@ -227,11 +227,15 @@ impl Profile {
 }
 
 /// Cells of a context of `ctx` cells that a store keeps in f16: the sink page and the pages
-/// of the last `window` rows (as `kv::KvStore` compacts them).
+/// of the last `window` rows, or without a window the last page while it is not full (as
+/// `kv::KvStore` compacts them).
 #[must_use]
 pub fn f16_cells(ctx: usize, window: usize) -> usize {
-    if ctx <= PAGE || window == 0 {
-        return ctx.min(PAGE);
+    if ctx <= PAGE {
+        return ctx;
+    }
+    if window == 0 {
+        return PAGE + ctx % PAGE;
     }
     // The pages that overlap the last `window` rows.
     let window_from = ctx.saturating_sub(window) / PAGE * PAGE;
@@ -320,7 +324,7 @@ mod tests {
         assert_eq!(f16_cells(2048 + 10, 128), 64 + 128 + 10);
         assert_eq!(f16_cells(150, 128), 150);
         assert_eq!(f16_cells(2048, 0), 64);
-        assert_eq!(f16_cells(1000, 0), 64);
+        assert_eq!(f16_cells(1000, 0), 64 + 1000 % 64);
     }
 
     /// K costs 4x per bit less of width, V 2x; layer 0's K weighs 10x the others.
