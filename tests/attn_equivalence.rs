@@ -548,3 +548,37 @@ fn mask_visibility_matches_a_plain_scan() {
         assert_eq!(m.sees(rows, cells.clone()), sees, "case {case}: cells {cells:?}");
     }
 }
+
+/// One `Scratch` kept across calls of every shape (as a backend keeps it across layers and
+/// graphs) gives the same bits as a fresh one each time: a reused buffer never leaks values
+/// of an earlier call (narrow and wide items, f16 and packed rows, several head sizes).
+#[test]
+fn a_kept_scratch_changes_nothing() {
+    let mut rng = StdRng::seed_from_u64(rand::random());
+    let mut kept = attn::Scratch::default();
+    let workers = attn::Workers::new(2);
+    for case in 0..40 {
+        let d = [64, 128, 256][rng.gen_range(0..3)];
+        let n_q = [1, 2, 5, 20, 45, 512][rng.gen_range(0..6)];
+        let quant = |rng: &mut StdRng| [None, Some(Quant::Q4), Some(Quant::Q8), Some(Quant::Q3)][rng.gen_range(0..4)];
+        let mut layout: Layout = Vec::new();
+        let mut cell = 0;
+        for _ in 0..rng.gen_range(1..4) {
+            let n = rng.gen_range(1..150);
+            layout.push((cell, n, quant(&mut rng), quant(&mut rng)));
+            cell += n;
+        }
+        let (sinks, softcap) = (rng.gen_bool(0.3), if rng.gen_bool(0.2) { 30.0 } else { 0.0 });
+        let c = build(rng.gen(), d, rng.gen_range(1..4), [1, 3, 4][rng.gen_range(0..3)], n_q, &layout, rng.gen_range(0..3), sinks, softcap, 0.0);
+        let kv = segments(&c);
+        let mask = c.mask.as_ref().map(|(m, s)| Mask { data: m, stride: *s });
+        let run = |scratch: &mut attn::Scratch| {
+            let mut out = vec![f32::NAN; c.q.len()];
+            attn::flash_attn_in(scratch, &c.q, c.n_q, c.n_head, c.d, &kv, mask, c.sinks.as_deref(), &c.p, workers.all(), &mut out);
+            out
+        };
+        let (fresh, reused) = (run(&mut attn::Scratch::default()), run(&mut kept));
+        let diff = fresh.iter().zip(&reused).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        assert_eq!(diff, 0, "case {case} (d={d} n_q={n_q} layout {layout:?}): {diff} values differ with a kept scratch");
+    }
+}

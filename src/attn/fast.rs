@@ -44,6 +44,8 @@ pub(crate) struct Ctx<'p, 'a, 'b> {
     /// The int8 image of `q_rot`; `None` when there is no packed K or q is not finite.
     pub q_int: Option<QInt>,
     pub slopes: Vec<f32>,
+    /// Item buffers not in use; an item takes one and puts it back.
+    pub bufs: std::sync::Mutex<Vec<ItemBufs>>,
 }
 
 /// The rotated, scaled queries quantized per group of 32 (see [`kernels::quantize_q8`]).
@@ -161,6 +163,7 @@ pub struct Scratch {
     q8: Vec<i8>,
     step: Vec<f32>,
     sum: Vec<i32>,
+    items: Vec<ItemBufs>,
 }
 
 impl Scratch {
@@ -171,7 +174,31 @@ impl Scratch {
         if let Some(qi) = ctx.q_int {
             (self.q8, self.step, self.sum) = (qi.q8, qi.step, qi.sum);
         }
+        self.items = ctx.bufs.into_inner().unwrap_or_else(|e| e.into_inner());
     }
+}
+
+/// The buffers of one work item (tiles, gathered queries, softmax temporaries), kept in
+/// [`Scratch`] between items and calls. A decode step's item at short depth reads a few
+/// dozen rows, and allocating and zeroing its ~17 KB of tiles was a visible share of it; a
+/// prefill allocated three softmax temporaries per tile.
+#[derive(Debug, Default)]
+pub(crate) struct ItemBufs {
+    q_plain: Vec<f32>,
+    q_rot: Vec<f32>,
+    kt: Vec<f32>,
+    vt: Vec<f32>,
+    s: Vec<f32>,
+    mv: Vec<f32>,
+    qt_plain: Vec<f32>,
+    qt_rot: Vec<f32>,
+    stt: Vec<f32>,
+    row_slopes: Vec<f32>,
+    /// [`softmax_update_t`]'s per-tile row maxima, subtrahends and lane sums.
+    tmax: Vec<f32>,
+    sub: Vec<f32>,
+    part: Vec<f32>,
+    iq: ItemQ,
 }
 
 /// `v`'s buffer, `n` long: new elements are `fill`, kept ones keep their old values (every
@@ -272,7 +299,7 @@ fn prepare<'p, 'a, 'b>(pb: &'p Problem<'a, 'b>, threads: Threads, scratch: &mut 
         qi
     });
     let slopes = (0..pb.n_head).map(|h| alibi_slope(p.max_bias, h, pb.n_head)).collect();
-    Ctx { pb, q_plain, q_rot, q_int, slopes }
+    Ctx { pb, q_plain, q_rot, q_int, slopes, bufs: std::sync::Mutex::new(std::mem::take(&mut scratch.items)) }
 }
 
 /// Rounds the rotated queries to their int8 image in place (`q ← q8 · step` per group of
@@ -373,44 +400,40 @@ struct Work<'c, 'p, 'a, 'b> {
     ctx: &'c Ctx<'p, 'a, 'b>,
     it: Item,
     m: usize,
-    q_plain: Vec<f32>,
-    q_rot: Vec<f32>,
-    /// K and V tiles (`TILE × d`), and one spare row each for a page's centroid.
-    kt: Vec<f32>,
-    vt: Vec<f32>,
-    s: Vec<f32>,
-    /// Mask values of the tile, `[query][TILE]` (the head's slope is applied later).
-    mv: Vec<f32>,
+    /// The item's buffers: its query rows (`q_plain`, `q_rot`, `m × d`), K and V tiles
+    /// (`TILE × d`, and one spare row each for a page's centroid), scores `s` (`m × TILE`),
+    /// the tile's mask values `mv` (`[query][TILE]`, the head's slope applied later), and
+    /// for wide tiles the transposed layout (below).
+    b: ItemBufs,
     /// Whether the tile's mask values (`mv`) are all zero: it then changes no score.
     mask_zero: bool,
     st: Partial,
-    /// Transposed layout for wide (prefill) tiles: `m` rounded up to 16, q as `d × mp`,
-    /// scores as `TILE × mp`. Empty when the tile kernels run row by row.
+    /// Transposed layout for wide (prefill) tiles: `m` rounded up to 16, q as `d × mp`
+    /// (`b.qt_plain`, `b.qt_rot`), scores as `TILE × mp` (`b.stt`). 0 when the tile
+    /// kernels run row by row.
     mp: usize,
-    qt_plain: Vec<f32>,
-    qt_rot: Vec<f32>,
-    stt: Vec<f32>,
-    /// The int8 queries of the item for the packed decode kernels (`F::PACKED_DECODE`,
-    /// narrow tiles, finite q), else `None`.
-    iq: Option<ItemQ>,
-    /// `[m]` ALiBi slope of each query row.
-    row_slopes: Vec<f32>,
+    /// Whether `b.iq` holds the item's int8 queries for the packed decode kernels
+    /// (`F::PACKED_DECODE`, narrow tiles, finite q).
+    iq: bool,
 }
 
 /// The int8 queries of an item's rows in the layout of [`DecodeJob`].
+#[derive(Debug, Default)]
 struct ItemQ {
     q32: Vec<i32>,
     step: Vec<f32>,
     sum: Vec<i32>,
 }
 
-fn item_q(ctx: &Ctx, it: &Item) -> Option<ItemQ> {
-    let qi = ctx.q_int.as_ref()?;
+/// Fills `out` with the int8 queries of the item's rows; false when there are none.
+fn item_q(ctx: &Ctx, it: &Item, out: &mut ItemQ) -> bool {
+    let Some(qi) = ctx.q_int.as_ref() else { return false };
     let pb = ctx.pb;
     let (d, g) = (pb.d, pb.group());
     let ng = d / 32;
-    let m = (it.q1 - it.q0) * g;
-    let mut out = ItemQ { q32: Vec::with_capacity(m * d / 4), step: Vec::with_capacity(m * ng), sum: Vec::with_capacity(m * ng) };
+    out.q32.clear();
+    out.step.clear();
+    out.sum.clear();
     for q in it.q0..it.q1 {
         for hg in 0..g {
             let row = q * pb.n_head + it.kh * g + hg;
@@ -421,21 +444,21 @@ fn item_q(ctx: &Ctx, it: &Item) -> Option<ItemQ> {
             out.sum.extend_from_slice(&qi.sum[row * ng..(row + 1) * ng]);
         }
     }
-    Some(out)
+    true
 }
 
-/// `q` (`m × d`) transposed to `d × mp`, zero-padded.
-fn transpose(q: &[f32], m: usize, d: usize, mp: usize) -> Vec<f32> {
+/// `q` (`m × d`) transposed into `t` (`d × mp`), zero-padded; empty when `q` is.
+fn transpose(q: &[f32], m: usize, d: usize, mp: usize, t: &mut Vec<f32>) {
+    t.clear();
     if q.is_empty() {
-        return Vec::new();
+        return;
     }
-    let mut t = vec![0.0; d * mp];
+    t.resize(d * mp, 0.0);
     for r in 0..m {
         for x in 0..d {
             t[x * mp + r] = q[r * d + x];
         }
     }
-    t
 }
 
 /// Processes one item; instantiated per instruction set by `isa.rs`.
@@ -452,42 +475,32 @@ pub(crate) fn run_item<F: Flavor>(ctx: &Ctx, it: &Item) -> Partial {
     }
     let (d, g) = (pb.d, pb.group());
     let m = (it.q1 - it.q0) * g;
-    let gather = |src: &[f32]| -> Vec<f32> {
-        if src.is_empty() {
-            return Vec::new();
+    let mut b = lock(&ctx.bufs).pop().unwrap_or_default();
+    let gather = |src: &[f32], v: &mut Vec<f32>| {
+        v.clear();
+        if !src.is_empty() {
+            for qi in it.q0..it.q1 {
+                v.extend_from_slice(&src[(qi * pb.n_head + it.kh * g) * d..][..g * d]);
+            }
         }
-        let mut v = Vec::with_capacity(m * d);
-        for qi in it.q0..it.q1 {
-            v.extend_from_slice(&src[(qi * pb.n_head + it.kh * g) * d..][..g * d]);
-        }
-        v
     };
-    let mut w = Work {
-        ctx,
-        it: *it,
-        m,
-        q_plain: gather(&ctx.q_plain),
-        q_rot: gather(&ctx.q_rot),
-        kt: vec![0.0; (TILE + 1) * d],
-        vt: vec![0.0; (TILE + 1) * d],
-        s: vec![0.0; m * TILE],
-        mv: vec![0.0; (it.q1 - it.q0) * TILE],
-        mask_zero: false,
-        st: Partial::new(m),
-        mp: 0,
-        qt_plain: Vec::new(),
-        qt_rot: Vec::new(),
-        stt: Vec::new(),
-        iq: None,
-        row_slopes: (0..m).map(|r| ctx.slopes[it.kh * g + r % g]).collect(),
-    };
+    gather(&ctx.q_plain, &mut b.q_plain);
+    gather(&ctx.q_rot, &mut b.q_rot);
+    // Every element of these is written before it is read (per tile, for the rows used).
+    b.kt.resize((TILE + 1) * d, 0.0);
+    b.vt.resize((TILE + 1) * d, 0.0);
+    b.s.resize(m * TILE, 0.0);
+    b.mv.resize((it.q1 - it.q0) * TILE, 0.0);
+    b.row_slopes.clear();
+    b.row_slopes.extend((0..m).map(|r| ctx.slopes[it.kh * g + r % g]));
+    let mut w = Work { ctx, it: *it, m, b, mask_zero: false, st: Partial::new(m), mp: 0, iq: false };
     if F::WIDE && m >= WIDE_MIN_ROWS {
         w.mp = m.div_ceil(16) * 16;
-        w.qt_plain = transpose(&w.q_plain, m, d, w.mp);
-        w.qt_rot = transpose(&w.q_rot, m, d, w.mp);
-        w.stt = vec![0.0; TILE * w.mp];
+        transpose(&w.b.q_plain, m, d, w.mp, &mut w.b.qt_plain);
+        transpose(&w.b.q_rot, m, d, w.mp, &mut w.b.qt_rot);
+        w.b.stt.resize(TILE * w.mp, 0.0);
     } else if F::PACKED_DECODE {
-        w.iq = item_q(ctx, it);
+        w.iq = item_q(ctx, it, &mut w.b.iq);
     }
     let mut base = 0;
     let segs = &pb.kv[it.kh];
@@ -509,7 +522,12 @@ pub(crate) fn run_item<F: Flavor>(ctx: &Ctx, it: &Item) -> Partial {
         }
         base += seg.n;
     }
+    lock(&ctx.bufs).push(w.b);
     w.st
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Asks the CPU to bring a packed segment's bytes into cache while the current one is being
@@ -554,7 +572,10 @@ fn packed_rows<F: Flavor>(w: &mut Work, seg: &Segment, r0: usize, r1: usize) -> 
     };
     let kbits = kc.quant().bits();
     let n = (r1 - r0) / PACKED_BLOCK * PACKED_BLOCK;
-    let Some(iq) = w.iq.as_ref() else { return 0 };
+    let iq = &w.b.iq;
+    if !w.iq {
+        return 0;
+    }
     if n == 0 || w.m > QUERY_ROWS || !(kbits == 8 || kbits == 4) || !matches!(vc.quant().bits(), 8 | 4 | 3 | 2) {
         return 0;
     }
@@ -574,8 +595,8 @@ fn packed_rows<F: Flavor>(w: &mut Work, seg: &Segment, r0: usize, r1: usize) -> 
     // into the K tile's scratch, free between tiles).
     let mut kbias = [0.0f32; QUERY_ROWS];
     if let Some(c) = kcenter {
-        F::decode_packed(&RowCodec::centroid(d), c, &mut w.kt[..d]);
-        F::scores(&w.q_rot, w.m, &w.kt[..d], 1, d, &mut kbias, 1);
+        F::decode_packed(&RowCodec::centroid(d), c, &mut w.b.kt[..d]);
+        F::scores(&w.b.q_rot, w.m, &w.b.kt[..d], 1, d, &mut kbias, 1);
     }
     // A centred V adds `center` times the softmax mass of the rows (below).
     let before: Option<([f32; QUERY_ROWS], [f32; QUERY_ROWS])> = vcenter.map(|_| {
@@ -599,7 +620,7 @@ fn packed_rows<F: Flavor>(w: &mut Work, seg: &Segment, r0: usize, r1: usize) -> 
         qstep: &iq.step,
         qsum: &iq.sum,
         mask: pb.mask.map(|_| &masks[..nq]),
-        slopes: &w.row_slopes,
+        slopes: &w.b.row_slopes,
         kbias: &kbias[..w.m],
         softcap: pb.p.softcap,
     };
@@ -608,7 +629,7 @@ fn packed_rows<F: Flavor>(w: &mut Work, seg: &Segment, r0: usize, r1: usize) -> 
     }
     F::packed_decode(&job, &mut w.st.max, &mut w.st.sum, &mut w.st.rot, &mut w.st.plain);
     if let (Some(c), Some((max0, sum0))) = (vcenter, before) {
-        let center = &mut w.vt[..d];
+        let center = &mut w.b.vt[..d];
         F::decode_packed(&RowCodec::centroid(d), c, center);
         for r in 0..w.m {
             let (max, sum) = (w.st.max[r], w.st.sum[r]);
@@ -627,7 +648,7 @@ fn load_mask(w: &mut Work, seg: &Segment, r0: usize, nj: usize) -> bool {
     let (mut any, mut zero) = (false, true);
     for (i, qi) in (w.it.q0..w.it.q1).enumerate() {
         let src = &mask.data[qi * mask.stride + seg.first_cell + r0..][..nj];
-        let dst = &mut w.mv[i * TILE..i * TILE + nj];
+        let dst = &mut w.b.mv[i * TILE..i * TILE + nj];
         // Converted as a slice (8 at a time), then checked: a prefill item loads 128 rows of
         // mask per tile, and converting them one at a time was a visible share of prefill.
         src.convert_to_f32_slice(dst);
@@ -672,30 +693,30 @@ fn tile<F: Flavor>(w: &mut Work, seg: &Segment, r0: usize, r1: usize) {
         return;
     }
     let wide = w.mp > 0;
-    let rotated = decode_tile::<F>(seg.k, d, r0, nj, &mut w.kt);
+    let rotated = decode_tile::<F>(seg.k, d, r0, nj, &mut w.b.kt);
     if wide {
-        let qt = if rotated { &w.qt_rot } else { &w.qt_plain };
-        F::scores_t(qt, w.mp, &w.kt, nj, d, &mut w.stt);
+        let qt = if rotated { &w.b.qt_rot } else { &w.b.qt_plain };
+        F::scores_t(qt, w.mp, &w.b.kt, nj, d, &mut w.b.stt);
         if !softmax_update_t::<F>(w, nj) {
             return;
         }
     } else {
-        let q = if rotated { &w.q_rot } else { &w.q_plain };
-        F::scores(q, w.m, &w.kt, nj, d, &mut w.s, TILE);
+        let q = if rotated { &w.b.q_rot } else { &w.b.q_plain };
+        F::scores(q, w.m, &w.b.kt, nj, d, &mut w.b.s, TILE);
         if !softmax_update::<F>(w, nj) {
             return;
         }
     }
-    let rotated = decode_tile::<F>(seg.v, d, r0, nj, &mut w.vt);
+    let rotated = decode_tile::<F>(seg.v, d, r0, nj, &mut w.b.vt);
     let acc = if rotated { &mut w.st.rot } else { &mut w.st.plain };
     if acc.is_empty() {
         acc.resize(w.m * d, 0.0);
     }
     if wide {
-        F::accumulate_t(&w.stt, w.mp, &w.vt[..nj * d], nj, d, w.m, acc);
+        F::accumulate_t(&w.b.stt, w.mp, &w.b.vt[..nj * d], nj, d, w.m, acc);
         return;
     }
-    F::accumulate_rows(&w.s, TILE, &w.vt, nj, d, w.m, acc);
+    F::accumulate_rows(&w.b.s, TILE, &w.b.vt, nj, d, w.m, acc);
 }
 
 /// Rescales row `r` of the accumulators and the sum when its running max grows.
@@ -714,13 +735,13 @@ fn raise_max(st: &mut Partial, r: usize, d: usize, new: f32) {
     }
 }
 
-/// [`softmax_update`] on transposed scores (`w.stt`, `[key][row]`): every loop runs along
+/// [`softmax_update`] on transposed scores (`w.b.stt`, `[key][row]`): every loop runs along
 /// the query rows, so it vectorizes across them.
 #[inline(always)]
 fn softmax_update_t<F: Flavor>(w: &mut Work, nj: usize) -> bool {
     let pb = w.ctx.pb;
     let (d, g, m, mp) = (pb.d, pb.group(), w.m, w.mp);
-    let st = &mut w.stt[..nj * mp];
+    let st = &mut w.b.stt[..nj * mp];
     if pb.p.softcap != 0.0 {
         let c = pb.p.softcap;
         st.iter_mut().for_each(|x| *x = kernels::softcap::<F>(*x, c));
@@ -730,21 +751,24 @@ fn softmax_update_t<F: Flavor>(w: &mut Work, nj: usize) -> bool {
         for (j, row) in st.chunks_exact_mut(mp).enumerate() {
             // Rows are (query, head in group): one mask value per query.
             for (qi, rows) in row[..m].chunks_exact_mut(g).enumerate() {
-                let mv = w.mv[qi * TILE + j];
-                for (x, &slope) in rows.iter_mut().zip(&w.row_slopes[qi * g..]) {
+                let mv = w.b.mv[qi * TILE + j];
+                for (x, &slope) in rows.iter_mut().zip(&w.b.row_slopes[qi * g..]) {
                     *x = if mv == f32::NEG_INFINITY { f32::NEG_INFINITY } else { F::fma(slope, mv, *x) };
                 }
             }
         }
     }
-    let mut tmax = vec![f32::NEG_INFINITY; mp];
+    let (tmax, sub, part) = (&mut w.b.tmax, &mut w.b.sub, &mut w.b.part);
+    tmax.clear();
+    tmax.resize(mp, f32::NEG_INFINITY);
     for row in st.chunks_exact(mp) {
         for (t, x) in tmax.iter_mut().zip(row) {
             *t = if *x > *t { *x } else { *t };
         }
     }
     let mut any = false;
-    let mut sub = vec![0.0f32; mp];
+    sub.clear();
+    sub.resize(mp, 0.0);
     for r in 0..m {
         let new = w.st.max[r].max(tmax[r]);
         if new == f32::NEG_INFINITY {
@@ -760,10 +784,11 @@ fn softmax_update_t<F: Flavor>(w: &mut Work, nj: usize) -> bool {
     // Each row's sum in the order of `kernels::sum_lanes` (what the decode path uses): key
     // `j` goes to partial `j % LANES`, then `hsum`'s tree. A row then gets the same bits as
     // when it is decoded alone (see `scores_t_avx512` for why that matters).
-    let mut part = vec![0.0f32; kernels::LANES * mp];
+    part.clear();
+    part.resize(kernels::LANES * mp, 0.0);
     for (j, row) in st.chunks_exact_mut(mp).enumerate() {
         let acc = &mut part[(j % kernels::LANES) * mp..][..mp];
-        for ((x, s), a) in row.iter_mut().zip(&sub).zip(acc.iter_mut()) {
+        for ((x, s), a) in row.iter_mut().zip(sub.iter()).zip(acc.iter_mut()) {
             *x = kernels::exp::<F>(*x - s);
             *a += *x;
         }
@@ -782,7 +807,7 @@ fn softmax_update_t<F: Flavor>(w: &mut Work, nj: usize) -> bool {
     true
 }
 
-/// Softcap, mask, online-softmax update; leaves probabilities in `w.s`. Returns false when no
+/// Softcap, mask, online-softmax update; leaves probabilities in `w.b.s`. Returns false when no
 /// row got any weight from this tile.
 #[inline(always)]
 fn softmax_update<F: Flavor>(w: &mut Work, nj: usize) -> bool {
@@ -792,13 +817,13 @@ fn softmax_update<F: Flavor>(w: &mut Work, nj: usize) -> bool {
     let mut any = false;
     for r in 0..w.m {
         let (qi_local, h) = (r / g, w.it.kh * g + r % g);
-        let s = &mut w.s[r * TILE..r * TILE + nj];
+        let s = &mut w.b.s[r * TILE..r * TILE + nj];
         if softcap != 0.0 {
             s.iter_mut().for_each(|x| *x = kernels::softcap::<F>(*x, softcap));
         }
         if pb.mask.is_some() {
             let slope = w.ctx.slopes[h];
-            let mv = &w.mv[qi_local * TILE..qi_local * TILE + nj];
+            let mv = &w.b.mv[qi_local * TILE..qi_local * TILE + nj];
             for (x, m) in s.iter_mut().zip(mv) {
                 *x = if *m == f32::NEG_INFINITY { f32::NEG_INFINITY } else { F::fma(slope, *m, *x) };
             }
