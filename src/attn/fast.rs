@@ -787,11 +787,7 @@ fn softmax_update_t<F: Flavor>(w: &mut Work, nj: usize) -> bool {
     part.clear();
     part.resize(kernels::LANES * mp, 0.0);
     for (j, row) in st.chunks_exact_mut(mp).enumerate() {
-        let acc = &mut part[(j % kernels::LANES) * mp..][..mp];
-        for ((x, s), a) in row.iter_mut().zip(sub.iter()).zip(acc.iter_mut()) {
-            *x = kernels::exp::<F>(*x - s);
-            *a += *x;
-        }
+        F::exp_rows(row, sub, &mut part[(j % kernels::LANES) * mp..][..mp]);
     }
     let mut lanes = kernels::LANES / 2;
     while lanes > 0 {

@@ -139,6 +139,11 @@ mod x86 {
             // SAFETY: as in `decode_packed`.
             unsafe { k::accumulate_t_avx512(pt, mp, v, nj, d, m, acc) }
         }
+        #[inline(always)]
+        fn exp_rows(x: &mut [f32], sub: &[f32], acc: &mut [f32]) {
+            // SAFETY: as in `decode_packed`.
+            unsafe { k::exp_rows_avx512(x, sub, acc) }
+        }
     }
 
     /// AVX-512 with VNNI: the AVX-512 flavor plus the integer packed decode kernel. Only
@@ -175,6 +180,10 @@ mod x86 {
         #[inline(always)]
         fn accumulate_t(pt: &[f32], mp: usize, v: &[f32], nj: usize, d: usize, m: usize, acc: &mut [f32]) {
             Avx512::accumulate_t(pt, mp, v, nj, d, m, acc);
+        }
+        #[inline(always)]
+        fn exp_rows(x: &mut [f32], sub: &[f32], acc: &mut [f32]) {
+            Avx512::exp_rows(x, sub, acc);
         }
         const PACKED_DECODE: bool = true;
         #[inline(always)]

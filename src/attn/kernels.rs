@@ -40,6 +40,14 @@ pub(crate) trait Flavor: Copy + Send + Sync + 'static {
     fn accumulate_t(_pt: &[f32], _mp: usize, _v: &[f32], _nj: usize, _d: usize, _m: usize, _acc: &mut [f32]) {
         unreachable!("accumulate_t without WIDE");
     }
+    /// `x[r] = exp(x[r] − sub[r])` by [`exp`], and `acc[r] += x[r]`: one key's transposed
+    /// scores of a wide tile turned into weights, with their running sums.
+    fn exp_rows(x: &mut [f32], sub: &[f32], acc: &mut [f32]) {
+        for ((x, s), a) in x.iter_mut().zip(sub).zip(acc.iter_mut()) {
+            *x = exp::<Self>(*x - s);
+            *a += *x;
+        }
+    }
     /// Whether [`Flavor::packed_decode`] exists (integer K scores over packed rows).
     const PACKED_DECODE: bool = false;
     /// Runs the packed decode kernel over `job.n` rows (a multiple of [`PACKED_BLOCK`]),

@@ -365,6 +365,51 @@ fn scores_keys<const N: usize>(qt: &[f32], mp: usize, r: usize, k: &[f32], j: us
     add(c(0), c(1))
 }
 
+/// `x[r] = exp(x[r] − sub[r])` and `acc[r] += x[r]` (AVX-512; lengths a multiple of 16):
+/// [`kernels::exp`]'s operations in its order, 16 lanes at a time, so every lane gets the
+/// bits the generic code gives (the decode path's weights; `batched_queries_equal_queries_alone`
+/// checks it). LLVM vectorized the generic loop 8 lanes wide, and the prefill's softmax (a
+/// tenth of a prefill at depth 8192) was mostly this loop.
+///
+/// [`kernels::exp`]: super::kernels::exp
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub fn exp_rows_avx512(x: &mut [f32], sub: &[f32], acc: &mut [f32]) {
+    assert!(x.len() % 16 == 0 && sub.len() >= x.len() && acc.len() >= x.len(), "exp_rows_avx512: sizes");
+    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23, as in kernels::exp
+    let c = |v: f32| _mm512_set1_ps(v);
+    for i in (0..x.len()).step_by(16) {
+        let v = _mm512_sub_ps(load(&x[i..]), load(&sub[i..]));
+        // `v.clamp(-87, 88)`: max and min return their second operand for NaN, so NaN stays.
+        let xc = _mm512_min_ps(c(88.0), _mm512_max_ps(c(-87.0), v));
+        let t = _mm512_fmadd_ps(xc, c(std::f32::consts::LOG2_E), c(MAGIC));
+        let n = _mm512_sub_ps(t, c(MAGIC));
+        let r = _mm512_fmadd_ps(n, c(-0.693_359_4), xc);
+        let r = _mm512_fmadd_ps(n, c(2.121_944_4e-4), r);
+        let mut p = c(1.987_569_1e-4);
+        for k in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1] {
+            p = _mm512_fmadd_ps(p, r, c(k));
+        }
+        let y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), c(1.0));
+        let ni = _mm512_sub_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(MAGIC.to_bits().cast_signed()));
+        let pow2 = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(ni, _mm512_set1_epi32(127))));
+        // Lanes below −87 (−∞ included) are exactly 0.
+        let keep = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(v, c(-87.0));
+        let e = _mm512_maskz_mul_ps(keep, y, pow2);
+        store(&mut x[i..], e);
+        let sum = _mm512_add_ps(load(&acc[i..]), e);
+        store(&mut acc[i..], sum);
+    }
+}
+
+/// Loads 16 lanes from `o` (16 floats).
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn load(o: &[f32]) -> __m512 {
+    assert!(o.len() >= 16);
+    // SAFETY: `o` has at least 16 floats (asserted); the load is unaligned.
+    unsafe { _mm512_loadu_ps(o.as_ptr()) }
+}
+
 /// Stores 16 lanes into `o` (16 floats).
 #[target_feature(enable = "avx512f")]
 #[inline]
