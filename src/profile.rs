@@ -136,6 +136,10 @@ pub struct Profile {
     pub ctx: usize,
     /// The f16 window the budget assumed.
     pub window: usize,
+    /// Bits per value of the cells kept out of compression (sink page, window): 16 (f16,
+    /// profiles before this field) or a code width ([`crate::kv::StoreConfig::window_quant`]).
+    #[serde(default = "f16_bits")]
+    pub window_bits: u32,
     /// Bits per value this profile holds at `ctx` (at most `bits`).
     pub bits_per_elem: f64,
     /// Predicted mean KL divergence against f16 KV (see the module documentation).
@@ -151,6 +155,38 @@ pub struct Profile {
     pub source: String,
 }
 
+fn f16_bits() -> u32 {
+    F16_BITS
+}
+
+/// What a store keeps out of compression: the sink page, the pages of the last `cells` rows
+/// (without a window, the page being filled), in f16 (`bits` 16) or in codes of `bits`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window {
+    pub cells: usize,
+    pub bits: u32,
+}
+
+impl Window {
+    /// Bits per value of those cells at head size `head_dim`.
+    #[must_use]
+    pub fn bits_per_value(&self, head_dim: usize) -> f64 {
+        match quant_of(self.bits) {
+            Ok(Some(q)) => RowCodec::new(q, head_dim).map_or(16.0, |c| c.bits_per_elem()),
+            _ => 16.0,
+        }
+    }
+}
+
+impl std::fmt::Display for Window {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.bits {
+            F16_BITS => write!(f, "{}-cell f16 window", self.cells),
+            b => write!(f, "{}-cell window in {b}-bit codes", self.cells),
+        }
+    }
+}
+
 /// The quant for a width in a profile (`None` = f16).
 fn quant_of(bits: u32) -> Result<Option<Quant>, String> {
     if bits == F16_BITS {
@@ -160,6 +196,12 @@ fn quant_of(bits: u32) -> Result<Option<Quant>, String> {
 }
 
 impl Profile {
+    /// What the profile's budget assumed the store keeps out of compression.
+    #[must_use]
+    pub fn window(&self) -> Window {
+        Window { cells: self.window, bits: self.window_bits }
+    }
+
     /// Reads and checks a profile file.
     ///
     /// # Errors
@@ -226,9 +268,9 @@ impl Profile {
     }
 }
 
-/// Cells of a context of `ctx` cells that a store keeps in f16: the sink page and the pages
-/// of the last `window` rows, or without a window the last page while it is not full (as
-/// `kv::KvStore` compacts them).
+/// Cells of a context of `ctx` cells that a store keeps out of compression: the sink page and
+/// the pages of the last `window` rows, or without a window the last page while it is not
+/// full (as `kv::KvStore` compacts them).
 #[must_use]
 pub fn f16_cells(ctx: usize, window: usize) -> usize {
     if ctx <= PAGE {
@@ -244,22 +286,22 @@ pub fn f16_cells(ctx: usize, window: usize) -> usize {
 
 /// Bits per value of one side at width `bits` (16 = f16) over a context of `ctx` cells.
 #[must_use]
-pub fn side_bits(bits: u32, head_dim: usize, ctx: usize, window: usize) -> f64 {
+pub fn side_bits(bits: u32, head_dim: usize, ctx: usize, window: Window) -> f64 {
     let Ok(Some(q)) = quant_of(bits) else { return 16.0 };
     let rows = RowCodec::new(q, head_dim).expect("head size checked by the caller");
     let packed = PageCodec { rows, n_head: 1, centered: true }.bits_per_elem();
-    let f16 = f16_cells(ctx, window) as f64;
-    (f16 * 16.0 + (ctx as f64 - f16) * packed) / ctx as f64
+    let kept = f16_cells(ctx, window.cells) as f64;
+    (kept * window.bits_per_value(head_dim) + (ctx as f64 - kept) * packed) / ctx as f64
 }
 
 /// Checks that `budget` bits per value can hold 2-bit codes everywhere at this context.
 ///
 /// # Errors
 /// If it cannot.
-pub fn check_budget(head_dim: usize, ctx: usize, window: usize, budget: f64) -> Result<(), String> {
+pub fn check_budget(head_dim: usize, ctx: usize, window: Window, budget: f64) -> Result<(), String> {
     let least = side_bits(2, head_dim, ctx, window);
     if least > budget + 1e-9 {
-        return Err(format!("{budget} bits per value is below the least this context allows: {least:.2} (2-bit codes everywhere, with f16 sinks and a {window}-cell f16 window at ctx {ctx})"));
+        return Err(format!("{budget} bits per value is below the least this context allows: {least:.2} (2-bit codes everywhere, with the sink page and a {window} at ctx {ctx})"));
     }
     Ok(())
 }
@@ -269,7 +311,7 @@ pub fn check_budget(head_dim: usize, ctx: usize, window: usize, budget: f64) -> 
 ///
 /// # Errors
 /// If even 2-bit codes everywhere exceed the budget.
-pub fn allocate(sens: &Sensitivity, head_dim: usize, ctx: usize, window: usize, budget: f64) -> Result<(Vec<LayerWidths>, f64), String> {
+pub fn allocate(sens: &Sensitivity, head_dim: usize, ctx: usize, window: Window, budget: f64) -> Result<(Vec<LayerWidths>, f64), String> {
     check_budget(head_dim, ctx, window, budget)?;
     let table = sens.table();
     let n = table.len();
@@ -308,6 +350,7 @@ mod tests {
             bits: 4.0,
             ctx: 2048,
             window: 128,
+            window_bits: 16,
             bits_per_elem: 4.0,
             predicted_kld: 0.0,
             calibration: String::new(),
@@ -352,7 +395,7 @@ mod tests {
     #[test]
     fn the_allocation_spends_the_budget_where_the_error_is() {
         let sens = sensitivity();
-        let (d, ctx, w) = (64, 2048, 128);
+        let (d, ctx, w) = (64, 2048, Window { cells: 128, bits: 16 });
         let (widths, predicted) = allocate(&sens, d, ctx, w, 5.0).unwrap();
         let spent: f64 = widths.iter().map(|l| side_bits(l.k, d, ctx, w) + side_bits(l.v, d, ctx, w)).sum::<f64>() / 16.0;
         assert!(spent <= 5.0 + 1e-9 && spent > 4.5, "spent {spent}");

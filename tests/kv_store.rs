@@ -4,13 +4,13 @@
 
 use dspark::attn::Threads;
 use dspark::codec::Quant;
-use dspark::kv::{KvStore, StoreConfig, PAGE};
+use dspark::kv::{KvStore, PageView, StoreConfig, PAGE};
 
 const HEADS: usize = 3;
 const D: usize = 64;
 
 fn store(cells: usize) -> KvStore {
-    KvStore::new(StoreConfig { quant: Some(Quant::Q4), window: 128, digests: false, centered: true }, HEADS, D, cells, 1).unwrap()
+    KvStore::new(StoreConfig { quant: Some(Quant::Q4), window: 128, digests: false, centered: true, window_quant: None }, HEADS, D, cells, 1).unwrap()
 }
 
 fn write(s: &mut KvStore, cells: std::ops::Range<usize>) {
@@ -62,7 +62,7 @@ fn a_rewrite_in_place_does_not_make_a_page_recent() {
 
 #[test]
 fn an_empty_store_costs_no_page_table() {
-    let s = KvStore::new(StoreConfig { quant: Some(Quant::Q4), window: 128, digests: false, centered: true }, 8, 128, 1 << 30, 4).unwrap();
+    let s = KvStore::new(StoreConfig { quant: Some(Quant::Q4), window: 128, digests: false, centered: true, window_quant: None }, 8, 128, 1 << 30, 4).unwrap();
     assert_eq!(s.bytes(), 0);
     assert!((0..4).all(|st| s.pages_allocated_span(st) == 0));
     let mut s = s;
@@ -200,7 +200,7 @@ mod tier {
 /// dense.
 #[test]
 fn selection_keeps_the_sinks_and_the_window_and_picks_the_matching_page() {
-    let mut s = KvStore::new(StoreConfig { quant: Some(Quant::Q4), window: 128, digests: true, centered: true }, HEADS, D, 1024, 1).unwrap();
+    let mut s = KvStore::new(StoreConfig { quant: Some(Quant::Q4), window: 128, digests: true, centered: true, window_quant: None }, HEADS, D, 1024, 1).unwrap();
     let mut row = vec![0.0f32; HEADS * D];
     for c in 0..1024 {
         for (i, x) in row.iter_mut().enumerate() {
@@ -241,7 +241,7 @@ fn selection_keeps_the_sinks_and_the_window_and_picks_the_matching_page() {
 /// decode and re-encode it, and at 4 bits the error compounded into garbage.)
 #[test]
 fn without_a_window_a_page_is_compressed_once_when_full() {
-    let cfg = StoreConfig { quant: Some(Quant::Q4), window: 0, digests: false, centered: true };
+    let cfg = StoreConfig { quant: Some(Quant::Q4), window: 0, digests: false, centered: true, window_quant: None };
     let mut rng_state = 12345u64;
     let mut rnd = || {
         rng_state = rng_state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -269,4 +269,46 @@ fn without_a_window_a_page_is_compressed_once_when_full() {
         all.read_row(c, &mut b);
         assert_eq!(a, b, "cell {c}: token by token differs from all at once");
     }
+}
+
+/// With window codes (`window_quant`), the sink page and the window are kept in 8-bit row
+/// codes instead of f16: the same pages stay out of compression, their rows read back within
+/// 8-bit error, they take about half the bytes, and a saved page restores byte for byte.
+#[test]
+fn window_codes_keep_the_same_pages_in_8_bits() {
+    let cfg = |window_quant| StoreConfig { quant: Some(Quant::Q4), window: 128, digests: false, centered: true, window_quant };
+    let mut state = 7u64;
+    let mut rnd = || {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    };
+    let rows: Vec<Vec<f32>> = (0..448).map(|_| (0..HEADS * D).map(|_| rnd()).collect()).collect();
+    let (mut coded, mut f16) = (KvStore::new(cfg(Some(Quant::Q8)), HEADS, D, 1024, 1).unwrap(), KvStore::new(cfg(None), HEADS, D, 1024, 1).unwrap());
+    for s in [&mut coded, &mut f16] {
+        for (c, r) in rows.iter().enumerate() {
+            s.write_row(c, r);
+        }
+        s.compact(Threads::serial());
+    }
+    let kept = |s: &KvStore| (0..s.pages_per_stream()).filter(|&p| s.is_window_coded(p * PAGE)).collect::<Vec<_>>();
+    assert_eq!(kept(&coded), vec![0, 5, 6]);
+    assert_eq!(f16_pages(&coded), Vec::<usize>::new());
+    assert_eq!(f16_pages(&f16), vec![0, 5, 6]);
+    let mut out = vec![0.0; HEADS * D];
+    for c in (0..64).chain(320..448) {
+        coded.read_row(c, &mut out);
+        let err = rows[c].iter().zip(&out).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(err < 0.02, "cell {c}: 8-bit window row off by {err}");
+    }
+    assert!(coded.bytes() * 10 < f16.bytes() * 7, "window codes hold {} bytes against f16's {}", coded.bytes(), f16.bytes());
+    // A window page saved and restored into another store comes back byte for byte.
+    let PageView::Window(page) = coded.page(0, 5) else { panic!("page 5 is window-coded") };
+    let saved = page.to_vec();
+    let mut other = KvStore::new(cfg(Some(Quant::Q8)), HEADS, D, 1024, 1).unwrap();
+    other.set_page(0, 5, PageView::Window(&saved)).unwrap();
+    assert!(matches!(other.page(0, 5), PageView::Window(p) if p == &saved[..]));
+    // An f16 page given to a store with window codes is encoded into them.
+    let PageView::F16(fp) = f16.page(0, 6) else { panic!("page 6 is f16") };
+    other.set_page(0, 6, PageView::F16(&fp.to_vec())).unwrap();
+    assert!(other.is_window_coded(6 * PAGE));
 }

@@ -7,7 +7,7 @@ use dspark::cli::backend::{BackendSpec, Runner};
 use dspark::cli::calibrate::{calibrate, model_id, Request};
 use dspark::cli::{model_path, text};
 use dspark::llama::{Model, Placement};
-use dspark::profile::{side_bits, LayerWidths, ModelId, Profile, Sensitivity, VERSION};
+use dspark::profile::{side_bits, LayerWidths, ModelId, Profile, Sensitivity, Window, VERSION};
 
 fn temp_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("dspark-profile-{name}-{}", std::process::id()));
@@ -20,8 +20,13 @@ fn the_model() -> ModelId {
     model_id(&Model::load(&path, Placement::Cpu).unwrap(), &path)
 }
 
-/// A profile file for `model` with `widths(layer)`.
+/// A profile file for `model` with `widths(layer)`, the sink page in f16.
 fn write_profile(dir: &std::path::Path, name: &str, model: &ModelId, widths: impl Fn(usize) -> (u32, u32)) -> PathBuf {
+    write_profile_with(dir, name, model, 16, widths)
+}
+
+/// As [`write_profile`], with the cells kept out of compression in `window_bits`.
+fn write_profile_with(dir: &std::path::Path, name: &str, model: &ModelId, window_bits: u32, widths: impl Fn(usize) -> (u32, u32)) -> PathBuf {
     let layers: Vec<LayerWidths> = (0..model.n_layer).map(|l| LayerWidths { k: widths(l).0, v: widths(l).1 }).collect();
     let p = Profile {
         dspark_profile: VERSION,
@@ -30,6 +35,7 @@ fn write_profile(dir: &std::path::Path, name: &str, model: &ModelId, widths: imp
         ctx: 0,
         // Everything but the sink page compressed: the bits held follow from the widths alone.
         window: 0,
+        window_bits,
         bits_per_elem: 0.0,
         predicted_kld: 0.0,
         calibration: "test".into(),
@@ -69,8 +75,15 @@ fn a_profile_sets_each_layers_widths() {
     let mixed = write_profile(&dir, "mixed.json", &m, widths);
     let (logits, bits) = last_logits(&r, &format!("dspark:profile={}", mixed.display()));
     assert!(logits.iter().all(|x| x.is_finite()));
-    let want: f64 = (0..m.n_layer).map(|l| side_bits(widths(l).0, m.head_dim, 1024, 0) + side_bits(widths(l).1, m.head_dim, 1024, 0)).sum::<f64>() / (2 * m.n_layer) as f64;
+    let cost = |w: Window| (0..m.n_layer).map(|l| side_bits(widths(l).0, m.head_dim, 1024, w) + side_bits(widths(l).1, m.head_dim, 1024, w)).sum::<f64>() / (2 * m.n_layer) as f64;
+    let want = cost(Window { cells: 0, bits: 16 });
     assert!((bits - want).abs() < 0.01, "bits/elem {bits}, the widths cost {want}");
+    // The same widths with the sink page in 8-bit codes: it costs what the accounting says.
+    let mixed8 = write_profile_with(&dir, "mixed8.json", &m, 8, widths);
+    let (logits, bits8) = last_logits(&r, &format!("dspark:profile={}", mixed8.display()));
+    assert!(logits.iter().all(|x| x.is_finite()));
+    let want8 = cost(Window { cells: 0, bits: 8 });
+    assert!((bits8 - want8).abs() < 0.01 && bits8 < bits, "bits/elem {bits8}, the widths cost {want8}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -100,7 +113,7 @@ fn a_profile_for_another_model_is_refused() {
 #[test]
 fn calibration_is_deterministic() {
     let text = text::calibration_text().unwrap();
-    let req = Request { text: &text, text_name: "test".into(), bits: 4.0, ctx: 2048, window: 0, probe_ctx: 160, threads: 2 };
+    let req = Request { text: &text, text_name: "test".into(), bits: 4.0, ctx: 2048, window: Window { cells: 0, bits: 8 }, probe_ctx: 160, threads: 2 };
     let a = calibrate(&model_path(None), &req).unwrap();
     let b = calibrate(&model_path(None), &req).unwrap();
     assert_eq!(a, b);

@@ -195,6 +195,12 @@ fn payload(shape: &Shape, st: &State, s: &mut impl Sink) {
                             s.put(&[TAG_PACKED]);
                             s.put(d);
                         }
+                        // Saved as f16 (the file format has no window codes); a store with
+                        // window codes encodes them again when it reads the file back.
+                        PageView::Window(d) => {
+                            s.put(&[TAG_F16]);
+                            s.put_f16(&store.window_codec().expect("a window page has window codes").decode_page(d));
+                        }
                     }
                 }
             }

@@ -13,6 +13,7 @@
 //! |---|---|---|
 //! | `DSPARK_FORMAT` | KV format: `f16` or `k<b>v<b>`, b from 2 to 8 | `k4v4` |
 //! | `DSPARK_WINDOW` | most recent tokens kept in f16 | 128 |
+//! | `DSPARK_WINDOW_BITS` | `16`: the sink page and the window in f16; `8` to `2`: in codes of that width | 16 |
 //! | `DSPARK_KV_BUDGET` | most bytes of KV pages in RAM (`512M`, `2G`); the rest spills to disk | none |
 //! | `DSPARK_PREFETCH` | layers ahead whose cold pages are read during attention | 2 |
 //! | `DSPARK_SPILL_DIR` | folder of the spill file | the system temp folder |
@@ -40,6 +41,9 @@ pub fn config_from_env(get: impl Fn(&str) -> Option<String>) -> Result<ggml::Con
     }
     if let Some(w) = get("DSPARK_WINDOW") {
         c.window = w.trim().parse().map_err(|_| format!("DSPARK_WINDOW={w:?} is not a token count"))?;
+    }
+    if let Some(b) = get("DSPARK_WINDOW_BITS") {
+        c = c.with_option("window_bits", b.trim()).map_err(|e| format!("DSPARK_WINDOW_BITS: {e}"))?;
     }
     if let Some(b) = get("DSPARK_KV_BUDGET") {
         c = c.with_option("kv", b.trim()).map_err(|e| format!("DSPARK_KV_BUDGET: {e}"))?;
@@ -128,6 +132,8 @@ mod tests {
         assert_eq!(config_from_env(env(&[])).unwrap(), ggml::Config::default());
         let c = config_from_env(env(&[("DSPARK_FORMAT", "k8v4"), ("DSPARK_WINDOW", " 256 ")])).unwrap();
         assert_eq!((c.format_name(), c.window), ("k8v4".to_string(), 256));
+        assert_eq!(config_from_env(env(&[("DSPARK_WINDOW_BITS", "8")])).unwrap().window_bits, 8);
+        assert!(config_from_env(env(&[("DSPARK_WINDOW_BITS", "12")])).unwrap_err().contains("DSPARK_WINDOW_BITS"));
         assert_eq!(config_from_env(env(&[("DSPARK_FORMAT", "f16")])).unwrap().format, None);
         assert!(config_from_env(env(&[("DSPARK_FORMAT", "q4_0")])).unwrap_err().contains("DSPARK_FORMAT"));
         assert!(config_from_env(env(&[("DSPARK_WINDOW", "-1")])).unwrap_err().contains("DSPARK_WINDOW"));

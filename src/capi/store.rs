@@ -270,7 +270,7 @@ impl State {
     /// If a store cannot be built (shape not validated).
     pub fn empty(shape: &Shape, window: usize) -> Result<State> {
         let store = |q| {
-            KvStore::new(StoreConfig { quant: q, window, digests: false, centered: false }, shape.n_head_kv, shape.head_dim, shape.max_tokens, shape.n_seq_max)
+            KvStore::new(StoreConfig { quant: q, window, digests: false, centered: false, window_quant: None }, shape.n_head_kv, shape.head_dim, shape.max_tokens, shape.n_seq_max)
                 .or_else(|e| fail(DSPARK_ERR_ARG, e))
         };
         let layers = (0..shape.n_layer)
@@ -848,6 +848,10 @@ fn shift_pages(store: &mut KvStore, quant: Option<crate::codec::Quant>, s: usize
                             tmp.iter_mut().zip(&data[(h * PAGE + ss) * d..][..d]).for_each(|(o, x)| *o = x.to_f32());
                             c.encode(&tmp, dst);
                         }
+                        PageView::Window(data) => {
+                            store.window_codec().expect("a window page has window codes").decode_row(data, h, ss, &mut tmp);
+                            c.encode(&tmp, dst);
+                        }
                         PageView::Empty => dst.copy_from_slice(&zero_row),
                     }
                 }
@@ -865,6 +869,11 @@ fn shift_pages(store: &mut KvStore, quant: Option<crate::codec::Quant>, s: usize
                         PageView::Packed(data) => {
                             let c = codec.expect("a packed page has a codec");
                             c.decode(&data[(h * PAGE + ss) * rb..][..rb], &mut tmp);
+                            let sat = crate::kv::F16_MAX;
+                            dst.iter_mut().zip(&tmp).for_each(|(o, &x)| *o = f16::from_f32(x.clamp(-sat, sat)));
+                        }
+                        PageView::Window(data) => {
+                            store.window_codec().expect("a window page has window codes").decode_row(data, h, ss, &mut tmp);
                             let sat = crate::kv::F16_MAX;
                             dst.iter_mut().zip(&tmp).for_each(|(o, &x)| *o = f16::from_f32(x.clamp(-sat, sat)));
                         }
@@ -886,6 +895,7 @@ enum OwnedPage {
     Empty,
     F16(Vec<f16>),
     Packed(Vec<u8>),
+    Window(Vec<u8>),
 }
 
 impl OwnedPage {
@@ -894,6 +904,7 @@ impl OwnedPage {
             PageView::Empty => OwnedPage::Empty,
             PageView::F16(d) => OwnedPage::F16(d.to_vec()),
             PageView::Packed(d) => OwnedPage::Packed(d.to_vec()),
+            PageView::Window(d) => OwnedPage::Window(d.to_vec()),
         }
     }
 
@@ -902,6 +913,7 @@ impl OwnedPage {
             OwnedPage::Empty => PageView::Empty,
             OwnedPage::F16(d) => PageView::F16(d),
             OwnedPage::Packed(d) => PageView::Packed(d),
+            OwnedPage::Window(d) => PageView::Window(d),
         }
     }
 }
@@ -1055,9 +1067,10 @@ mod tests {
         c.attn(0, 0, &q, 3, &args(), &mut before).unwrap();
         c.seq_add(Some(0), 64, None, -64).unwrap();
         assert_eq!(c.seq_len(0, 0).unwrap(), 136);
-        // Page 0 <- page 1 (compressed, decoded into f16), pages 1, 2 <- 2, 3 (bytes copied).
+        // Page 0 <- page 1 (compressed, decoded into f16), page 1 <- 2 (bytes copied), page 2
+        // <- 3 (f16: with no window, the partly filled last page is not compressed).
         let s = c.stats();
-        assert_eq!((s.pages_f16, s.pages_compressed, s.cells), (2, 4, 2 * 136));
+        assert_eq!((s.pages_f16, s.pages_compressed, s.cells), (4, 2, 2 * 136));
         c.attn(0, 0, &q, 3, &args(), &mut after).unwrap();
         let err = before.iter().zip(&after).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
         assert!(err < 1e-2, "the same tokens at new positions attend differently: {err}");

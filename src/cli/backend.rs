@@ -262,7 +262,11 @@ impl Runner {
     fn resolve(&self, spec: &BackendSpec, p: &CtxParams) -> Result<BackendSpec> {
         let BackendSpec::Dspark(name) = spec else { return Ok(spec.clone()) };
         let Some(bits) = auto_bits(name)? else { return Ok(spec.clone()) };
-        let window = if has_option(name, "window=") { dspark_config(name)?.window } else { super::calibrate::AUTO_WINDOW };
+        let cfg = dspark_config(name)?;
+        let window = crate::profile::Window {
+            cells: if has_option(name, "window=") { cfg.window } else { super::calibrate::AUTO_WINDOW },
+            bits: if has_option(name, "window_bits=") { cfg.window_bits } else { super::calibrate::AUTO_WINDOW_BITS },
+        };
         let path = super::calibrate::auto_profile(&self.path, bits, p.n_ctx as usize, window, p.n_threads as usize)?;
         // The profile brings its window; the spec's other options follow it.
         let opts = name.split_once(':').map_or(String::new(), |(_, o)| format!(":{o}"));

@@ -14,7 +14,7 @@ use super::{default_threads, model_path, text};
 use crate::ggml;
 use crate::llama::{Context, CtxParams, KvType, Model, Placement};
 use crate::codec::{Format, Quant};
-use crate::profile::{self, LayerSensitivity, LayerWidths, ModelId, Profile, Sensitivity, PROBE, PROBE_LOW, WIDTHS};
+use crate::profile::{self, LayerSensitivity, LayerWidths, ModelId, Profile, Sensitivity, Window, PROBE, PROBE_LOW, WIDTHS};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct CalibrateArgs {
@@ -33,10 +33,15 @@ pub struct CalibrateArgs {
     /// value in a short context).
     #[arg(long, default_value_t = 2048)]
     pub ctx: usize,
-    /// Most recent cells kept in f16 (as the `window=` option of a spec) [default: 0, as
-    /// `dspark:autoB`].
+    /// Most recent cells kept out of compression (as the `window=` option of a spec)
+    /// [default: 0, as `dspark:autoB`].
     #[arg(long, default_value_t = AUTO_WINDOW)]
     pub window: usize,
+    /// Bits per value of the cells kept out of compression (the sink page, the window): 16
+    /// for f16 or a code width from 2 to 8 (as the `window_bits=` option of a spec)
+    /// [default: 8, as `dspark:autoB`].
+    #[arg(long, default_value_t = AUTO_WINDOW_BITS)]
+    pub window_bits: u32,
     /// Tokens of calibration text each probe runs (the second half is scored) [default: 384,
     /// or 3 x (64 + window) if more].
     #[arg(long)]
@@ -72,8 +77,16 @@ fn beside_model(model: &Path, suffix: &str) -> PathBuf {
 }
 
 /// Where `dspark:autoB` keeps the profile for this model, budget, context and window.
-pub fn auto_profile_path(model: &Path, bits: f64, ctx: usize, window: usize) -> PathBuf {
-    beside_model(model, &format!(".dspark-auto{bits}-ctx{ctx}-w{window}.json"))
+pub fn auto_profile_path(model: &Path, bits: f64, ctx: usize, window: Window) -> PathBuf {
+    beside_model(model, &format!(".dspark-auto{bits}-ctx{ctx}-{}.json", window_tag(window)))
+}
+
+/// A window in file names: `w0` (f16, as before window codes existed) or `w0b8`.
+fn window_tag(w: Window) -> String {
+    match w.bits {
+        16 => format!("w{}", w.cells),
+        b => format!("w{}b{b}", w.cells),
+    }
 }
 
 /// The log-probabilities of the scored half of `chunk` with the KV on a device of `cfg`.
@@ -88,7 +101,7 @@ fn scored_logprobs(path: &Path, cfg: ggml::Config, chunk: &[i32], threads: usize
 }
 
 /// A probe's configuration: every side at [`PROBE`] except `layer`'s, which get `widths`.
-fn probe_config(id: &ModelId, window: usize, layer: usize, widths: LayerWidths) -> ggml::Config {
+fn probe_config(id: &ModelId, window: Window, layer: usize, widths: LayerWidths) -> ggml::Config {
     let mut layers = vec![LayerWidths { k: PROBE.bits(), v: PROBE.bits() }; id.n_layer];
     layers[layer] = widths;
     let p = Profile {
@@ -96,7 +109,8 @@ fn probe_config(id: &ModelId, window: usize, layer: usize, widths: LayerWidths) 
         model: id.clone(),
         bits: 0.0,
         ctx: 0,
-        window,
+        window: window.cells,
+        window_bits: window.bits,
         bits_per_elem: 0.0,
         predicted_kld: 0.0,
         calibration: String::new(),
@@ -104,13 +118,13 @@ fn probe_config(id: &ModelId, window: usize, layer: usize, widths: LayerWidths) 
         sensitivity: Sensitivity::default(),
         source: format!("(calibration probe: layer {layer} k{}v{})", widths.k, widths.v),
     };
-    ggml::Config { format: None, profile: Some(Arc::new(p)), window, ..ggml::Config::default() }
+    ggml::Config { format: None, profile: Some(Arc::new(p)), window: window.cells, window_bits: window.bits, ..ggml::Config::default() }
 }
 
 /// A uniform configuration.
-fn uniform_config(window: usize, k: u32, v: u32) -> ggml::Config {
+fn uniform_config(window: Window, k: u32, v: u32) -> ggml::Config {
     let width = |b| Quant::from_bits(b).expect("2..=8");
-    ggml::Config { format: Some(Format { k: width(k), v: width(v) }), window, ..ggml::Config::default() }
+    ggml::Config { format: Some(Format { k: width(k), v: width(v) }), window: window.cells, window_bits: window.bits, ..ggml::Config::default() }
 }
 
 /// What a calibration run needs besides the model.
@@ -119,7 +133,7 @@ pub struct Request<'a> {
     pub text_name: String,
     pub bits: f64,
     pub ctx: usize,
-    pub window: usize,
+    pub window: Window,
     pub probe_ctx: usize,
     pub threads: usize,
 }
@@ -127,11 +141,11 @@ pub struct Request<'a> {
 /// Measures each side's sensitivity and allocates widths (see [`crate::profile`]).
 pub fn calibrate(path: &Path, r: &Request) -> Result<Profile> {
     // Half the chunk at least must be compressed for the probes to measure anything.
-    let least = 2 * (crate::kv::PAGE + r.window);
+    let least = 2 * (crate::kv::PAGE + r.window.cells);
     if r.probe_ctx < least || !r.probe_ctx.is_multiple_of(2) {
-        bail!("--probe-ctx must be an even number of at least {least} tokens with --window {} (the sink page and the window stay f16)", r.window);
+        bail!("--probe-ctx must be an even number of at least {least} tokens with --window {} (the sink page and the window are not compressed)", r.window.cells);
     }
-    let base_cfg = ggml::Config { format: None, window: r.window, ..ggml::Config::default() };
+    let base_cfg = ggml::Config { format: None, window: r.window.cells, ..ggml::Config::default() };
     let (id, chunk) = {
         let model = Model::load(path, Placement::Offload(vec![ggml::register(base_cfg.clone())]))?;
         let toks = model.tokenize(r.text, true)?;
@@ -176,18 +190,19 @@ pub fn calibrate(path: &Path, r: &Request) -> Result<Profile> {
 }
 
 /// The profile that spends `bits` per value at `ctx` as the measurements `sens` advise.
-pub fn profile_for(model: ModelId, sensitivity: Sensitivity, calibration: String, bits: f64, ctx: usize, window: usize) -> Result<Profile> {
+pub fn profile_for(model: ModelId, sensitivity: Sensitivity, calibration: String, bits: f64, ctx: usize, window: Window) -> Result<Profile> {
     let d = model.head_dim;
     let (layers, predicted_kld) = profile::allocate(&sensitivity, d, ctx, window, bits).map_err(|e| anyhow!("{e}"))?;
     let held = layers.iter().map(|l| profile::side_bits(l.k, d, ctx, window) + profile::side_bits(l.v, d, ctx, window)).sum::<f64>() / (2 * layers.len()) as f64;
-    Ok(Profile { dspark_profile: profile::VERSION, model, bits, ctx, window, bits_per_elem: held, predicted_kld, calibration, layers, sensitivity, source: String::new() })
+    let (window, window_bits) = (window.cells, window.bits);
+    Ok(Profile { dspark_profile: profile::VERSION, model, bits, ctx, window, window_bits, bits_per_elem: held, predicted_kld, calibration, layers, sensitivity, source: String::new() })
 }
 
 /// The allocation as a table.
 pub fn table(p: &Profile) -> String {
     let mut s = format!(
-        "profile for {} at {} bits/value, ctx {} (window {}): holds {:.3} bits/value, predicted KLD {:.5}\n\n",
-        p.model.name, p.bits, p.ctx, p.window, p.bits_per_elem, p.predicted_kld
+        "profile for {} at {} bits/value, ctx {} ({}): holds {:.3} bits/value, predicted KLD {:.5}\n\n",
+        p.model.name, p.bits, p.ctx, p.window(), p.bits_per_elem, p.predicted_kld
     );
     let sens = &p.sensitivity;
     s += "| all layers at width | 2 | 3 | 4 | 5 | 6 | 7 | 8 |\n|---|---:|---:|---:|---:|---:|---:|---:|\n";
@@ -207,21 +222,28 @@ pub fn table(p: &Profile) -> String {
 /// 0.5 bit per value that codes use better).
 pub const AUTO_WINDOW: usize = 0;
 
+/// The codes `dspark:autoB` keeps the sink page and the page being filled in unless the spec
+/// sets `window_bits=`: those cells are about 1 bit per value in f16 at ctx 2048 (the
+/// partial page alone 0.4 bit when it is nearly full), and 8-bit codes halve that at a
+/// small cost (token by token, ctx 512: k4v4 without a window 7.49 bits and KL divergence
+/// 0.0086 in f16, 5.61 bits and 0.0096 in 8-bit codes).
+pub const AUTO_WINDOW_BITS: u32 = 8;
+
 /// The profile file for `dspark:autoB` at this context: read from the cache next to the
 /// model when it is there; else allocated from the model's cached measurements (made once
 /// per model and window, on the default calibration text) and saved.
-pub fn auto_profile(model: &Path, bits: f64, ctx: usize, window: usize, threads: usize) -> Result<PathBuf> {
+pub fn auto_profile(model: &Path, bits: f64, ctx: usize, window: Window, threads: usize) -> Result<PathBuf> {
     let path = auto_profile_path(model, bits, ctx, window);
-    if Profile::load(&path).is_ok_and(|p| (p.bits, p.ctx, p.window) == (bits, ctx, window)) {
+    if Profile::load(&path).is_ok_and(|p| (p.bits, p.ctx, p.window()) == (bits, ctx, window)) {
         return Ok(path);
     }
-    let measured = beside_model(model, &format!(".dspark-calibration-w{window}.json"));
+    let measured = beside_model(model, &format!(".dspark-calibration-{}.json", window_tag(window)));
     let m = match Profile::load(&measured) {
-        Ok(p) if p.window == window => p,
+        Ok(p) if p.window() == window => p,
         _ => {
             eprintln!("dspark:auto{bits}: calibrating {} (once per model; cached in {})", model.display(), measured.display());
             let text = text::calibration_text()?;
-            let p = calibrate(model, &Request { text: &text, text_name: "default calibration text".into(), bits, ctx, window, probe_ctx: default_probe_ctx(window), threads })?;
+            let p = calibrate(model, &Request { text: &text, text_name: "default calibration text".into(), bits, ctx, window, probe_ctx: default_probe_ctx(window.cells), threads })?;
             p.save(&measured).map_err(|e| anyhow!("{e}"))?;
             p
         }
@@ -239,15 +261,19 @@ pub fn default_probe_ctx(window: usize) -> usize {
 
 pub fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
     let path = model_path(a.model.clone());
+    if !matches!(a.window_bits, 2..=8 | 16) {
+        bail!("--window-bits {}: expected 16 (f16) or a code width from 2 to 8", a.window_bits);
+    }
+    let window = Window { cells: a.window, bits: a.window_bits };
     let p = match &a.from {
         Some(from) => {
             let old = Profile::load(from).map_err(|e| anyhow!("{e}"))?;
-            if old.window != a.window {
-                bail!("{} was measured with window {}; pass --window {} (or calibrate again)", from.display(), old.window, old.window);
+            if old.window() != window {
+                bail!("{} was measured with a {}; pass --window {} --window-bits {} (or calibrate again)", from.display(), old.window(), old.window, old.window_bits);
             }
             let model = Model::load(&path, Placement::Cpu)?;
             old.check_model(&model_id(&model, &path)).map_err(|e| anyhow!("{e}"))?;
-            profile_for(old.model, old.sensitivity, old.calibration, a.bits, a.ctx, a.window)?
+            profile_for(old.model, old.sensitivity, old.calibration, a.bits, a.ctx, window)?
         }
         None => {
             let text = match &a.file {
@@ -257,11 +283,11 @@ pub fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
             let text_name = a.file.as_ref().map_or_else(|| "/usr/share/common-licenses (MPL-1.1, Artistic)".to_string(), |p| p.display().to_string());
             let threads = a.threads.unwrap_or_else(default_threads);
             let probe_ctx = a.probe_ctx.unwrap_or_else(|| default_probe_ctx(a.window));
-            calibrate(&path, &Request { text: &text, text_name, bits: a.bits, ctx: a.ctx, window: a.window, probe_ctx, threads })?
+            calibrate(&path, &Request { text: &text, text_name, bits: a.bits, ctx: a.ctx, window, probe_ctx, threads })?
         }
     };
     print!("{}", table(&p));
-    let out = a.output.unwrap_or_else(|| auto_profile_path(&path, a.bits, a.ctx, a.window));
+    let out = a.output.unwrap_or_else(|| auto_profile_path(&path, a.bits, a.ctx, window));
     p.save(&out).map_err(|e| anyhow!("{e}"))?;
     eprintln!("wrote {} (use it with --backends dspark:profile={})", out.display(), out.display());
     Ok(())

@@ -66,6 +66,9 @@ pub struct Config {
     pub attn_dense_layers: usize,
     /// Store each compressed page relative to its rows' mean ([`crate::kv::page`]).
     pub center: bool,
+    /// Bits per value of the pages kept out of compression (the sink page, the window, the
+    /// page being filled): 16 (f16) or a code width, 8 at most ([`crate::kv::StoreConfig`]).
+    pub window_bits: u32,
 }
 
 impl Default for Config {
@@ -80,12 +83,13 @@ impl Default for Config {
             attn_budget: 0,
             attn_dense_layers: 0,
             center: true,
+            window_bits: 16,
         }
     }
 }
 
 /// The options a `dspark:` spec takes after its format.
-const OPTIONS: &str = "profile=FILE, window=N, kv=SIZE, prefetch=N, attn=N, attn_dense=L, center=0|1";
+const OPTIONS: &str = "profile=FILE, window=N, window_bits=16|8..2, kv=SIZE, prefetch=N, attn=N, attn_dense=L, center=0|1";
 
 /// Parses a size: bytes, or a number with K, M or G (binary: 16M = 16 MiB), e.g. `512M`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -116,6 +120,11 @@ impl Config {
             Some(p) => format!("profile={}", p.source),
             None => self.format.map_or_else(|| "f16".to_string(), |f| f.name()),
         }
+    }
+
+    /// The codes of pages kept out of compression; `None`: f16.
+    pub fn window_quant(&self) -> Option<Quant> {
+        (self.window_bits < 16).then(|| Quant::from_bits(self.window_bits).ok()).flatten()
     }
 
     /// The width of layer `layer`'s K (`is_k`) or V: the profile's, else the format's.
@@ -154,9 +163,16 @@ impl Config {
                 // `window=` still wins).
                 let p = Profile::load(std::path::Path::new(value))?;
                 self.window = p.window;
+                self.window_bits = p.window_bits;
                 self.profile = Some(Arc::new(p));
             }
             "window" => self.window = value.parse().map_err(|_| format!("window={value}: expected a number of cells"))?,
+            "window_bits" => {
+                self.window_bits = match value.parse() {
+                    Ok(b @ (2..=8 | 16)) => b,
+                    _ => return Err(format!("window_bits={value}: expected 16 (f16) or a code width from 2 to 8")),
+                }
+            }
             "kv" => self.kv_budget = if matches!(value, "0" | "none") { None } else { Some(parse_size(value).map_err(|e| format!("kv={value}: {e}"))?) },
             "prefetch" => self.prefetch = value.parse().map_err(|_| format!("prefetch={value}: expected a layer count (0 = synchronous)"))?,
             "attn" => self.attn_budget = value.parse().map_err(|_| format!("attn={value}: expected a number of cells (0 = dense)"))?,
@@ -180,6 +196,9 @@ impl Config {
         let d = Config::default();
         if self.window != d.window {
             s += &format!(":window={}", self.window);
+        }
+        if self.window_bits != d.window_bits {
+            s += &format!(":window_bits={}", self.window_bits);
         }
         if let Some(b) = self.kv_budget {
             s += &format!(":kv={b}");

@@ -217,11 +217,19 @@ pub struct StoreConfig {
     pub digests: bool,
     /// Store each compressed page's rows relative to their mean ([`page`]; K stores).
     pub centered: bool,
+    /// Code width of the pages not compressed yet (the sink page, the window, the page
+    /// being filled): `None` keeps them in f16. Their rows are encoded one by one as they
+    /// arrive, without a centroid; a page leaving the window is decoded and encoded at
+    /// `quant` once. Only with a `quant`.
+    pub window_quant: Option<Quant>,
 }
 
 enum Page {
     Empty,
     F16(Box<[f16]>),
+    /// A page not compressed yet whose rows are in the store's window codes
+    /// ([`StoreConfig::window_quant`]) instead of f16.
+    Window(Box<[u8]>),
     Packed(Box<[u8]>),
     /// Packed bytes in the cold tier, and a staged copy of them while one is in RAM.
     Cold { slot: Slot, staged: Option<Box<[u8]>> },
@@ -327,11 +335,16 @@ pub enum PageView<'a> {
     F16(&'a [f16]),
     /// Rows encoded by the store's codec, `[head][slot][row_bytes]`.
     Packed(&'a [u8]),
+    /// Rows of a page not compressed yet, in the store's window codes
+    /// ([`KvStore::window_page_f16`] reads them as f16), `[head][slot][row_bytes]`.
+    Window(&'a [u8]),
 }
 
 /// One KV tensor, paged and compressed. See the module documentation.
 pub struct KvStore {
     codec: Option<PageCodec>,
+    /// The codes of pages not compressed yet ([`StoreConfig::window_quant`]); `None`: f16.
+    window_codec: Option<PageCodec>,
     window: usize,
     digests: bool,
     n_head: usize,
@@ -353,8 +366,10 @@ impl KvStore {
     /// If the codec cannot encode rows of `head_dim` values.
     pub fn new(cfg: StoreConfig, n_head: usize, head_dim: usize, cells: usize, n_stream: usize) -> Result<KvStore, String> {
         let codec = cfg.quant.map(|q| RowCodec::new(q, head_dim)).transpose()?.map(|rows| PageCodec { rows, n_head, centered: cfg.centered });
+        let window_codec = cfg.window_quant.filter(|_| codec.is_some()).map(|q| RowCodec::new(q, head_dim)).transpose()?.map(|rows| PageCodec { rows, n_head, centered: false });
         Ok(KvStore {
             codec,
+            window_codec,
             window: cfg.window,
             digests: cfg.digests,
             n_head,
@@ -422,6 +437,7 @@ impl KvStore {
         match self.streams[stream].page(page) {
             Page::Empty => PageView::Empty,
             Page::F16(d) => PageView::F16(d),
+            Page::Window(d) => PageView::Window(d),
             p => PageView::Packed(p.packed().expect("KvStore::page: a cold page that is not staged")),
         }
     }
@@ -439,7 +455,14 @@ impl KvStore {
         let per_page = self.n_head * PAGE;
         let new = match view {
             PageView::Empty => Page::Empty,
-            PageView::F16(d) if d.len() == per_page * self.head_dim => Page::F16(d.into()),
+            PageView::F16(d) if d.len() == per_page * self.head_dim => match &self.window_codec {
+                Some(w) => Page::Window(w.encode_page(d)),
+                None => Page::F16(d.into()),
+            },
+            PageView::Window(d) => match &self.window_codec {
+                Some(w) if d.len() == w.page_bytes() => Page::Window(d.into()),
+                _ => return Err(format!("window page of {} bytes does not fit this store", d.len())),
+            },
             PageView::Packed(d) => match self.codec {
                 Some(c) if d.len() == c.page_bytes() => Page::Packed(d.into()),
                 Some(_) => return Err(format!("packed page of {} bytes does not fit this store", d.len())),
@@ -494,6 +517,19 @@ impl KvStore {
         matches!(self.streams[s].page(p), Page::F16(_))
     }
 
+    /// Whether the page holding a global cell is kept out of compression in the window
+    /// codes ([`StoreConfig::window_quant`]).
+    pub fn is_window_coded(&self, gcell: usize) -> bool {
+        let (s, p, _) = self.locate(gcell);
+        matches!(self.streams[s].page(p), Page::Window(_))
+    }
+
+    /// The codes of this store's pages not compressed yet, when they are not f16
+    /// ([`StoreConfig::window_quant`]): the layout of [`PageView::Window`].
+    pub fn window_codec(&self) -> Option<&PageCodec> {
+        self.window_codec.as_ref()
+    }
+
     /// Drops every page: all cells read as zero again.
     pub fn clear(&mut self) {
         self.streams.iter_mut().for_each(|s| *s = Stream::default());
@@ -523,9 +559,9 @@ impl KvStore {
             &clamped
         };
         let (s, p, slot) = self.locate(gcell);
-        self.warm(s, p);
+        self.bring_back(s, p);
         let (d, nh) = (self.head_dim, self.n_head);
-        let codec = self.codec;
+        let (codec, window_codec) = (self.codec, self.window_codec);
         let st = &mut self.streams[s];
         st.high_water = st.high_water.max(gcell % self.cells + 1);
         if new {
@@ -539,15 +575,23 @@ impl KvStore {
         }
         match &page.data {
             Page::Empty => {
-                page.data = Page::F16(vec![f16::ZERO; nh * PAGE * d].into_boxed_slice());
+                page.data = match &window_codec {
+                    // Zero bytes are rows of zeros in any codes (a zero scale).
+                    Some(w) => Page::Window(vec![0u8; w.page_bytes()].into_boxed_slice()),
+                    None => Page::F16(vec![f16::ZERO; nh * PAGE * d].into_boxed_slice()),
+                };
                 page.written = 0;
             }
             // A new row makes its page recent again (a context shift or a ring writes new
-            // tokens into freed low cells): the page goes back to f16, its other rows as
-            // their codes decode, and is compressed again when it leaves the window.
+            // tokens into freed low cells): the page goes back to f16 (or the window codes),
+            // its other rows as their codes decode, and is compressed again when it leaves
+            // the window.
             Page::Packed(data) if new => {
-                let codec = codec.expect("packed page without codec");
-                page.data = Page::F16(codec.decode_page(data));
+                let f16 = codec.expect("packed page without codec").decode_page(data);
+                page.data = match &window_codec {
+                    Some(w) => Page::Window(w.encode_page(&f16)),
+                    None => Page::F16(f16),
+                };
                 page.written = 0;
             }
             _ => {}
@@ -566,6 +610,12 @@ impl KvStore {
                     codec.encode_row(data, h, slot, src);
                 }
             }
+            Page::Window(data) => {
+                let w = window_codec.expect("window page without window codes");
+                for (h, src) in row.chunks_exact(d).enumerate() {
+                    w.encode_row(data, h, slot, src);
+                }
+            }
             Page::Empty | Page::Cold { .. } => unreachable!(),
         }
     }
@@ -573,7 +623,7 @@ impl KvStore {
     /// Brings a cold page back for good (a row is written into it): its staged copy becomes
     /// the page (its place in the spill file stays the store's, for when it goes cold again).
     /// The page must be staged ([`KvStore::stage_cells`]).
-    fn warm(&mut self, s: usize, p: usize) {
+    fn bring_back(&mut self, s: usize, p: usize) {
         let Some(slot) = self.streams[s].pages.get_mut(p) else { return };
         if let Page::Cold { staged, .. } = &mut slot.data {
             let data = staged.take().expect("a cold page is staged before a row is written into it");
@@ -592,6 +642,12 @@ impl KvStore {
                 for (h, dst) in out.chunks_exact_mut(d).enumerate() {
                     let src = &data[(h * PAGE + slot) * d..][..d];
                     src.convert_to_f32_slice(dst);
+                }
+            }
+            Page::Window(data) => {
+                let w = self.window_codec.expect("window page without window codes");
+                for (h, dst) in out.chunks_exact_mut(d).enumerate() {
+                    w.decode_row(data, h, slot, dst);
                 }
             }
             page => {
@@ -631,7 +687,7 @@ impl KvStore {
             let clock = st.clock;
             due.extend(st.pages.iter().enumerate().skip(1).filter_map(|(p, slot)| {
                 let due = match slot.data {
-                    Page::F16(_) => clock - slot.last_write >= window.max(1) || (window == 0 && slot.written == u64::MAX),
+                    Page::F16(_) | Page::Window(_) => clock - slot.last_write >= window.max(1) || (window == 0 && slot.written == u64::MAX),
                     Page::Packed(_) => digests && !st.has_digest(p),
                     _ => false,
                 };
@@ -642,33 +698,35 @@ impl KvStore {
             return;
         }
         let (d, nh) = (self.head_dim, self.n_head);
+        // The rows of each page leaving the window, as f16 (a window-coded page decoded).
+        let window_codec = self.window_codec;
+        let sources: Vec<Option<std::borrow::Cow<[f16]>>> = threads.map(&due, |&(s, p)| match self.streams[s].page(p) {
+            Page::F16(data) => Some(std::borrow::Cow::Borrowed(&data[..])),
+            Page::Window(data) => Some(std::borrow::Cow::Owned(window_codec.expect("window page without window codes").decode_page(data).into_vec())),
+            _ => None,
+        });
         // Encoded on the threads a head at a time (a prefill compresses a few pages per
         // layer, and a page at a time left a thread idle), then swapped in.
-        let mut packed: Vec<Option<Box<[u8]>>> = due
-            .iter()
-            .map(|&(s, p)| matches!(self.streams[s].page(p), Page::F16(_)).then(|| vec![0u8; codec.page_bytes()].into_boxed_slice()))
-            .collect();
-        let mut heads: Vec<HeadToEncode> = due
+        let mut packed: Vec<Option<Box<[u8]>>> = sources.iter().map(|src| src.as_ref().map(|_| vec![0u8; codec.page_bytes()].into_boxed_slice())).collect();
+        let mut heads: Vec<HeadToEncode> = sources
             .iter()
             .zip(packed.iter_mut())
-            .filter_map(|(&(s, p), buf)| match (self.streams[s].page(p), buf) {
-                (Page::F16(data), Some(buf)) => Some(codec.heads(data, buf)),
-                _ => None,
-            })
+            .filter_map(|(src, buf)| Some(codec.heads(src.as_ref()?, buf.as_mut()?)))
             .flatten()
             .collect();
         threads.for_each_mut(&mut heads, |h| codec.encode_head(h));
         drop(heads);
         // A digest's page summaries go to its stream's table, which the threads do not share.
         let digests: Vec<Option<select::Digest>> = if digests {
-            threads.map(&due, |&(s, p)| match self.streams[s].page(p) {
-                Page::F16(data) => Some(select::digest(data, nh, d)),
-                Page::Packed(data) => Some(select::digest(&codec.decode_page(data), nh, d)),
+            threads.map(&due.iter().zip(&sources).collect::<Vec<_>>(), |&(&(s, p), src)| match (src, self.streams[s].page(p)) {
+                (Some(rows), _) => Some(select::digest(rows, nh, d)),
+                (None, Page::Packed(data)) => Some(select::digest(&codec.decode_page(data), nh, d)),
                 _ => None,
             })
         } else {
             due.iter().map(|_| None).collect()
         };
+        drop(sources);
         for (((s, p), packed), digest) in due.into_iter().zip(packed).zip(digests) {
             let st = &mut self.streams[s];
             if let Some(packed) = packed {
@@ -791,6 +849,7 @@ impl KvStore {
             .all_pages()
             .map(|p| match p {
                 Page::F16(d) => d.len() * 2,
+                Page::Window(d) => d.len(),
                 p => p.packed().map_or(0, <[u8]>::len),
             })
             .sum();
@@ -808,9 +867,9 @@ impl KvStore {
         self.codec.map_or(0, |c| c.page_bytes())
     }
 
-    /// Pages allocated (f16, compressed: cold ones included).
+    /// Pages allocated (not compressed yet, compressed: cold ones included).
     pub fn page_counts(&self) -> (usize, usize) {
-        let f = self.all_pages().filter(|p| matches!(p, Page::F16(_))).count();
+        let f = self.all_pages().filter(|p| matches!(p, Page::F16(_) | Page::Window(_))).count();
         let c = self.all_pages().filter(|p| matches!(p, Page::Packed(_) | Page::Cold { .. })).count();
         (f, c)
     }
@@ -977,6 +1036,7 @@ impl KvStore {
             let rows = match self.streams[stream].page(c / PAGE) {
                 Page::Empty => Rows::F16(&self.zeros[..len * d]),
                 Page::F16(data) => Rows::F16(&data[(head * PAGE + slot) * d..][..len * d]),
+                Page::Window(data) => self.window_codec.as_ref().expect("window page without window codes").rows(data, head, slot, len),
                 page => {
                     let data = page.packed().expect("a cold page is staged before attention reads it");
                     self.codec.as_ref().expect("packed page without codec").rows(data, head, slot, len)

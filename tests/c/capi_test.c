@@ -993,18 +993,18 @@ static void test_saturation(void) {
           out[4], out[5]);
     OK(dspark_cache_delete(c));
 
-    /* Window 0: the page of positions 64.. is compressed as soon as it is written. A mask
+    /* Window 0: the page of positions 64..127 is compressed as soon as it is full. A mask
      * keeps position 64 only, so the output is its decoded V row. */
     c = make_cache("k4v4", 0, 256, 1, 1);
-    float *rows = calloc((size_t)65 * ROW, sizeof *rows);
+    float *rows = calloc((size_t)128 * ROW, sizeof *rows);
     memcpy(rows + (size_t)64 * ROW, v, sizeof v);
-    OK(dspark_cache_append(c, 0, 0, rows, rows, 65));
+    OK(dspark_cache_append(c, 0, 0, rows, rows, 128));
     dspark_stats s;
     s.size = sizeof s;
     OK(dspark_cache_stats(c, &s));
     CHECK(s.pages_compressed == 2, "%llu compressed pages, want 2", (unsigned long long)s.pages_compressed);
-    float mask[65];
-    for (int i = 0; i < 65; i++) mask[i] = i == 64 ? 0.0f : -INFINITY;
+    float mask[128];
+    for (int i = 0; i < 128; i++) mask[i] = i == 64 ? 0.0f : -INFINITY;
     dspark_attn_params ap;
     OK(dspark_attn_params_init(&ap));
     ap.flags = 0;
@@ -1214,7 +1214,9 @@ static void test_seq_add(void) {
     dspark_stats s;
     s.size = sizeof s;
     OK(dspark_cache_stats(c, &s));
-    CHECK(s.pages_f16 == 2 && s.pages_compressed == 6, "k4v4 after a shift: %llu f16, %llu compressed pages",
+    /* Pages 0 (sinks) and 3 (from the partly filled page 4: without a window it is not
+     * compressed until full) are f16, K and V. */
+    CHECK(s.pages_f16 == 4 && s.pages_compressed == 4, "k4v4 after a shift: %llu f16, %llu compressed pages",
           (unsigned long long)s.pages_f16, (unsigned long long)s.pages_compressed);
     OK(dspark_cache_delete(c));
     free(k); free(v); free(q); free(rk); free(rv); free(sk); free(sv);
@@ -1276,10 +1278,11 @@ static image_map map_image(const unsigned char *b, size_t n, size_t row_bytes) {
 /* Payload checks after the CRC: mutate one field, recompute the CRC, expect a refusal that
  * leaves the target cache as it was. */
 static void test_payload_checks(void) {
-    /* 1 layer, window 0: page 0 f16 (sinks), pages 1 and 2 compressed; a hole at 70..80. */
+    /* 1 layer, window 0: page 0 f16 (sinks), pages 1 and 2 (full) compressed; a hole at
+     * 70..80. */
     dspark_cache_t *a = make_cache("k4v4", 0, 256, 1, 1);
-    float *k = random_rows((size_t)150 * ROW), *v = random_rows((size_t)150 * ROW);
-    OK(dspark_cache_append(a, 0, 0, k, v, 150));
+    float *k = random_rows((size_t)192 * ROW), *v = random_rows((size_t)192 * ROW);
+    OK(dspark_cache_append(a, 0, 0, k, v, 192));
     OK(dspark_cache_seq_rm(a, 0, 70, 80));
     size_t n = 0;
     OK(dspark_cache_save_size(a, &n));
@@ -1287,7 +1290,7 @@ static void test_payload_checks(void) {
     OK(dspark_cache_save_mem(a, img, n, NULL));
     const size_t rb = 2 + 2 + 2 * 16; /* k4, head dim 64: scale, 2 multipliers, 2 x 16 code bytes */
     image_map m = map_image(img, n, rb);
-    CHECK(get32(img + m.len) == 150 && get32(img + m.n_holes) == 1 && get32(img + m.n_pages[0]) == 3 &&
+    CHECK(get32(img + m.len) == 192 && get32(img + m.n_holes) == 1 && get32(img + m.n_pages[0]) == 3 &&
               img[m.tag[0][0]] == 1 && img[m.tag[0][1]] == 2 && img[m.tag[0][2]] == 2,
           "unexpected image layout");
     /* The target holds other content, and keeps it. */
@@ -1321,7 +1324,7 @@ static void test_payload_checks(void) {
         {"hole count huge", m.n_holes, -1, 0xffffffffu},
         {"hole count 2", m.n_holes, -1, 2},
         {"hole start after end", m.hole0, -1, 85},
-        {"hole end beyond length", m.hole0 + 4, -1, 151},
+        {"hole end beyond length", m.hole0 + 4, -1, 193},
         {"empty hole", m.hole0 + 4, -1, 70},
         {"page count 4", m.n_pages[0], -1, 4},
         {"page count huge", m.n_pages[0], -1, 0x7fffffffu},
