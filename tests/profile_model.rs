@@ -48,11 +48,15 @@ fn write_profile_with(dir: &std::path::Path, name: &str, model: &ModelId, window
     path
 }
 
-/// The logits of the last token of a real 1024-token passage, and the KV's bits per value.
+/// The logits of the last token of a real 1087-token passage, and the KV's bits per value.
+/// 1087 tokens leave the last page with 63 of its 64 cells: the most a budget counts
+/// ([`dspark::profile::kept_cells`]).
+const TOKENS: usize = 1087;
+
 fn last_logits(r: &Runner, spec: &str) -> (Vec<f32>, f64) {
     let s = BackendSpec::parse(spec).unwrap();
     let model = r.model(&BackendSpec::parse("stock:f16").unwrap()).unwrap();
-    let toks = text::prompt_tokens(model, &text::default_text().unwrap(), 1024).unwrap();
+    let toks = text::prompt_tokens(model, &text::default_text().unwrap(), TOKENS).unwrap();
     let mut ctx = r.context(&s, 1088, 2).unwrap();
     for (i, b) in toks.chunks(256).enumerate() {
         ctx.decode(b, i * 256, 0, false).unwrap();
@@ -75,7 +79,7 @@ fn a_profile_sets_each_layers_widths() {
     let mixed = write_profile(&dir, "mixed.json", &m, widths);
     let (logits, bits) = last_logits(&r, &format!("dspark:profile={}", mixed.display()));
     assert!(logits.iter().all(|x| x.is_finite()));
-    let cost = |w: Window| (0..m.n_layer).map(|l| side_bits(widths(l).0, m.head_dim, 1024, w) + side_bits(widths(l).1, m.head_dim, 1024, w)).sum::<f64>() / (2 * m.n_layer) as f64;
+    let cost = |w: Window| (0..m.n_layer).map(|l| side_bits(widths(l).0, m.head_dim, TOKENS, w) + side_bits(widths(l).1, m.head_dim, TOKENS, w)).sum::<f64>() / (2 * m.n_layer) as f64;
     let want = cost(Window { cells: 0, bits: 16 });
     assert!((bits - want).abs() < 0.01, "bits/elem {bits}, the widths cost {want}");
     // The same widths with the sink page in 8-bit codes: it costs what the accounting says.
@@ -113,7 +117,7 @@ fn a_profile_for_another_model_is_refused() {
 #[test]
 fn calibration_is_deterministic() {
     let text = text::calibration_text().unwrap();
-    let req = Request { text: &text, text_name: "test".into(), bits: 4.0, ctx: 2048, window: Window { cells: 0, bits: 8 }, probe_ctx: 160, threads: 2 };
+    let req = Request { text: &text, text_name: "test".into(), bits: 4.0, ctx: 2048, window: Window { cells: 0, bits: 8 }, probe_ctx: 256, threads: 2 };
     let a = calibrate(&model_path(None), &req).unwrap();
     let b = calibrate(&model_path(None), &req).unwrap();
     assert_eq!(a, b);

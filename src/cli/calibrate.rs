@@ -140,10 +140,9 @@ pub struct Request<'a> {
 
 /// Measures each side's sensitivity and allocates widths (see [`crate::profile`]).
 pub fn calibrate(path: &Path, r: &Request) -> Result<Profile> {
-    // Half the chunk at least must be compressed for the probes to measure anything.
-    let least = 2 * (crate::kv::PAGE + r.window.cells);
+    let least = least_probe_ctx(r.window.cells);
     if r.probe_ctx < least || !r.probe_ctx.is_multiple_of(2) {
-        bail!("--probe-ctx must be an even number of at least {least} tokens with --window {} (the sink page and the window are not compressed)", r.window.cells);
+        bail!("--probe-ctx must be an even number of at least {least} tokens with --window {} (the sink page, the window and a page being filled are not compressed)", r.window.cells);
     }
     let base_cfg = ggml::Config { format: None, window: r.window.cells, ..ggml::Config::default() };
     let (id, chunk) = {
@@ -256,7 +255,15 @@ pub fn auto_profile(model: &Path, bits: f64, ctx: usize, window: Window, threads
 /// The probe chunk for a window: [`PROBE_CTX`], or longer where the sink page and the
 /// window would take more than a third of it.
 pub fn default_probe_ctx(window: usize) -> usize {
-    PROBE_CTX.max(3 * (crate::kv::PAGE + window)).next_multiple_of(2)
+    PROBE_CTX.max(3 * (crate::kv::PAGE + window)).max(least_probe_ctx(window)).next_multiple_of(2)
+}
+
+/// The shortest probe chunk that measures anything: the scored half attends to the first
+/// half (its own rows are read before they are compressed), so the first half must hold a
+/// compressed page: the sink page, a full page, and the window after them.
+fn least_probe_ctx(window: usize) -> usize {
+    use crate::kv::PAGE;
+    2 * (2 * PAGE + window.next_multiple_of(PAGE))
 }
 
 pub fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
