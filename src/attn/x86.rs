@@ -374,7 +374,7 @@ fn scores_keys<const N: usize>(qt: &[f32], mp: usize, r: usize, k: &[f32], j: us
 /// [`kernels::exp`]: super::kernels::exp
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 pub fn exp_rows_avx512(x: &mut [f32], sub: &[f32], acc: &mut [f32]) {
-    assert!(x.len() % 16 == 0 && sub.len() >= x.len() && acc.len() >= x.len(), "exp_rows_avx512: sizes");
+    assert!(x.len().is_multiple_of(16) && sub.len() >= x.len() && acc.len() >= x.len(), "exp_rows_avx512: sizes");
     const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23, as in kernels::exp
     let c = |v: f32| _mm512_set1_ps(v);
     for i in (0..x.len()).step_by(16) {

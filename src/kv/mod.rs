@@ -336,7 +336,7 @@ pub enum PageView<'a> {
     /// Rows encoded by the store's codec, `[head][slot][row_bytes]`.
     Packed(&'a [u8]),
     /// Rows of a page not compressed yet, in the store's window codes
-    /// ([`KvStore::window_page_f16`] reads them as f16), `[head][slot][row_bytes]`.
+    /// ([`KvStore::window_codec`] decodes them), `[head][slot][row_bytes]`.
     Window(&'a [u8]),
 }
 
