@@ -60,7 +60,7 @@ pub struct CalibrateArgs {
 }
 
 /// Tokens each calibration run takes by default: the f16 base and 74 runs of 384 tokens take
-/// about 90 s on 2 cores with the default model.
+/// about 2 minutes on 2 cores with the default model.
 pub const PROBE_CTX: usize = 384;
 
 /// The identity a profile records for a model.

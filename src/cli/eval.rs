@@ -29,7 +29,7 @@ pub struct EvalArgs {
     /// Configurations compared against stock:f16: a comma-separated list of stock:<type>,
     /// dspark:<format> and `all` (stock f16, q8_0, q5_1, q5_0, iq4_nl, q4_0, every DSpark
     /// preset: k8v8, k8v4, k4v4, k4v3, k4v2, and the calibrated auto3.5, auto4.5, auto6.5,
-    /// which calibrate the model once, ~90 s, and cache the result next to it).
+    /// which calibrate the model once, ~2 min, and cache the result next to it).
     #[arg(long, default_value = "all")]
     pub backends: String,
     /// Threads (default: all cores).
