@@ -8,6 +8,7 @@
 //! merged with log-sum-exp; the rotated accumulator is un-rotated once per output row.
 
 use super::kernels::{self, Flavor, PACKED_BLOCK};
+use super::pool::lock;
 use super::{alibi_slope, isa, Problem, Rows, Segment, Threads};
 use crate::codec::{rotate, unrotate, RowCodec};
 use half::slice::HalfFloatSliceExt;
@@ -524,10 +525,6 @@ pub(crate) fn run_item<F: Flavor>(ctx: &Ctx, it: &Item) -> Partial {
     }
     lock(&ctx.bufs).push(w.b);
     w.st
-}
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Asks the CPU to bring a packed segment's bytes into cache while the current one is being

@@ -127,7 +127,9 @@ impl<'a> Threads<'a> {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+/// Locks `m`, taking the data even if a panicking holder poisoned it (every holder leaves
+/// it consistent: a result slot, an item being worked on, or a pool of buffers).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
