@@ -123,6 +123,10 @@ pub fn devices() -> Vec<(String, String)> {
 /// A KV cache element type that stock llama.cpp supports on the CPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KvType {
+    /// The exact reference: f32 K and V, attention without flash attention (whose CPU kernel
+    /// rounds the query to f16 and, for f16 V, sums the output in f16). Not in [`Self::ALL`]:
+    /// it is what the others are measured against, not a cache anyone would run.
+    F32,
     F16,
     Q8_0,
     Q5_1,
@@ -135,11 +139,12 @@ impl KvType {
     pub const ALL: [KvType; 6] = [KvType::F16, KvType::Q8_0, KvType::Q5_1, KvType::Q5_0, KvType::Iq4Nl, KvType::Q4_0];
 
     pub fn parse(s: &str) -> Option<KvType> {
-        Self::ALL.into_iter().find(|t| t.name() == s)
+        Self::ALL.into_iter().chain([KvType::F32]).find(|t| t.name() == s)
     }
 
     pub fn name(self) -> &'static str {
         match self {
+            KvType::F32 => "f32",
             KvType::F16 => "f16",
             KvType::Q8_0 => "q8_0",
             KvType::Q5_1 => "q5_1",
@@ -151,6 +156,7 @@ impl KvType {
 
     fn ggml(self) -> sys::ggml_type {
         match self {
+            KvType::F32 => sys::GGML_TYPE_F32,
             KvType::F16 => sys::GGML_TYPE_F16,
             KvType::Q8_0 => sys::GGML_TYPE_Q8_0,
             KvType::Q5_1 => sys::GGML_TYPE_Q5_1,
@@ -457,8 +463,11 @@ impl<'m> Context<'m> {
             c.n_threads_batch = p.n_threads;
             c.type_k = p.kv.ggml();
             c.type_v = p.kv.ggml();
-            // Quantized V needs flash attention, and DSpark is built for it.
-            c.flash_attn_type = if p.flash_attn { sys::LLAMA_FLASH_ATTN_TYPE_ENABLED } else { sys::LLAMA_FLASH_ATTN_TYPE_DISABLED };
+            // Quantized V needs flash attention, and DSpark is built for it. f32 KV is the
+            // exact reference: under flash attention llama.cpp casts f32 K and V to f16
+            // (llama-graph.cpp, build_attn_mha), so it runs without.
+            let fa = p.flash_attn && p.kv != KvType::F32;
+            c.flash_attn_type = if fa { sys::LLAMA_FLASH_ATTN_TYPE_ENABLED } else { sys::LLAMA_FLASH_ATTN_TYPE_DISABLED };
             c.offload_kqv = true;
             // As llama.cpp's own tools (common_params): sliding-window layers keep only their
             // window. llama_context_default_params() says true, which sizes them for n_ctx.

@@ -313,7 +313,7 @@ fn llama_perplexity_kld_agrees_with_dspark_eval() {
 
     let json = tmp.join("kld-eval.json");
     run(
-        dspark().args(["eval", "--ctx", "1024", "--chunks", "3", "--backends", "dspark:k4v4", "-f"]).arg(&text).arg("--json").arg(&json),
+        dspark().args(["eval", "--ctx", "1024", "--chunks", "3", "--backends", "dspark:k4v4", "--baseline", "stock:f16", "-f"]).arg(&text).arg("--json").arg(&json),
         "dspark eval",
     );
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();

@@ -27,7 +27,7 @@ impl BackendSpec {
         let (kind, arg) = s.split_once(':').ok_or_else(expected)?;
         match kind {
             "stock" => KvType::parse(arg).map(BackendSpec::Stock).ok_or_else(|| {
-                anyhow!("backend `{s}`: unknown stock KV type `{arg}` (use f16, q8_0, q5_1, q5_0, iq4_nl or q4_0)")
+                anyhow!("backend `{s}`: unknown stock KV type `{arg}` (use f16, q8_0, q5_1, q5_0, iq4_nl, q4_0, or f32 for the exact reference)")
             }),
             "dspark" => Ok(BackendSpec::Dspark(arg.to_string())),
             "rpc" => Ok(BackendSpec::Rpc(arg.split('+').map(|e| check_endpoint(e).map_err(|e| anyhow!("backend `{s}`: {e}"))).collect::<Result<_>>()?)),

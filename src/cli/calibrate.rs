@@ -228,14 +228,12 @@ pub const AUTO_WINDOW: usize = 0;
 /// 0.0086 in f16, 5.61 bits and 0.0096 in 8-bit codes).
 pub const AUTO_WINDOW_BITS: u32 = 8;
 
-/// The profile file for `dspark:autoB` at this context: read from the cache next to the
-/// model when it is there; else allocated from the model's cached measurements (made once
-/// per model and window, on the default calibration text) and saved.
+/// The profile file for `dspark:autoB` at this context, allocated from the model's cached
+/// measurements (made once per model and window, on the default calibration text) and saved
+/// next to the model. The allocation is made again each time (it takes microseconds), so a
+/// build whose allocation changed never runs a stale profile.
 pub fn auto_profile(model: &Path, bits: f64, ctx: usize, window: Window, threads: usize) -> Result<PathBuf> {
     let path = auto_profile_path(model, bits, ctx, window);
-    if Profile::load(&path).is_ok_and(|p| (p.bits, p.ctx, p.window()) == (bits, ctx, window)) {
-        return Ok(path);
-    }
     let measured = beside_model(model, &format!(".dspark-calibration-{}.json", window_tag(window)));
     let m = match Profile::load(&measured) {
         Ok(p) if p.window() == window => p,
@@ -248,7 +246,9 @@ pub fn auto_profile(model: &Path, bits: f64, ctx: usize, window: Window, threads
         }
     };
     let p = profile_for(m.model, m.sensitivity, m.calibration, bits, ctx, window)?;
-    p.save(&path).map_err(|e| anyhow!("{e}"))?;
+    if !Profile::load(&path).is_ok_and(|old| old.layers == p.layers && old.bits_per_elem == p.bits_per_elem) {
+        p.save(&path).map_err(|e| anyhow!("{e}"))?;
+    }
     Ok(path)
 }
 

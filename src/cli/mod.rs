@@ -43,7 +43,7 @@ pub enum Command {
     Run(run::RunArgs),
     /// Measure prefill and decode speed and KV memory, stock and DSpark side by side.
     Bench(bench::BenchArgs),
-    /// Fidelity against f16 KV: KL divergence, top-1 agreement, perplexity.
+    /// Fidelity against exact attention (or --baseline): KL divergence, top-1 agreement, perplexity.
     Eval(eval::EvalArgs),
     /// Measure each layer's K and V sensitivity and write a profile of per-layer widths for an
     /// average bit budget (use it as dspark:profile=FILE).
