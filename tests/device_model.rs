@@ -98,6 +98,7 @@ fn kl_divergence_at_2048_beats_stock(model: Option<std::path::PathBuf>) {
         json: None,
         plot: None,
         decode: false,
+        f16_weights: false,
         tier: Default::default(),
         remote: Default::default(),
     };
@@ -120,6 +121,38 @@ fn kl_divergence_at_2048_beats_stock_at_equal_or_fewer_bits() {
 #[test]
 fn kl_divergence_on_the_sliding_window_model_beats_stock() {
     kl_divergence_at_2048_beats_stock(Some(dspark::cli::second_model_path()));
+}
+
+/// Quantized weights put a floor under every KL divergence: ggml rounds each matrix
+/// product's input to 8 bits, so any change in attention, even f16 KV, moves the output.
+/// On the model's f16-weights copy that floor is gone: uncompressed DSpark is within 1e-4 of
+/// exact attention there, and compressed pages' error stands far above it.
+#[test]
+fn f16_weights_leave_the_kv_cache_its_own_error() {
+    let eval = |f16_weights| {
+        let args = EvalArgs {
+            model: None,
+            file: None,
+            ctx: 1024,
+            chunks: Some(1),
+            backends: "dspark:f16,dspark:k4v4".into(),
+            baseline: "stock:f32".into(),
+            threads: Some(2),
+            json: None,
+            plot: None,
+            decode: false,
+            f16_weights,
+            tier: Default::default(),
+            remote: Default::default(),
+        };
+        let rep = run_eval(&args).unwrap();
+        eprintln!("{}", dspark::cli::eval::table(&rep));
+        (rep.results[0].kld_mean, rep.results[1].kld_mean)
+    };
+    let (f16, k4) = eval(true);
+    assert!(f16 < 1e-4 && k4 > 10.0 * f16, "f16 weights: dspark:f16 KLD {f16}, dspark:k4v4 {k4}");
+    let (floor, _) = eval(false);
+    assert!(floor > 1e-3, "quantized weights: dspark:f16 KLD {floor}");
 }
 
 /// Decodes `toks` into a fresh context of `spec` and returns it.

@@ -312,3 +312,37 @@ fn window_codes_keep_the_same_pages_in_8_bits() {
     other.set_page(0, 6, PageView::F16(&fp.to_vec())).unwrap();
     assert!(other.is_window_coded(6 * PAGE));
 }
+
+/// Rows that share a large offset (as K rows share per-channel biases) are window-coded
+/// relative to the centroids of the nearest compressed page before them, as compressed pages
+/// are to their own: a window page's rows read back several times closer than uncentred
+/// codes of the same width give (the offset no longer sets the code step).
+#[test]
+fn window_pages_are_centred_on_the_page_before_them() {
+    let cfg = |centered| StoreConfig { quant: Some(Quant::Q4), window: 0, digests: false, centered, window_quant: Some(Quant::Q4) };
+    let mut state = 11u64;
+    let mut rnd = || {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    };
+    let offset: Vec<f32> = (0..HEADS * D).map(|i| if i % 7 == 0 { 40.0 } else { 3.0 }).collect();
+    // Two full pages (the sink page and one that is compressed), then half of a third.
+    let rows: Vec<Vec<f32>> = (0..160).map(|_| offset.iter().map(|&o| o + rnd()).collect()).collect();
+    let err = |centered| {
+        let mut s = KvStore::new(cfg(centered), HEADS, D, 1024, 1).unwrap();
+        for (c, r) in rows.iter().enumerate() {
+            s.write_row(c, r);
+            s.compact(Threads::serial());
+        }
+        assert!(s.is_window_coded(2 * PAGE) && !s.is_window_coded(PAGE));
+        let mut out = vec![0.0; HEADS * D];
+        (128..160)
+            .map(|c| {
+                s.read_row(c, &mut out);
+                rows[c].iter().zip(&out).map(|(a, b)| (a - b) * (a - b)).sum::<f32>()
+            })
+            .sum::<f32>()
+    };
+    let (centred, uncentred) = (err(true), err(false));
+    assert!(centred * 4.0 < uncentred, "window page squared error: centred {centred}, uncentred {uncentred}");
+}

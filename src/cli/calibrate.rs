@@ -54,6 +54,11 @@ pub struct CalibrateArgs {
     /// widths for --bits and --ctx: seconds instead of a calibration run.
     #[arg(long)]
     pub from: Option<PathBuf>,
+    /// Measure on a copy of the model with f16 weights (written once beside it; see `dspark
+    /// eval --f16-weights`): the measurements are then the KV cache's own error, without the
+    /// floor that quantized weights add to every one, and the profile is for the model given.
+    #[arg(long)]
+    pub f16_weights: bool,
     /// Threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -289,7 +294,8 @@ pub fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
             let text_name = a.file.as_ref().map_or_else(|| "/usr/share/common-licenses (MPL-1.1, Artistic)".to_string(), |p| p.display().to_string());
             let threads = a.threads.unwrap_or_else(default_threads);
             let probe_ctx = a.probe_ctx.unwrap_or_else(|| default_probe_ctx(a.window));
-            calibrate(&path, &Request { text: &text, text_name, bits: a.bits, ctx: a.ctx, window, probe_ctx, threads })?
+            let measured = if a.f16_weights { crate::llama::f16_weights_copy(&path, threads)? } else { path.clone() };
+            calibrate(&measured, &Request { text: &text, text_name, bits: a.bits, ctx: a.ctx, window, probe_ctx, threads })?
         }
     };
     print!("{}", table(&p));

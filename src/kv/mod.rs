@@ -366,7 +366,12 @@ impl KvStore {
     /// If the codec cannot encode rows of `head_dim` values.
     pub fn new(cfg: StoreConfig, n_head: usize, head_dim: usize, cells: usize, n_stream: usize) -> Result<KvStore, String> {
         let codec = cfg.quant.map(|q| RowCodec::new(q, head_dim)).transpose()?.map(|rows| PageCodec { rows, n_head, centered: cfg.centered });
-        let window_codec = cfg.window_quant.filter(|_| codec.is_some()).map(|q| RowCodec::new(q, head_dim)).transpose()?.map(|rows| PageCodec { rows, n_head, centered: false });
+        // Window codes are centred as the compressed pages are: a page starts from the
+        // centroids of the page before it (K's per-channel offset changes slowly), which its
+        // rows are encoded against as they arrive. Uncentred 8-bit window codes cost the
+        // default model (f16 weights, ctx 2048, token by token) KL divergence 0.00037, as much
+        // as q8_0's whole error.
+        let window_codec = cfg.window_quant.filter(|_| codec.is_some()).map(|q| RowCodec::new(q, head_dim)).transpose()?.map(|rows| PageCodec { rows, n_head, centered: cfg.centered });
         Ok(KvStore {
             codec,
             window_codec,
@@ -569,6 +574,12 @@ impl KvStore {
         }
         let clock = st.clock;
         st.set_digest(p, None);
+        // The centroids a new window page starts from: those of the nearest compressed page
+        // before it (none while every page before it is still out of compression).
+        let before = match (matches!(st.page(p), Page::Empty), codec) {
+            (true, Some(c)) => (1..p).rev().find_map(|q| st.page(q).packed()).map(|d| c.centroids(d).to_vec()),
+            _ => None,
+        };
         let page = st.slot_mut(p);
         if new || matches!(page.data, Page::Empty) {
             page.last_write = clock;
@@ -577,7 +588,7 @@ impl KvStore {
             Page::Empty => {
                 page.data = match &window_codec {
                     // Zero bytes are rows of zeros in any codes (a zero scale).
-                    Some(w) => Page::Window(vec![0u8; w.page_bytes()].into_boxed_slice()),
+                    Some(w) => Page::Window(w.empty_page(before.as_deref())),
                     None => Page::F16(vec![f16::ZERO; nh * PAGE * d].into_boxed_slice()),
                 };
                 page.written = 0;

@@ -75,6 +75,25 @@ impl PageCodec {
         (self.page_bytes() * 8) as f64 / (self.n_head * PAGE * self.d()) as f64
     }
 
+    /// Every head's centroid bytes of a page (empty when the page is not centred).
+    #[must_use]
+    pub fn centroids<'a>(&self, page: &'a [u8]) -> &'a [u8] {
+        &page[self.n_head * PAGE * self.rows.row_bytes()..]
+    }
+
+    /// An empty page (rows of zeros) whose rows will be encoded relative to `centroids`
+    /// (another centred page's [`Self::centroids`], of any width: the centroid codes depend
+    /// only on the head size), or to none when they do not fit this codec.
+    #[must_use]
+    pub fn empty_page(&self, centroids: Option<&[u8]>) -> Box<[u8]> {
+        let mut page = vec![0u8; self.page_bytes()].into_boxed_slice();
+        let start = self.n_head * PAGE * self.rows.row_bytes();
+        if let Some(c) = centroids.filter(|c| self.centered && c.len() == page.len() - start) {
+            page[start..].copy_from_slice(c);
+        }
+        page
+    }
+
     /// Head `h`'s centroid row in a page, when the page is centred.
     fn centroid<'a>(&self, page: &'a [u8], h: usize) -> Option<&'a [u8]> {
         let cb = self.centroid_bytes();
