@@ -178,7 +178,8 @@ impl Window {
     #[must_use]
     pub fn bits_per_value(&self, head_dim: usize) -> f64 {
         match quant_of(self.bits) {
-            Ok(Some(q)) => RowCodec::new(q, head_dim).map_or(16.0, |c| c.bits_per_elem()),
+            // Window pages are centred as compressed pages are (their centroids counted).
+            Ok(Some(q)) => RowCodec::new(q, head_dim).map_or(16.0, |rows| PageCodec { rows, n_head: 1, centered: true }.bits_per_elem()),
             _ => 16.0,
         }
     }

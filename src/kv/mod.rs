@@ -367,10 +367,12 @@ impl KvStore {
     pub fn new(cfg: StoreConfig, n_head: usize, head_dim: usize, cells: usize, n_stream: usize) -> Result<KvStore, String> {
         let codec = cfg.quant.map(|q| RowCodec::new(q, head_dim)).transpose()?.map(|rows| PageCodec { rows, n_head, centered: cfg.centered });
         // Window codes are centred as the compressed pages are: a page starts from the
-        // centroids of the page before it (K's per-channel offset changes slowly), which its
-        // rows are encoded against as they arrive. Uncentred 8-bit window codes cost the
-        // default model (f16 weights, ctx 2048, token by token) KL divergence 0.00037, as much
-        // as q8_0's whole error.
+        // centroids of the nearest compressed page before it (K's per-channel offset changes
+        // slowly), which its rows are encoded against as they arrive. Uncentred 8-bit window
+        // codes cost the default model (f16 weights, ctx 2048, token by token) KL divergence
+        // 0.00037, as much as q8_0's whole error. The sink page has none before it and stays
+        // uncentred: centred on its own centroid, which the first token's large K pulls, it
+        // did worse (README, "Per-layer widths").
         let window_codec = cfg.window_quant.filter(|_| codec.is_some()).map(|q| RowCodec::new(q, head_dim)).transpose()?.map(|rows| PageCodec { rows, n_head, centered: cfg.centered });
         Ok(KvStore {
             codec,
