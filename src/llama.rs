@@ -179,29 +179,14 @@ impl KvType {
     }
 }
 
-/// A copy of the GGUF at `path` with its weights in f16, made once beside it
-/// (`<file>.f16-weights.gguf`) by llama.cpp's quantizer, and its path.
-///
-/// What it is for: with quantized weights, ggml rounds the input of every matrix product to
-/// 8 bits (the weights' `vec_dot_type`), so any change in attention, even the f16 rounding of
-/// K and V, flips some of those roundings and moves the output by a fixed amount (KL
-/// divergence ~0.004 on the default model, for dspark:f16 as for stock q8_0). With f16
-/// weights the inputs round to f16 and what remains is the KV cache's own error.
-pub fn f16_weights_copy(path: &Path, threads: usize) -> Result<std::path::PathBuf> {
+/// Writes a copy of the GGUF at `src` with its weights in f16 to `dst`, by llama.cpp's
+/// quantizer (through `<dst>.part`, so an interrupted run leaves no partial `dst`).
+pub fn write_f16_copy(src: &Path, dst: &Path, threads: usize) -> Result<()> {
     init();
-    check_model_file(path)?;
-    let name = |suffix: &str| {
-        let mut n = path.as_os_str().to_os_string();
-        n.push(suffix);
-        std::path::PathBuf::from(n)
-    };
-    let (out, part) = (name(".f16-weights.gguf"), name(".f16-weights.gguf.part"));
-    if out.is_file() {
-        return Ok(out);
-    }
-    eprintln!("writing {} (the model with f16 weights; once, a few seconds)", out.display());
+    check_model_file(src)?;
+    let part = dst.with_extension("gguf.part");
     let c = |p: &Path| CString::new(p.to_string_lossy().as_bytes()).context("model path contains NUL");
-    let (src, dst) = (c(path)?, c(&part)?);
+    let (csrc, cpart) = (c(src)?, c(&part)?);
     // SAFETY: default params are plain data with null pointers for the optional tables;
     // both names are NUL-terminated and outlive the call.
     let (rc, log) = capture_log(|| unsafe {
@@ -209,14 +194,13 @@ pub fn f16_weights_copy(path: &Path, threads: usize) -> Result<std::path::PathBu
         p.ftype = sys::LLAMA_FTYPE_MOSTLY_F16;
         p.allow_requantize = true;
         p.nthread = threads as i32;
-        sys::llama_model_quantize(src.as_ptr(), dst.as_ptr(), &p)
+        sys::llama_model_quantize(csrc.as_ptr(), cpart.as_ptr(), &p)
     });
     if rc != 0 {
         let _ = std::fs::remove_file(&part);
-        bail!("llama.cpp could not write an f16 copy of {}:\n{}", path.display(), log.join(""));
+        bail!("llama.cpp could not write an f16 copy of {}:\n{}", src.display(), log.join(""));
     }
-    std::fs::rename(&part, &out).with_context(|| format!("cannot rename {} to {}", part.display(), out.display()))?;
-    Ok(out)
+    std::fs::rename(&part, dst).with_context(|| format!("cannot rename {} to {}", part.display(), dst.display()))
 }
 
 /// A loaded GGUF model.

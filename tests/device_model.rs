@@ -84,25 +84,29 @@ fn greedy_generation_agrees_with_stock_f16() {
     }
 }
 
-/// At ctx 2048, k8v8 and k4v4 have a lower mean KLD against exact attention than stock q8_0
-/// and q4_0.
-fn kl_divergence_at_2048_beats_stock(model: Option<std::path::PathBuf>) {
-    let args = EvalArgs {
+/// `dspark eval` on one chunk of `ctx` tokens, batched, against exact attention.
+fn eval_args(model: Option<std::path::PathBuf>, ctx: usize, backends: &str, f16_weights: bool) -> EvalArgs {
+    EvalArgs {
         model,
         file: None,
-        ctx: 2048,
+        ctx,
         chunks: Some(1),
-        backends: "stock:q8_0,stock:q4_0,dspark:k8v8,dspark:k4v4".into(),
+        backends: backends.into(),
         baseline: "stock:f32".into(),
         threads: Some(2),
         json: None,
         plot: None,
         decode: false,
-        f16_weights: false,
+        f16_weights,
         tier: Default::default(),
         remote: Default::default(),
-    };
-    let rep = run_eval(&args).unwrap();
+    }
+}
+
+/// At ctx 2048, k8v8 and k4v4 have a lower mean KLD against exact attention than stock q8_0
+/// and q4_0.
+fn kl_divergence_at_2048_beats_stock(model: Option<std::path::PathBuf>) {
+    let rep = run_eval(&eval_args(model, 2048, "stock:q8_0,stock:q4_0,dspark:k8v8,dspark:k4v4", false)).unwrap();
     let get = |b: &str| rep.results.iter().find(|x| x.backend == b).unwrap().clone();
     let (q8, q4, k8, k4) = (get("stock:q8_0"), get("stock:q4_0"), get("dspark:k8v8"), get("dspark:k4v4"));
     eprintln!("{}", dspark::cli::eval::table(&rep));
@@ -130,22 +134,7 @@ fn kl_divergence_on_the_sliding_window_model_beats_stock() {
 #[test]
 fn f16_weights_leave_the_kv_cache_its_own_error() {
     let eval = |f16_weights| {
-        let args = EvalArgs {
-            model: None,
-            file: None,
-            ctx: 1024,
-            chunks: Some(1),
-            backends: "dspark:f16,dspark:k4v4".into(),
-            baseline: "stock:f32".into(),
-            threads: Some(2),
-            json: None,
-            plot: None,
-            decode: false,
-            f16_weights,
-            tier: Default::default(),
-            remote: Default::default(),
-        };
-        let rep = run_eval(&args).unwrap();
+        let rep = run_eval(&eval_args(None, 1024, "dspark:f16,dspark:k4v4", f16_weights)).unwrap();
         eprintln!("{}", dspark::cli::eval::table(&rep));
         (rep.results[0].kld_mean, rep.results[1].kld_mean)
     };

@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Result};
 
 use super::eval::{kld, log_softmax};
-use super::{default_threads, model_path, text};
+use super::{beside_model, default_threads, f16_weights_copy, model_path, text};
 use crate::ggml;
 use crate::llama::{Context, CtxParams, KvType, Model, Placement};
 use crate::codec::{Format, Quant};
@@ -72,13 +72,6 @@ pub const PROBE_CTX: usize = 384;
 pub fn model_id(model: &Model, path: &Path) -> ModelId {
     let name = model.name().unwrap_or_else(|| path.file_name().map_or_else(|| path.display().to_string(), |f| f.to_string_lossy().into_owned()));
     ModelId { name, n_layer: model.n_layer(), n_head_kv: model.n_head_kv(), head_dim: model.head_dim() }
-}
-
-/// A file next to the model: its name with `suffix` appended.
-fn beside_model(model: &Path, suffix: &str) -> PathBuf {
-    let mut name = model.as_os_str().to_os_string();
-    name.push(suffix);
-    PathBuf::from(name)
 }
 
 /// Where `dspark:autoB` keeps the profile for this model, budget, context and window.
@@ -294,7 +287,7 @@ pub fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
             let text_name = a.file.as_ref().map_or_else(|| "/usr/share/common-licenses (MPL-1.1, Artistic)".to_string(), |p| p.display().to_string());
             let threads = a.threads.unwrap_or_else(default_threads);
             let probe_ctx = a.probe_ctx.unwrap_or_else(|| default_probe_ctx(a.window));
-            let measured = if a.f16_weights { crate::llama::f16_weights_copy(&path, threads)? } else { path.clone() };
+            let measured = if a.f16_weights { f16_weights_copy(&path, threads)? } else { path.clone() };
             calibrate(&measured, &Request { text: &text, text_name, bits: a.bits, ctx: a.ctx, window, probe_ctx, threads })?
         }
     };

@@ -9,7 +9,7 @@
 //! weights in f16 (`--f16-weights`), at ctx 2048 token by token, that is a KL divergence of
 //! 0.000074 from exact attention, four times `dspark:k8v8`'s own error, which an f16
 //! reference would hide. With the model's Q4_1 weights every configuration sits on a floor
-//! of ~0.004 instead (see [`crate::llama::f16_weights_copy`]).
+//! of ~0.004 instead (see [`super::f16_weights_copy`]).
 
 use std::path::{Path, PathBuf};
 
@@ -180,7 +180,7 @@ pub fn run_eval(args: &EvalArgs) -> Result<EvalReport> {
     let threads = args.threads.unwrap_or_else(default_threads);
     let mut path = model_path(args.model.clone());
     if args.f16_weights {
-        path = crate::llama::f16_weights_copy(&path, threads)?;
+        path = super::f16_weights_copy(&path, threads)?;
     }
     let runner = Runner::new(path.clone()).with_tensor_split(args.remote.tensor_split.clone());
     for s in &specs {

@@ -75,10 +75,15 @@ impl PageCodec {
         (self.page_bytes() * 8) as f64 / (self.n_head * PAGE * self.d()) as f64
     }
 
+    /// Bytes of a page's rows, where its centroids begin.
+    fn rows_bytes(&self) -> usize {
+        self.n_head * PAGE * self.rows.row_bytes()
+    }
+
     /// Every head's centroid bytes of a page (empty when the page is not centred).
     #[must_use]
     pub fn centroids<'a>(&self, page: &'a [u8]) -> &'a [u8] {
-        &page[self.n_head * PAGE * self.rows.row_bytes()..]
+        &page[self.rows_bytes()..]
     }
 
     /// An empty page (rows of zeros) whose rows will be encoded relative to `centroids`
@@ -87,7 +92,7 @@ impl PageCodec {
     #[must_use]
     pub fn empty_page(&self, centroids: Option<&[u8]>) -> Box<[u8]> {
         let mut page = vec![0u8; self.page_bytes()].into_boxed_slice();
-        let start = self.n_head * PAGE * self.rows.row_bytes();
+        let start = self.rows_bytes();
         if let Some(c) = centroids.filter(|c| self.centered && c.len() == page.len() - start) {
             page[start..].copy_from_slice(c);
         }
@@ -97,7 +102,7 @@ impl PageCodec {
     /// Head `h`'s centroid row in a page, when the page is centred.
     fn centroid<'a>(&self, page: &'a [u8], h: usize) -> Option<&'a [u8]> {
         let cb = self.centroid_bytes();
-        self.centered.then(|| &page[self.n_head * PAGE * self.rows.row_bytes() + h * cb..][..cb])
+        self.centered.then(|| &page[self.rows_bytes() + h * cb..][..cb])
     }
 
     /// Head `h`'s centroid in the model's space (zeros when the page is not centred).
@@ -123,7 +128,7 @@ impl PageCodec {
     /// `packed` is the page's buffer (`page_bytes()` long).
     pub fn heads<'a>(&self, data: &'a [f16], packed: &'a mut [u8]) -> Vec<HeadToEncode<'a>> {
         let (d, rb, cb) = (self.d(), self.rows.row_bytes(), self.centroid_bytes());
-        let (rows, centroids) = packed.split_at_mut(self.n_head * PAGE * rb);
+        let (rows, centroids) = packed.split_at_mut(self.rows_bytes());
         // Empty when the page is not centred (`cb == 0`): every head then gets an empty one.
         let mut centroids = centroids.chunks_exact_mut(cb.max(1));
         data.chunks_exact(PAGE * d)
