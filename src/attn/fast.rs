@@ -560,7 +560,7 @@ pub(crate) fn prefetch<T>(items: &[T]) {
 }
 
 /// Runs the packed decode kernel on the longest run of whole blocks of rows `r0..r1` of
-/// `seg` (K and V packed, K in 8 or 4 bits, V in 8, 4, 3 or 2); returns how many rows it
+/// `seg` (K and V packed, at any width); returns how many rows it
 /// consumed (0 when the segment does not qualify, and the tile path takes every row).
 #[inline(always)]
 fn packed_rows<F: Flavor>(w: &mut Work, seg: &Segment, r0: usize, r1: usize) -> usize {
@@ -573,7 +573,7 @@ fn packed_rows<F: Flavor>(w: &mut Work, seg: &Segment, r0: usize, r1: usize) -> 
     if !w.iq {
         return 0;
     }
-    if n == 0 || w.m > QUERY_ROWS || !(kbits == 8 || kbits == 4) || !matches!(vc.quant().bits(), 8 | 4 | 3 | 2) {
+    if n == 0 || w.m > QUERY_ROWS {
         return 0;
     }
     let pb = w.ctx.pb;

@@ -4,7 +4,8 @@
 //! Per block of 16 rows (one [`DecodeJob`] run of one segment):
 //! 1. **K scores, transposed.** For each group of 32 values the 16 rows' code bytes are
 //!    transposed (4×4 dword transposes inside 128-bit lanes) so that dword lane `r` of a
-//!    vector holds 4 codes of row `r`; 4-bit codes are split with AND/shift. `vpdpbusd`
+//!    vector holds 4 codes of row `r`; 4-bit codes are split with AND/shift, codes of the
+//!    other widths are first widened to one byte each ([`widen`]). `vpdpbusd`
 //!    multiplies the unsigned codes by the signed int8 query (one dword of it broadcast),
 //!    8 instructions per group and query row give all 16 rows' group dots at once, started
 //!    from `−offset · Σq` so that the code offset costs nothing. Each group dot is multiplied
@@ -14,7 +15,8 @@
 //!    max (reduced only when a lane exceeds it), `exp`, a running sum kept as a vector. The
 //!    weight of row `r` in group `g` is `p_r · S_r · c_rg` (V's row scale and multiplier).
 //! 3. **V**: for each row, each group's codes are expanded to f32 `code − offset` (a
-//!    `vpermps` table lookup for 2/3/4 bits) and FMA'd into register-resident accumulators
+//!    `vpermps` table lookup for 2/3/4 bits, widened bytes for 5/6/7) and FMA'd into
+//!    register-resident accumulators
 //!    of up to 4 query rows × 64 columns, with the weight broadcast from memory.
 //!
 //! Headers (row scale and multipliers) of 16 rows come in with one dword gather per 4
@@ -70,8 +72,8 @@ pub fn decode_packed_avx512(job: &DecodeJob, max: &mut [f32], sum: &mut [f32], a
     let ng = d / GROUP;
     assert!(d % GROUP == 0 && ng > 0, "decode_packed_avx512: head_dim");
     assert!(n % B == 0, "decode_packed_avx512: rows not whole blocks");
-    assert!(job.kbits == 8 || job.kbits == 4, "decode_packed_avx512: K bits");
-    assert!(matches!(job.vbits, 8 | 4 | 3 | 2), "decode_packed_avx512: V bits");
+    assert!((2..=8).contains(&job.kbits), "decode_packed_avx512: K bits");
+    assert!((2..=8).contains(&job.vbits), "decode_packed_avx512: V bits");
     assert_eq!(job.krb, row_bytes(job.kbits, d), "decode_packed_avx512: K row bytes");
     assert_eq!(job.vrb, row_bytes(job.vbits, d), "decode_packed_avx512: V row bytes");
     assert!(job.k.len() >= n * job.krb && job.v.len() >= n * job.vrb, "decode_packed_avx512: rows");
@@ -133,15 +135,24 @@ pub fn decode_packed_avx512(job: &DecodeJob, max: &mut [f32], sum: &mut [f32], a
             let hb = (m - h0).min(HB);
             // SAFETY: `kp` points at 16 rows of `krb` bytes (see above).
             unsafe {
-                match (job.kbits, hb) {
-                    (4, 4) => k_scores::<4, 4>(kp, job, h0, kc, sacc),
-                    (4, 3) => k_scores::<4, 3>(kp, job, h0, kc, sacc),
-                    (4, 2) => k_scores::<4, 2>(kp, job, h0, kc, sacc),
-                    (4, _) => k_scores::<4, 1>(kp, job, h0, kc, sacc),
-                    (_, 4) => k_scores::<8, 4>(kp, job, h0, kc, sacc),
-                    (_, 3) => k_scores::<8, 3>(kp, job, h0, kc, sacc),
-                    (_, 2) => k_scores::<8, 2>(kp, job, h0, kc, sacc),
-                    (_, _) => k_scores::<8, 1>(kp, job, h0, kc, sacc),
+                macro_rules! go {
+                    ($kb:literal) => {
+                        match hb {
+                            4 => k_scores::<$kb, 4>(kp, job, h0, kc, sacc),
+                            3 => k_scores::<$kb, 3>(kp, job, h0, kc, sacc),
+                            2 => k_scores::<$kb, 2>(kp, job, h0, kc, sacc),
+                            _ => k_scores::<$kb, 1>(kp, job, h0, kc, sacc),
+                        }
+                    };
+                }
+                match job.kbits {
+                    8 => go!(8),
+                    7 => go!(7),
+                    6 => go!(6),
+                    5 => go!(5),
+                    4 => go!(4),
+                    3 => go!(3),
+                    _ => go!(2),
                 }
             }
             h0 += hb;
@@ -218,10 +229,10 @@ unsafe fn k_scores<const KB: u32, const H: usize>(kp: *const u8, job: &DecodeJob
         // SAFETY: group g's codes lie at HEADER + ng + g·gb .. + gb of each row.
         let codes = unsafe {
             let p = kp.add(HEADER + ng + g * gb);
-            if KB == 4 {
-                codes4(p, job.krb)
-            } else {
-                codes8(p, job.krb)
+            match KB {
+                4 => codes4(p, job.krb),
+                8 => codes8(p, job.krb),
+                _ => codes_widened::<KB>(p, job.krb),
             }
         };
         let mut t = [_mm512_setzero_si512(); H];
@@ -367,6 +378,90 @@ unsafe fn codes8(p: *const u8, rb: usize) -> [__m512i; 8] {
     [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]]
 }
 
+/// The 32 codes of one group of 16 rows at a width other than 4 or 8, widened to a byte
+/// each ([`widen`]) and then laid out as [`codes8`]'s: vector `j` holds codes `4j..4j+4`.
+///
+/// # Safety
+/// `group_code_bytes(KB)` bytes at `p + r·rb` must be readable for r in 0..16.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[inline]
+unsafe fn codes_widened<const KB: u32>(p: *const u8, rb: usize) -> [__m512i; 8] {
+    let mut bytes = [_mm256_setzero_si256(); B];
+    for (r, x) in bytes.iter_mut().enumerate() {
+        // SAFETY: row r's group lies at p + r·rb (caller).
+        *x = unsafe { widen::<KB>(p.add(r * rb)) };
+    }
+    // SAFETY: 16 rows of 32 bytes each.
+    unsafe { codes8(bytes.as_ptr().cast(), 32) }
+}
+
+/// The 32 codes of one group at `BITS` bits, one byte each, code `i` in byte `i` (the
+/// layouts are in `codec/quant.rs`): the low nibbles of 5-, 6- and 7-bit codes as in the
+/// 4-bit layout, their high bits as 1-, 2- or 3-bit codes, 3-bit codes as 2 low bits and 1.
+///
+/// # Safety
+/// `group_code_bytes(BITS)` bytes at `p` must be readable.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[inline]
+unsafe fn widen<const BITS: u32>(p: *const u8) -> __m256i {
+    // SAFETY (all): each read stays inside the group's 4·BITS bytes.
+    unsafe {
+        match BITS {
+            2 => two_bits(p),
+            3 => _mm256_or_si256(two_bits(p), one_bit(p.add(8), 4)),
+            5 => _mm256_or_si256(nibbles(p), one_bit(p.add(16), 16)),
+            6 => _mm256_or_si256(nibbles(p), _mm256_slli_epi16::<4>(two_bits(p.add(16)))),
+            7 => {
+                let hi = _mm256_or_si256(two_bits(p.add(16)), one_bit(p.add(24), 4));
+                _mm256_or_si256(nibbles(p), _mm256_slli_epi16::<4>(hi))
+            }
+            4 => nibbles(p),
+            _ => _mm256_loadu_si256(p.cast()),
+        }
+    }
+}
+
+/// 16 bytes of the 4-bit layout (byte `k`: code `k` low, code `k + 16` high) as 32 codes.
+///
+/// # Safety
+/// 16 bytes at `p` must be readable.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[inline]
+unsafe fn nibbles(p: *const u8) -> __m256i {
+    // SAFETY: guaranteed by the caller.
+    let x = unsafe { _mm_loadu_si128(p.cast()) };
+    let lo = _mm_set1_epi8(0x0F);
+    _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16::<4>(x), lo), _mm_and_si128(x, lo))
+}
+
+/// 8 bytes of the 2-bit layout (byte `k`: code `8s + k` in bits `2s..2s+2`) as 32 codes.
+/// (Shifting a byte's codes left afterwards stays inside the byte: they are below 4.)
+///
+/// # Safety
+/// 8 bytes at `p` must be readable.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[inline]
+unsafe fn two_bits(p: *const u8) -> __m256i {
+    // SAFETY: guaranteed by the caller.
+    let x = unsafe { p.cast::<i64>().read_unaligned() };
+    // 64-bit lane s is x >> 2s: its byte k holds code 8s + k in its low two bits.
+    let lanes = _mm256_srlv_epi64(_mm256_set1_epi64x(x), _mm256_set_epi64x(6, 4, 2, 0));
+    _mm256_and_si256(lanes, _mm256_set1_epi8(3))
+}
+
+/// 4 bytes of the 1-bit layout (bit `i` of the little-endian word: code `i`) as 32 bytes of
+/// `value` or 0.
+///
+/// # Safety
+/// 4 bytes at `p` must be readable.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[inline]
+unsafe fn one_bit(p: *const u8, value: i8) -> __m256i {
+    // SAFETY: guaranteed by the caller.
+    let bits = unsafe { p.cast::<u32>().read_unaligned() };
+    _mm256_maskz_mov_epi8(bits, _mm256_set1_epi8(value))
+}
+
 /// One V pass: query rows `h0..h0+hb` (hb <= 4), groups `g0..g0+cg` (cg <= 2), 16 rows.
 ///
 /// # Safety
@@ -395,6 +490,9 @@ unsafe fn v_pass(vbits: u32, hb: usize, cg: usize, vp: *const u8, vrb: usize, ng
     }
     match vbits {
         8 => go!(8),
+        7 => go!(7),
+        6 => go!(6),
+        5 => go!(5),
         4 => go!(4),
         3 => go!(3),
         _ => go!(2),
@@ -486,6 +584,13 @@ unsafe fn group_values<const VB: u32>(p: *const u8, t: &Tables) -> (__m512, __m5
             4 => {
                 let b = _mm512_cvtepu8_epi32(_mm_loadu_si128(p.cast()));
                 (_mm512_permutexvar_ps(b, t.t4), _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(b), t.t4))
+            }
+            5..=7 => {
+                let w = widen::<VB>(p);
+                #[allow(clippy::cast_precision_loss)]
+                let off = _mm512_set1_ps((1u32 << (VB - 1)) as f32);
+                let f = |x: __m128i| _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(x)), off);
+                (f(_mm256_castsi256_si128(w)), f(_mm256_extracti128_si256::<1>(w)))
             }
             _ => {
                 // Byte k holds codes k, 8 + k, 16 + k, 24 + k in bit pairs 0, 2, 4, 6.

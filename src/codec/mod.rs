@@ -68,7 +68,7 @@ pub const GROUP: usize = quant::GROUP;
 
 /// Bit width of one K or V code. Every width has an AVX-512 row decoder; on AVX2, 7, 6 and 5
 /// bits (used by per-layer profiles, see [`crate::profile`]) take the generic body of
-/// `quant.rs`, and the VNNI decode kernel takes K at 8 or 4 bits and V at 8, 4, 3 or 2.
+/// `quant.rs`, and the VNNI decode kernel takes K and V at every width.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Quant {
     /// 8-bit codes.
