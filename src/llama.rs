@@ -293,6 +293,11 @@ impl Model {
         // SAFETY: valid model pointer.
         unsafe { sys::llama_model_n_head_kv(self.raw()) as usize }
     }
+    /// Tokens a sliding-window layer attends (0: no layer slides).
+    pub fn n_swa(&self) -> usize {
+        // SAFETY: valid model pointer.
+        usize::try_from(unsafe { sys::llama_model_n_swa(self.raw()) }).unwrap_or(0)
+    }
     pub fn n_embd(&self) -> usize {
         // SAFETY: valid model pointer.
         unsafe { sys::llama_model_n_embd(self.raw()) as usize }

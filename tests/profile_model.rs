@@ -4,10 +4,10 @@
 use std::path::PathBuf;
 
 use dspark::cli::backend::{BackendSpec, Runner};
-use dspark::cli::calibrate::{calibrate, model_id, Request};
+use dspark::cli::calibrate::{calibrate, layer_cells, model_id, profile_for, Request};
 use dspark::cli::{model_path, text};
 use dspark::llama::{Model, Placement};
-use dspark::profile::{side_bits, LayerWidths, ModelId, Profile, Sensitivity, Window, VERSION};
+use dspark::profile::{side_bits, Cells, LayerSensitivity, LayerWidths, ModelId, Profile, Sensitivity, Window, VERSION};
 
 fn temp_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("dspark-profile-{name}-{}", std::process::id()));
@@ -111,6 +111,40 @@ fn a_profile_for_another_model_is_refused() {
     std::fs::write(dir.join("v9.json"), std::fs::read_to_string(&short).unwrap().replace(&format!("\"dspark_profile\": {VERSION}"), "\"dspark_profile\": 9")).unwrap();
     let e = dspark::cli::backend::dspark_config(&format!("profile={}", dir.join("v9.json").display())).unwrap_err().to_string();
     assert!(e.contains("version 9"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// On Gemma 3 270M, 15 of 18 layers keep a ring of 1024 cells at ctx 2048: the allocation
+/// counts them so, and the bits the store then holds stay within the budget.
+#[test]
+fn a_profile_holds_its_budget_where_layers_keep_a_ring() {
+    let path = dspark::cli::second_model_path();
+    let r = Runner::new(path.clone());
+    let model = r.model(&BackendSpec::parse("dspark:f16").unwrap()).unwrap();
+    let cells = layer_cells(model, 2048).unwrap();
+    assert_eq!(cells.layers.iter().filter(|&&c| c == 1024).count(), 15, "{cells:?}");
+    assert_eq!(cells.layers.iter().filter(|&&c| c == 2048).count(), 3, "{cells:?}");
+    // Measurements that make every width worth its bits, each layer its own weight.
+    let n = model.n_layer();
+    let curve: Vec<f64> = (0..7).map(|i| 0.1 * 4f64.powi(-i)).collect();
+    let layers = (0..n).map(|l| LayerSensitivity { k: 0.001 * (1 + l % 5) as f64, v: 0.001 * (1 + l % 3) as f64 }).collect();
+    let sens = Sensitivity { curve_k: curve.clone(), curve_v: curve, layers };
+    let window = Window { cells: 0, bits: 8 };
+    let p = profile_for(model_id(model, &path), sens.clone(), "test".into(), 4.5, &cells, window).unwrap();
+    assert!(p.bits_per_elem <= 4.5 + 1e-9, "{}", p.bits_per_elem);
+    let counted_at_ctx = profile_for(model_id(model, &path), sens, "test".into(), 4.5, &Cells::uniform(n, 2048), window).unwrap();
+    assert!(cells.held_bits(&counted_at_ctx.layers, p.model.head_dim, window) > 4.5 + 0.05, "counting every layer at ctx would overrun");
+    let dir = temp_dir("ring");
+    let file = dir.join("p.json");
+    p.save(&file).unwrap();
+    let spec = BackendSpec::parse(&format!("dspark:profile={}", file.display())).unwrap();
+    let toks = text::prompt_tokens(model, &text::default_text().unwrap(), 2047).unwrap();
+    let mut ctx = r.context(&spec, 2048, 2).unwrap();
+    for (i, b) in toks.chunks(512).enumerate() {
+        ctx.decode(b, i * 512, 0, false).unwrap();
+    }
+    let held = r.kv_bits_per_elem(&ctx);
+    assert!(held <= 4.5 + 0.01 && held > 4.0, "held {held} bits per value, the profile counted {}", p.bits_per_elem);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

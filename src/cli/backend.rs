@@ -267,7 +267,8 @@ impl Runner {
             cells: if has_option(name, "window=") { cfg.window } else { super::calibrate::AUTO_WINDOW },
             bits: if has_option(name, "window_bits=") { cfg.window_bits } else { super::calibrate::AUTO_WINDOW_BITS },
         };
-        let path = super::calibrate::auto_profile(&self.path, bits, p.n_ctx as usize, window, p.n_threads as usize)?;
+        let cells = super::calibrate::layer_cells(self.model(&BackendSpec::Dspark("f16".into()))?, p.n_ctx as usize)?;
+        let path = super::calibrate::auto_profile(&self.path, &cells, bits, window, p.n_threads as usize)?;
         // The profile brings its window; the spec's other options follow it.
         let opts = name.split_once(':').map_or(String::new(), |(_, o)| format!(":{o}"));
         Ok(BackendSpec::Dspark(format!("profile={}{opts}", path.display())))

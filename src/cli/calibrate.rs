@@ -14,7 +14,7 @@ use super::{beside_model, default_threads, f16_weights_copy, model_path, text};
 use crate::ggml;
 use crate::llama::{Context, CtxParams, KvType, Model, Placement};
 use crate::codec::{Format, Quant};
-use crate::profile::{self, LayerSensitivity, LayerWidths, ModelId, Profile, Sensitivity, Window, PROBE, PROBE_LOW, WIDTHS};
+use crate::profile::{self, Cells, LayerSensitivity, LayerWidths, ModelId, Profile, Sensitivity, Window, PROBE, PROBE_LOW, WIDTHS};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct CalibrateArgs {
@@ -143,15 +143,15 @@ pub fn calibrate(path: &Path, r: &Request) -> Result<Profile> {
         bail!("--probe-ctx must be an even number of at least {least} tokens with --window {} (the sink page, the window and a page being filled are not compressed)", r.window.cells);
     }
     let base_cfg = ggml::Config { format: None, window: r.window.cells, ..ggml::Config::default() };
-    let (id, chunk) = {
+    let (id, chunk, cells) = {
         let model = Model::load(path, Placement::Offload(vec![ggml::register(base_cfg.clone())]))?;
         let toks = model.tokenize(r.text, true)?;
         if toks.len() < r.probe_ctx {
             bail!("the calibration text has {} tokens, fewer than --probe-ctx {}", toks.len(), r.probe_ctx);
         }
-        (model_id(&model, path), toks[..r.probe_ctx].to_vec())
+        (model_id(&model, path), toks[..r.probe_ctx].to_vec(), layer_cells(&model, r.ctx)?)
     };
-    profile::check_budget(id.head_dim, r.ctx, r.window, r.bits).map_err(|e| anyhow!("{e}"))?;
+    profile::check_budget(id.head_dim, &cells, r.window, r.bits).map_err(|e| anyhow!("{e}"))?;
     let t = Instant::now();
     let base = scored_logprobs(path, base_cfg, &chunk, r.threads)?;
     let runs = 2 * (WIDTHS.end() - WIDTHS.start()) as usize + 2 + 2 * id.n_layer;
@@ -183,14 +183,29 @@ pub fn calibrate(path: &Path, r: &Request) -> Result<Profile> {
     let sens = Sensitivity { curve_k, curve_v, layers };
     eprintln!("\rcalibrated {} layers in {:.0} s{}", id.n_layer, t.elapsed().as_secs_f64(), " ".repeat(20));
     let calibration = format!("{}, first {} tokens, KL divergence of the last {} against f16 KV", r.text_name, r.probe_ctx, r.probe_ctx / 2 - 1);
-    profile_for(id, sens, calibration, r.bits, r.ctx, r.window)
+    profile_for(id, sens, calibration, r.bits, &cells, r.window)
 }
 
-/// The profile that spends `bits` per value at `ctx` as the measurements `sens` advise.
-pub fn profile_for(model: ModelId, sensitivity: Sensitivity, calibration: String, bits: f64, ctx: usize, window: Window) -> Result<Profile> {
-    let d = model.head_dim;
-    let (layers, predicted_kld) = profile::allocate(&sensitivity, d, ctx, window, bits).map_err(|e| anyhow!("{e}"))?;
-    let held = layers.iter().map(|l| profile::side_bits(l.k, d, ctx, window) + profile::side_bits(l.v, d, ctx, window)).sum::<f64>() / (2 * layers.len()) as f64;
+/// The cells each layer of `model` (loaded on a DSpark device) holds at context `ctx`:
+/// `ctx` for every layer unless some layers attend a sliding window, whose rings are then
+/// read from the device as a context of `ctx` allocates them.
+pub fn layer_cells(model: &Model, ctx: usize) -> Result<Cells> {
+    if model.n_swa() == 0 {
+        return Ok(Cells::uniform(model.n_layer(), ctx));
+    }
+    let &dev = model.devices().first().ok_or_else(|| anyhow!("layer_cells: the model is not on a DSpark device"))?;
+    let (made, cells) = ggml::layer_cells(dev, || Context::new(model, &CtxParams::new(ctx as u32, 1, KvType::F16)));
+    drop(made?);
+    // llama.cpp pads the context (to 256 cells): a layer holds at most `ctx` of them.
+    Ok(Cells { ctx, layers: (0..model.n_layer()).map(|l| cells.get(l).map_or(0, |&c| c.min(ctx))).collect() })
+}
+
+/// The profile that spends `bits` per value, over the cells each layer holds at the context
+/// `cells` was counted for, as the measurements `sens` advise.
+pub fn profile_for(model: ModelId, sensitivity: Sensitivity, calibration: String, bits: f64, cells: &Cells, window: Window) -> Result<Profile> {
+    let (d, ctx) = (model.head_dim, cells.ctx);
+    let (layers, predicted_kld) = profile::allocate(&sensitivity, d, cells, window, bits).map_err(|e| anyhow!("{e}"))?;
+    let held = cells.held_bits(&layers, d, window);
     let (window, window_bits) = (window.cells, window.bits);
     Ok(Profile { dspark_profile: profile::VERSION, model, bits, ctx, window, window_bits, bits_per_elem: held, predicted_kld, calibration, layers, sensitivity, source: String::new() })
 }
@@ -230,7 +245,8 @@ pub const AUTO_WINDOW_BITS: u32 = 8;
 /// measurements (made once per model and window, on the default calibration text) and saved
 /// next to the model. The allocation is made again each time (it takes microseconds), so a
 /// build whose allocation changed never runs a stale profile.
-pub fn auto_profile(model: &Path, bits: f64, ctx: usize, window: Window, threads: usize) -> Result<PathBuf> {
+pub fn auto_profile(model: &Path, cells: &Cells, bits: f64, window: Window, threads: usize) -> Result<PathBuf> {
+    let ctx = cells.ctx;
     let path = auto_profile_path(model, bits, ctx, window);
     let measured = beside_model(model, &format!(".dspark-calibration-{}.json", window_tag(window)));
     let m = match Profile::load(&measured) {
@@ -243,7 +259,7 @@ pub fn auto_profile(model: &Path, bits: f64, ctx: usize, window: Window, threads
             p
         }
     };
-    let p = profile_for(m.model, m.sensitivity, m.calibration, bits, ctx, window)?;
+    let p = profile_for(m.model, m.sensitivity, m.calibration, bits, cells, window)?;
     if !Profile::load(&path).is_ok_and(|old| old.layers == p.layers && old.bits_per_elem == p.bits_per_elem) {
         p.save(&path).map_err(|e| anyhow!("{e}"))?;
     }
@@ -275,9 +291,9 @@ pub fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
             if old.window() != window {
                 bail!("{} was measured with a {}; pass --window {} --window-bits {} (or calibrate again)", from.display(), old.window(), old.window, old.window_bits);
             }
-            let model = Model::load(&path, Placement::Cpu)?;
+            let model = Model::load(&path, Placement::Offload(vec![ggml::register(ggml::Config { format: None, ..ggml::Config::default() })]))?;
             old.check_model(&model_id(&model, &path)).map_err(|e| anyhow!("{e}"))?;
-            profile_for(old.model, old.sensitivity, old.calibration, a.bits, a.ctx, window)?
+            profile_for(old.model, old.sensitivity, old.calibration, a.bits, &layer_cells(&model, a.ctx)?, window)?
         }
         None => {
             let text = match &a.file {

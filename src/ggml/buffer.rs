@@ -62,6 +62,8 @@ pub(crate) struct KvEntry {
     tier: Option<Arc<Tier>>,
     /// The model layer (from the tensor's name, `cache_k_l<layer>`).
     pub layer: Option<usize>,
+    /// Whether it holds K (`cache_k_l<layer>`), not V.
+    pub is_k: bool,
     /// The cells (stream, first, cells) the latest attention over this KV read: with a
     /// budget, the transfer stream prefetches these for the next call (page selection
     /// changes little from one token to the next).
@@ -69,10 +71,12 @@ pub(crate) struct KvEntry {
 }
 
 impl KvEntry {
-    fn new(addr: usize, row_len: usize, cells: usize, streams: usize, cfg: StoreConfig, tier: Option<Arc<Tier>>, layer: Option<usize>) -> Result<KvEntry, String> {
+    #[allow(clippy::too_many_arguments)]
+    fn new(addr: usize, row_len: usize, cells: usize, streams: usize, cfg: StoreConfig, tier: Option<Arc<Tier>>, layer: Option<usize>, is_k: bool) -> Result<KvEntry, String> {
         Ok(KvEntry {
             addr,
             layer,
+            is_k,
             last_reads: Mutex::new(None),
             row_len,
             cells,
@@ -129,6 +133,11 @@ impl KvEntry {
         *old = new;
         let _ = self.head_dim.set(head_dim);
         Ok(())
+    }
+
+    /// Cells of all its streams.
+    pub fn cells(&self) -> usize {
+        self.cells * self.streams
     }
 
     pub fn read(&self) -> RwLockReadGuard<'_, KvStore> {
@@ -398,7 +407,7 @@ fn new_entry(ctx: &BufferCtx, kv: KvRoot, name: &str, addr: usize) -> Result<Arc
     }
     let cfg = StoreConfig { quant, window: c.window, digests: kv.is_k && c.attn_budget > 0, centered: c.center, window_quant: c.window_quant() };
     let tier = ctx.dev.budget()?.map(|b| b.tier.clone());
-    let entry = Arc::new(KvEntry::new(addr, kv.row_len, kv.cells, kv.streams, cfg, tier, layer)?);
+    let entry = Arc::new(KvEntry::new(addr, kv.row_len, kv.cells, kv.streams, cfg, tier, layer, kv.is_k)?);
     ctx.dev.track(&entry);
     map.insert(addr, entry.clone());
     Ok(entry)

@@ -301,6 +301,28 @@ unsafe extern "C" fn dev_supports_buft(d: ll::ggml_backend_dev_t, b: ll::ggml_ba
 
 pub use crate::kv::Stats;
 
+/// Runs `make` (which creates a llama.cpp context on DSpark device `dev`) and returns what
+/// it made with the cells of each model layer's KV cache (K) that it allocated there, as
+/// `cells[layer]` (0 for a layer not on `dev`): a layer that attends a sliding window keeps
+/// a ring of fewer cells than the context. Caches of other contexts on `dev` are not counted.
+pub fn layer_cells<T>(dev: ll::ggml_backend_dev_t, make: impl FnOnce() -> T) -> (T, Vec<usize>) {
+    let ours = registry_obj().devices.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|d| d.0.cast() == dev);
+    // SAFETY: `dev` is one of ours when `ours`.
+    let entries = || if ours { unsafe { dev_ctx(dev) }.entries() } else { Vec::new() };
+    let before: Vec<*const KvEntry> = entries().iter().map(Arc::as_ptr).collect();
+    let made = make();
+    let mut cells = Vec::new();
+    for e in entries().into_iter().filter(|e| !before.contains(&Arc::as_ptr(e))) {
+        if let (Some(l), true) = (e.layer, e.is_k) {
+            if cells.len() <= l {
+                cells.resize(l + 1, 0);
+            }
+            cells[l] += e.cells();
+        }
+    }
+    (made, cells)
+}
+
 impl Stats {
     /// The figures now, all DSpark devices together.
     pub fn now() -> Stats {

@@ -22,7 +22,7 @@ mod log;
 pub mod rpc;
 pub mod sys;
 
-pub use device::{list_registry, register, Stats};
+pub use device::{layer_cells, list_registry, register, Stats};
 /// The registry, for the plugin entry point (`capi::plugin`).
 pub(crate) use device::registry;
 pub(crate) use log::{log_error, log_warn};
