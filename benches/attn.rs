@@ -450,7 +450,7 @@ fn quick() {
     let rounds: usize = std::env::var("DSPARK_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(15);
     let mut fmts: Vec<Option<Format>> = vec![None];
     fmts.extend(Format::ALL_PRESETS.iter().copied().map(Some));
-    fmts.extend(["k5v5", "k6v6"].map(|f| Format::parse(f).ok()));
+    fmts.extend(["k5v5", "k6v6", "k7v7", "k3v3"].map(|f| Format::parse(f).ok()));
     let clock = if nt == 1 { "thread CPU time" } else { "wall time" };
     let (mem, cache) = (read_bandwidth(512 << 20, nt), read_bandwidth(4 << 20, nt));
     println!("## Read bandwidth, {nt} threads (STREAM-like sum): {mem:.1} GB/s from a 512 MiB buffer (memory), {cache:.1} GB/s from a 4 MiB one (caches)\n");
