@@ -81,13 +81,13 @@ fn a_profile_sets_each_layers_widths() {
     assert!(logits.iter().all(|x| x.is_finite()));
     let cost = |w: Window| (0..m.n_layer).map(|l| side_bits(widths(l).0, m.head_dim, TOKENS, w) + side_bits(widths(l).1, m.head_dim, TOKENS, w)).sum::<f64>() / (2 * m.n_layer) as f64;
     let want = cost(Window { cells: 0, bits: 16 });
-    assert!((bits - want).abs() < 0.01, "bits/elem {bits}, the widths cost {want}");
+    assert!((bits - want).abs() < 0.002, "bits/elem {bits}, the widths cost {want}");
     // The same widths with the sink page in 8-bit codes: it costs what the accounting says.
     let mixed8 = write_profile_with(&dir, "mixed8.json", &m, 8, widths);
     let (logits, bits8) = last_logits(&r, &format!("dspark:profile={}", mixed8.display()));
     assert!(logits.iter().all(|x| x.is_finite()));
     let want8 = cost(Window { cells: 0, bits: 8 });
-    assert!((bits8 - want8).abs() < 0.01 && bits8 < bits, "bits/elem {bits8}, the widths cost {want8}");
+    assert!((bits8 - want8).abs() < 0.002 && bits8 < bits, "bits/elem {bits8}, the widths cost {want8}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
