@@ -63,6 +63,22 @@ fn scratch<'a, T: Copy, const N: usize>(stack: &'a mut [MaybeUninit<T>; N], heap
     unsafe { std::slice::from_raw_parts_mut(stack.as_mut_ptr().cast::<T>(), n) }
 }
 
+/// Expands `$go!(b)` with the code width `$bits` (2 to 8) as a literal, so that each width
+/// gets its own instance of the kernels.
+macro_rules! with_width {
+    ($bits:expr, $go:ident) => {
+        match $bits {
+            8 => $go!(8),
+            7 => $go!(7),
+            6 => $go!(6),
+            5 => $go!(5),
+            4 => $go!(4),
+            3 => $go!(3),
+            _ => $go!(2),
+        }
+    };
+}
+
 /// Decode attention over `job.n` packed rows (see the module docs). `max`, `sum` and `acc`
 /// (`m × d`, rotated space) are the online-softmax state of the job's `m` query rows;
 /// `plain` (`m × d` or empty) is their f16-V accumulator, rescaled when a max grows.
@@ -145,15 +161,7 @@ pub fn decode_packed_avx512(job: &DecodeJob, max: &mut [f32], sum: &mut [f32], a
                         }
                     };
                 }
-                match job.kbits {
-                    8 => go!(8),
-                    7 => go!(7),
-                    6 => go!(6),
-                    5 => go!(5),
-                    4 => go!(4),
-                    3 => go!(3),
-                    _ => go!(2),
-                }
+                with_width!(job.kbits, go);
             }
             h0 += hb;
         }
@@ -488,15 +496,7 @@ unsafe fn v_pass(vbits: u32, hb: usize, cg: usize, vp: *const u8, vrb: usize, ng
             }
         };
     }
-    match vbits {
-        8 => go!(8),
-        7 => go!(7),
-        6 => go!(6),
-        5 => go!(5),
-        4 => go!(4),
-        3 => go!(3),
-        _ => go!(2),
-    }
+    with_width!(vbits, go);
 }
 
 /// See [`v_pass`]; `H` query rows, `C` groups, `VB` bits.
