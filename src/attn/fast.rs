@@ -17,7 +17,7 @@ use half::slice::HalfFloatSliceExt;
 pub(crate) const TILE: usize = 32;
 
 /// Most query rows (queries × heads of one group) the packed decode kernel takes per item.
-const QUERY_ROWS: usize = 32;
+const QUERY_ROWS: usize = 128;
 
 /// Query rows per item: every K/V tile an item reads is decoded once for all of them, so more
 /// rows amortise decoding (prefill over a deep compressed cache decodes each tile once per
@@ -25,7 +25,7 @@ const QUERY_ROWS: usize = 32;
 /// values per accumulator: 128 rows at head size 64 (measured: prefill of 512 queries over
 /// 8192 k4v4 rows, 100 ms at 32 rows, 80 at 128, 111 at 256), 64 at 128.
 fn query_rows(d: usize) -> usize {
-    (8192 / d).clamp(QUERY_ROWS, 128)
+    (8192 / d).clamp(32, QUERY_ROWS)
 }
 
 /// Query rows from which the transposed (prefill) kernels are used.
@@ -500,7 +500,8 @@ pub(crate) fn run_item<F: Flavor>(ctx: &Ctx, it: &Item) -> Partial {
         transpose(&w.b.q_plain, m, d, w.mp, &mut w.b.qt_plain);
         transpose(&w.b.q_rot, m, d, w.mp, &mut w.b.qt_rot);
         w.b.stt.resize(TILE * w.mp, 0.0);
-    } else if F::PACKED_DECODE {
+    }
+    if F::PACKED_DECODE {
         w.iq = item_q(ctx, it, &mut w.b.iq);
     }
     let mut base = 0;

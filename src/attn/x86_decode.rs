@@ -39,9 +39,9 @@ const HB: usize = 4;
 
 /// Scratch sizes kept on the stack: query rows (the packed path takes fewer than 16), groups
 /// of 32 values (head size 512), V weights (m·ng·16 floats; 3 rows × 2 groups = 96 here).
-const ROWS_STACK: usize = 16;
+const ROWS_STACK: usize = 128;
 const NG_STACK: usize = 16;
-const AW_STACK: usize = 1024;
+const AW_STACK: usize = 4096;
 
 fn uninit<T, const N: usize>() -> [MaybeUninit<T>; N] {
     [const { MaybeUninit::uninit() }; N]
@@ -125,6 +125,8 @@ pub fn decode_packed_avx512(job: &DecodeJob, max: &mut [f32], sum: &mut [f32], a
     let aw = scratch(&mut s4, &mut h4, m * ng * B, 0.0);
     let kc = scratch(&mut s5, &mut h5, ng, _mm512_setzero_si512());
     let vc = scratch(&mut s6, &mut h6, ng, zero);
+    let (mut s7, mut h7) = (uninit::<[__m512i; 8], NG_STACK>(), Vec::new());
+    let kcodes = scratch(&mut s7, &mut h7, ng, [_mm512_setzero_si512(); 8]);
 
     for blk in 0..n / B {
         let r0 = blk * B;
@@ -145,23 +147,25 @@ pub fn decode_packed_avx512(job: &DecodeJob, max: &mut [f32], sum: &mut [f32], a
         // SAFETY: as above.
         let sv = unsafe { headers(vp, job.vrb, vidx, ng, &mut [], true, vc) };
 
-        // 1. K scores, up to 4 query rows per pass over the codes.
+        // 1. K scores: the block's codes laid out once, then up to 4 query rows per pass.
+        // SAFETY: `kp` points at 16 rows of `krb` bytes (see above).
+        unsafe {
+            macro_rules! go {
+                ($kb:literal) => {
+                    k_codes::<$kb>(kp, job.krb, ng, kcodes)
+                };
+            }
+            with_width!(job.kbits, go);
+        }
+        let off = 1i32 << (job.kbits - 1);
         let mut h0 = 0;
         while h0 < m {
             let hb = (m - h0).min(HB);
-            // SAFETY: `kp` points at 16 rows of `krb` bytes (see above).
-            unsafe {
-                macro_rules! go {
-                    ($kb:literal) => {
-                        match hb {
-                            4 => k_scores::<$kb, 4>(kp, job, h0, kc, sacc),
-                            3 => k_scores::<$kb, 3>(kp, job, h0, kc, sacc),
-                            2 => k_scores::<$kb, 2>(kp, job, h0, kc, sacc),
-                            _ => k_scores::<$kb, 1>(kp, job, h0, kc, sacc),
-                        }
-                    };
-                }
-                with_width!(job.kbits, go);
+            match hb {
+                4 => k_scores::<4>(kcodes, off, job, h0, kc, sacc),
+                3 => k_scores::<3>(kcodes, off, job, h0, kc, sacc),
+                2 => k_scores::<2>(kcodes, off, job, h0, kc, sacc),
+                _ => k_scores::<1>(kcodes, off, job, h0, kc, sacc),
             }
             h0 += hb;
         }
@@ -220,34 +224,44 @@ pub fn decode_packed_avx512(job: &DecodeJob, max: &mut [f32], sum: &mut [f32], a
     }
 }
 
-/// Unscaled scores (`Σ_g c_g · step_g · Σ q8·(code − offset)`, before the row scale) of
-/// query rows `h0..h0+H` for the 16 rows at `kp`, into `sacc[h0..h0+H]`. The H dot chains
-/// run interleaved so that `vpdpbusd` latency is hidden.
+/// The codes of the 16 rows at `kp` (`KB` bits, `rb` bytes per row), group by group, laid
+/// out for `vpdpbusd`: `codes[g][j]` holds codes `4j..4j+4` of group `g` of each row, one
+/// byte each. Laid out once per block and read by every pass of query rows (a prefill item
+/// has up to 128).
 ///
 /// # Safety
-/// `kp` points at 16 rows of `job.krb` bytes in the `KB`-bit format; `h0 + H <= job.m`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+/// `kp` points at 16 rows of `rb` bytes in the `KB`-bit format of `32·ng` values.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 #[inline]
-unsafe fn k_scores<const KB: u32, const H: usize>(kp: *const u8, job: &DecodeJob, h0: usize, kc: &[__m512i], sacc: &mut [__m512]) {
-    let ng = job.d / GROUP;
+unsafe fn k_codes<const KB: u32>(kp: *const u8, rb: usize, ng: usize, codes: &mut [[__m512i; 8]]) {
     let gb = group_code_bytes(KB);
-    let off = 1i32 << (KB - 1);
-    let mut s = [_mm512_setzero_ps(); H];
-    for g in 0..ng {
-        // SAFETY: group g's codes lie at HEADER + ng + g·gb .. + gb of each row.
-        let codes = unsafe {
+    for (g, c) in codes[..ng].iter_mut().enumerate() {
+        // SAFETY: group g's codes lie at HEADER + ng + g·gb .. + gb of each row (caller).
+        *c = unsafe {
             let p = kp.add(HEADER + ng + g * gb);
             match KB {
-                4 => codes4(p, job.krb),
-                8 => codes8(p, job.krb),
-                _ => codes_widened::<KB>(p, job.krb),
+                4 => codes4(p, rb),
+                8 => codes8(p, rb),
+                _ => codes_widened::<KB>(p, rb),
             }
         };
+    }
+}
+
+/// Unscaled scores (`Σ_g c_g · step_g · Σ q8·(code − offset)`, before the row scale) of
+/// query rows `h0..h0+H` for the 16 rows whose codes [`k_codes`] laid out, into
+/// `sacc[h0..h0+H]`. The H dot chains run interleaved so that `vpdpbusd` latency is hidden.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+fn k_scores<const H: usize>(codes: &[[__m512i; 8]], off: i32, job: &DecodeJob, h0: usize, kc: &[__m512i], sacc: &mut [__m512]) {
+    let ng = job.d / GROUP;
+    let mut s = [_mm512_setzero_ps(); H];
+    for (g, cg) in codes[..ng].iter().enumerate() {
         let mut t = [_mm512_setzero_si512(); H];
         for (i, x) in t.iter_mut().enumerate() {
             *x = _mm512_set1_epi32(-off * job.qsum[(h0 + i) * ng + g]);
         }
-        for (j, cj) in codes.iter().enumerate() {
+        for (j, cj) in cg.iter().enumerate() {
             for (i, x) in t.iter_mut().enumerate() {
                 *x = _mm512_dpbusd_epi32(*x, *cj, _mm512_set1_epi32(job.q32[((h0 + i) * ng + g) * 8 + j]));
             }
