@@ -1,5 +1,5 @@
-//! Decode attention over packed K/V rows with AVX-512 VNNI: integer K scores, 16 rows per
-//! vector, V accumulated straight from its codes.
+//! Attention over packed K/V rows with AVX-512 VNNI (decode, and prefill items of up to 128
+//! query rows): integer K scores, 16 rows per vector, V accumulated straight from its codes.
 //!
 //! Per block of 16 rows (one [`DecodeJob`] run of one segment):
 //! 1. **K scores, transposed.** For each group of 32 values the 16 rows' code bytes are
