@@ -322,9 +322,13 @@ impl Cells {
 
     /// Bits per value of one side of `layer` at width `bits`, weighted by the layer's share of
     /// all cells (so that the mean over the sides is the bits per value held).
+    /// A layer that holds no cells (none on the device) costs nothing.
     fn weighted_bits(&self, layer: usize, bits: u32, head_dim: usize, window: Window) -> f64 {
-        let mean = self.layers.iter().sum::<usize>() as f64 / self.layers.len() as f64;
-        side_bits(bits, head_dim, self.layers[layer], window) * self.layers[layer] as f64 / mean
+        let (cells, total) = (self.layers[layer], self.layers.iter().sum::<usize>());
+        if cells == 0 {
+            return 0.0;
+        }
+        side_bits(bits, head_dim, cells, window) * (cells * self.layers.len()) as f64 / total as f64
     }
 
     /// Bits per value held with these widths, everything counted.
@@ -483,6 +487,13 @@ mod tests {
         let (same, _) = allocate(&sens, d, &Cells::uniform(8, 2048), w, 4.5).unwrap();
         assert!(cells.held_bits(&same, d, w) > 4.5, "counted at ctx, the ring layers' kept pages were missed");
         assert!(allocate(&sens, d, &Cells::uniform(3, 2048), w, 4.5).unwrap_err().contains("3 layers"));
+        // A layer with no cells on the device costs nothing and leaves the others' budget whole.
+        let mut some = vec![2048; 8];
+        some[3] = 0;
+        let some = Cells { ctx: 2048, layers: some };
+        let (widths, _) = allocate(&sens, d, &some, w, 4.5).unwrap();
+        let held = some.held_bits(&widths, d, w);
+        assert!(held.is_finite() && held <= 4.5 + 1e-9 && held > 4.0, "held {held}");
     }
 
     #[test]

@@ -121,7 +121,7 @@ fn a_profile_holds_its_budget_where_layers_keep_a_ring() {
     let path = dspark::cli::second_model_path();
     let r = Runner::new(path.clone());
     let model = r.model(&BackendSpec::parse("dspark:f16").unwrap()).unwrap();
-    let cells = layer_cells(model, 2048).unwrap();
+    let cells = layer_cells(model, || Ok(model), 2048).unwrap();
     assert_eq!(cells.layers.iter().filter(|&&c| c == 1024).count(), 15, "{cells:?}");
     assert_eq!(cells.layers.iter().filter(|&&c| c == 2048).count(), 3, "{cells:?}");
     // Measurements that make every width worth its bits, each layer its own weight.

@@ -267,11 +267,8 @@ impl Runner {
             cells: if has_option(name, "window=") { cfg.window } else { super::calibrate::AUTO_WINDOW },
             bits: if has_option(name, "window_bits=") { cfg.window_bits } else { super::calibrate::AUTO_WINDOW_BITS },
         };
-        // Sliding-window layers' rings are read from a DSpark device; without them the stock
-        // model (loaded for the tokenizer) says all there is.
         let stock = self.model(&BackendSpec::Stock(KvType::F16))?;
-        let on_device = if stock.n_swa() == 0 { stock } else { self.model(&BackendSpec::Dspark("f16".into()))? };
-        let cells = super::calibrate::layer_cells(on_device, p.n_ctx as usize)?;
+        let cells = super::calibrate::layer_cells(stock, || self.model(&BackendSpec::Dspark("f16".into())), p.n_ctx as usize)?;
         let path = super::calibrate::auto_profile(&self.path, &cells, bits, window, p.n_threads as usize)?;
         // The profile brings its window; the spec's other options follow it.
         let opts = name.split_once(':').map_or(String::new(), |(_, o)| format!(":{o}"));

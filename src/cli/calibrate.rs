@@ -149,7 +149,7 @@ pub fn calibrate(path: &Path, r: &Request) -> Result<Profile> {
         if toks.len() < r.probe_ctx {
             bail!("the calibration text has {} tokens, fewer than --probe-ctx {}", toks.len(), r.probe_ctx);
         }
-        (model_id(&model, path), toks[..r.probe_ctx].to_vec(), layer_cells(&model, r.ctx)?)
+        (model_id(&model, path), toks[..r.probe_ctx].to_vec(), layer_cells(&model, || Ok(&model), r.ctx)?)
     };
     profile::check_budget(id.head_dim, &cells, r.window, r.bits).map_err(|e| anyhow!("{e}"))?;
     let t = Instant::now();
@@ -186,15 +186,17 @@ pub fn calibrate(path: &Path, r: &Request) -> Result<Profile> {
     profile_for(id, sens, calibration, r.bits, &cells, r.window)
 }
 
-/// The cells each layer of `model` (loaded on a DSpark device) holds at context `ctx`:
-/// `ctx` for every layer unless some layers attend a sliding window, whose rings are then
-/// read from the device as a context of `ctx` allocates them.
-pub fn layer_cells(model: &Model, ctx: usize) -> Result<Cells> {
+/// The cells each layer of `model` holds at context `ctx`: `ctx` for every layer unless some
+/// layers attend a sliding window, whose rings are then read from a DSpark device as a
+/// context of `ctx` allocates them, on the model `on_device` gives (the same model loaded on
+/// a DSpark device; asked for only then).
+pub fn layer_cells<'m>(model: &Model, on_device: impl FnOnce() -> Result<&'m Model>, ctx: usize) -> Result<Cells> {
     if model.n_swa() == 0 {
         return Ok(Cells::uniform(model.n_layer(), ctx));
     }
-    let &dev = model.devices().first().ok_or_else(|| anyhow!("layer_cells: the model is not on a DSpark device"))?;
-    let (made, cells) = ggml::layer_cells(dev, || Context::new(model, &CtxParams::new(ctx as u32, 1, KvType::F16)));
+    let on_device = on_device()?;
+    let &dev = on_device.devices().first().ok_or_else(|| anyhow!("layer_cells: the model is not on a DSpark device"))?;
+    let (made, cells) = ggml::layer_cells(dev, || Context::new(on_device, &CtxParams::new(ctx as u32, 1, KvType::F16)));
     drop(made?);
     // llama.cpp pads the context (to 256 cells): a layer holds at most `ctx` of them.
     Ok(Cells { ctx, layers: (0..model.n_layer()).map(|l| cells.get(l).map_or(0, |&c| c.min(ctx))).collect() })
@@ -291,9 +293,14 @@ pub fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
             if old.window() != window {
                 bail!("{} was measured with a {}; pass --window {} --window-bits {} (or calibrate again)", from.display(), old.window(), old.window, old.window_bits);
             }
-            let model = Model::load(&path, Placement::Offload(vec![ggml::register(ggml::Config { format: None, ..ggml::Config::default() })]))?;
+            let model = Model::load(&path, Placement::Cpu)?;
             old.check_model(&model_id(&model, &path)).map_err(|e| anyhow!("{e}"))?;
-            profile_for(old.model, old.sensitivity, old.calibration, a.bits, &layer_cells(&model, a.ctx)?, window)?
+            let on_device = std::cell::OnceCell::new();
+            let load = || -> Result<&Model> {
+                let m = Model::load(&path, Placement::Offload(vec![ggml::register(ggml::Config { format: None, ..ggml::Config::default() })]))?;
+                Ok(on_device.get_or_init(|| m))
+            };
+            profile_for(old.model, old.sensitivity, old.calibration, a.bits, &layer_cells(&model, load, a.ctx)?, window)?
         }
         None => {
             let text = match &a.file {
