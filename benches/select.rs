@@ -23,7 +23,7 @@ const BUDGET: usize = 2048;
 /// A K store of `depth` cells whose rows have a per-channel offset and scale and drift
 /// slowly with the position, the shape of real post-RoPE keys.
 fn store(depth: usize, rng: &mut StdRng) -> KvStore {
-    let cfg = StoreConfig { quant: Some(Quant::Q4), window: 128, digests: true, centered: true, window_quant: None };
+    let cfg = StoreConfig { quant: Some(Quant::Q4), window: 128, digests: true, centered: true, window_quant: None, recent: 0 };
     let mut s = KvStore::new(cfg, HEADS, D, depth, 1).expect("store");
     let offset: Vec<f32> = (0..HEADS * D).map(|_| rng.gen_range(-2.0..2.0)).collect();
     let scale: Vec<f32> = (0..HEADS * D).map(|i| if i % 16 == 3 { 6.0 } else { rng.gen_range(0.5..1.5) }).collect();

@@ -146,6 +146,9 @@ pub struct Profile {
     /// profiles before this field) or a code width ([`crate::kv::StoreConfig::window_quant`]).
     #[serde(default = "f16_bits")]
     pub window_bits: u32,
+    /// The latest rows kept in f16 besides their codes ([`crate::kv::StoreConfig::recent`]).
+    #[serde(default)]
+    pub recent: usize,
     /// Bits per value this profile holds at `ctx` (at most `bits`).
     pub bits_per_elem: f64,
     /// Predicted mean KL divergence against f16 KV (see the module documentation).
@@ -171,6 +174,8 @@ fn f16_bits() -> u32 {
 pub struct Window {
     pub cells: usize,
     pub bits: u32,
+    /// The latest rows, kept in f16 besides their codes ([`crate::kv::StoreConfig::recent`]).
+    pub recent: usize,
 }
 
 impl Window {
@@ -188,9 +193,13 @@ impl Window {
 impl std::fmt::Display for Window {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.bits {
-            F16_BITS => write!(f, "{}-cell f16 window", self.cells),
-            b => write!(f, "{}-cell window in {b}-bit codes", self.cells),
+            F16_BITS => write!(f, "{}-cell f16 window", self.cells)?,
+            b => write!(f, "{}-cell window in {b}-bit codes", self.cells)?,
         }
+        if self.recent > 0 {
+            write!(f, ", the latest {} rows also in f16", self.recent)?;
+        }
+        Ok(())
     }
 }
 
@@ -206,7 +215,7 @@ impl Profile {
     /// What the profile's budget assumed the store keeps out of compression.
     #[must_use]
     pub fn window(&self) -> Window {
-        Window { cells: self.window, bits: self.window_bits }
+        Window { cells: self.window, bits: self.window_bits, recent: self.recent }
     }
 
     /// Reads and checks a profile file.
@@ -297,7 +306,9 @@ pub fn side_bits(bits: u32, head_dim: usize, ctx: usize, window: Window) -> f64 
     let rows = RowCodec::new(q, head_dim).expect("head size checked by the caller");
     let packed = PageCodec { rows, n_head: 1, centered: true }.bits_per_elem();
     let kept = kept_cells(ctx, window.cells) as f64;
-    (kept * window.bits_per_value(head_dim) + (allocated - kept) * packed) / ctx as f64
+    // The f16 copies of the latest rows, and the cell each is for (4 bytes a row).
+    let recent = window.recent as f64 * (16.0 + 32.0 / head_dim as f64);
+    (kept * window.bits_per_value(head_dim) + (allocated - kept) * packed + recent) / ctx as f64
 }
 
 /// What the store holds for each layer at a context: `cells[layer]` cells of K and as many
@@ -451,7 +462,7 @@ mod tests {
     #[test]
     fn the_allocation_spends_the_budget_where_the_error_is() {
         let sens = sensitivity();
-        let (d, ctx, w) = (64, 2048, Window { cells: 128, bits: 16 });
+        let (d, ctx, w) = (64, 2048, Window { cells: 128, bits: 16, recent: 0 });
         let cells = Cells::uniform(8, ctx);
         let (widths, predicted) = allocate(&sens, d, &cells, w, 5.0).unwrap();
         let spent: f64 = widths.iter().map(|l| side_bits(l.k, d, ctx, w) + side_bits(l.v, d, ctx, w)).sum::<f64>() / 16.0;
@@ -475,7 +486,7 @@ mod tests {
     #[test]
     fn layers_with_fewer_cells_weigh_their_share() {
         let sens = sensitivity();
-        let (d, w) = (64, Window { cells: 0, bits: 8 });
+        let (d, w) = (64, Window { cells: 0, bits: 8, recent: 0 });
         let mut ring = vec![512; 8];
         ring[0] = 2048;
         ring[5] = 2048;

@@ -10,7 +10,7 @@ const HEADS: usize = 3;
 const D: usize = 64;
 
 fn store(cells: usize) -> KvStore {
-    KvStore::new(StoreConfig { quant: Some(Quant::Q4), window: 128, digests: false, centered: true, window_quant: None }, HEADS, D, cells, 1).unwrap()
+    KvStore::new(StoreConfig { quant: Some(Quant::Q4), window: 128, digests: false, centered: true, window_quant: None, recent: 0 }, HEADS, D, cells, 1).unwrap()
 }
 
 fn write(s: &mut KvStore, cells: std::ops::Range<usize>) {
@@ -62,7 +62,7 @@ fn a_rewrite_in_place_does_not_make_a_page_recent() {
 
 #[test]
 fn an_empty_store_costs_no_page_table() {
-    let s = KvStore::new(StoreConfig { quant: Some(Quant::Q4), window: 128, digests: false, centered: true, window_quant: None }, 8, 128, 1 << 30, 4).unwrap();
+    let s = KvStore::new(StoreConfig { quant: Some(Quant::Q4), window: 128, digests: false, centered: true, window_quant: None, recent: 0 }, 8, 128, 1 << 30, 4).unwrap();
     assert_eq!(s.bytes(), 0);
     assert!((0..4).all(|st| s.pages_allocated_span(st) == 0));
     let mut s = s;
@@ -200,7 +200,7 @@ mod tier {
 /// dense.
 #[test]
 fn selection_keeps_the_sinks_and_the_window_and_picks_the_matching_page() {
-    let mut s = KvStore::new(StoreConfig { quant: Some(Quant::Q4), window: 128, digests: true, centered: true, window_quant: None }, HEADS, D, 1024, 1).unwrap();
+    let mut s = KvStore::new(StoreConfig { quant: Some(Quant::Q4), window: 128, digests: true, centered: true, window_quant: None, recent: 0 }, HEADS, D, 1024, 1).unwrap();
     let mut row = vec![0.0f32; HEADS * D];
     for c in 0..1024 {
         for (i, x) in row.iter_mut().enumerate() {
@@ -241,7 +241,7 @@ fn selection_keeps_the_sinks_and_the_window_and_picks_the_matching_page() {
 /// decode and re-encode it, and at 4 bits the error compounded into garbage.)
 #[test]
 fn without_a_window_a_page_is_compressed_once_when_full() {
-    let cfg = StoreConfig { quant: Some(Quant::Q4), window: 0, digests: false, centered: true, window_quant: None };
+    let cfg = StoreConfig { quant: Some(Quant::Q4), window: 0, digests: false, centered: true, window_quant: None, recent: 0 };
     let mut rng_state = 12345u64;
     let mut rnd = || {
         rng_state = rng_state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -276,7 +276,7 @@ fn without_a_window_a_page_is_compressed_once_when_full() {
 /// 8-bit error, they take about half the bytes, and a saved page restores byte for byte.
 #[test]
 fn window_codes_keep_the_same_pages_in_8_bits() {
-    let cfg = |window_quant| StoreConfig { quant: Some(Quant::Q4), window: 128, digests: false, centered: true, window_quant };
+    let cfg = |window_quant| StoreConfig { quant: Some(Quant::Q4), window: 128, digests: false, centered: true, window_quant, recent: 0 };
     let mut state = 7u64;
     let mut rnd = || {
         state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -319,7 +319,7 @@ fn window_codes_keep_the_same_pages_in_8_bits() {
 /// codes of the same width give (the offset no longer sets the code step).
 #[test]
 fn window_pages_are_centred_on_the_page_before_them() {
-    let cfg = |centered| StoreConfig { quant: Some(Quant::Q4), window: 0, digests: false, centered, window_quant: Some(Quant::Q4) };
+    let cfg = |centered| StoreConfig { quant: Some(Quant::Q4), window: 0, digests: false, centered, window_quant: Some(Quant::Q4), recent: 0 };
     let mut state = 11u64;
     let mut rnd = || {
         state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -345,4 +345,75 @@ fn window_pages_are_centred_on_the_page_before_them() {
     };
     let (centred, uncentred) = (err(true), err(false));
     assert!(centred * 4.0 < uncentred, "window page squared error: centred {centred}, uncentred {uncentred}");
+}
+
+/// With `recent` rows, the latest rows written read back as their f16 values, through
+/// `read_row` and through attention's segments, and older rows as their codes; a rewrite of
+/// a held row updates its copy, a later row takes the oldest one's slot, a replaced page
+/// forgets its rows, the copies count in the bytes, and K's segments line up with V's where
+/// only K keeps copies.
+#[test]
+fn the_latest_rows_read_back_in_f16_besides_their_codes() {
+    use dspark::attn::Rows;
+    use dspark::kv::segments;
+    use half::f16;
+    const RECENT: usize = 16;
+    let cfg = |quant, recent| StoreConfig { quant, window: 0, digests: false, centered: true, window_quant: quant.map(|_| Quant::Q8), recent };
+    let mut state = 5u64;
+    let mut rnd = || {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    };
+    let rows: Vec<Vec<f32>> = (0..201).map(|_| (0..HEADS * D).map(|_| rnd()).collect()).collect();
+    let new = |s| KvStore::new(s, HEADS, D, 1024, 1).unwrap();
+    let (mut with, mut without, mut v) = (new(cfg(Some(Quant::Q4), RECENT)), new(cfg(Some(Quant::Q4), 0)), new(cfg(None, RECENT)));
+    // 200 rows: the last 16 (184..200) lie in a compressed page (184..192) and in the page
+    // being filled, window-coded (192..200).
+    for s in [&mut with, &mut without, &mut v] {
+        for (c, r) in rows[..200].iter().enumerate() {
+            s.write_row(c, r);
+        }
+        s.compact(Threads::serial());
+    }
+    let f16_of = |r: &[f32]| r.iter().map(|&x| f16::from_f32(x).to_f32()).collect::<Vec<_>>();
+    let read = |s: &KvStore, c: usize| {
+        let mut out = vec![0.0; HEADS * D];
+        s.read_row(c, &mut out);
+        out
+    };
+    for c in 0..200 {
+        let want = if c >= 200 - RECENT { f16_of(&rows[c]) } else { read(&without, c) };
+        assert_eq!(read(&with, c), want, "cell {c}");
+    }
+    assert_ne!(read(&without, 190), f16_of(&rows[190]), "the test needs coded rows to differ from f16");
+    assert_eq!(with.bytes(), without.bytes() + RECENT * (HEADS * D * 2 + 4));
+    // Attention's runs: K (with copies) split at 184 and at the page boundary 192; V (an
+    // f16 store, no copies) is cut to the same runs.
+    for head in 0..HEADS {
+        let segs = segments(&with, &v, 0, 0, 200, head);
+        let bounds: Vec<(usize, usize)> = segs.iter().map(|s| (s.first_cell, s.n)).collect();
+        assert_eq!(bounds, vec![(0, 64), (64, 64), (128, 56), (184, 8), (192, 8)]);
+        for s in &segs[3..] {
+            let (Rows::F16(k), Rows::F16(vr)) = (s.k, s.v) else { panic!("recent rows read as f16") };
+            for i in 0..s.n {
+                let c = s.first_cell + i;
+                let want = f16_of(&rows[c][head * D..][..D]);
+                assert_eq!(k[i * D..][..D].iter().map(|x| x.to_f32()).collect::<Vec<_>>(), want, "K cell {c}");
+                assert_eq!(vr[i * D..][..D].iter().map(|x| x.to_f32()).collect::<Vec<_>>(), want, "V cell {c}");
+            }
+        }
+    }
+    // A rewrite in place updates the copy.
+    with.rewrite_row(190, &rows[0]);
+    assert_eq!(read(&with, 190), f16_of(&rows[0]));
+    // Row 200 takes the slot of row 184, which reads as its codes again.
+    for s in [&mut with, &mut without] {
+        s.write_row(200, &rows[200]);
+    }
+    assert_eq!(read(&with, 184), read(&without, 184));
+    assert_eq!(read(&with, 200), f16_of(&rows[200]));
+    // A page replaced (restored from a save) forgets its rows' copies.
+    let PageView::Window(page) = without.page(0, 3) else { panic!("page 3 is window-coded") };
+    with.set_page(0, 3, PageView::Window(&page.to_vec())).unwrap();
+    assert_eq!(read(&with, 195), read(&without, 195));
 }

@@ -80,13 +80,13 @@ fn a_profile_sets_each_layers_widths() {
     let (logits, bits) = last_logits(&r, &format!("dspark:profile={}", mixed.display()));
     assert!(logits.iter().all(|x| x.is_finite()));
     let cost = |w: Window| (0..m.n_layer).map(|l| side_bits(widths(l).0, m.head_dim, TOKENS, w) + side_bits(widths(l).1, m.head_dim, TOKENS, w)).sum::<f64>() / (2 * m.n_layer) as f64;
-    let want = cost(Window { cells: 0, bits: 16 });
+    let want = cost(Window { cells: 0, bits: 16, recent: 0 });
     assert!((bits - want).abs() < 0.002, "bits/elem {bits}, the widths cost {want}");
     // The same widths with the sink page in 8-bit codes: it costs what the accounting says.
     let mixed8 = write_profile_with(&dir, "mixed8.json", &m, 8, widths);
     let (logits, bits8) = last_logits(&r, &format!("dspark:profile={}", mixed8.display()));
     assert!(logits.iter().all(|x| x.is_finite()));
-    let want8 = cost(Window { cells: 0, bits: 8 });
+    let want8 = cost(Window { cells: 0, bits: 8, recent: 0 });
     assert!((bits8 - want8).abs() < 0.002 && bits8 < bits, "bits/elem {bits8}, the widths cost {want8}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -129,7 +129,7 @@ fn a_profile_holds_its_budget_where_layers_keep_a_ring() {
     let curve: Vec<f64> = (0..7).map(|i| 0.1 * 4f64.powi(-i)).collect();
     let layers = (0..n).map(|l| LayerSensitivity { k: 0.001 * (1 + l % 5) as f64, v: 0.001 * (1 + l % 3) as f64 }).collect();
     let sens = Sensitivity { curve_k: curve.clone(), curve_v: curve, layers };
-    let window = Window { cells: 0, bits: 8 };
+    let window = Window { cells: 0, bits: 8, recent: 0 };
     let p = profile_for(model_id(model, &path), sens.clone(), "test".into(), 4.5, &cells, window).unwrap();
     assert!(p.bits_per_elem <= 4.5 + 1e-9, "{}", p.bits_per_elem);
     let counted_at_ctx = profile_for(model_id(model, &path), sens, "test".into(), 4.5, &Cells::uniform(n, 2048), window).unwrap();
@@ -151,7 +151,7 @@ fn a_profile_holds_its_budget_where_layers_keep_a_ring() {
 #[test]
 fn calibration_is_deterministic() {
     let text = text::calibration_text().unwrap();
-    let req = Request { text: &text, text_name: "test".into(), bits: 4.0, ctx: 2048, window: Window { cells: 0, bits: 8 }, probe_ctx: 256, threads: 2 };
+    let req = Request { text: &text, text_name: "test".into(), bits: 4.0, ctx: 2048, window: Window { cells: 0, bits: 8, recent: 0 }, probe_ctx: 256, threads: 2 };
     let a = calibrate(&model_path(None), &req).unwrap();
     let b = calibrate(&model_path(None), &req).unwrap();
     assert_eq!(a, b);

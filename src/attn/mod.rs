@@ -79,6 +79,18 @@ impl Rows<'_> {
     pub fn is_empty(&self, head_dim: usize) -> bool {
         self.len(head_dim) == 0
     }
+
+    /// Rows `skip..skip + n`.
+    #[must_use]
+    pub fn slice(&self, skip: usize, n: usize, head_dim: usize) -> Self {
+        match *self {
+            Rows::F16(v) => Rows::F16(&v[skip * head_dim..][..n * head_dim]),
+            Rows::Packed { codec, data, center } => {
+                let rb = codec.row_bytes();
+                Rows::Packed { codec, data: &data[skip * rb..][..n * rb], center }
+            }
+        }
+    }
 }
 
 /// A run of `n` consecutive cells (`first_cell..first_cell + n`) of one KV head.

@@ -270,7 +270,7 @@ impl State {
     /// If a store cannot be built (shape not validated).
     pub fn empty(shape: &Shape, window: usize) -> Result<State> {
         let store = |q| {
-            KvStore::new(StoreConfig { quant: q, window, digests: false, centered: false, window_quant: None }, shape.n_head_kv, shape.head_dim, shape.max_tokens, shape.n_seq_max)
+            KvStore::new(StoreConfig { quant: q, window, digests: false, centered: false, window_quant: None, recent: 0 }, shape.n_head_kv, shape.head_dim, shape.max_tokens, shape.n_seq_max)
                 .or_else(|e| fail(DSPARK_ERR_ARG, e))
         };
         let layers = (0..shape.n_layer)

@@ -266,6 +266,7 @@ impl Runner {
         let window = crate::profile::Window {
             cells: if has_option(name, "window=") { cfg.window } else { super::calibrate::AUTO_WINDOW },
             bits: if has_option(name, "window_bits=") { cfg.window_bits } else { super::calibrate::AUTO_WINDOW_BITS },
+            recent: if has_option(name, "recent=") { cfg.recent } else { super::calibrate::AUTO_RECENT },
         };
         let stock = self.model(&BackendSpec::Stock(KvType::F16))?;
         let cells = super::calibrate::layer_cells(stock, || self.model(&BackendSpec::Dspark("f16".into())), p.n_ctx as usize)?;

@@ -42,6 +42,10 @@ pub struct CalibrateArgs {
     /// [default: 8, as `dspark:autoB`].
     #[arg(long, default_value_t = AUTO_WINDOW_BITS)]
     pub window_bits: u32,
+    /// The latest rows kept in f16 besides their codes, which attention reads instead (as
+    /// the `recent=` option of a spec) [default: 0, as `dspark:autoB`].
+    #[arg(long, default_value_t = AUTO_RECENT)]
+    pub recent: usize,
     /// Tokens of calibration text each probe runs (the second half is scored) [default: 384,
     /// or 3 x (64 + window) if more].
     #[arg(long)]
@@ -81,9 +85,13 @@ pub fn auto_profile_path(model: &Path, bits: f64, ctx: usize, window: Window) ->
 
 /// A window in file names: `w0` (f16, as before window codes existed) or `w0b8`.
 fn window_tag(w: Window) -> String {
-    match w.bits {
+    let tag = match w.bits {
         16 => format!("w{}", w.cells),
         b => format!("w{}b{b}", w.cells),
+    };
+    match w.recent {
+        0 => tag,
+        r => format!("{tag}r{r}"),
     }
 }
 
@@ -109,6 +117,7 @@ fn probe_config(id: &ModelId, window: Window, layer: usize, widths: LayerWidths)
         ctx: 0,
         window: window.cells,
         window_bits: window.bits,
+        recent: window.recent,
         bits_per_elem: 0.0,
         predicted_kld: 0.0,
         calibration: String::new(),
@@ -116,13 +125,13 @@ fn probe_config(id: &ModelId, window: Window, layer: usize, widths: LayerWidths)
         sensitivity: Sensitivity::default(),
         source: format!("(calibration probe: layer {layer} k{}v{})", widths.k, widths.v),
     };
-    ggml::Config { format: None, profile: Some(Arc::new(p)), window: window.cells, window_bits: window.bits, ..ggml::Config::default() }
+    ggml::Config { format: None, profile: Some(Arc::new(p)), window: window.cells, window_bits: window.bits, recent: window.recent, ..ggml::Config::default() }
 }
 
 /// A uniform configuration.
 fn uniform_config(window: Window, k: u32, v: u32) -> ggml::Config {
     let width = |b| Quant::from_bits(b).expect("2..=8");
-    ggml::Config { format: Some(Format { k: width(k), v: width(v) }), window: window.cells, window_bits: window.bits, ..ggml::Config::default() }
+    ggml::Config { format: Some(Format { k: width(k), v: width(v) }), window: window.cells, window_bits: window.bits, recent: window.recent, ..ggml::Config::default() }
 }
 
 /// What a calibration run needs besides the model.
@@ -208,8 +217,8 @@ pub fn profile_for(model: ModelId, sensitivity: Sensitivity, calibration: String
     let (d, ctx) = (model.head_dim, cells.ctx);
     let (layers, predicted_kld) = profile::allocate(&sensitivity, d, cells, window, bits).map_err(|e| anyhow!("{e}"))?;
     let held = cells.held_bits(&layers, d, window);
-    let (window, window_bits) = (window.cells, window.bits);
-    Ok(Profile { dspark_profile: profile::VERSION, model, bits, ctx, window, window_bits, bits_per_elem: held, predicted_kld, calibration, layers, sensitivity, source: String::new() })
+    let (window, window_bits, recent) = (window.cells, window.bits, window.recent);
+    Ok(Profile { dspark_profile: profile::VERSION, model, bits, ctx, window, window_bits, recent, bits_per_elem: held, predicted_kld, calibration, layers, sensitivity, source: String::new() })
 }
 
 /// The allocation as a table.
@@ -242,6 +251,10 @@ pub const AUTO_WINDOW: usize = 0;
 /// small cost (token by token, ctx 512: k4v4 without a window 7.49 bits and KL divergence
 /// 0.0086 in f16, 5.61 bits and 0.0096 in 8-bit codes).
 pub const AUTO_WINDOW_BITS: u32 = 8;
+
+/// The latest rows `dspark:autoB` keeps in f16 besides their codes unless the spec sets
+/// `recent=`.
+pub const AUTO_RECENT: usize = 0;
 
 /// The profile file for `dspark:autoB` at this context, allocated from the model's cached
 /// measurements (made once per model and window, on the default calibration text) and saved
@@ -286,12 +299,12 @@ pub fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
     let path = model_path(a.model.clone());
     // The spec option's rule for the value.
     ggml::Config::default().with_option("window_bits", &a.window_bits.to_string()).map_err(|e| anyhow!("--window-bits: {e}"))?;
-    let window = Window { cells: a.window, bits: a.window_bits };
+    let window = Window { cells: a.window, bits: a.window_bits, recent: a.recent };
     let p = match &a.from {
         Some(from) => {
             let old = Profile::load(from).map_err(|e| anyhow!("{e}"))?;
             if old.window() != window {
-                bail!("{} was measured with a {}; pass --window {} --window-bits {} (or calibrate again)", from.display(), old.window(), old.window, old.window_bits);
+                bail!("{} was measured with a {}; pass --window {} --window-bits {} --recent {} (or calibrate again)", from.display(), old.window(), old.window, old.window_bits, old.recent);
             }
             let model = Model::load(&path, Placement::Cpu)?;
             old.check_model(&model_id(&model, &path)).map_err(|e| anyhow!("{e}"))?;

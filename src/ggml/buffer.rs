@@ -91,7 +91,7 @@ impl KvEntry {
 
     /// The store of a KV whose head size is not known: whole rows, f16, exact.
     fn exact_store(row_len: usize, cells: usize, streams: usize, window: usize) -> Result<KvStore, String> {
-        KvStore::new(StoreConfig { quant: None, window, digests: false, centered: false, window_quant: None }, 1, row_len, cells, streams)
+        KvStore::new(StoreConfig { quant: None, window, digests: false, centered: false, window_quant: None, recent: 0 }, 1, row_len, cells, streams)
     }
 
     /// Whether [`KvEntry::shape`] would accept `head_dim` (changes nothing).
@@ -405,7 +405,7 @@ fn new_entry(ctx: &BufferCtx, kv: KvRoot, name: &str, addr: usize) -> Result<Arc
     if let Some(p) = c.profile.as_ref().filter(|p| p.model.n_head_kv * p.model.head_dim != kv.row_len) {
         return Err(format!("rows of {} values, but profile {} was made for {} ({} KV heads of {})", kv.row_len, p.source, p.model.name, p.model.n_head_kv, p.model.head_dim));
     }
-    let cfg = StoreConfig { quant, window: c.window, digests: kv.is_k && c.attn_budget > 0, centered: c.center, window_quant: c.window_quant() };
+    let cfg = StoreConfig { quant, window: c.window, digests: kv.is_k && c.attn_budget > 0, centered: c.center, window_quant: c.window_quant(), recent: c.recent };
     let tier = ctx.dev.budget()?.map(|b| b.tier.clone());
     let entry = Arc::new(KvEntry::new(addr, kv.row_len, kv.cells, kv.streams, cfg, tier, layer, kv.is_k)?);
     ctx.dev.track(&entry);

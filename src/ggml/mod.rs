@@ -69,6 +69,9 @@ pub struct Config {
     /// Bits per value of the pages kept out of compression (the sink page, the window, the
     /// page being filled): 16 (f16) or a code width, 8 at most ([`crate::kv::StoreConfig`]).
     pub window_bits: u32,
+    /// The latest rows written, kept in f16 besides their codes for attention to read
+    /// ([`crate::kv::StoreConfig::recent`]).
+    pub recent: usize,
 }
 
 impl Default for Config {
@@ -84,12 +87,13 @@ impl Default for Config {
             attn_dense_layers: 0,
             center: true,
             window_bits: 16,
+            recent: 0,
         }
     }
 }
 
 /// The options a `dspark:` spec takes after its format.
-const OPTIONS: &str = "profile=FILE, window=N, window_bits=16|8..2, kv=SIZE, prefetch=N, attn=N, attn_dense=L, center=0|1";
+const OPTIONS: &str = "profile=FILE, window=N, window_bits=16|8..2, recent=N, kv=SIZE, prefetch=N, attn=N, attn_dense=L, center=0|1";
 
 /// Parses a size: bytes, or a number with K, M or G (binary: 16M = 16 MiB), e.g. `512M`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -164,6 +168,7 @@ impl Config {
                 let p = Profile::load(std::path::Path::new(value))?;
                 self.window = p.window;
                 self.window_bits = p.window_bits;
+                self.recent = p.recent;
                 self.profile = Some(Arc::new(p));
             }
             "window" => self.window = value.parse().map_err(|_| format!("window={value}: expected a number of cells"))?,
@@ -173,6 +178,7 @@ impl Config {
                     _ => return Err(format!("window_bits={value}: expected 16 (f16) or a code width from 2 to 8")),
                 }
             }
+            "recent" => self.recent = value.parse().map_err(|_| format!("recent={value}: expected a number of rows"))?,
             "kv" => self.kv_budget = if matches!(value, "0" | "none") { None } else { Some(parse_size(value).map_err(|e| format!("kv={value}: {e}"))?) },
             "prefetch" => self.prefetch = value.parse().map_err(|_| format!("prefetch={value}: expected a layer count (0 = synchronous)"))?,
             "attn" => self.attn_budget = value.parse().map_err(|_| format!("attn={value}: expected a number of cells (0 = dense)"))?,
@@ -199,6 +205,9 @@ impl Config {
         }
         if self.window_bits != d.window_bits {
             s += &format!(":window_bits={}", self.window_bits);
+        }
+        if self.recent != d.recent {
+            s += &format!(":recent={}", self.recent);
         }
         if let Some(b) = self.kv_budget {
             s += &format!(":kv={b}");

@@ -222,6 +222,9 @@ pub struct StoreConfig {
     /// arrive, without a centroid; a page leaving the window is decoded and encoded at
     /// `quant` once. Only with a `quant`.
     pub window_quant: Option<Quant>,
+    /// The latest rows written, kept in f16 besides their codes, which attention reads
+    /// instead of the codes ([`Recent`]). Only with a `quant`.
+    pub recent: usize,
 }
 
 enum Page {
@@ -291,6 +294,8 @@ struct Stream {
     /// compressed until a row of it is written. Kept with the tables it vouches for, and
     /// dense: a selection checks every page of its range.
     digested: Vec<bool>,
+    /// f16 copies of the latest rows written (allocated with the first row).
+    recent: Recent,
 }
 
 impl Stream {
@@ -326,6 +331,68 @@ impl Stream {
     }
 }
 
+/// f16 copies of the latest rows written to a stream, besides their codes; attention reads
+/// them instead of the codes. A decode step puts much of its weight on the last few tokens
+/// (a small model's local heads nearly all of it), so their code error reaches the output
+/// nearly undiluted, where an old row's is averaged with many others.
+/// A row is held at slot `cell % n` until a row of another cell takes that slot, so for rows
+/// written in order these are the last `n`.
+#[derive(Default)]
+struct Recent {
+    /// `[head][slot][head_dim]`.
+    rows: Box<[f16]>,
+    /// The cell each slot holds (`u32::MAX`: none).
+    cells: Box<[u32]>,
+}
+
+impl Recent {
+    /// Keeps `row` (heads of `d` values) as cell `cell`'s, in a ring of `n` slots: a new row
+    /// always, a rewritten one only if the cell's row is held.
+    fn put(&mut self, n: usize, d: usize, cell: usize, row: &[f32], new: bool) {
+        if n == 0 {
+            return;
+        }
+        if self.cells.is_empty() {
+            self.rows = vec![f16::ZERO; n * row.len()].into_boxed_slice();
+            self.cells = vec![u32::MAX; n].into_boxed_slice();
+        }
+        let slot = cell % n;
+        if !new && !self.holds(cell) {
+            return;
+        }
+        self.cells[slot] = u32::try_from(cell).unwrap_or(u32::MAX);
+        for (h, src) in row.chunks_exact(d).enumerate() {
+            self.rows[(h * n + slot) * d..][..d].convert_from_f32_slice(src);
+        }
+    }
+
+    fn holds(&self, cell: usize) -> bool {
+        !self.cells.is_empty() && self.cells[cell % self.cells.len()] as usize == cell
+    }
+
+    /// Forgets the rows of the cells in `range` (their page was replaced).
+    fn forget(&mut self, range: std::ops::Range<usize>) {
+        self.cells.iter_mut().filter(|c| range.contains(&(**c as usize))).for_each(|c| *c = u32::MAX);
+    }
+
+    /// The cells held in `range`, ascending.
+    fn held_in(&self, range: std::ops::Range<usize>) -> Vec<usize> {
+        let mut v: Vec<usize> = self.cells.iter().map(|&c| c as usize).filter(|c| range.contains(c)).collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Head `head`'s rows of cells `cell..cell + len`, all held and in consecutive slots.
+    fn rows(&self, head: usize, d: usize, cell: usize, len: usize) -> &[f16] {
+        let n = self.cells.len();
+        &self.rows[(head * n + cell % n) * d..][..len * d]
+    }
+
+    fn bytes(&self) -> usize {
+        self.rows.len() * 2 + self.cells.len() * 4
+    }
+}
+
 /// A page's content, borrowed from a store (see [`KvStore::page`]).
 #[derive(Clone, Copy, Debug)]
 pub enum PageView<'a> {
@@ -346,6 +413,8 @@ pub struct KvStore {
     /// The codes of pages not compressed yet ([`StoreConfig::window_quant`]); `None`: f16.
     window_codec: Option<PageCodec>,
     window: usize,
+    /// Rows kept in each stream's [`Recent`] (0: none).
+    recent: usize,
     digests: bool,
     n_head: usize,
     head_dim: usize,
@@ -376,6 +445,7 @@ impl KvStore {
         let window_codec = cfg.window_quant.filter(|_| codec.is_some()).map(|q| RowCodec::new(q, head_dim)).transpose()?.map(|rows| PageCodec { rows, n_head, centered: cfg.centered });
         Ok(KvStore {
             codec,
+            recent: if codec.is_some() { cfg.recent } else { 0 },
             window_codec,
             window: cfg.window,
             digests: cfg.digests,
@@ -485,6 +555,7 @@ impl KvStore {
         if matches!(new, Page::Empty) && page >= st.pages.len() {
             return Ok(());
         }
+        st.recent.forget(page * PAGE..(page + 1) * PAGE);
         let clock = st.clock;
         let slot = st.slot_mut(page);
         slot.data = new;
@@ -631,6 +702,7 @@ impl KvStore {
             }
             Page::Empty | Page::Cold { .. } => unreachable!(),
         }
+        st.recent.put(self.recent, d, gcell % self.cells, row, new);
     }
 
     /// Brings a cold page back for good (a row is written into it): its staged copy becomes
@@ -649,8 +721,14 @@ impl KvStore {
         assert_eq!(out.len(), self.row_len());
         let (s, p, slot) = self.locate(gcell);
         let d = self.head_dim;
-        match self.streams[s].page(p) {
+        let st = &self.streams[s];
+        match st.page(p) {
             Page::Empty => out.fill(0.0),
+            Page::Window(_) | Page::Packed(_) | Page::Cold { .. } if st.recent.holds(gcell % self.cells) => {
+                for (h, dst) in out.chunks_exact_mut(d).enumerate() {
+                    st.recent.rows(h, d, gcell % self.cells, 1).convert_to_f32_slice(dst);
+                }
+            }
             Page::F16(data) => {
                 for (h, dst) in out.chunks_exact_mut(d).enumerate() {
                     let src = &data[(h * PAGE + slot) * d..][..d];
@@ -867,7 +945,8 @@ impl KvStore {
             })
             .sum();
         let digests: usize = self.streams.iter().map(|s| s.page_summaries.bytes() + s.block_summaries.len()).sum();
-        pages + digests
+        let recent: usize = self.streams.iter().map(|s| s.recent.bytes()).sum();
+        pages + digests + recent
     }
 
     /// Bytes of pages in the cold tier.
@@ -1038,25 +1117,51 @@ impl KvStore {
     }
 
     /// The rows of one head for cells [first, first + n) of a stream, as runs of uniform
-    /// encoding. Cells never written read as zero.
+    /// encoding. Cells never written read as zero; coded cells whose f16 copy the stream
+    /// holds ([`Recent`]) read from it.
     fn head_rows(&self, stream: usize, first: usize, n: usize, head: usize) -> Vec<(usize, usize, Rows<'_>)> {
         let mut out = Vec::new();
         let d = self.head_dim;
+        let st = &self.streams[stream];
+        let mut held = st.recent.held_in(first..first + n).into_iter().peekable();
         let mut c = first;
         while c < first + n {
-            let slot = c % PAGE;
-            let len = (PAGE - slot).min(first + n - c);
-            let rows = match self.streams[stream].page(c / PAGE) {
-                Page::Empty => Rows::F16(&self.zeros[..len * d]),
-                Page::F16(data) => Rows::F16(&data[(head * PAGE + slot) * d..][..len * d]),
-                Page::Window(data) => self.window_codec.as_ref().expect("window page without window codes").rows(data, head, slot, len),
-                page => {
-                    let data = page.packed().expect("a cold page is staged before attention reads it");
-                    self.codec.as_ref().expect("packed page without codec").rows(data, head, slot, len)
+            let end = (c - c % PAGE + PAGE).min(first + n);
+            let page = st.page(c / PAGE);
+            let rows = |c: usize, len: usize| {
+                let slot = c % PAGE;
+                match page {
+                    Page::Empty => Rows::F16(&self.zeros[..len * d]),
+                    Page::F16(data) => Rows::F16(&data[(head * PAGE + slot) * d..][..len * d]),
+                    Page::Window(data) => self.window_codec.as_ref().expect("window page without window codes").rows(data, head, slot, len),
+                    page => {
+                        let data = page.packed().expect("a cold page is staged before attention reads it");
+                        self.codec.as_ref().expect("packed page without codec").rows(data, head, slot, len)
+                    }
                 }
             };
-            out.push((c, len, rows));
-            c += len;
+            let coded = !matches!(page, Page::Empty | Page::F16(_));
+            while c < end {
+                match held.next_if(|&h| h < end) {
+                    Some(h) if coded => {
+                        if h > c {
+                            out.push((c, h - c, rows(c, h - c)));
+                        }
+                        // The held cells that follow in consecutive slots.
+                        let mut len = 1;
+                        while held.next_if(|&x| x == h + len && x < end && x % st.recent.cells.len() != 0).is_some() {
+                            len += 1;
+                        }
+                        out.push((h, len, Rows::F16(st.recent.rows(head, d, h, len))));
+                        c = h + len;
+                    }
+                    Some(_) => {}
+                    None => {
+                        out.push((c, end - c, rows(c, end - c)));
+                        c = end;
+                    }
+                }
+            }
         }
         out
     }
@@ -1073,11 +1178,24 @@ pub fn segments<'a>(k: &'a KvStore, v: &'a KvStore, stream: usize, first: usize,
 pub fn segments_in<'a>(k: &'a KvStore, v: &'a KvStore, stream: usize, first: usize, ranges: &[std::ops::Range<usize>], head: usize) -> Vec<Segment<'a>> {
     let mut out = Vec::new();
     for r in ranges {
-        // K and V pages share cell boundaries (both are PAGE-aligned), so the runs line up.
-        let ks = k.head_rows(stream, first + r.start, r.len(), head);
-        let vs = v.head_rows(stream, first + r.start, r.len(), head);
-        debug_assert_eq!(ks.len(), vs.len());
-        out.extend(ks.into_iter().zip(vs).map(|((c, len, kr), (_, _, vr))| Segment { first_cell: c - first, n: len, k: kr, v: vr }));
+        // K's runs and V's cover the same cells but may end at different ones (one side's
+        // recent rows are f16 copies, the other's f16 pages): each segment ends where
+        // either run does.
+        let mut ks = k.head_rows(stream, first + r.start, r.len(), head).into_iter();
+        let mut vs = v.head_rows(stream, first + r.start, r.len(), head).into_iter();
+        let (mut kr, mut vr) = (ks.next(), vs.next());
+        let (mut ko, mut vo) = (0, 0);
+        while let (Some((c, kn, krows)), Some((_, vn, vrows))) = (kr, vr) {
+            let n = (kn - ko).min(vn - vo);
+            out.push(Segment { first_cell: c + ko - first, n, k: krows.slice(ko, n, k.head_dim), v: vrows.slice(vo, n, v.head_dim) });
+            (ko, vo) = (ko + n, vo + n);
+            if ko == kn {
+                (kr, ko) = (ks.next(), 0);
+            }
+            if vo == vn {
+                (vr, vo) = (vs.next(), 0);
+            }
+        }
     }
     out
 }
