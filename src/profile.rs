@@ -412,6 +412,7 @@ mod tests {
             ctx: 2048,
             window: 128,
             window_bits: 16,
+            recent: 0,
             bits_per_elem: 4.0,
             predicted_kld: 0.0,
             calibration: String::new(),
