@@ -36,6 +36,7 @@ fn write_profile_with(dir: &std::path::Path, name: &str, model: &ModelId, window
         // Everything but the sink page compressed: the bits held follow from the widths alone.
         window: 0,
         window_bits,
+        recent: 0,
         bits_per_elem: 0.0,
         predicted_kld: 0.0,
         calibration: "test".into(),
