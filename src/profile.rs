@@ -306,8 +306,8 @@ pub fn side_bits(bits: u32, head_dim: usize, ctx: usize, window: Window) -> f64 
     let rows = RowCodec::new(q, head_dim).expect("head size checked by the caller");
     let packed = PageCodec { rows, n_head: 1, centered: true }.bits_per_elem();
     let kept = kept_cells(ctx, window.cells) as f64;
-    // The f16 copies of the latest rows, and the cell each is for (4 bytes a row).
-    let recent = window.recent as f64 * (16.0 + 32.0 / head_dim as f64);
+    // The f16 copies of the latest rows.
+    let recent = (16 * window.recent) as f64;
     (kept * window.bits_per_value(head_dim) + (allocated - kept) * packed + recent) / ctx as f64
 }
 

@@ -386,7 +386,7 @@ fn the_latest_rows_read_back_in_f16_besides_their_codes() {
         assert_eq!(read(&with, c), want, "cell {c}");
     }
     assert_ne!(read(&without, 190), f16_of(&rows[190]), "the test needs coded rows to differ from f16");
-    assert_eq!(with.bytes(), without.bytes() + RECENT * (HEADS * D * 2 + 4));
+    assert_eq!(with.bytes(), without.bytes() + RECENT * HEADS * D * 2);
     // Attention's runs: K (with copies) split at 184 and at the page boundary 192; V (an
     // f16 store, no copies) is cut to the same runs.
     for head in 0..HEADS {

@@ -89,6 +89,12 @@ fn a_profile_sets_each_layers_widths() {
     assert!(logits.iter().all(|x| x.is_finite()));
     let want8 = cost(Window { cells: 0, bits: 8, recent: 0 });
     assert!((bits8 - want8).abs() < 0.002 && bits8 < bits, "bits/elem {bits8}, the widths cost {want8}");
+    // With the latest 16 rows also in f16 (`recent=16`): their copies cost what the
+    // accounting says too.
+    let (logits, bits8r) = last_logits(&r, &format!("dspark:profile={}:recent=16", mixed8.display()));
+    assert!(logits.iter().all(|x| x.is_finite()));
+    let want8r = cost(Window { cells: 0, bits: 8, recent: 16 });
+    assert!((bits8r - want8r).abs() < 0.002 && bits8r > bits8 + 0.05, "bits/elem {bits8r}, the widths cost {want8r}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

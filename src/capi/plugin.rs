@@ -14,6 +14,7 @@
 //! | `DSPARK_FORMAT` | KV format: `f16` or `k<b>v<b>`, b from 2 to 8 | `k4v4` |
 //! | `DSPARK_WINDOW` | most recent tokens kept in f16 | 128 |
 //! | `DSPARK_WINDOW_BITS` | `16`: the sink page and the window in f16; `8` to `2`: in codes of that width | 16 |
+//! | `DSPARK_RECENT` | the latest rows kept in f16 besides their codes, which attention reads instead | 0 |
 //! | `DSPARK_KV_BUDGET` | most bytes of KV pages in RAM (`512M`, `2G`); the rest spills to disk | none |
 //! | `DSPARK_PREFETCH` | layers ahead whose cold pages are read during attention | 2 |
 //! | `DSPARK_SPILL_DIR` | folder of the spill file | the system temp folder |
@@ -44,6 +45,9 @@ pub fn config_from_env(get: impl Fn(&str) -> Option<String>) -> Result<ggml::Con
     }
     if let Some(b) = get("DSPARK_WINDOW_BITS") {
         c = c.with_option("window_bits", b.trim()).map_err(|e| format!("DSPARK_WINDOW_BITS: {e}"))?;
+    }
+    if let Some(r) = get("DSPARK_RECENT") {
+        c = c.with_option("recent", r.trim()).map_err(|e| format!("DSPARK_RECENT: {e}"))?;
     }
     if let Some(b) = get("DSPARK_KV_BUDGET") {
         c = c.with_option("kv", b.trim()).map_err(|e| format!("DSPARK_KV_BUDGET: {e}"))?;
@@ -130,6 +134,8 @@ mod tests {
     #[test]
     fn config_comes_from_the_environment() {
         assert_eq!(config_from_env(env(&[])).unwrap(), ggml::Config::default());
+        assert_eq!(config_from_env(env(&[("DSPARK_RECENT", "16")])).unwrap().recent, 16);
+        assert!(config_from_env(env(&[("DSPARK_RECENT", "x")])).unwrap_err().contains("DSPARK_RECENT"));
         let c = config_from_env(env(&[("DSPARK_FORMAT", "k8v4"), ("DSPARK_WINDOW", " 256 ")])).unwrap();
         assert_eq!((c.format_name(), c.window), ("k8v4".to_string(), 256));
         assert_eq!(config_from_env(env(&[("DSPARK_WINDOW_BITS", "8")])).unwrap().window_bits, 8);

@@ -143,6 +143,7 @@ impl Config {
     /// Parses `FORMAT[:key=value...]` as `dspark:` specs take it (after the `dspark:`):
     /// `profile=FILE` (per-layer widths from `dspark calibrate`, and the window they were
     /// allocated for; it may stand in the format's place), `window=N` (cells kept in f16),
+    /// `window_bits=B` (their codes), `recent=N` (the latest rows also kept in f16),
     /// `kv=SIZE` (the KV budget, `0`/`none` for no budget), `prefetch=N`, `attn=N` (the
     /// attention budget in cells, 0 = dense), `attn_dense=L` (layers kept dense) and
     /// `center=0|1` (pages stored relative to their mean).
