@@ -342,6 +342,17 @@ impl Cells {
         side_bits(bits, head_dim, cells, window) * (cells * self.layers.len()) as f64 / total as f64
     }
 
+    /// Bits per value that f16 copies of the latest `recent` rows of every coded side add.
+    #[must_use]
+    pub fn recent_bits(&self, recent: usize) -> f64 {
+        let total: usize = self.layers.iter().sum();
+        let holding = self.layers.iter().filter(|&&c| c > 0).count();
+        if total == 0 {
+            return 0.0;
+        }
+        (16 * recent * holding) as f64 / total as f64
+    }
+
     /// Bits per value held with these widths, everything counted.
     #[must_use]
     pub fn held_bits(&self, layers: &[LayerWidths], head_dim: usize, window: Window) -> f64 {

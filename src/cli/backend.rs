@@ -263,13 +263,13 @@ impl Runner {
         let BackendSpec::Dspark(name) = spec else { return Ok(spec.clone()) };
         let Some(bits) = auto_bits(name)? else { return Ok(spec.clone()) };
         let cfg = dspark_config(name)?;
+        let stock = self.model(&BackendSpec::Stock(KvType::F16))?;
+        let cells = super::calibrate::layer_cells(stock, || self.model(&BackendSpec::Dspark("f16".into())), p.n_ctx as usize)?;
         let window = crate::profile::Window {
             cells: if has_option(name, "window=") { cfg.window } else { super::calibrate::AUTO_WINDOW },
             bits: if has_option(name, "window_bits=") { cfg.window_bits } else { super::calibrate::AUTO_WINDOW_BITS },
-            recent: if has_option(name, "recent=") { cfg.recent } else { super::calibrate::AUTO_RECENT },
+            recent: if has_option(name, "recent=") { cfg.recent } else { super::calibrate::auto_recent(&cells, bits) },
         };
-        let stock = self.model(&BackendSpec::Stock(KvType::F16))?;
-        let cells = super::calibrate::layer_cells(stock, || self.model(&BackendSpec::Dspark("f16".into())), p.n_ctx as usize)?;
         let path = super::calibrate::auto_profile(&self.path, &cells, bits, window, p.n_threads as usize)?;
         // The profile brings its window; the spec's other options follow it.
         let opts = name.split_once(':').map_or(String::new(), |(_, o)| format!(":{o}"));

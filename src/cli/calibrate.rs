@@ -43,9 +43,10 @@ pub struct CalibrateArgs {
     #[arg(long, default_value_t = AUTO_WINDOW_BITS)]
     pub window_bits: u32,
     /// The latest rows kept in f16 besides their codes, which attention reads instead (as
-    /// the `recent=` option of a spec) [default: 16, as `dspark:autoB`].
-    #[arg(long, default_value_t = AUTO_RECENT)]
-    pub recent: usize,
+    /// the `recent=` option of a spec) [default: as `dspark:autoB`, 16 where their copies
+    /// cost at most 4% of the budget at --ctx, else 0].
+    #[arg(long)]
+    pub recent: Option<usize>,
     /// Tokens of calibration text each probe runs (the second half is scored) [default: 384,
     /// or 3 x (64 + window) if more].
     #[arg(long)]
@@ -255,13 +256,33 @@ pub const AUTO_WINDOW: usize = 0;
 /// 0.0086 in f16, 5.61 bits and 0.0096 in 8-bit codes).
 pub const AUTO_WINDOW_BITS: u32 = 8;
 
-/// The latest rows `dspark:autoB` keeps in f16 besides their codes unless the spec sets
-/// `recent=`. A decode step puts much of its weight on the last few tokens, whose code error
+/// The latest rows `dspark:autoB` keeps in f16 besides their codes (where [`auto_recent`]
+/// says so). A decode step puts much of its weight on the last few tokens, whose code error
 /// then reaches the output nearly undiluted: on the default model with f16 weights (ctx
 /// 2048, token by token, KL divergence against exact attention) `recent=16` took `auto6.5`
 /// from 0.00042 to 0.00026 at the same bits (8: 0.00032, 32: 0.00027), `auto4.5` from 0.0053
 /// to 0.0049 and `auto3.5` from 0.043 to 0.040 (8 and 32 did worse on both).
 pub const AUTO_RECENT: usize = 16;
+
+/// The largest share of the budget [`auto_recent`] spends on the copies of the latest rows.
+/// Their bits come out of every code: on Gemma 3 270M (f16 weights, ctx 2048, 15 of 18
+/// layers in rings of 1024 cells, where 16 f16 rows cost 0.21 bit per value) they took
+/// `auto6.5` from KL divergence 0.00105 to 0.00087 (3.3% of its budget) but `auto4.5` from
+/// 0.0103 to 0.0129 (4.8%) and `auto3.5` from 0.074 to 0.093 (6.1%); on the default model
+/// (0.125 bit) they paid at every budget, `auto3.5` (3.6%) included. Two models, six points:
+/// the limit sits between what paid and what did not.
+pub const RECENT_SHARE: f64 = 0.04;
+
+/// The latest rows `dspark:autoB` keeps in f16 unless the spec sets `recent=`:
+/// [`AUTO_RECENT`] where their copies cost at most [`RECENT_SHARE`] of `bits` over the cells
+/// the layers hold, else none.
+pub fn auto_recent(cells: &Cells, bits: f64) -> usize {
+    if cells.recent_bits(AUTO_RECENT) <= RECENT_SHARE * bits {
+        AUTO_RECENT
+    } else {
+        0
+    }
+}
 
 /// The profile file for `dspark:autoB` at this context, allocated from the model's cached
 /// measurements (made once per model and window, on the default calibration text) and saved
@@ -308,7 +329,14 @@ pub fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
     let path = model_path(a.model.clone());
     // The spec option's rule for the value.
     ggml::Config::default().with_option("window_bits", &a.window_bits.to_string()).map_err(|e| anyhow!("--window-bits: {e}"))?;
-    let window = Window { cells: a.window, bits: a.window_bits, recent: a.recent };
+    let model = Model::load(&path, Placement::Cpu)?;
+    let on_device = std::cell::OnceCell::new();
+    let load = || -> Result<&Model> {
+        let m = Model::load(&path, Placement::Offload(vec![ggml::register(ggml::Config { format: None, ..ggml::Config::default() })]))?;
+        Ok(on_device.get_or_init(|| m))
+    };
+    let cells = layer_cells(&model, load, a.ctx)?;
+    let window = Window { cells: a.window, bits: a.window_bits, recent: a.recent.unwrap_or_else(|| auto_recent(&cells, a.bits)) };
     let p = match &a.from {
         Some(from) => {
             let old = Profile::load(from).map_err(|e| anyhow!("{e}"))?;
@@ -316,16 +344,11 @@ pub fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
             if (Window { recent: 0, ..old.window() }) != (Window { recent: 0, ..window }) {
                 bail!("{} was measured with a {}; pass --window {} --window-bits {} (or calibrate again)", from.display(), old.window(), old.window, old.window_bits);
             }
-            let model = Model::load(&path, Placement::Cpu)?;
             old.check_model(&model_id(&model, &path)).map_err(|e| anyhow!("{e}"))?;
-            let on_device = std::cell::OnceCell::new();
-            let load = || -> Result<&Model> {
-                let m = Model::load(&path, Placement::Offload(vec![ggml::register(ggml::Config { format: None, ..ggml::Config::default() })]))?;
-                Ok(on_device.get_or_init(|| m))
-            };
-            profile_for(old.model, old.sensitivity, old.calibration, a.bits, &layer_cells(&model, load, a.ctx)?, window)?
+            profile_for(old.model, old.sensitivity, old.calibration, a.bits, &cells, window)?
         }
         None => {
+            drop(model);
             let text = match &a.file {
                 Some(f) => text::load_text(Some(f))?,
                 None => text::calibration_text()?,
@@ -342,4 +365,22 @@ pub fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
     p.save(&out).map_err(|e| anyhow!("{e}"))?;
     eprintln!("wrote {} (use it with --backends dspark:profile={})", out.display(), out.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The copies of the latest rows are kept where they cost little of the budget: on every
+    /// budget of a model whose layers hold the whole context of 2048 (0.125 bit), not at 4.5
+    /// bits where most layers hold a ring of half of it (0.21 bit, as Gemma 3's do).
+    #[test]
+    fn the_latest_rows_are_kept_where_they_cost_little() {
+        let full = Cells::uniform(30, 2048);
+        assert!((full.recent_bits(16) - 0.125).abs() < 1e-12);
+        assert_eq!([3.5, 4.5, 6.5].map(|b| auto_recent(&full, b)), [16; 3]);
+        let rings = Cells { ctx: 2048, layers: (0..18).map(|l| if l % 6 == 5 { 2048 } else { 1024 }).collect() };
+        assert_eq!([3.5, 4.5, 6.5].map(|b| auto_recent(&rings, b)), [0, 0, 16]);
+        assert_eq!(auto_recent(&Cells { ctx: 2048, layers: vec![0; 4] }, 3.5), 16, "no cells, no cost");
+    }
 }
