@@ -84,7 +84,8 @@ pub fn auto_profile_path(model: &Path, bits: f64, ctx: usize, window: Window) ->
     beside_model(model, &format!(".dspark-auto{bits}-ctx{ctx}-{}.json", window_tag(window)))
 }
 
-/// A window in file names: `w0` (f16, as before window codes existed) or `w0b8`.
+/// A window in file names: `w0` (f16, as before window codes existed) or `w0b8`, and `r16`
+/// after it for the latest 16 rows kept in f16.
 fn window_tag(w: Window) -> String {
     let tag = match w.bits {
         16 => format!("w{}", w.cells),
