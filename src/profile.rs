@@ -179,6 +179,14 @@ pub struct Window {
 }
 
 impl Window {
+    /// The window calibration probes run with: no copies of the latest rows. Probes score a
+    /// batch, whose own rows attention reads in f16 anyway, so their measurements serve every
+    /// `recent`.
+    #[must_use]
+    pub fn probed(self) -> Window {
+        Window { recent: 0, ..self }
+    }
+
     /// Bits per value of those cells at head size `head_dim`.
     #[must_use]
     pub fn bits_per_value(&self, head_dim: usize) -> f64 {

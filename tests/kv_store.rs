@@ -21,6 +21,15 @@ fn write(s: &mut KvStore, cells: std::ops::Range<usize>) {
     s.compact(Threads::serial());
 }
 
+/// Reproducible values uniform in [-1, 1) from `seed` (a linear congruential generator).
+fn uniform(seed: u64) -> impl FnMut() -> f32 {
+    let mut state = seed;
+    move || {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+}
+
 fn f16_pages(s: &KvStore) -> Vec<usize> {
     (0..s.pages_per_stream()).filter(|&p| s.is_f16(p * PAGE)).collect()
 }
@@ -242,11 +251,7 @@ fn selection_keeps_the_sinks_and_the_window_and_picks_the_matching_page() {
 #[test]
 fn without_a_window_a_page_is_compressed_once_when_full() {
     let cfg = StoreConfig { quant: Some(Quant::Q4), window: 0, digests: false, centered: true, window_quant: None, recent: 0 };
-    let mut rng_state = 12345u64;
-    let mut rnd = || {
-        rng_state = rng_state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        ((rng_state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    };
+    let mut rnd = uniform(12345);
     let rows: Vec<Vec<f32>> = (0..200).map(|_| (0..HEADS * D).map(|_| rnd()).collect()).collect();
     let (mut one, mut all) = (KvStore::new(cfg, HEADS, D, 256, 1).unwrap(), KvStore::new(cfg, HEADS, D, 256, 1).unwrap());
     for (c, r) in rows.iter().enumerate() {
@@ -277,11 +282,7 @@ fn without_a_window_a_page_is_compressed_once_when_full() {
 #[test]
 fn window_codes_keep_the_same_pages_in_8_bits() {
     let cfg = |window_quant| StoreConfig { quant: Some(Quant::Q4), window: 128, digests: false, centered: true, window_quant, recent: 0 };
-    let mut state = 7u64;
-    let mut rnd = || {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    };
+    let mut rnd = uniform(7);
     let rows: Vec<Vec<f32>> = (0..448).map(|_| (0..HEADS * D).map(|_| rnd()).collect()).collect();
     let (mut coded, mut f16) = (KvStore::new(cfg(Some(Quant::Q8)), HEADS, D, 1024, 1).unwrap(), KvStore::new(cfg(None), HEADS, D, 1024, 1).unwrap());
     for s in [&mut coded, &mut f16] {
@@ -320,11 +321,7 @@ fn window_codes_keep_the_same_pages_in_8_bits() {
 #[test]
 fn window_pages_are_centred_on_the_page_before_them() {
     let cfg = |centered| StoreConfig { quant: Some(Quant::Q4), window: 0, digests: false, centered, window_quant: Some(Quant::Q4), recent: 0 };
-    let mut state = 11u64;
-    let mut rnd = || {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    };
+    let mut rnd = uniform(11);
     let offset: Vec<f32> = (0..HEADS * D).map(|i| if i % 7 == 0 { 40.0 } else { 3.0 }).collect();
     // Two full pages (the sink page and one that is compressed), then half of a third.
     let rows: Vec<Vec<f32>> = (0..160).map(|_| offset.iter().map(|&o| o + rnd()).collect()).collect();
@@ -359,11 +356,7 @@ fn the_latest_rows_read_back_in_f16_besides_their_codes() {
     use half::f16;
     const RECENT: usize = 16;
     let cfg = |quant, recent| StoreConfig { quant, window: 0, digests: false, centered: true, window_quant: quant.map(|_| Quant::Q8), recent };
-    let mut state = 5u64;
-    let mut rnd = || {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    };
+    let mut rnd = uniform(5);
     let rows: Vec<Vec<f32>> = (0..201).map(|_| (0..HEADS * D).map(|_| rnd()).collect()).collect();
     let new = |s| KvStore::new(s, HEADS, D, 1024, 1).unwrap();
     let (mut with, mut without, mut v) = (new(cfg(Some(Quant::Q4), RECENT)), new(cfg(Some(Quant::Q4), 0)), new(cfg(None, RECENT)));

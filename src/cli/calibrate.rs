@@ -108,10 +108,8 @@ fn scored_logprobs(path: &Path, cfg: ggml::Config, chunk: &[i32], threads: usize
     Ok((0..chunk.len() - 1 - half).map(|i| log_softmax(ctx.logits(i as i32))).collect())
 }
 
-/// A probe's configuration: every side at [`PROBE`] except `layer`'s, which get `widths`.
-/// Probes keep no f16 copies of the latest rows (`window.recent`): they score a batch,
-/// whose own rows attention reads in f16 anyway, and their measurements serve every
-/// `recent`.
+/// A probe's configuration: every side at [`PROBE`] except `layer`'s, which get `widths`;
+/// no copies of the latest rows ([`Window::probed`]).
 fn probe_config(id: &ModelId, window: Window, layer: usize, widths: LayerWidths) -> ggml::Config {
     let mut layers = vec![LayerWidths { k: PROBE.bits(), v: PROBE.bits() }; id.n_layer];
     layers[layer] = widths;
@@ -292,8 +290,7 @@ pub fn auto_recent(cells: &Cells, bits: f64) -> usize {
 pub fn auto_profile(model: &Path, cells: &Cells, bits: f64, window: Window, threads: usize) -> Result<PathBuf> {
     let ctx = cells.ctx;
     let path = auto_profile_path(model, bits, ctx, window);
-    // The measurements do not depend on `recent` (see `probe_config`).
-    let probed = Window { recent: 0, ..window };
+    let probed = window.probed();
     let measured = beside_model(model, &format!(".dspark-calibration-{}.json", window_tag(probed)));
     let m = match Profile::load(&measured) {
         Ok(p) if p.window() == probed => p,
@@ -341,8 +338,7 @@ pub fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
     let p = match &a.from {
         Some(from) => {
             let old = Profile::load(from).map_err(|e| anyhow!("{e}"))?;
-            // Its measurements serve any `recent` (see `probe_config`).
-            if (Window { recent: 0, ..old.window() }) != (Window { recent: 0, ..window }) {
+            if old.window().probed() != window.probed() {
                 bail!("{} was measured with a {}; pass --window {} --window-bits {} (or calibrate again)", from.display(), old.window(), old.window, old.window_bits);
             }
             old.check_model(&model_id(&model, &path)).map_err(|e| anyhow!("{e}"))?;
