@@ -130,6 +130,53 @@ mod tier {
             .collect()
     }
 
+    /// Pages leaving the window can be encoded on the transfer stream: until their codes are
+    /// swapped in they read back as their f16 rows, then the store holds byte for byte what
+    /// compacting on the caller's thread gives. A page written while it was being encoded
+    /// keeps what was written (the codes of its older rows are dropped) and is encoded later.
+    #[test]
+    fn pages_encoded_on_the_transfer_stream_are_those_encoded_here() {
+        use dspark::sched::Transfer;
+        let cfg = StoreConfig { quant: Some(Quant::Q4), window: 0, digests: true, centered: true, window_quant: None, recent: 0 };
+        let x = Transfer::new(Arc::new(Tier::new(0, Box::new(MemCold::default()))), 2).unwrap();
+        let mut rnd = uniform(777);
+        let rows: Vec<Vec<f32>> = (0..4 * PAGE).map(|_| (0..HEADS * D).map(|_| rnd()).collect()).collect();
+        let rewrite: Vec<f32> = (0..HEADS * D).map(|_| rnd()).collect();
+        let (mut here, mut there) = (KvStore::new(cfg, HEADS, D, 4 * PAGE, 1).unwrap(), KvStore::new(cfg, HEADS, D, 4 * PAGE, 1).unwrap());
+        for (c, r) in rows.iter().enumerate() {
+            here.write_row(c, r);
+            there.write_row(c, r);
+        }
+        there.compact_on(&x, Threads::serial());
+        assert_eq!(f16_pages(&there), vec![0, 1, 2, 3], "handed pages stay f16 until swapped in");
+        let mut got = vec![0.0; HEADS * D];
+        for (c, r) in rows.iter().enumerate() {
+            there.read_row(c, &mut got);
+            let want: Vec<f32> = r.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
+            assert_eq!(got, want, "cell {c} before the swap");
+        }
+        // Written while its codes are on their way: page 2 keeps its rows.
+        let cell = 2 * PAGE + 5;
+        there.rewrite_row(cell, &rewrite);
+        there.finish_compaction();
+        assert_eq!(f16_pages(&there), vec![0, 2]);
+        there.read_row(cell, &mut got);
+        assert_eq!(got, rewrite.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect::<Vec<_>>());
+        // Encoded later, as a store that saw the same writes encodes it here.
+        here.rewrite_row(cell, &rewrite);
+        here.compact(Threads::serial());
+        there.compact_on(&x, Threads::serial());
+        there.finish_compaction();
+        assert_eq!(f16_pages(&here), vec![0]);
+        assert_eq!(f16_pages(&there), vec![0]);
+        for p in 1..4 {
+            match (here.page(0, p), there.page(0, p)) {
+                (PageView::Packed(a), PageView::Packed(b)) => assert!(a == b, "page {p} differs"),
+                v => panic!("page {p}: {v:?}"),
+            }
+        }
+    }
+
     #[test]
     fn pages_round_trip_bit_exactly_through_the_cold_tier_within_the_budget() {
         let cold = MemCold::default();

@@ -18,6 +18,7 @@ use half::slice::HalfFloatSliceExt;
 use llama_cpp_sys_2 as ll;
 
 use super::budget::{KvRanges, Stager};
+use crate::sched::Transfer;
 use super::buffer::{adopt_kv, kv_entry, kv_root, root_of, KvRoot};
 use super::device::{dev_ctx, DeviceCtx};
 use super::{guard, log_error, log_warn, sys};
@@ -333,7 +334,7 @@ unsafe fn compute_graph(ctx: &BackendCtx, g: *mut ll::ggml_cgraph) -> Result<(),
                     if let (Some(s), Some(a)) = (stager.as_mut(), at) {
                         s.after(a);
                     }
-                    r.and_then(|()| compact_after(node, threads))
+                    r.and_then(|()| compact_after(node, threads, budget.as_ref().and_then(|b| b.transfer())))
                 }
                 _ => rope_shift(node),
             }
@@ -352,15 +353,22 @@ unsafe fn compute_graph(ctx: &BackendCtx, g: *mut ll::ggml_cgraph) -> Result<(),
 /// Compresses the pages of an attention node's K and V that left the window. After the
 /// attention, not when the rows are written: a ubatch's attention then reads its own rows in
 /// f16, so a prefill from empty reads no compressed rows at all (no rotated and rounded
-/// queries, no decoded tiles) and its rows are compressed once, as before.
+/// queries, no decoded tiles) and its rows are compressed once, as before. With a transfer
+/// stream the pages are encoded there while the next layers compute, and swapped in by the
+/// budget after the graph (or by the store's next compaction, whichever comes first).
 ///
 /// # Safety
 /// `node` must be a valid FLASH_ATTN_EXT node on DSpark's KV.
-unsafe fn compact_after(node: *const ll::ggml_tensor, threads: Threads) -> Result<(), String> {
+unsafe fn compact_after(node: *const ll::ggml_tensor, threads: Threads, stream: Option<&Transfer>) -> Result<(), String> {
     // SAFETY: valid node (caller).
     let (k, v) = unsafe { flash_attn_check(node) }?;
     for kv in [k.root, v.root] {
-        kv.entry().ok_or("KV has no store")?.write().compact(threads);
+        let e = kv.entry().ok_or("KV has no store")?;
+        let mut store = e.write();
+        match stream {
+            Some(x) => store.compact_on(x, threads),
+            None => store.compact(threads),
+        }
     }
     Ok(())
 }

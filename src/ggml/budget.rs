@@ -57,9 +57,18 @@ impl Budget {
         Ok(Budget { tier, transfer, prefetch: config.prefetch, warned: Mutex::new(false), reserve: AtomicU64::new(0) })
     }
 
-    /// Brings the device's pages within the budget after a graph (see the module docs).
+    /// The transfer stream (none with prefetch 0).
+    pub fn transfer(&self) -> Option<&Transfer> {
+        self.transfer.as_ref()
+    }
+
+    /// Brings the device's pages within the budget after a graph (see the module docs),
+    /// once the pages the transfer stream encoded are swapped in.
     pub fn enforce(&self, entries: &[Arc<KvEntry>]) -> Result<(), String> {
         let mut guards: Vec<_> = entries.iter().map(|e| e.write()).collect();
+        for g in &mut guards {
+            g.finish_compaction();
+        }
         // Staging needs room for K and V of the layer attended and of the layers prefetched:
         // at most each's compressed pages, or the pages its last attention read (a selection).
         let largest = entries

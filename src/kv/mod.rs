@@ -41,6 +41,7 @@ use crate::codec::{Quant, RowCodec};
 pub use page::PageCodec;
 use page::HeadToEncode;
 use tier::{Region, Slot, Tier};
+use crate::sched::{Fence, Transfer};
 
 /// Cells per page.
 pub const PAGE: usize = 64;
@@ -264,11 +265,14 @@ struct PageSlot {
     /// page's cells (0: never). Pages of removed tokens stop being seen; a memory budget
     /// moves them out first.
     last_seen: AtomicU64,
+    /// The store's write count when the page was last changed: an encoding started before
+    /// then ([`KvStore::compact_on`]) is of rows the page no longer holds.
+    version: u64,
 }
 
 impl PageSlot {
     fn empty() -> PageSlot {
-        PageSlot { data: Page::Empty, last_write: 0, written: 0, last_seen: AtomicU64::new(0) }
+        PageSlot { data: Page::Empty, last_write: 0, written: 0, last_seen: AtomicU64::new(0), version: 0 }
     }
 }
 
@@ -427,6 +431,18 @@ pub struct KvStore {
     /// The budget's cold tier, when the store has one, and the store's region in it.
     tier: Option<Arc<Tier>>,
     region: Region,
+    /// Page writes so far (never reset): the pages' versions.
+    writes: u64,
+    /// Pages being encoded on a transfer stream.
+    encoding: Vec<Encoding>,
+}
+
+/// A page handed to a transfer stream to be encoded ([`KvStore::compact_on`]): its codes and
+/// digest arrive through the fence.
+struct Encoding {
+    page: PageId,
+    version: u64,
+    fence: Arc<Fence<Result<(Box<[u8]>, Option<select::Digest>), String>>>,
 }
 
 impl KvStore {
@@ -458,6 +474,8 @@ impl KvStore {
             zeros: vec![f16::ZERO; PAGE * head_dim].into_boxed_slice(),
             tier: None,
             region: Region::default(),
+            writes: 0,
+            encoding: Vec::new(),
         })
     }
 
@@ -558,7 +576,9 @@ impl KvStore {
         }
         st.recent.forget(page * PAGE..(page + 1) * PAGE);
         let clock = st.clock;
+        self.writes += 1;
         let slot = st.slot_mut(page);
+        slot.version = self.writes;
         slot.data = new;
         slot.last_write = clock;
         slot.written = 0;
@@ -641,6 +661,7 @@ impl KvStore {
         self.bring_back(s, p);
         let (d, nh) = (self.head_dim, self.n_head);
         let (codec, window_codec) = (self.codec, self.window_codec);
+        self.writes += 1;
         let st = &mut self.streams[s];
         st.high_water = st.high_water.max(gcell % self.cells + 1);
         if new {
@@ -682,6 +703,7 @@ impl KvStore {
             _ => {}
         }
         page.written |= 1 << slot;
+        page.version = self.writes;
         match &mut page.data {
             Page::F16(data) => {
                 for (h, src) in row.chunks_exact(d).enumerate() {
@@ -769,34 +791,89 @@ impl KvStore {
     /// Call after a batch of writes; pages are encoded on `threads` (the caller's workers, so
     /// a context never uses more threads than it was given).
     pub fn compact(&mut self, threads: Threads) {
-        let Some(codec) = self.codec else { return };
+        self.finish_compaction();
+        let due = self.due_pages();
+        self.encode(due, threads);
+    }
+
+    /// As [`KvStore::compact`], but the pages leaving the window are encoded on `stream`
+    /// while the caller goes on: they stay f16 (readable, and written as usual) until
+    /// [`KvStore::finish_compaction`] swaps their codes in, which the next compaction does.
+    /// A page written in the meantime keeps its f16 rows and is due again.
+    pub fn compact_on(&mut self, stream: &Transfer, threads: Threads) {
+        self.finish_compaction();
+        let (handed, here): (Vec<PageId>, Vec<PageId>) = self.due_pages().into_iter().partition(|&(s, p)| matches!(self.streams[s].page(p), Page::F16(_) | Page::Window(_)));
+        self.encode(here, threads);
+        let (Some(codec), digests, nh, d) = (self.codec, self.digests, self.n_head, self.head_dim) else { return };
+        for (s, p) in handed {
+            let rows = self.page_rows(s, p).expect("an f16 or window page").into_owned();
+            let version = self.streams[s].pages[p].version;
+            let fence = stream.run(move || {
+                let digest = digests.then(|| select::digest(&rows, nh, d));
+                (codec.encode_page(&rows), digest)
+            });
+            self.encoding.push(Encoding { page: (s, p), version, fence });
+        }
+    }
+
+    /// Waits for the pages being encoded on a transfer stream ([`KvStore::compact_on`]) and
+    /// swaps in the codes of those not written since. Returns the time spent waiting.
+    pub fn finish_compaction(&mut self) -> std::time::Duration {
+        let mut waited = std::time::Duration::ZERO;
+        for Encoding { page: (s, p), version, fence } in std::mem::take(&mut self.encoding) {
+            let (done, w) = fence.wait();
+            waited += w;
+            let st = &mut self.streams[s];
+            let current = st.pages.get(p).is_some_and(|slot| slot.version == version && matches!(slot.data, Page::F16(_) | Page::Window(_)));
+            // A task that failed leaves the page f16: the next compaction encodes it here.
+            if let (true, Ok((packed, digest))) = (current, done) {
+                st.pages[p].data = Page::Packed(packed);
+                st.set_digest(p, digest);
+            }
+        }
+        waited
+    }
+
+    /// Pages due for compression, and (with digests) compressed pages in RAM whose digest a
+    /// rewrite in place (a K-shift) dropped.
+    fn due_pages(&self) -> Vec<PageId> {
+        if self.codec.is_none() {
+            return Vec::new();
+        }
         let window = self.window as u64;
-        let digests = self.digests;
-        // Pages due for compression, and (with digests) compressed pages in RAM whose digest
-        // a rewrite in place (a K-shift) dropped.
         let mut due: Vec<PageId> = Vec::new();
         for (s, st) in self.streams.iter().enumerate() {
             let clock = st.clock;
             due.extend(st.pages.iter().enumerate().skip(1).filter_map(|(p, slot)| {
                 let due = match slot.data {
                     Page::F16(_) | Page::Window(_) => clock - slot.last_write >= window.max(1) || (window == 0 && slot.written == u64::MAX),
-                    Page::Packed(_) => digests && !st.has_digest(p),
+                    Page::Packed(_) => self.digests && !st.has_digest(p),
                     _ => false,
                 };
                 due.then_some((s, p))
             }));
         }
+        due
+    }
+
+    /// The rows of an f16 or window page as f16 (a window page decoded).
+    fn page_rows(&self, s: usize, p: usize) -> Option<std::borrow::Cow<'_, [f16]>> {
+        match self.streams[s].page(p) {
+            Page::F16(data) => Some(std::borrow::Cow::Borrowed(&data[..])),
+            Page::Window(data) => Some(std::borrow::Cow::Owned(self.window_codec.expect("window page without window codes").decode_page(data).into_vec())),
+            _ => None,
+        }
+    }
+
+    /// Encodes the `due` pages on `threads` (and digests them, with digests) and swaps them in.
+    fn encode(&mut self, due: Vec<PageId>, threads: Threads) {
+        let Some(codec) = self.codec else { return };
         if due.is_empty() {
             return;
         }
         let (d, nh) = (self.head_dim, self.n_head);
         // The rows of each page leaving the window, as f16 (a window-coded page decoded).
-        let window_codec = self.window_codec;
-        let sources: Vec<Option<std::borrow::Cow<[f16]>>> = threads.map(&due, |&(s, p)| match self.streams[s].page(p) {
-            Page::F16(data) => Some(std::borrow::Cow::Borrowed(&data[..])),
-            Page::Window(data) => Some(std::borrow::Cow::Owned(window_codec.expect("window page without window codes").decode_page(data).into_vec())),
-            _ => None,
-        });
+        let sources: Vec<Option<std::borrow::Cow<[f16]>>> = threads.map(&due, |&(s, p)| self.page_rows(s, p));
         // Encoded on the threads a head at a time (a prefill compresses a few pages per
         // layer, and a page at a time left a thread idle), then swapped in.
         let mut packed: Vec<Option<Box<[u8]>>> = sources.iter().map(|src| src.as_ref().map(|_| vec![0u8; codec.page_bytes()].into_boxed_slice())).collect();
@@ -809,7 +886,7 @@ impl KvStore {
         threads.for_each_mut(&mut heads, |h| codec.encode_head(h));
         drop(heads);
         // A digest's page summaries go to its stream's table, which the threads do not share.
-        let digests: Vec<Option<select::Digest>> = if digests {
+        let digests: Vec<Option<select::Digest>> = if self.digests {
             threads.map(&due.iter().zip(&sources).collect::<Vec<_>>(), |&(&(s, p), src)| match (src, self.streams[s].page(p)) {
                 (Some(rows), _) => Some(select::digest(rows, nh, d)),
                 (None, Page::Packed(data)) => Some(select::digest(&codec.decode_page(data), nh, d)),
