@@ -131,9 +131,8 @@ mod tier {
     }
 
     /// Pages leaving the window can be encoded on the transfer stream: until their codes are
-    /// swapped in they read back as their f16 rows, then the store holds byte for byte what
-    /// compacting on the caller's thread gives. A page written while it was being encoded
-    /// keeps what was written (the codes of its older rows are dropped) and is encoded later.
+    /// swapped in they read back as their f16 rows, and a write waits for them, so the store
+    /// holds byte for byte what compacting on the caller's thread gives.
     #[test]
     fn pages_encoded_on_the_transfer_stream_are_those_encoded_here() {
         use dspark::sched::Transfer;
@@ -147,6 +146,7 @@ mod tier {
             here.write_row(c, r);
             there.write_row(c, r);
         }
+        here.compact(Threads::serial());
         there.compact_on(&x, Threads::serial());
         assert_eq!(f16_pages(&there), vec![0, 1, 2, 3], "handed pages stay f16 until swapped in");
         let mut got = vec![0.0; HEADS * D];
@@ -155,23 +155,47 @@ mod tier {
             let want: Vec<f32> = r.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
             assert_eq!(got, want, "cell {c} before the swap");
         }
-        // Written while its codes are on their way: page 2 keeps its rows.
+        // A rewrite in place (a K-shift) while the codes are on their way.
         let cell = 2 * PAGE + 5;
-        there.rewrite_row(cell, &rewrite);
-        there.finish_compaction();
-        assert_eq!(f16_pages(&there), vec![0, 2]);
-        there.read_row(cell, &mut got);
-        assert_eq!(got, rewrite.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect::<Vec<_>>());
-        // Encoded later, as a store that saw the same writes encodes it here.
         here.rewrite_row(cell, &rewrite);
-        here.compact(Threads::serial());
-        there.compact_on(&x, Threads::serial());
+        there.rewrite_row(cell, &rewrite);
         there.finish_compaction();
         assert_eq!(f16_pages(&here), vec![0]);
         assert_eq!(f16_pages(&there), vec![0]);
         for p in 1..4 {
             match (here.page(0, p), there.page(0, p)) {
                 (PageView::Packed(a), PageView::Packed(b)) => assert!(a == b, "page {p} differs"),
+                v => panic!("page {p}: {v:?}"),
+            }
+        }
+    }
+
+    /// The same for pages kept in window codes: the stream decodes and encodes them.
+    #[test]
+    fn window_coded_pages_encoded_on_the_transfer_stream_are_those_encoded_here() {
+        use dspark::sched::Transfer;
+        let cfg = StoreConfig { quant: Some(Quant::Q3), window: 64, digests: true, centered: true, window_quant: Some(Quant::Q8), recent: 0 };
+        let x = Transfer::new(Arc::new(Tier::new(0, Box::new(MemCold::default()))), 2).unwrap();
+        let mut rnd = uniform(4242);
+        let (mut here, mut there) = (KvStore::new(cfg, HEADS, D, 6 * PAGE, 1).unwrap(), KvStore::new(cfg, HEADS, D, 6 * PAGE, 1).unwrap());
+        for c in 0..6 * PAGE - 10 {
+            let r: Vec<f32> = (0..HEADS * D).map(|_| rnd()).collect();
+            here.write_row(c, &r);
+            there.write_row(c, &r);
+            if c % 100 == 99 {
+                here.compact(Threads::serial());
+                there.compact_on(&x, Threads::serial());
+            }
+        }
+        here.compact(Threads::serial());
+        there.compact_on(&x, Threads::serial());
+        there.finish_compaction();
+        let packed = |s: &KvStore| (0..6).filter(|&p| matches!(s.page(0, p), PageView::Packed(_))).collect::<Vec<_>>();
+        assert_eq!(packed(&here), vec![1, 2, 3]);
+        assert_eq!(packed(&there), packed(&here));
+        for p in 0..6 {
+            match (here.page(0, p), there.page(0, p)) {
+                (PageView::Packed(a), PageView::Packed(b)) | (PageView::Window(a), PageView::Window(b)) => assert!(a == b, "page {p} differs"),
                 v => panic!("page {p}: {v:?}"),
             }
         }

@@ -11,20 +11,20 @@
 use std::ffi::{c_char, c_void};
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use llama_cpp_sys_2 as ll;
 
 use super::budget::{KvRanges, Stager};
-use crate::sched::Transfer;
-use super::buffer::{adopt_kv, kv_entry, kv_root, root_of, KvRoot};
+use super::buffer::{adopt_kv, kv_entry, kv_root, root_of, KvEntry, KvRoot};
 use super::device::{dev_ctx, DeviceCtx};
 use super::{guard, log_error, log_warn, sys};
 use super::cpu::{self, CpuBackend};
 use crate::attn::{self, FaParams, Mask, Threads};
 use crate::kv::{segments, segments_in, select};
+use crate::sched::Transfer;
 
 const ROPE_TYPE_NORMAL: i32 = 0;
 const ROPE_TYPE_NEOX: i32 = 2;
@@ -315,6 +315,13 @@ unsafe fn compute_graph(ctx: &BackendCtx, g: *mut ll::ggml_cgraph) -> Result<(),
         Some(b) => Some(unsafe { Stager::new(b, &attn_nodes.iter().map(|&i| nodes[i]).collect::<Vec<_>>()) }?),
         None => None,
     });
+    let transfer = budget.as_ref().and_then(|b| b.transfer());
+    // The stores whose pages the last attention node handed to the transfer stream: swapped
+    // in when the next one starts, so the stream encodes a layer's pages while the rest of
+    // that layer computes, and a graph holds the f16 pages of one layer at most beyond what
+    // compressing on the spot holds. Always at the same point, so results do not depend on
+    // the stream's timing.
+    let handed = std::cell::RefCell::new(Vec::<Arc<KvEntry>>::new());
     let run = |k: usize, threads: Threads| -> Result<(), String> {
         let (i, node) = (own[k], nodes[own[k]]);
         // SAFETY: valid nodes and srcs (caller); this node is a compute node on our KV whose
@@ -325,6 +332,9 @@ unsafe fn compute_graph(ctx: &BackendCtx, g: *mut ll::ggml_cgraph) -> Result<(),
                 ll::GGML_OP_FLASH_ATTN_EXT => {
                     ctx.dev.attn_calls.fetch_add(1, Ordering::Relaxed);
                     let at = attn_nodes.binary_search(&i).ok();
+                    for e in handed.borrow_mut().drain(..) {
+                        e.write().finish_compaction();
+                    }
                     let plan = attn_plan(node, ctx.dev, threads)?;
                     let mut stager = stager.borrow_mut();
                     if let (Some(s), Some(a)) = (stager.as_mut(), at) {
@@ -334,7 +344,11 @@ unsafe fn compute_graph(ctx: &BackendCtx, g: *mut ll::ggml_cgraph) -> Result<(),
                     if let (Some(s), Some(a)) = (stager.as_mut(), at) {
                         s.after(a);
                     }
-                    r.and_then(|()| compact_after(node, threads, budget.as_ref().and_then(|b| b.transfer())))
+                    r.and_then(|()| compact_after(node, threads, transfer)).map(|entries| {
+                        if transfer.is_some() {
+                            handed.borrow_mut().extend(entries);
+                        }
+                    })
                 }
                 _ => rope_shift(node),
             }
@@ -354,23 +368,22 @@ unsafe fn compute_graph(ctx: &BackendCtx, g: *mut ll::ggml_cgraph) -> Result<(),
 /// attention, not when the rows are written: a ubatch's attention then reads its own rows in
 /// f16, so a prefill from empty reads no compressed rows at all (no rotated and rounded
 /// queries, no decoded tiles) and its rows are compressed once, as before. With a transfer
-/// stream the pages are encoded there while the next layers compute, and swapped in by the
-/// budget after the graph (or by the store's next compaction, whichever comes first).
+/// stream the pages are encoded there, and the caller swaps them in
+/// ([`crate::kv::KvStore::finish_compaction`]). Returns the K and V entries.
 ///
 /// # Safety
 /// `node` must be a valid FLASH_ATTN_EXT node on DSpark's KV.
-unsafe fn compact_after(node: *const ll::ggml_tensor, threads: Threads, stream: Option<&Transfer>) -> Result<(), String> {
+unsafe fn compact_after(node: *const ll::ggml_tensor, threads: Threads, stream: Option<&Transfer>) -> Result<[Arc<KvEntry>; 2], String> {
     // SAFETY: valid node (caller).
     let (k, v) = unsafe { flash_attn_check(node) }?;
-    for kv in [k.root, v.root] {
-        let e = kv.entry().ok_or("KV has no store")?;
-        let mut store = e.write();
+    let entries = [k.root.entry().ok_or("KV has no store")?, v.root.entry().ok_or("KV has no store")?];
+    for e in &entries {
         match stream {
-            Some(x) => store.compact_on(x, threads),
-            None => store.compact(threads),
+            Some(x) => e.write().compact_on(x, threads),
+            None => e.write().compact(threads),
         }
     }
-    Ok(())
+    Ok(entries)
 }
 
 /// The K and V entries an attention node reads and its cell ranges, (stream, first, n), one

@@ -228,18 +228,36 @@ pub struct StoreConfig {
     pub recent: usize,
 }
 
+/// The f16 and window pages are shared with a transfer stream while it encodes them
+/// ([`KvStore::compact_on`]): the stream reads the rows the page holds without a copy (the
+/// store waits for it before it changes a page, so writes find the page unshared).
 enum Page {
     Empty,
-    F16(Box<[f16]>),
+    F16(Arc<[f16]>),
     /// A page not compressed yet whose rows are in the store's window codes
     /// ([`StoreConfig::window_quant`]) instead of f16.
-    Window(Box<[u8]>),
+    Window(Arc<[u8]>),
     Packed(Box<[u8]>),
     /// Packed bytes in the cold tier, and a staged copy of them while one is in RAM.
     Cold { slot: Slot, staged: Option<Box<[u8]>> },
 }
 
+/// An f16 or window page's rows, shared with a transfer stream.
+enum Shared {
+    F16(Arc<[f16]>),
+    Window(Arc<[u8]>),
+}
+
 impl Page {
+    /// Another handle of an f16 or window page's rows.
+    fn share(&self) -> Shared {
+        match self {
+            Page::F16(d) => Shared::F16(d.clone()),
+            Page::Window(d) => Shared::Window(d.clone()),
+            _ => unreachable!("only f16 and window pages are handed to a transfer stream"),
+        }
+    }
+
     /// The packed bytes of a packed or staged cold page.
     fn packed(&self) -> Option<&[u8]> {
         match self {
@@ -265,14 +283,11 @@ struct PageSlot {
     /// page's cells (0: never). Pages of removed tokens stop being seen; a memory budget
     /// moves them out first.
     last_seen: AtomicU64,
-    /// The store's write count when the page was last changed: an encoding started before
-    /// then ([`KvStore::compact_on`]) is of rows the page no longer holds.
-    version: u64,
 }
 
 impl PageSlot {
     fn empty() -> PageSlot {
-        PageSlot { data: Page::Empty, last_write: 0, written: 0, last_seen: AtomicU64::new(0), version: 0 }
+        PageSlot { data: Page::Empty, last_write: 0, written: 0, last_seen: AtomicU64::new(0) }
     }
 }
 
@@ -431,8 +446,6 @@ pub struct KvStore {
     /// The budget's cold tier, when the store has one, and the store's region in it.
     tier: Option<Arc<Tier>>,
     region: Region,
-    /// Page writes so far (never reset): the pages' versions.
-    writes: u64,
     /// Pages being encoded on a transfer stream.
     encoding: Vec<Encoding>,
 }
@@ -441,7 +454,6 @@ pub struct KvStore {
 /// digest arrive through the fence.
 struct Encoding {
     page: PageId,
-    version: u64,
     fence: Arc<Fence<Result<(Box<[u8]>, Option<select::Digest>), String>>>,
 }
 
@@ -474,7 +486,6 @@ impl KvStore {
             zeros: vec![f16::ZERO; PAGE * head_dim].into_boxed_slice(),
             tier: None,
             region: Region::default(),
-            writes: 0,
             encoding: Vec::new(),
         })
     }
@@ -548,11 +559,12 @@ impl KvStore {
         if stream >= self.n_stream() || page >= self.pages_per_stream() {
             return Err(format!("page {page} of stream {stream} is out of range"));
         }
+        self.finish_compaction();
         let per_page = self.n_head * PAGE;
         let new = match view {
             PageView::Empty => Page::Empty,
             PageView::F16(d) if d.len() == per_page * self.head_dim => match &self.window_codec {
-                Some(w) => Page::Window(w.encode_page(d)),
+                Some(w) => Page::Window(w.encode_page(d).into()),
                 None => Page::F16(d.into()),
             },
             PageView::Window(d) => match &self.window_codec {
@@ -576,9 +588,7 @@ impl KvStore {
         }
         st.recent.forget(page * PAGE..(page + 1) * PAGE);
         let clock = st.clock;
-        self.writes += 1;
         let slot = st.slot_mut(page);
-        slot.version = self.writes;
         slot.data = new;
         slot.last_write = clock;
         slot.written = 0;
@@ -631,6 +641,7 @@ impl KvStore {
 
     /// Drops every page: all cells read as zero again.
     pub fn clear(&mut self) {
+        self.finish_compaction();
         self.streams.iter_mut().for_each(|s| *s = Stream::default());
     }
 
@@ -650,6 +661,7 @@ impl KvStore {
 
     fn put_row(&mut self, gcell: usize, row: &[f32], new: bool) {
         assert_eq!(row.len(), self.row_len());
+        self.finish_compaction();
         let clamped: Vec<f32>;
         let row = if row.iter().all(|x| x.abs() <= F16_MAX) {
             row
@@ -661,7 +673,6 @@ impl KvStore {
         self.bring_back(s, p);
         let (d, nh) = (self.head_dim, self.n_head);
         let (codec, window_codec) = (self.codec, self.window_codec);
-        self.writes += 1;
         let st = &mut self.streams[s];
         st.high_water = st.high_water.max(gcell % self.cells + 1);
         if new {
@@ -683,8 +694,8 @@ impl KvStore {
             Page::Empty => {
                 page.data = match &window_codec {
                     // Zero bytes are rows of zeros in any codes (a zero scale).
-                    Some(w) => Page::Window(w.empty_page(before.as_deref())),
-                    None => Page::F16(vec![f16::ZERO; nh * PAGE * d].into_boxed_slice()),
+                    Some(w) => Page::Window(w.empty_page(before.as_deref()).into()),
+                    None => Page::F16(vec![f16::ZERO; nh * PAGE * d].into()),
                 };
                 page.written = 0;
             }
@@ -695,17 +706,17 @@ impl KvStore {
             Page::Packed(data) if new => {
                 let f16 = codec.expect("packed page without codec").decode_page(data);
                 page.data = match &window_codec {
-                    Some(w) => Page::Window(w.encode_page(&f16)),
-                    None => Page::F16(f16),
+                    Some(w) => Page::Window(w.encode_page(&f16).into()),
+                    None => Page::F16(f16.into()),
                 };
                 page.written = 0;
             }
             _ => {}
         }
         page.written |= 1 << slot;
-        page.version = self.writes;
         match &mut page.data {
             Page::F16(data) => {
+                let data = Arc::make_mut(data);
                 for (h, src) in row.chunks_exact(d).enumerate() {
                     let dst = &mut data[(h * PAGE + slot) * d..][..d];
                     dst.convert_from_f32_slice(src);
@@ -718,7 +729,7 @@ impl KvStore {
                 }
             }
             Page::Window(data) => {
-                let w = window_codec.expect("window page without window codes");
+                let (w, data) = (window_codec.expect("window page without window codes"), Arc::make_mut(data));
                 for (h, src) in row.chunks_exact(d).enumerate() {
                     w.encode_row(data, h, slot, src);
                 }
@@ -797,41 +808,44 @@ impl KvStore {
     }
 
     /// As [`KvStore::compact`], but the pages leaving the window are encoded on `stream`
-    /// while the caller goes on: they stay f16 (readable, and written as usual) until
-    /// [`KvStore::finish_compaction`] swaps their codes in, which the next compaction does.
-    /// A page written in the meantime keeps its f16 rows and is due again.
+    /// while the caller goes on: they stay f16 (readable) until
+    /// [`KvStore::finish_compaction`] swaps their codes in, which anything that changes the
+    /// store does first (a write, a compaction, `set_page`, `clear`), so the store holds
+    /// the same pages as with [`KvStore::compact`] whenever it changes.
     pub fn compact_on(&mut self, stream: &Transfer, threads: Threads) {
         self.finish_compaction();
         let (handed, here): (Vec<PageId>, Vec<PageId>) = self.due_pages().into_iter().partition(|&(s, p)| matches!(self.streams[s].page(p), Page::F16(_) | Page::Window(_)));
         self.encode(here, threads);
-        let (Some(codec), digests, nh, d) = (self.codec, self.digests, self.n_head, self.head_dim) else { return };
+        let (Some(codec), window_codec, digests, nh, d) = (self.codec, self.window_codec, self.digests, self.n_head, self.head_dim) else { return };
         for (s, p) in handed {
-            let rows = self.page_rows(s, p).expect("an f16 or window page").into_owned();
-            let version = self.streams[s].pages[p].version;
+            let page = self.streams[s].pages[p].data.share();
             let fence = stream.run(move || {
-                let digest = digests.then(|| select::digest(&rows, nh, d));
-                (codec.encode_page(&rows), digest)
+                let window;
+                let rows: &[f16] = match &page {
+                    Shared::F16(rows) => rows,
+                    Shared::Window(data) => {
+                        window = window_codec.expect("window page without window codes").decode_page(data);
+                        &window
+                    }
+                };
+                (codec.encode_page(rows), digests.then(|| select::digest(rows, nh, d)))
             });
-            self.encoding.push(Encoding { page: (s, p), version, fence });
+            self.encoding.push(Encoding { page: (s, p), fence });
         }
     }
 
     /// Waits for the pages being encoded on a transfer stream ([`KvStore::compact_on`]) and
-    /// swaps in the codes of those not written since. Returns the time spent waiting.
-    pub fn finish_compaction(&mut self) -> std::time::Duration {
-        let mut waited = std::time::Duration::ZERO;
-        for Encoding { page: (s, p), version, fence } in std::mem::take(&mut self.encoding) {
-            let (done, w) = fence.wait();
-            waited += w;
-            let st = &mut self.streams[s];
-            let current = st.pages.get(p).is_some_and(|slot| slot.version == version && matches!(slot.data, Page::F16(_) | Page::Window(_)));
-            // A task that failed leaves the page f16: the next compaction encodes it here.
-            if let (true, Ok((packed, digest))) = (current, done) {
+    /// swaps their codes in.
+    pub fn finish_compaction(&mut self) {
+        for Encoding { page: (s, p), fence } in std::mem::take(&mut self.encoding) {
+            let (done, _) = fence.wait();
+            // A task that failed leaves the page as it was: the next compaction encodes it here.
+            if let Ok((packed, digest)) = done {
+                let st = &mut self.streams[s];
                 st.pages[p].data = Page::Packed(packed);
                 st.set_digest(p, digest);
             }
         }
-        waited
     }
 
     /// Pages due for compression, and (with digests) compressed pages in RAM whose digest a
