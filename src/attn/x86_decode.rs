@@ -42,6 +42,8 @@ const HB: usize = 4;
 const ROWS_STACK: usize = 128;
 const NG_STACK: usize = 16;
 const AW_STACK: usize = 4096;
+/// Expanded V values of a block (16 rows of head size 64..256).
+const VF_STACK: usize = 16 * 256;
 
 fn uninit<T, const N: usize>() -> [MaybeUninit<T>; N] {
     [const { MaybeUninit::uninit() }; N]
@@ -127,6 +129,12 @@ pub fn decode_packed_avx512(job: &DecodeJob, max: &mut [f32], sum: &mut [f32], a
     let vc = scratch(&mut s6, &mut h6, ng, zero);
     let (mut s7, mut h7) = (uninit::<[__m512i; 8], NG_STACK>(), Vec::new());
     let kcodes = scratch(&mut s7, &mut h7, ng, [_mm512_setzero_si512(); 8]);
+    // With more query rows than one V pass takes (prefill items), the block's V values are
+    // expanded from their codes once, `[row][d]`, and every pass loads them: expanding in
+    // each pass cost as many instructions as a third of its FMAs.
+    let expand = m > HB;
+    let (mut s8, mut h8) = (uninit::<f32, VF_STACK>(), Vec::new());
+    let vf = scratch(&mut s8, &mut h8, if expand { B * d } else { 0 }, 0.0);
 
     for blk in 0..n / B {
         let r0 = blk * B;
@@ -205,15 +213,26 @@ pub fn decode_packed_avx512(job: &DecodeJob, max: &mut [f32], sum: &mut [f32], a
         }
 
         // 3. V.
+        if expand {
+            // SAFETY: `vp` points at 16 rows of `vrb` bytes; `vf` has 16·d floats.
+            unsafe { expand_v(job.vbits, vp, job.vrb, ng, vf) };
+        }
         let mut h0 = 0;
         while h0 < m {
             let hb = (m - h0).min(HB);
             let mut g0 = 0;
             while g0 < ng {
                 let cg = if ng - g0 >= 2 { 2 } else { 1 };
-                // SAFETY: `vp` points at 16 rows of `vrb` bytes; `acc` has m·d floats and the
-                // pass touches rows h0..h0+hb, columns 32·g0 .. 32·(g0 + cg) <= d.
-                unsafe { v_pass(job.vbits, hb, cg, vp, job.vrb, ng, d, h0, g0, aw, alpha, acc.as_mut_ptr()) };
+                // SAFETY: `vp` points at 16 rows of `vrb` bytes (`vf` holds their 16·d values
+                // when expanded); `acc` has m·d floats and the pass touches rows h0..h0+hb,
+                // columns 32·g0 .. 32·(g0 + cg) <= d.
+                unsafe {
+                    if expand {
+                        v_pass_expanded(hb, cg, vf, d, h0, g0, ng, aw, alpha, acc.as_mut_ptr());
+                    } else {
+                        v_pass(job.vbits, hb, cg, vp, job.vrb, ng, d, h0, g0, aw, alpha, acc.as_mut_ptr());
+                    }
+                }
                 g0 += cg;
             }
             h0 += hb;
@@ -522,6 +541,9 @@ unsafe fn v_pass(vbits: u32, hb: usize, cg: usize, vp: *const u8, vrb: usize, ng
 #[allow(clippy::too_many_arguments)]
 unsafe fn v_rows<const VB: u32, const H: usize, const C: usize>(vp: *const u8, vrb: usize, ng: usize, d: usize, h0: usize, g0: usize, aw: &[f32], alpha: &[f32], acc: *mut f32) {
     let gb = group_code_bytes(VB);
+    assert!(((h0 + H - 1) * ng + g0 + C) * B <= aw.len());
+    // Row i's weights of groups g0.. (checked once above rather than at each load).
+    let wp: [*const f32; H] = std::array::from_fn(|i| aw[((h0 + i) * ng + g0) * B..].as_ptr());
     let mut a = [[[_mm512_setzero_ps(); 2]; C]; H];
     for (i, ai) in a.iter_mut().enumerate() {
         let al = _mm512_set1_ps(alpha[h0 + i]);
@@ -539,8 +561,111 @@ unsafe fn v_rows<const VB: u32, const H: usize, const C: usize>(vp: *const u8, v
         for c in 0..C {
             // SAFETY: group g0 + c < ng lies inside the row.
             let (x0, x1) = unsafe { group_values::<VB>(rp.add((g0 + c) * gb), &tabs) };
-            for (i, ai) in a.iter_mut().enumerate() {
-                let w = _mm512_set1_ps(aw[((h0 + i) * ng + g0 + c) * B + j]);
+            for (ai, w) in a.iter_mut().zip(wp) {
+                // SAFETY: weight c·16 + j of row i's groups from g0 lies inside aw (asserted).
+                let w = _mm512_set1_ps(unsafe { *w.add(c * B + j) });
+                ai[c][0] = _mm512_fmadd_ps(w, x0, ai[c][0]);
+                ai[c][1] = _mm512_fmadd_ps(w, x1, ai[c][1]);
+            }
+        }
+    }
+    for (i, ai) in a.iter().enumerate() {
+        for (c, ac) in ai.iter().enumerate() {
+            for (k, x) in ac.iter().enumerate() {
+                // SAFETY: as for the loads.
+                unsafe { _mm512_storeu_ps(acc.add((h0 + i) * d + 32 * (g0 + c) + 16 * k), *x) };
+            }
+        }
+    }
+}
+
+/// The values `code − offset` of 16 V rows (`VB` bits) into `vf`, `[row][32·ng]`: what
+/// [`v_rows`] computes in each pass, computed once.
+///
+/// # Safety
+/// `vp` points at 16 rows of `vrb` bytes in the packed format of `vbits` and `32·ng` values;
+/// `vf` holds at least `16·32·ng` floats.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn expand_v(vbits: u32, vp: *const u8, vrb: usize, ng: usize, vf: &mut [f32]) {
+    assert!(vf.len() >= B * GROUP * ng);
+    macro_rules! go {
+        ($vb:literal) => {{
+            let (gb, tabs) = (group_code_bytes($vb), Tables::new());
+            for j in 0..B {
+                for g in 0..ng {
+                    // SAFETY: row j < 16, group g < ng lie inside the block (caller); the
+                    // stores fill floats 32·(j·ng + g) .. + 32 <= vf.len() (asserted).
+                    unsafe {
+                        let (x0, x1) = group_values::<$vb>(vp.add(j * vrb + HEADER + ng + g * gb), &tabs);
+                        let o = vf.as_mut_ptr().add(GROUP * (j * ng + g));
+                        _mm512_storeu_ps(o, x0);
+                        _mm512_storeu_ps(o.add(16), x1);
+                    }
+                }
+            }
+        }};
+    }
+    with_width!(vbits, go);
+}
+
+/// [`v_pass`] over values [`expand_v`] expanded (`vf`: 16 rows of `d` floats).
+///
+/// # Safety
+/// As [`v_pass`], with `vf` holding `16·d` floats.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+unsafe fn v_pass_expanded(hb: usize, cg: usize, vf: &[f32], d: usize, h0: usize, g0: usize, ng: usize, aw: &[f32], alpha: &[f32], acc: *mut f32) {
+    macro_rules! go {
+        ($h:literal, $c:literal) => {
+            // SAFETY: forwarded from the caller.
+            unsafe { v_rows_expanded::<$h, $c>(vf, d, h0, g0, ng, aw, alpha, acc) }
+        };
+    }
+    match (hb, cg) {
+        (4, 2) => go!(4, 2),
+        (3, 2) => go!(3, 2),
+        (2, 2) => go!(2, 2),
+        (1, 2) => go!(1, 2),
+        (4, _) => go!(4, 1),
+        (3, _) => go!(3, 1),
+        (2, _) => go!(2, 1),
+        _ => go!(1, 1),
+    }
+}
+
+/// See [`v_pass_expanded`]; `H` query rows, `C` groups.
+///
+/// # Safety
+/// As [`v_pass_expanded`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+unsafe fn v_rows_expanded<const H: usize, const C: usize>(vf: &[f32], d: usize, h0: usize, g0: usize, ng: usize, aw: &[f32], alpha: &[f32], acc: *mut f32) {
+    assert!(vf.len() >= B * d && 32 * (g0 + C) <= d && ((h0 + H - 1) * ng + g0 + C) * B <= aw.len());
+    // Row i's weights of groups g0.. (checked once above rather than at each load).
+    let wp: [*const f32; H] = std::array::from_fn(|i| aw[((h0 + i) * ng + g0) * B..].as_ptr());
+    let mut a = [[[_mm512_setzero_ps(); 2]; C]; H];
+    for (i, ai) in a.iter_mut().enumerate() {
+        let al = _mm512_set1_ps(alpha[h0 + i]);
+        for (c, ac) in ai.iter_mut().enumerate() {
+            for (k, x) in ac.iter_mut().enumerate() {
+                // SAFETY: row h0 + i < m, column 32(g0 + c) + 16k + 16 <= d (caller).
+                *x = _mm512_mul_ps(al, unsafe { _mm512_loadu_ps(acc.add((h0 + i) * d + 32 * (g0 + c) + 16 * k)) });
+            }
+        }
+    }
+    for j in 0..B {
+        for c in 0..C {
+            // SAFETY: floats j·d + 32(g0 + c) .. + 32 lie inside vf (asserted).
+            let (x0, x1) = unsafe {
+                let p = vf.as_ptr().add(j * d + 32 * (g0 + c));
+                (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)))
+            };
+            for (ai, w) in a.iter_mut().zip(wp) {
+                // SAFETY: weight c·16 + j of row i's groups from g0 lies inside aw (asserted).
+                let w = _mm512_set1_ps(unsafe { *w.add(c * B + j) });
                 ai[c][0] = _mm512_fmadd_ps(w, x0, ai[c][0]);
                 ai[c][1] = _mm512_fmadd_ps(w, x1, ai[c][1]);
             }
