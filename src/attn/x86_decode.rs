@@ -544,16 +544,8 @@ unsafe fn v_rows<const VB: u32, const H: usize, const C: usize>(vp: *const u8, v
     assert!(((h0 + H - 1) * ng + g0 + C) * B <= aw.len());
     // Row i's weights of groups g0.. (checked once above rather than at each load).
     let wp: [*const f32; H] = std::array::from_fn(|i| aw[((h0 + i) * ng + g0) * B..].as_ptr());
-    let mut a = [[[_mm512_setzero_ps(); 2]; C]; H];
-    for (i, ai) in a.iter_mut().enumerate() {
-        let al = _mm512_set1_ps(alpha[h0 + i]);
-        for (c, ac) in ai.iter_mut().enumerate() {
-            for (k, x) in ac.iter_mut().enumerate() {
-                // SAFETY: row h0 + i < m, column 32(g0 + c) + 16k + 16 <= d (caller).
-                *x = _mm512_mul_ps(al, unsafe { _mm512_loadu_ps(acc.add((h0 + i) * d + 32 * (g0 + c) + 16 * k)) });
-            }
-        }
-    }
+    // SAFETY: forwarded from the caller.
+    let mut a = unsafe { load_acc::<H, C>(acc, d, h0, g0, alpha) };
     let tabs = Tables::new();
     for j in 0..B {
         // SAFETY: row j < 16 of the block; its codes start after the header.
@@ -569,10 +561,42 @@ unsafe fn v_rows<const VB: u32, const H: usize, const C: usize>(vp: *const u8, v
             }
         }
     }
+    // SAFETY: forwarded from the caller.
+    unsafe { store_acc(&a, acc, d, h0, g0) };
+}
+
+/// The accumulators of query rows `h0..h0+H`, columns `32·g0 .. 32·(g0 + C)`, from `acc`,
+/// rescaled by each row's `alpha`.
+///
+/// # Safety
+/// `acc` points at `m·d` floats with `h0 + H <= m` and `32·(g0 + C) <= d`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[inline]
+unsafe fn load_acc<const H: usize, const C: usize>(acc: *const f32, d: usize, h0: usize, g0: usize, alpha: &[f32]) -> [[[__m512; 2]; C]; H] {
+    let mut a = [[[_mm512_setzero_ps(); 2]; C]; H];
+    for (i, ai) in a.iter_mut().enumerate() {
+        let al = _mm512_set1_ps(alpha[h0 + i]);
+        for (c, ac) in ai.iter_mut().enumerate() {
+            for (k, x) in ac.iter_mut().enumerate() {
+                // SAFETY: row h0 + i < m, column 32(g0 + c) + 16k + 16 <= d (caller).
+                *x = _mm512_mul_ps(al, unsafe { _mm512_loadu_ps(acc.add((h0 + i) * d + 32 * (g0 + c) + 16 * k)) });
+            }
+        }
+    }
+    a
+}
+
+/// Writes back what [`load_acc`] loaded.
+///
+/// # Safety
+/// As [`load_acc`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[inline]
+unsafe fn store_acc<const H: usize, const C: usize>(a: &[[[__m512; 2]; C]; H], acc: *mut f32, d: usize, h0: usize, g0: usize) {
     for (i, ai) in a.iter().enumerate() {
         for (c, ac) in ai.iter().enumerate() {
             for (k, x) in ac.iter().enumerate() {
-                // SAFETY: as for the loads.
+                // SAFETY: row h0 + i < m, column 32(g0 + c) + 16k + 16 <= d (caller).
                 unsafe { _mm512_storeu_ps(acc.add((h0 + i) * d + 32 * (g0 + c) + 16 * k), *x) };
             }
         }
@@ -646,16 +670,8 @@ unsafe fn v_rows_expanded<const H: usize, const C: usize>(vf: &[f32], d: usize, 
     assert!(vf.len() >= B * d && 32 * (g0 + C) <= d && ((h0 + H - 1) * ng + g0 + C) * B <= aw.len());
     // Row i's weights of groups g0.. (checked once above rather than at each load).
     let wp: [*const f32; H] = std::array::from_fn(|i| aw[((h0 + i) * ng + g0) * B..].as_ptr());
-    let mut a = [[[_mm512_setzero_ps(); 2]; C]; H];
-    for (i, ai) in a.iter_mut().enumerate() {
-        let al = _mm512_set1_ps(alpha[h0 + i]);
-        for (c, ac) in ai.iter_mut().enumerate() {
-            for (k, x) in ac.iter_mut().enumerate() {
-                // SAFETY: row h0 + i < m, column 32(g0 + c) + 16k + 16 <= d (caller).
-                *x = _mm512_mul_ps(al, unsafe { _mm512_loadu_ps(acc.add((h0 + i) * d + 32 * (g0 + c) + 16 * k)) });
-            }
-        }
-    }
+    // SAFETY: forwarded from the caller.
+    let mut a = unsafe { load_acc::<H, C>(acc, d, h0, g0, alpha) };
     for j in 0..B {
         for c in 0..C {
             // SAFETY: floats j·d + 32(g0 + c) .. + 32 lie inside vf (asserted).
@@ -671,14 +687,8 @@ unsafe fn v_rows_expanded<const H: usize, const C: usize>(vf: &[f32], d: usize, 
             }
         }
     }
-    for (i, ai) in a.iter().enumerate() {
-        for (c, ac) in ai.iter().enumerate() {
-            for (k, x) in ac.iter().enumerate() {
-                // SAFETY: as for the loads.
-                unsafe { _mm512_storeu_ps(acc.add((h0 + i) * d + 32 * (g0 + c) + 16 * k), *x) };
-            }
-        }
-    }
+    // SAFETY: forwarded from the caller.
+    unsafe { store_acc(&a, acc, d, h0, g0) };
 }
 
 /// Lookup tables from a code's low 4 bits to `code − offset` as f32.
