@@ -454,8 +454,11 @@ pub struct KvStore {
 /// digest arrive through the fence.
 struct Encoding {
     page: PageId,
-    fence: Arc<Fence<Result<(Box<[u8]>, Option<select::Digest>), String>>>,
+    fence: Arc<Fence<Result<Encoded, String>>>,
 }
+
+/// A page's codes and, when the store keeps them, its digest.
+type Encoded = (Box<[u8]>, Option<select::Digest>);
 
 impl KvStore {
     /// A store for `n_stream` streams of `cells` cells of `n_head` × `head_dim` values.
