@@ -842,7 +842,7 @@ impl KvStore {
     pub fn finish_compaction(&mut self) {
         for Encoding { page: (s, p), fence } in std::mem::take(&mut self.encoding) {
             let (done, _) = fence.wait();
-            // A task that failed leaves the page as it was: the next compaction encodes it here.
+            // A task that failed leaves the page as it was: the next compaction encodes it again.
             if let Ok((packed, digest)) = done {
                 let st = &mut self.streams[s];
                 st.pages[p].data = Page::Packed(packed);
