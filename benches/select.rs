@@ -10,6 +10,7 @@
 
 use dspark::attn::{Mask, Threads, Workers};
 use dspark::codec::Quant;
+use dspark::kv::select::Unit;
 use dspark::kv::{KvStore, StoreConfig};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::time::Instant;
@@ -61,7 +62,7 @@ fn main() {
         let time = |threads| {
             let token = || {
                 for s in &layers {
-                    std::hint::black_box(s.select(0, 0, depth, |c| mask.sees(1, c), &q, 1, Q_HEADS, BUDGET, threads).expect("selects"));
+                    std::hint::black_box(s.select(0, 0, depth, |c| mask.sees(1, c), &q, 1, Q_HEADS, BUDGET, Unit::Block, threads).expect("selects"));
                 }
             };
             for _ in 0..5 {

@@ -4,6 +4,7 @@
 
 use dspark::attn::Threads;
 use dspark::codec::Quant;
+use dspark::kv::select::Unit;
 use dspark::kv::{KvStore, PageView, StoreConfig, PAGE};
 
 const HEADS: usize = 3;
@@ -298,21 +299,31 @@ fn selection_keeps_the_sinks_and_the_window_and_picks_the_matching_page() {
     let n_head_q = 2 * HEADS;
     let q: Vec<f32> = (0..n_head_q * D).map(|i| if i % D == 5 { 1.0 } else { 0.0 }).collect();
     let visible = |r: std::ops::Range<usize>| r.start / PAGE != 9;
-    let pick = s.select(0, 0, 1024, visible, &q, 1, n_head_q, 4 * PAGE, Threads::serial()).expect("a budget under the context selects");
+    let pick = s.select(0, 0, 1024, visible, &q, 1, n_head_q, 4 * PAGE, Unit::Block, Threads::serial()).expect("a budget under the context selects");
     for (h, ranges) in pick.iter().enumerate() {
         let pages: Vec<usize> = ranges.iter().flat_map(|r| r.start / PAGE..r.end / PAGE).collect();
         // Sinks (0), the window (14, 15), and the best-matching page.
         assert_eq!(pages, vec![0, 3 + 2 * h, 14, 15], "head {h}");
     }
     // A budget below the sinks and window still reads them.
-    for ranges in s.select(0, 0, 1024, visible, &q, 1, n_head_q, PAGE, Threads::serial()).unwrap() {
+    for ranges in s.select(0, 0, 1024, visible, &q, 1, n_head_q, PAGE, Unit::Block, Threads::serial()).unwrap() {
         assert_eq!(ranges, vec![0..PAGE, 14 * PAGE..16 * PAGE]);
     }
     // Every visible cell fits: dense.
-    assert!(s.select(0, 0, 1024, visible, &q, 1, n_head_q, 1024 - PAGE, Threads::serial()).is_none());
+    assert!(s.select(0, 0, 1024, visible, &q, 1, n_head_q, 1024 - PAGE, Unit::Block, Threads::serial()).is_none());
     // A page no query row can see is never read, even when the query matches it best.
-    let pick = s.select(0, 0, 1024, |r: std::ops::Range<usize>| r.start / PAGE != 3, &q, 1, n_head_q, 4 * PAGE, Threads::serial()).unwrap();
+    let pick = s.select(0, 0, 1024, |r: std::ops::Range<usize>| r.start / PAGE != 3, &q, 1, n_head_q, 4 * PAGE, Unit::Block, Threads::serial()).unwrap();
     assert!(pick[0].iter().all(|r| !r.contains(&(3 * PAGE))), "{:?}", pick[0]);
+    // Pages shared by the KV heads: every head reads each head's best page (three pages of
+    // budget beyond the sinks and window); with one page of budget, one of them.
+    let pages = |ranges: &[std::ops::Range<usize>]| -> Vec<usize> { ranges.iter().flat_map(|r| r.start / PAGE..r.end.div_ceil(PAGE)).collect() };
+    let pick = s.select(0, 0, 1024, visible, &q, 1, n_head_q, 6 * PAGE, Unit::Page, Threads::serial()).unwrap();
+    assert!(pick.iter().all(|ranges| pages(ranges) == [0, 3, 5, 7, 14, 15]), "{pick:?}");
+    let pick = s.select(0, 0, 1024, visible, &q, 1, n_head_q, 4 * PAGE, Unit::Page, Threads::serial()).unwrap();
+    let first = pages(&pick[0]);
+    assert!(first.len() == 4 && [3, 5, 7].contains(&first[1]), "{first:?}");
+    assert!(pick.iter().all(|ranges| pages(ranges) == first), "{pick:?}");
+    assert!(s.select(0, 0, 1024, visible, &q, 1, n_head_q, 1024 - PAGE, Unit::Page, Threads::serial()).is_none());
 }
 
 /// Without a window, rows written one at a time (compacting after each, as decode does) end

@@ -21,6 +21,7 @@
 //! | `DSPARK_PROFILE` | per-layer K/V widths from `dspark calibrate` (a JSON file); replaces `DSPARK_FORMAT`, and sets the window it was made for unless `DSPARK_WINDOW` is given | none |
 //! | `DSPARK_CENTER` | `1`: compressed pages are stored relative to their rows' mean (better fidelity, 0.13 bit per value); `0`: not | 1 |
 //! | `DSPARK_ATTN_BUDGET` | tokens a decode step's attention reads per layer and KV head (page selection) | 0 (all) |
+//! | `DSPARK_ATTN_UNIT` | what that budget chooses: `block` (16 cells per KV head) or `page` (64-cell pages shared by the KV heads; for a KV budget) | `block` |
 
 use std::ffi::c_int;
 
@@ -60,6 +61,9 @@ pub fn config_from_env(get: impl Fn(&str) -> Option<String>) -> Result<ggml::Con
     }
     if let Some(n) = get("DSPARK_ATTN_BUDGET") {
         c = c.with_option("attn", n.trim()).map_err(|e| format!("DSPARK_ATTN_BUDGET: {e}"))?;
+    }
+    if let Some(u) = get("DSPARK_ATTN_UNIT") {
+        c = c.with_option("attn_unit", u.trim()).map_err(|e| format!("DSPARK_ATTN_UNIT: {e}"))?;
     }
     Ok(c)
 }
@@ -145,6 +149,8 @@ mod tests {
         assert!(config_from_env(env(&[("DSPARK_WINDOW", "-1")])).unwrap_err().contains("DSPARK_WINDOW"));
         assert_eq!(config_from_env(env(&[("DSPARK_ATTN_BUDGET", "1024")])).unwrap().attn_budget, 1024);
         assert!(config_from_env(env(&[("DSPARK_ATTN_BUDGET", "lots")])).unwrap_err().contains("DSPARK_ATTN_BUDGET"));
+        assert_eq!(config_from_env(env(&[("DSPARK_ATTN_UNIT", "page")])).unwrap().attn_unit, crate::kv::select::Unit::Page);
+        assert!(config_from_env(env(&[("DSPARK_ATTN_UNIT", "head")])).unwrap_err().contains("DSPARK_ATTN_UNIT"));
         assert!(!config_from_env(env(&[("DSPARK_CENTER", "0")])).unwrap().center);
         assert!(config_from_env(env(&[("DSPARK_CENTER", "yes")])).unwrap_err().contains("DSPARK_CENTER"));
         let e = config_from_env(env(&[("DSPARK_PROFILE", "/nonexistent/p.json")])).unwrap_err();

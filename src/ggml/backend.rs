@@ -691,7 +691,7 @@ unsafe fn attn_plan<'m>(node: *mut ll::ggml_tensor, dev: &DeviceCtx, threads: Th
         };
         let pick = if selective {
             let t = std::time::Instant::now();
-            let pick = ks.select(stream, first, n_kv, visible, &qbuf, n_q, n_head, cfg.attn_budget, threads);
+            let pick = ks.select(stream, first, n_kv, visible, &qbuf, n_q, n_head, cfg.attn_budget, cfg.attn_unit, threads);
             dev.select.add(t.elapsed(), pick.as_ref().map_or(n_kv * ks.n_head(), |p| p.iter().flatten().map(ExactSizeIterator::len).sum()), ks.n_head());
             pick
         } else {

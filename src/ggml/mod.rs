@@ -60,6 +60,10 @@ pub struct Config {
     /// the compressed pages whose digests score best for the query ([`crate::kv::select`]).
     /// 0 reads every cell (dense).
     pub attn_budget: usize,
+    /// What the attention budget chooses: 16-cell blocks per KV head (the default, the best
+    /// fidelity) or whole pages shared by a layer's KV heads (what the cold tier moves: with a
+    /// KV budget, the selected set then stays within the budget's cells).
+    pub attn_unit: crate::kv::select::Unit,
     /// Layers from the first that stay dense under an attention budget (published systems
     /// keep 2; on the default model they changed the KL divergence by 0.0003 at attn=2048,
     /// ctx 8192, and would double the attention reads at depth 32768, so none by default).
@@ -84,6 +88,7 @@ impl Default for Config {
             kv_budget: None,
             prefetch: 2,
             attn_budget: 0,
+            attn_unit: crate::kv::select::Unit::Block,
             attn_dense_layers: 0,
             center: true,
             window_bits: 16,
@@ -93,7 +98,7 @@ impl Default for Config {
 }
 
 /// The options a `dspark:` spec takes after its format.
-const OPTIONS: &str = "profile=FILE, window=N, window_bits=16|8..2, recent=N, kv=SIZE, prefetch=N, attn=N, attn_dense=L, center=0|1";
+const OPTIONS: &str = "profile=FILE, window=N, window_bits=16|8..2, recent=N, kv=SIZE, prefetch=N, attn=N, attn_unit=block|page, attn_dense=L, center=0|1";
 
 /// Parses a size: bytes, or a number with K, M or G (binary: 16M = 16 MiB), e.g. `512M`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -183,6 +188,7 @@ impl Config {
             "kv" => self.kv_budget = if matches!(value, "0" | "none") { None } else { Some(parse_size(value).map_err(|e| format!("kv={value}: {e}"))?) },
             "prefetch" => self.prefetch = value.parse().map_err(|_| format!("prefetch={value}: expected a layer count (0 = synchronous)"))?,
             "attn" => self.attn_budget = value.parse().map_err(|_| format!("attn={value}: expected a number of cells (0 = dense)"))?,
+            "attn_unit" => self.attn_unit = crate::kv::select::Unit::parse(value).ok_or_else(|| format!("attn_unit={value}: expected block (per KV head) or page (shared by the heads)"))?,
             "attn_dense" => self.attn_dense_layers = value.parse().map_err(|_| format!("attn_dense={value}: expected a layer count"))?,
             "center" => {
                 self.center = match value {
@@ -218,6 +224,9 @@ impl Config {
         }
         if self.attn_budget != d.attn_budget {
             s += &format!(":attn={}", self.attn_budget);
+        }
+        if self.attn_unit != d.attn_unit {
+            s += &format!(":attn_unit={}", self.attn_unit.name());
         }
         if self.attn_dense_layers != d.attn_dense_layers {
             s += &format!(":attn_dense={}", self.attn_dense_layers);

@@ -929,11 +929,11 @@ impl KvStore {
     }
 
     /// Per KV head, the cells of [first, first + n) of a stream that a decode call reads with
-    /// an attention budget of `budget` cells, as ranges counted from `first`; `None` when the
-    /// call stays dense (see [`select`]). `visible(range)` says whether a query row can see a
-    /// cell of a range (counted from `first`); `q` holds `n_q` rows of `n_head_q` heads of
-    /// `head_dim` values, and query head `h` reads KV head `h / (n_head_q / n_head)`. The
-    /// blocks are scored on `threads`.
+    /// an attention budget of `budget` cells chosen by `unit`, as ranges counted from `first`;
+    /// `None` when the call stays dense (see [`select`]). `visible(range)` says whether a query
+    /// row can see a cell of a range (counted from `first`); `q` holds `n_q` rows of `n_head_q`
+    /// heads of `head_dim` values, and query head `h` reads KV head `h / (n_head_q / n_head)`.
+    /// The blocks are scored on `threads`.
     #[allow(clippy::too_many_arguments)]
     pub fn select(
         &self,
@@ -945,6 +945,7 @@ impl KvStore {
         n_q: usize,
         n_head_q: usize,
         budget: usize,
+        unit: select::Unit,
         threads: Threads,
     ) -> Option<Vec<Vec<std::ops::Range<usize>>>> {
         use select::BLOCK;
@@ -963,9 +964,10 @@ impl KvStore {
         let ranked = whole.first().zip(whole.last()).map_or(0..0, |(&a, &b)| (first_block + a) / per_page..(first_block + b) / per_page + 1);
         // Block `i`'s page's entry in the block summaries.
         let page_entry = |i: usize| &st.block_summaries[(first_block + i) / per_page * blocks_len..][..blocks_len];
-        // One task per KV head, from ranking to its ranges: nothing waits in between.
         let heads: Vec<usize> = (0..nh).collect();
-        Some(threads.map(&heads, |&h| {
+        // Head `h`'s candidate blocks with their scores: the loose ones and the blocks of its
+        // best pages.
+        let score = |h: usize| {
             let rows: Vec<f32> = (0..n_q).flat_map(|i| &q[(i * n_head_q + h * group) * d..][..group * d]).copied().collect();
             let query = select::Query::new(&rows, d);
             let mut kept = whole.clone();
@@ -990,8 +992,17 @@ impl KvStore {
                 scored.extend((i..).zip(s));
             }
             scored.extend(loose.iter().map(|&i| (i, query.score(select::block_digest(page_entry(i), h, (first_block + i) % per_page, d)))));
-            select::pick(&cells, always, scored, picks)
-        }))
+            scored
+        };
+        match unit {
+            // One task per KV head, from ranking to its ranges: nothing waits in between.
+            select::Unit::Block => Some(threads.map(&heads, |&h| select::pick(&cells, always, score(h), picks))),
+            select::Unit::Page => {
+                let chosen = select::shared_pages(first_block, &threads.map(&heads, |&h| score(h)), picks);
+                let n = chosen.len();
+                Some(vec![select::pick(&cells, always, chosen, n); nh])
+            }
+        }
     }
 
     /// Records that an attention call read cells [first, first + n) of a stream where

@@ -573,6 +573,68 @@ pub fn pick(cells: &Range<usize>, always: &[usize], mut scored: Vec<(usize, f32)
     merge(read.map(|i| span(cells, i)).map(|r| r.start - cells.start..r.end - cells.start))
 }
 
+/// What a selection chooses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Unit {
+    /// Blocks of [`BLOCK`] cells, per KV head: the finest choice, for the best fidelity.
+    #[default]
+    Block,
+    /// Whole pages, the same for every KV head of the layer: what the cold tier moves. Per-head
+    /// blocks touch about half the pages at depth 16384 (the heads choose differently), more
+    /// than a budget of a quarter of the KV holds, so every token reads them from disk again;
+    /// shared pages are the budget's cells and nothing else.
+    Page,
+}
+
+impl Unit {
+    pub fn parse(s: &str) -> Option<Unit> {
+        match s {
+            "block" => Some(Unit::Block),
+            "page" => Some(Unit::Page),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Unit::Block => "block",
+            Unit::Page => "page",
+        }
+    }
+}
+
+/// The candidate blocks of the pages chosen for all heads at once ([`Unit::Page`]), from each
+/// head's scored candidates (block index from the range's first block `first_block`, score),
+/// at most `picks` blocks. A page scores for a head what its best block scores, less that
+/// head's best score (the log of its largest softmax weight relative to the head's top, up to
+/// the scale, which is the same for all heads); for the layer, its best over the heads. Pages
+/// go in that order while their blocks fit.
+pub fn shared_pages(first_block: usize, heads: &[Vec<(usize, f32)>], picks: usize) -> Vec<(usize, f32)> {
+    const { assert!(BLOCKS <= 8, "a page's blocks are a byte's bits") };
+    let mut pages: std::collections::HashMap<usize, (f32, u8)> = std::collections::HashMap::new();
+    for scored in heads {
+        let top = scored.iter().map(|s| s.1).fold(f32::NEG_INFINITY, f32::max);
+        for &(i, s) in scored {
+            let page = pages.entry((first_block + i) / BLOCKS).or_insert((f32::NEG_INFINITY, 0));
+            page.0 = page.0.max(s - top);
+            page.1 |= 1 << ((first_block + i) % BLOCKS);
+        }
+    }
+    let mut ranked: Vec<(usize, (f32, u8))> = pages.into_iter().collect();
+    ranked.sort_unstable_by(|a, b| b.1 .0.total_cmp(&a.1 .0).then(a.0.cmp(&b.0)));
+    let mut out = Vec::with_capacity(picks);
+    for (p, (score, blocks)) in ranked {
+        let n = blocks.count_ones() as usize;
+        if out.len() + n <= picks {
+            out.extend((0..BLOCKS).filter(|b| blocks & (1 << b) != 0).map(|b| (p * BLOCKS + b - first_block, score)));
+        }
+        if out.len() == picks {
+            break;
+        }
+    }
+    out
+}
+
 /// The cells of `cells` in the `i`-th block overlapping it.
 #[inline]
 fn span(cells: &Range<usize>, i: usize) -> Range<usize> {
@@ -792,6 +854,25 @@ mod tests {
         assert!(choose(0..3 * PAGE, &[1, 2], &[9], std::slice::from_ref(&s0), 11 * b).is_none());
         // A budget below the always-read blocks reads those only.
         assert_eq!(choose(0..3 * PAGE, &[1, 2], &[9], &[s0], b).unwrap()[0], vec![0..4 * b]);
+    }
+
+    #[test]
+    fn shared_pages_rank_each_page_by_its_best_block_against_each_heads_best() {
+        // Block indices count from the range's block 2: page 0 holds indices 0-1, page 1 2-5,
+        // page 2 6-9. Head 0 scores around 100, head 1 around 0: each head's best page (1 for
+        // head 0, 2 for head 1) goes before head 0's second (page 0, 1 under its top), whose
+        // raw score is far above anything of head 1's.
+        let h0 = vec![(0, 99.0), (2, 100.0), (3, 99.5), (6, 50.0)];
+        let h1 = vec![(2, -3.0), (6, 5.0), (7, 1.0)];
+        let pages = |picks| shared_pages(2, &[h0.clone(), h1.clone()], picks).into_iter().map(|(i, _)| i).collect::<Vec<_>>();
+        // Page 1 (tied with page 2, first in cell order): the blocks any head scored.
+        assert_eq!(pages(2), [2, 3]);
+        // Page 2 next (6, 7), then page 0 (0) once room is left for it.
+        assert_eq!(pages(4), [2, 3, 6, 7]);
+        assert_eq!(pages(5), [2, 3, 6, 7, 0]);
+        // A page whose blocks do not fit is skipped for one that does.
+        assert_eq!(pages(3), [2, 3, 0]);
+        assert!(pages(0).is_empty());
     }
 
     #[test]
