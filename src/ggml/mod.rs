@@ -150,7 +150,8 @@ impl Config {
     /// allocated for; it may stand in the format's place), `window=N` (cells kept in f16),
     /// `window_bits=B` (their codes), `recent=N` (the latest rows also kept in f16),
     /// `kv=SIZE` (the KV budget, `0`/`none` for no budget), `prefetch=N`, `attn=N` (the
-    /// attention budget in cells, 0 = dense), `attn_dense=L` (layers kept dense) and
+    /// attention budget in cells, 0 = dense), `attn_unit=block|page` (what it chooses),
+    /// `attn_dense=L` (layers kept dense) and
     /// `center=0|1` (pages stored relative to their mean).
     pub fn with_spec(self, spec: &str) -> Result<Config, String> {
         let mut parts = spec.split(':').peekable();
